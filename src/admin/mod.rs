@@ -1,0 +1,310 @@
+//! The admin API under `/admin/` (SPEC §5): key management and the whole
+//! ledger, for the admin key only.
+
+pub mod keys;
+
+use crate::app::AppState;
+use crate::auth::AdminCaller;
+use crate::credits::Credits;
+use crate::error::ApiError;
+use crate::routes::account::{page_request, usage_item, usage_page, MAX_PAGE};
+use crate::store::{BalanceChange, KeyId, KeyPatch, PageRequest, Role};
+use axum::body::{Body, Bytes};
+use axum::extract::{Path, Query, State};
+use axum::http::{header, StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use keys::{KeySpec, KeyView};
+use serde::de::DeserializeOwned;
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+pub fn router() -> Router<AppState> {
+    Router::new()
+        .route("/admin/keys", post(create_key).get(list_keys))
+        .route(
+            "/admin/keys/{id}",
+            get(get_key).patch(update_key).delete(revoke_key),
+        )
+        .route("/admin/keys/{id}/credits", post(change_credits))
+        .route("/admin/usage", get(usage))
+}
+
+/// Parses a JSON body into `T`, with a 400 that says what is wrong.
+fn parse<T: DeserializeOwned>(body: &Bytes) -> Result<T, ApiError> {
+    serde_json::from_slice(body)
+        .map_err(|e| ApiError::BadRequest(format!("invalid request body: {e}")))
+}
+
+fn parse_id(id: &str) -> Result<KeyId, ApiError> {
+    id.parse()
+        .map_err(|_| ApiError::NotFound(format!("no key with id {id:?}")))
+}
+
+fn actor(admin: &AdminCaller) -> String {
+    format!("admin key {}", admin.0.key.id)
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CreateKey {
+    name: String,
+    #[serde(default)]
+    credits: Option<Credits>,
+    #[serde(default)]
+    role: Option<Role>,
+    #[serde(default)]
+    models: Option<Vec<String>>,
+    #[serde(default)]
+    rate_limit_rpm: Option<u32>,
+    #[serde(default)]
+    max_concurrent: Option<u32>,
+    #[serde(default)]
+    expires_at: Option<String>,
+}
+
+async fn create_key(
+    State(state): State<AppState>,
+    admin: AdminCaller,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let req: CreateKey = parse(&body)?;
+    if req.name.trim().is_empty() {
+        return Err(ApiError::BadRequest("name must not be empty".into()));
+    }
+    let expires_at = req
+        .expires_at
+        .as_deref()
+        .map(|t| {
+            keys::parse_time(t).ok_or_else(|| {
+                ApiError::BadRequest(format!("expires_at {t:?} is not an RFC 3339 time"))
+            })
+        })
+        .transpose()?;
+    let spec = KeySpec {
+        name: req.name,
+        credits: req.credits.unwrap_or(Credits::ZERO),
+        role: req.role.unwrap_or(Role::User),
+        models: req.models,
+        rate_limit_rpm: req.rate_limit_rpm,
+        max_concurrent: req.max_concurrent,
+        expires_at,
+    };
+    let (record, secret) = keys::create(state.store.as_ref(), spec, &actor(&admin)).await?;
+    let mut view = serde_json::to_value(KeyView::from(&record))
+        .map_err(|e| ApiError::Internal(e.to_string()))?;
+    view["key"] = Value::String(secret);
+    Ok((StatusCode::CREATED, Json(view)).into_response())
+}
+
+async fn list_keys(
+    State(state): State<AppState>,
+    _admin: AdminCaller,
+) -> Result<Json<Vec<KeyView>>, ApiError> {
+    let keys = state.store.keys().await?;
+    Ok(Json(keys.iter().map(KeyView::from).collect()))
+}
+
+async fn get_key(
+    State(state): State<AppState>,
+    _admin: AdminCaller,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let id = parse_id(&id)?;
+    let key = state
+        .store
+        .key(id)
+        .await?
+        .ok_or_else(|| ApiError::NotFound(format!("no key with id {id}")))?;
+    let usage = state.store.usage_totals(id).await?;
+    let mut view =
+        serde_json::to_value(KeyView::from(&key)).map_err(|e| ApiError::Internal(e.to_string()))?;
+    view["usage"] = json!(usage);
+    Ok(Json(view))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CreditsChange {
+    add: Option<Credits>,
+    set: Option<Credits>,
+    reason: Option<String>,
+}
+
+async fn change_credits(
+    State(state): State<AppState>,
+    admin: AdminCaller,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> Result<Json<Value>, ApiError> {
+    let id = parse_id(&id)?;
+    let req: CreditsChange = parse(&body)?;
+    let change = match (req.add, req.set) {
+        (Some(n), None) => BalanceChange::Add(n),
+        (None, Some(n)) => BalanceChange::Set(n),
+        _ => {
+            return Err(ApiError::BadRequest(
+                "send exactly one of {\"add\": n} or {\"set\": n}".into(),
+            ))
+        }
+    };
+    let balance =
+        keys::change_credits(state.store.as_ref(), id, change, &actor(&admin), req.reason).await?;
+    Ok(Json(json!({ "id": id, "credits": balance })))
+}
+
+/// A PATCH body: absent fields stay, `null` clears an optional one.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct UpdateKey {
+    name: Option<String>,
+    #[serde(default, deserialize_with = "present")]
+    models: Option<Option<Vec<String>>>,
+    #[serde(default, deserialize_with = "present")]
+    rate_limit_rpm: Option<Option<u32>>,
+    #[serde(default, deserialize_with = "present")]
+    max_concurrent: Option<Option<u32>>,
+    #[serde(default, deserialize_with = "present")]
+    expires_at: Option<Option<String>>,
+}
+
+/// Distinguishes a field given as `null` from a missing one.
+fn present<'de, T, D>(d: D) -> Result<Option<Option<T>>, D::Error>
+where
+    T: Deserialize<'de>,
+    D: serde::Deserializer<'de>,
+{
+    Option::<T>::deserialize(d).map(Some)
+}
+
+async fn update_key(
+    State(state): State<AppState>,
+    _admin: AdminCaller,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> Result<Json<KeyView>, ApiError> {
+    let id = parse_id(&id)?;
+    let req: UpdateKey = parse(&body)?;
+    if req.name.as_deref().is_some_and(|n| n.trim().is_empty()) {
+        return Err(ApiError::BadRequest("name must not be empty".into()));
+    }
+    let expires_at = match req.expires_at {
+        Some(Some(t)) => Some(Some(keys::parse_time(&t).ok_or_else(|| {
+            ApiError::BadRequest(format!("expires_at {t:?} is not an RFC 3339 time"))
+        })?)),
+        Some(None) => Some(None),
+        None => None,
+    };
+    let patch = KeyPatch {
+        name: req.name,
+        models: req.models,
+        rate_limit_rpm: req.rate_limit_rpm,
+        max_concurrent: req.max_concurrent,
+        expires_at,
+    };
+    let key = state.store.update_key(id, patch).await?;
+    Ok(Json(KeyView::from(&key)))
+}
+
+async fn revoke_key(
+    State(state): State<AppState>,
+    _admin: AdminCaller,
+    Path(id): Path<String>,
+) -> Result<Json<KeyView>, ApiError> {
+    let id = parse_id(&id)?;
+    let key = keys::revoke(state.store.as_ref(), id).await?;
+    Ok(Json(KeyView::from(&key)))
+}
+
+#[derive(Deserialize)]
+struct UsageFilter {
+    key: Option<KeyId>,
+    format: Option<String>,
+}
+
+/// `GET /admin/usage`: paged JSON like `/usage`, or the whole ledger as
+/// `?format=csv` / `?format=ndjson` for export.
+async fn usage(
+    State(state): State<AppState>,
+    _admin: AdminCaller,
+    uri: Uri,
+) -> Result<Response, ApiError> {
+    let filter = Query::<UsageFilter>::try_from_uri(&uri)
+        .map_err(|e| ApiError::BadRequest(format!("invalid query string: {e}")))?;
+    match filter.format.as_deref() {
+        None | Some("json") => {
+            let page = page_request(&uri)?;
+            let page = usage_page(state.store.as_ref(), filter.key, page, true).await?;
+            Ok(Json(page).into_response())
+        }
+        Some(format @ ("csv" | "ndjson")) => {
+            let text = export(&state, filter.key, format == "csv").await?;
+            let content_type = if format == "csv" {
+                "text/csv; charset=utf-8"
+            } else {
+                "application/x-ndjson"
+            };
+            Ok(([(header::CONTENT_TYPE, content_type)], Body::from(text)).into_response())
+        }
+        Some(other) => Err(ApiError::BadRequest(format!(
+            "format {other:?}: expected json, csv or ndjson"
+        ))),
+    }
+}
+
+/// The whole ledger (of one key, or all), newest first.
+pub async fn export(state: &AppState, key: Option<KeyId>, csv: bool) -> Result<String, ApiError> {
+    let mut out = String::new();
+    if csv {
+        out.push_str("time,key_id,endpoint,model,status,prompt_tokens,completion_tokens,credits,duration_ms\n");
+    }
+    let mut before = None;
+    loop {
+        let rows = state
+            .store
+            .usage(
+                key,
+                PageRequest {
+                    limit: MAX_PAGE,
+                    before,
+                },
+            )
+            .await?;
+        let Some(last) = rows.last() else { break };
+        before = Some(last.id);
+        for row in rows {
+            let key_id = row.record.key_id;
+            let item = usage_item(row, true);
+            if csv {
+                out.push_str(&format!(
+                    "{},{},{},{},{},{},{},{},{}\n",
+                    item.time,
+                    key_id,
+                    csv_field(&item.endpoint),
+                    csv_field(item.model.as_deref().unwrap_or("")),
+                    item.status,
+                    item.prompt_tokens,
+                    item.completion_tokens,
+                    item.credits,
+                    item.duration_ms
+                ));
+            } else {
+                out.push_str(
+                    &serde_json::to_string(&item).map_err(|e| ApiError::Internal(e.to_string()))?,
+                );
+                out.push('\n');
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Quotes a CSV field when it needs it (RFC 4180).
+fn csv_field(text: &str) -> String {
+    if text.contains([',', '"', '\n', '\r']) {
+        format!("\"{}\"", text.replace('"', "\"\""))
+    } else {
+        text.to_string()
+    }
+}

@@ -1,0 +1,315 @@
+//! The application: shared state, start-up, serving and graceful shutdown.
+//!
+//! [`App::build`] opens the store, brings the configured keys in, and
+//! checks the configuration for mistakes that would make the gate useless;
+//! [`App::serve`] answers requests on a listener until a shutdown signal,
+//! then drains (SPEC §2 `SHUTDOWN_GRACE_SECS`).
+
+use crate::auth::keys;
+use crate::auth::throttle::AuthFailures;
+use crate::config::Config;
+use crate::credits::Credits;
+use crate::error::ApiError;
+use crate::policy::Caps;
+use crate::proxy::Upstream;
+use crate::store::{self, Grant, NewKey, Role, SharedStore, StoreError};
+use axum::body::Body;
+use axum::extract::{Request, State};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use std::future::Future;
+use std::net::SocketAddr;
+use std::ops::Deref;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+/// Test-only hooks into request handling; empty in production.
+#[derive(Clone, Default)]
+pub struct Hooks {
+    /// Called with the path after a request's cost was reserved, just
+    /// before it is forwarded (tests make it panic).
+    #[allow(clippy::type_complexity)]
+    pub before_forward: Option<Arc<dyn Fn(&str) + Send + Sync>>,
+}
+
+/// What every handler can reach.
+#[derive(Clone)]
+pub struct AppState(Arc<Shared>);
+
+pub struct Shared {
+    pub config: Config,
+    pub store: SharedStore,
+    pub upstream: Upstream,
+    pub auth_failures: AuthFailures,
+    pub hooks: Hooks,
+    /// Turns true when in-flight streams must be ended (shutdown deadline).
+    pub stop_streams: watch::Receiver<bool>,
+    draining: AtomicBool,
+    in_flight: Arc<AtomicUsize>,
+}
+
+impl Deref for AppState {
+    type Target = Shared;
+    fn deref(&self) -> &Shared {
+        &self.0
+    }
+}
+
+impl Shared {
+    pub fn caps(&self) -> Caps {
+        Caps {
+            max_tokens: self.config.max_tokens_per_request,
+            max_num_ctx: self.config.max_num_ctx,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("OLLAMA_URL ({0}) is tollgate's own address: requests would loop")]
+    SelfLoop(String),
+    #[error("could not open the store: {0}")]
+    Store(#[from] StoreError),
+    #[error("could not build the HTTP client: {0}")]
+    Client(#[from] reqwest::Error),
+}
+
+/// A ready-to-serve gateway.
+pub struct App {
+    state: AppState,
+    stop_tx: watch::Sender<bool>,
+    /// A key created on first start, to be shown once.
+    pub first_key: Option<String>,
+}
+
+impl App {
+    /// Opens the store and prepares the gateway.
+    pub async fn build(config: Config, hooks: Hooks) -> Result<App, StartError> {
+        let store = store::open(&config.database_url).await?;
+        App::with_store(config, store, hooks).await
+    }
+
+    /// Prepares the gateway on an already opened store.
+    pub async fn with_store(
+        config: Config,
+        store: SharedStore,
+        hooks: Hooks,
+    ) -> Result<App, StartError> {
+        if config.ollama_is_self() {
+            return Err(StartError::SelfLoop(config.ollama_url.clone()));
+        }
+        store.release_stale_reservations().await?;
+        let first_key = sync_keys(&config, store.as_ref()).await?;
+        let upstream = Upstream::new(&config.ollama_url, config.timeouts)?;
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let state = AppState(Arc::new(Shared {
+            auth_failures: AuthFailures::new(config.auth_failures_per_minute),
+            config,
+            store,
+            upstream,
+            hooks,
+            stop_streams: stop_rx,
+            draining: AtomicBool::new(false),
+            in_flight: Arc::new(AtomicUsize::new(0)),
+        }));
+        Ok(App {
+            state,
+            stop_tx,
+            first_key,
+        })
+    }
+
+    pub fn state(&self) -> &AppState {
+        &self.state
+    }
+
+    /// The router with its middleware.
+    pub fn router(&self) -> axum::Router {
+        crate::routes::router(self.state.clone())
+            .layer(middleware::from_fn_with_state(
+                self.state.clone(),
+                track_and_drain,
+            ))
+            .layer(tower_http::catch_panic::CatchPanicLayer::custom(
+                |_: Box<dyn std::any::Any + Send>| {
+                    ApiError::Internal("the request failed".into()).into_response()
+                },
+            ))
+    }
+
+    /// Serves until `shutdown` resolves, then drains: new requests get 503,
+    /// in-flight ones may finish within the grace period, what remains is
+    /// ended with an error line and settled.
+    pub async fn serve(
+        self,
+        listener: TcpListener,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> std::io::Result<()> {
+        let router = self.router();
+        let state = self.state.clone();
+        let stop_tx = self.stop_tx;
+        let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
+        tokio::spawn(async move {
+            shutdown.await;
+            let grace = state.config.shutdown_grace;
+            tracing::info!(
+                grace_secs = grace.as_secs(),
+                "shutting down: draining in-flight requests"
+            );
+            state.draining.store(true, Ordering::SeqCst);
+            if !wait_idle(&state, grace).await {
+                tracing::warn!(
+                    remaining = state.in_flight.load(Ordering::SeqCst),
+                    "grace period over: ending the remaining streams"
+                );
+                let _ = stop_tx.send(true);
+                wait_idle(&state, Duration::from_secs(5)).await;
+            }
+            // Let settlements of dropped requests land.
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            let _ = done_tx.send(());
+        });
+        axum::serve(
+            listener,
+            router.into_make_service_with_connect_info::<SocketAddr>(),
+        )
+        .with_graceful_shutdown(async {
+            let _ = done_rx.await;
+        })
+        .await
+    }
+}
+
+async fn wait_idle(state: &AppState, within: Duration) -> bool {
+    let deadline = tokio::time::Instant::now() + within;
+    while state.in_flight.load(Ordering::SeqCst) > 0 {
+        if tokio::time::Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    true
+}
+
+/// Counts requests in flight until their response body is done, and
+/// answers 503 while draining.
+async fn track_and_drain(State(state): State<AppState>, request: Request, next: Next) -> Response {
+    if state.draining.load(Ordering::SeqCst) {
+        return ApiError::Unavailable("tollgate is shutting down".into()).into_response();
+    }
+    let guard = InFlight::enter(state.in_flight.clone());
+    let response = next.run(request).await;
+    let (parts, body) = response.into_parts();
+    Response::from_parts(
+        parts,
+        Body::new(TrackedBody {
+            body,
+            _guard: guard,
+        }),
+    )
+}
+
+struct InFlight(Arc<AtomicUsize>);
+
+impl InFlight {
+    fn enter(counter: Arc<AtomicUsize>) -> InFlight {
+        counter.fetch_add(1, Ordering::SeqCst);
+        InFlight(counter)
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// A response body that holds an [`InFlight`] guard until it is dropped.
+struct TrackedBody {
+    body: Body,
+    _guard: InFlight,
+}
+
+impl http_body::Body for TrackedBody {
+    type Data = bytes::Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        Pin::new(&mut self.body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.body.size_hint()
+    }
+}
+
+/// Brings configured keys into the store (grants, not resets) and, on a
+/// first start with no key anywhere, creates one to show the operator.
+async fn sync_keys(
+    config: &Config,
+    store: &dyn store::Store,
+) -> Result<Option<String>, StoreError> {
+    let mut grants: Vec<Grant> = config
+        .grants
+        .iter()
+        .enumerate()
+        .map(|(i, (key, credits))| Grant {
+            hash: keys::hash(key),
+            name: format!("configured key {}", i + 1),
+            role: Role::User,
+            credits: *credits,
+        })
+        .collect();
+    if let Some(admin) = &config.admin_key {
+        grants.push(Grant {
+            hash: keys::hash(admin),
+            name: "ADMIN_KEY".into(),
+            role: Role::Admin,
+            credits: Credits::ZERO,
+        });
+    }
+    let report = store.sync_grants(&grants).await?;
+    for id in &report.created {
+        tracing::info!(key_id = id, "granted a configured key");
+    }
+    for id in &report.reenabled {
+        tracing::info!(key_id = id, "re-enabled a configured key that came back");
+    }
+    for id in &report.disabled {
+        tracing::warn!(
+            key_id = id,
+            "disabled a granted key that is no longer configured"
+        );
+    }
+    if !grants.is_empty() || !store.keys().await?.is_empty() {
+        return Ok(None);
+    }
+    let key = keys::generate();
+    store
+        .create_key(NewKey {
+            hash: keys::hash(&key),
+            name: "first key".into(),
+            role: Role::User,
+            credits: Credits::whole(10),
+            models: None,
+            rate_limit_rpm: None,
+            max_concurrent: None,
+            expires_at: None,
+            granted: false,
+            actor: "first start".into(),
+        })
+        .await?;
+    Ok(Some(key))
+}

@@ -1,0 +1,156 @@
+//! Authentication: who is calling.
+//!
+//! [`Caller`] is an axum extractor: a handler that takes one only runs for a
+//! request that carried a valid, active key. [`AdminCaller`] additionally
+//! requires the admin role.
+
+pub mod keys;
+pub mod throttle;
+
+use crate::app::AppState;
+use crate::error::ApiError;
+use crate::store::{now_millis, KeyRecord, Role};
+use axum::extract::{ConnectInfo, FromRequestParts};
+use axum::http::request::Parts;
+use axum::http::{header, HeaderMap};
+use std::net::SocketAddr;
+
+/// The key a request presents: `x-api-key` wins over `Authorization: Bearer`
+/// whenever it is present, even when it is wrong and the Bearer key is right
+/// (SDKs add a Bearer header of their own).
+pub fn presented_key(headers: &HeaderMap) -> Option<&str> {
+    if let Some(v) = headers.get("x-api-key") {
+        return Some(v.to_str().unwrap_or("").trim());
+    }
+    let auth = headers.get(header::AUTHORIZATION)?.to_str().ok()?.trim();
+    let (scheme, token) = auth.split_once(' ')?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then(|| token.trim())
+        .filter(|t| !t.is_empty())
+}
+
+/// An authenticated caller.
+#[derive(Clone, Debug)]
+pub struct Caller {
+    pub key: KeyRecord,
+}
+
+impl Caller {
+    pub fn is_admin(&self) -> bool {
+        self.key.role == Role::Admin
+    }
+}
+
+impl FromRequestParts<AppState> for Caller {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        if let Some(caller) = parts.extensions.get::<Caller>() {
+            return Ok(caller.clone());
+        }
+        let client = parts
+            .extensions
+            .get::<ConnectInfo<SocketAddr>>()
+            .map(|ConnectInfo(addr)| addr.ip());
+        let Some(presented) = presented_key(&parts.headers) else {
+            return Err(ApiError::Unauthorized(
+                "missing API key: send it in the x-api-key header or as Authorization: Bearer"
+                    .into(),
+            ));
+        };
+        if let Some(retry_after) = client.and_then(|ip| state.auth_failures.blocked(ip)) {
+            // Over the limit of wrong keys: only a valid key still gets in.
+            let key = lookup(state, presented).await?;
+            return match key {
+                Some(key) => Ok(remember(parts, key)),
+                None => Err(ApiError::TooManyRequests {
+                    retry_after,
+                    message: "too many failed authentication attempts from this address".into(),
+                }),
+            };
+        }
+        match lookup(state, presented).await? {
+            Some(key) => Ok(remember(parts, key)),
+            None => {
+                if let Some(ip) = client {
+                    state.auth_failures.record(ip);
+                }
+                Err(ApiError::Unauthorized("invalid API key".into()))
+            }
+        }
+    }
+}
+
+/// The active key behind a presented secret, if any.
+async fn lookup(state: &AppState, presented: &str) -> Result<Option<KeyRecord>, ApiError> {
+    if presented.is_empty() {
+        return Ok(None);
+    }
+    let record = state.store.key_by_hash(&keys::hash(presented)).await?;
+    Ok(record.filter(|k| k.is_active(now_millis())))
+}
+
+fn remember(parts: &mut Parts, key: KeyRecord) -> Caller {
+    let caller = Caller { key };
+    parts.extensions.insert(caller.clone());
+    caller
+}
+
+/// A caller with the admin role.
+#[derive(Clone, Debug)]
+pub struct AdminCaller(pub Caller);
+
+impl FromRequestParts<AppState> for AdminCaller {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        let caller = Caller::from_request_parts(parts, state).await?;
+        if caller.is_admin() {
+            Ok(AdminCaller(caller))
+        } else {
+            Err(ApiError::Forbidden(
+                "this endpoint needs the admin key".into(),
+            ))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.insert(
+                header::HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                v.parse().unwrap(),
+            );
+        }
+        h
+    }
+
+    #[test]
+    fn x_api_key_wins_over_bearer() {
+        let h = headers(&[("x-api-key", "wrong"), ("authorization", "Bearer right")]);
+        assert_eq!(presented_key(&h), Some("wrong"));
+    }
+
+    #[test]
+    fn bearer_is_read_case_insensitively() {
+        assert_eq!(
+            presented_key(&headers(&[("authorization", "bearer k1")])),
+            Some("k1")
+        );
+        assert_eq!(
+            presented_key(&headers(&[("authorization", "Basic k1")])),
+            None
+        );
+        assert_eq!(
+            presented_key(&headers(&[("authorization", "Bearer ")])),
+            None
+        );
+        assert_eq!(presented_key(&headers(&[])), None);
+    }
+}

@@ -1,0 +1,291 @@
+//! The command line: `tollgate` (or `tollgate serve`) runs the gateway; the
+//! other commands manage keys and read the ledger directly on the configured
+//! store, like the admin API does over HTTP.
+
+use crate::admin::keys::{self, KeySpec, KeyView};
+use crate::app::{App, Hooks};
+use crate::config::Config;
+use crate::credits::Credits;
+use crate::routes::account::usage_item;
+use crate::store::{self, BalanceChange, KeyId, PageRequest, Role, SharedStore};
+use clap::{Parser, Subcommand};
+use std::process::ExitCode;
+
+#[derive(Parser)]
+#[command(
+    name = "tollgate",
+    version,
+    about = "An authenticated, credit-metered gateway in front of Ollama",
+    long_about = "An authenticated, credit-metered gateway in front of Ollama.\n\n\
+        Configuration comes from the environment and from .env in the working \
+        directory (see the README). Without a command, tollgate serves."
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the gateway (the default).
+    Serve,
+    /// Manage API keys in the configured store.
+    #[command(subcommand)]
+    Keys(KeysCommand),
+    /// Show ledger rows, newest first.
+    Usage {
+        /// Only this key's rows.
+        #[arg(long)]
+        key: Option<KeyId>,
+        /// How many rows.
+        #[arg(long, default_value_t = 50)]
+        limit: u32,
+        /// Print CSV instead of JSON lines.
+        #[arg(long)]
+        csv: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum KeysCommand {
+    /// Create a key and print its secret (shown this once).
+    Create {
+        #[arg(long)]
+        name: String,
+        /// Initial credits (up to three decimals).
+        #[arg(long, default_value = "0")]
+        credits: Credits,
+        /// user or admin.
+        #[arg(long, default_value = "user", value_parser = parse_role)]
+        role: Role,
+        /// Models the key may use, comma-separated (default: all).
+        #[arg(long, value_delimiter = ',')]
+        models: Option<Vec<String>>,
+        /// Requests per minute.
+        #[arg(long)]
+        rate_limit_rpm: Option<u32>,
+        /// Concurrent requests.
+        #[arg(long)]
+        max_concurrent: Option<u32>,
+        /// Expiry, as an RFC 3339 time (e.g. 2027-01-01T00:00:00Z).
+        #[arg(long, value_parser = parse_expiry)]
+        expires: Option<i64>,
+    },
+    /// List every key (never secrets).
+    List,
+    /// Add credits to a key (or set its balance with --set).
+    Topup {
+        id: KeyId,
+        credits: Credits,
+        /// Set the balance to CREDITS instead of adding.
+        #[arg(long)]
+        set: bool,
+        /// Why, for the ledger.
+        #[arg(long)]
+        reason: Option<String>,
+    },
+    /// Revoke a key: it gets 401 from then on; its ledger stays.
+    Revoke { id: KeyId },
+}
+
+fn parse_role(s: &str) -> Result<Role, String> {
+    Role::parse(s).ok_or_else(|| format!("{s:?} is not a role: use user or admin"))
+}
+
+fn parse_expiry(s: &str) -> Result<i64, String> {
+    keys::parse_time(s).ok_or_else(|| format!("{s:?} is not an RFC 3339 time"))
+}
+
+pub async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let config = match Config::from_env() {
+        Ok(config) => config,
+        Err(e) => {
+            eprintln!("tollgate: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    crate::telemetry::init(config.log_format);
+    let result = match cli.command.unwrap_or(Command::Serve) {
+        Command::Serve => serve(config).await,
+        Command::Keys(cmd) => match store::open(&config.database_url).await {
+            Ok(store) => keys_command(store, cmd).await,
+            Err(e) => Err(e.to_string()),
+        },
+        Command::Usage { key, limit, csv } => match store::open(&config.database_url).await {
+            Ok(store) => print_usage(store, key, limit, csv).await,
+            Err(e) => Err(e.to_string()),
+        },
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("tollgate: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn serve(config: Config) -> Result<(), String> {
+    let addr = config.listen_addr;
+    if !addr.ip().is_loopback() && config.tls_cert.is_none() {
+        tracing::warn!(%addr, "listening beyond loopback without TLS: API keys travel in clear text");
+    }
+    if !config.ollama_is_loopback() {
+        tracing::warn!(url = %config.ollama_url, "OLLAMA_URL is not a loopback address: clients that reach Ollama directly go around the gate");
+    }
+    let app = App::build(config, Hooks::default())
+        .await
+        .map_err(|e| e.to_string())?;
+    if let Some(key) = &app.first_key {
+        println!(
+            "\nNo API key was configured, so tollgate created one (shown only this once):\n\n    {key}\n\nTry it:\n\n    curl -X POST 'http://{addr}/generate?prompt=hello' -H 'x-api-key: {key}'\n"
+        );
+    }
+    let upstream = app.state().upstream.clone();
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|e| format!("cannot listen on {addr}: {e}"))?;
+    tracing::info!(%addr, ollama = upstream.base_url(), "tollgate is listening");
+    tokio::spawn(async move {
+        if !upstream.is_reachable().await {
+            tracing::warn!(
+                url = upstream.base_url(),
+                "Ollama does not answer; requests will get 502 until it does"
+            );
+        }
+    });
+    app.serve(listener, shutdown_signal())
+        .await
+        .map_err(|e| e.to_string())
+}
+
+/// Resolves on SIGTERM or Ctrl-C.
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        if tokio::signal::ctrl_c().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {}
+        _ = term => {}
+    }
+}
+
+async fn keys_command(store: SharedStore, cmd: KeysCommand) -> Result<(), String> {
+    let store = store.as_ref();
+    let actor = "cli";
+    match cmd {
+        KeysCommand::Create {
+            name,
+            credits,
+            role,
+            models,
+            rate_limit_rpm,
+            max_concurrent,
+            expires,
+        } => {
+            let spec = KeySpec {
+                name,
+                credits,
+                role,
+                models,
+                rate_limit_rpm,
+                max_concurrent,
+                expires_at: expires,
+            };
+            let (record, secret) = keys::create(store, spec, actor)
+                .await
+                .map_err(|e| e.to_string())?;
+            println!("{}", json_line(&KeyView::from(&record))?);
+            println!("key: {secret}");
+            eprintln!("Keep this key now: it is not stored and cannot be shown again.");
+        }
+        KeysCommand::List => {
+            for key in store.keys().await.map_err(|e| e.to_string())? {
+                println!("{}", json_line(&KeyView::from(&key))?);
+            }
+        }
+        KeysCommand::Topup {
+            id,
+            credits,
+            set,
+            reason,
+        } => {
+            let change = if set {
+                BalanceChange::Set(credits)
+            } else {
+                BalanceChange::Add(credits)
+            };
+            let balance = keys::change_credits(store, id, change, actor, reason)
+                .await
+                .map_err(|e| e.to_string())?;
+            println!("key {id}: {balance} credits");
+        }
+        KeysCommand::Revoke { id } => {
+            let key = keys::revoke(store, id).await.map_err(|e| e.to_string())?;
+            println!("{}", json_line(&KeyView::from(&key))?);
+        }
+    }
+    Ok(())
+}
+
+async fn print_usage(
+    store: SharedStore,
+    key: Option<KeyId>,
+    limit: u32,
+    csv: bool,
+) -> Result<(), String> {
+    let rows = store
+        .usage(
+            key,
+            PageRequest {
+                limit,
+                before: None,
+            },
+        )
+        .await
+        .map_err(|e| e.to_string())?;
+    if csv {
+        println!(
+            "time,key_id,endpoint,model,status,prompt_tokens,completion_tokens,credits,duration_ms"
+        );
+    }
+    for row in rows {
+        let key_id = row.record.key_id;
+        let item = usage_item(row, true);
+        if csv {
+            println!(
+                "{},{},{},{},{},{},{},{},{}",
+                item.time,
+                key_id,
+                item.endpoint,
+                item.model.as_deref().unwrap_or(""),
+                item.status,
+                item.prompt_tokens,
+                item.completion_tokens,
+                item.credits,
+                item.duration_ms
+            );
+        } else {
+            println!("{}", json_line(&item)?);
+        }
+    }
+    Ok(())
+}
+
+fn json_line<T: serde::Serialize>(value: &T) -> Result<String, String> {
+    serde_json::to_string(value).map_err(|e| e.to_string())
+}

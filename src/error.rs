@@ -1,0 +1,148 @@
+//! Errors that tollgate itself answers, mapped to responses in this one
+//! place.
+//!
+//! Every error is JSON. On the native and simple endpoints it has Ollama's
+//! shape, `{"error": "message"}`, so the Ollama SDKs raise `ResponseError`
+//! with the right status; on `/v1/*` [`openai_shape`] rewrites it into
+//! OpenAI's shape, `{"error": {"message", "type", "param", "code"}}`.
+//! Errors that Ollama itself answers are passed through untouched and never
+//! pass through here.
+
+use crate::credits::Credits;
+use crate::store::StoreError;
+use axum::body::Body;
+use axum::extract::Request;
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use serde_json::json;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("{0}")]
+    Unauthorized(String),
+    #[error("insufficient credits: {available} available")]
+    PaymentRequired { available: Credits },
+    #[error("{0}")]
+    Forbidden(String),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("request body larger than {limit} bytes")]
+    PayloadTooLarge { limit: usize },
+    #[error("{message}")]
+    TooManyRequests { retry_after: u64, message: String },
+    #[error("{0}")]
+    BadGateway(String),
+    #[error("{0}")]
+    GatewayTimeout(String),
+    #[error("{0}")]
+    Unavailable(String),
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl ApiError {
+    pub fn status(&self) -> StatusCode {
+        match self {
+            ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
+            ApiError::PaymentRequired { .. } => StatusCode::PAYMENT_REQUIRED,
+            ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
+            ApiError::NotFound(_) => StatusCode::NOT_FOUND,
+            ApiError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::TooManyRequests { .. } => StatusCode::TOO_MANY_REQUESTS,
+            ApiError::BadGateway(_) => StatusCode::BAD_GATEWAY,
+            ApiError::GatewayTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
+            ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    /// OpenAI's `type` and `code` for this error.
+    fn openai_kind(&self) -> (&'static str, Option<&'static str>) {
+        match self {
+            ApiError::BadRequest(_) | ApiError::PayloadTooLarge { .. } => {
+                ("invalid_request_error", None)
+            }
+            ApiError::Unauthorized(_) => ("invalid_request_error", Some("invalid_api_key")),
+            ApiError::PaymentRequired { .. } => ("insufficient_quota", Some("insufficient_quota")),
+            ApiError::Forbidden(_) => ("permission_error", None),
+            ApiError::NotFound(_) => ("not_found_error", None),
+            ApiError::TooManyRequests { .. } => ("rate_limit_error", Some("rate_limit_exceeded")),
+            ApiError::BadGateway(_)
+            | ApiError::GatewayTimeout(_)
+            | ApiError::Unavailable(_)
+            | ApiError::Internal(_) => ("api_error", None),
+        }
+    }
+}
+
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::InsufficientCredits { available } => {
+                ApiError::PaymentRequired { available }
+            }
+            StoreError::NoSuchKey(id) => ApiError::NotFound(format!("no key with id {id}")),
+            StoreError::DuplicateKey => ApiError::BadRequest("that key already exists".into()),
+            StoreError::Backend(msg) => {
+                tracing::error!(error = %msg, "store failure");
+                ApiError::Internal("storage failure".into())
+            }
+        }
+    }
+}
+
+/// Attached to error responses so [`openai_shape`] can re-shape them.
+#[derive(Clone, Debug)]
+struct OpenAiError {
+    message: String,
+    kind: &'static str,
+    code: Option<&'static str>,
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let status = self.status();
+        let message = self.to_string();
+        let (kind, code) = self.openai_kind();
+        let mut response = (status, axum::Json(json!({ "error": message }))).into_response();
+        if let ApiError::TooManyRequests { retry_after, .. } = &self {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(*retry_after));
+        }
+        response.extensions_mut().insert(OpenAiError {
+            message,
+            kind,
+            code,
+        });
+        response
+    }
+}
+
+/// Middleware for `/v1/*`: gives tollgate's own errors OpenAI's shape.
+pub async fn openai_shape(request: Request, next: Next) -> Response {
+    let response = next.run(request).await;
+    let Some(err) = response.extensions().get::<OpenAiError>().cloned() else {
+        return response;
+    };
+    let (mut parts, _) = response.into_parts();
+    let body = json!({
+        "error": {
+            "message": err.message,
+            "type": err.kind,
+            "param": null,
+            "code": err.code,
+        }
+    });
+    parts.headers.remove(header::CONTENT_LENGTH);
+    Response::from_parts(parts, Body::from(body.to_string()))
+}
+
+/// The fallback for paths tollgate does not serve.
+pub async fn not_found() -> ApiError {
+    ApiError::NotFound("404 page not found".into())
+}

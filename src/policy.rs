@@ -1,0 +1,219 @@
+//! Request policy for ordinary keys (SPEC §4a), as pure functions on JSON
+//! bodies: which models a key may use, and the caps applied before a body
+//! is forwarded. Knows nothing of HTTP or storage.
+
+use serde_json::{Map, Value};
+
+/// Which request dialect a body is in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Dialect {
+    /// Ollama's native API: `options.num_predict`, `options.num_ctx`.
+    Native,
+    /// OpenAI-compatible: `max_tokens`, `max_completion_tokens`.
+    OpenAi,
+}
+
+/// The operator's caps.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Caps {
+    pub max_tokens: Option<u64>,
+    pub max_num_ctx: Option<u64>,
+}
+
+/// `mistral` and `mistral:latest` name the same model.
+pub fn canonical_model(name: &str) -> String {
+    let name = name.trim();
+    let last = name.rsplit('/').next().unwrap_or(name);
+    if last.contains(':') {
+        name.to_string()
+    } else {
+        format!("{name}:latest")
+    }
+}
+
+/// Whether a key limited to `allowed` may use `model`.
+pub fn model_allowed(allowed: &[String], model: &str) -> bool {
+    let wanted = canonical_model(model);
+    allowed.iter().any(|a| canonical_model(a) == wanted)
+}
+
+/// The completion-token limit a request sets, if a usable one.
+pub fn requested_completion_tokens(body: &Map<String, Value>, dialect: Dialect) -> Option<u64> {
+    match dialect {
+        Dialect::Native => body
+            .get("options")
+            .and_then(|o| o.get("num_predict"))
+            .and_then(Value::as_u64),
+        Dialect::OpenAi => ["max_completion_tokens", "max_tokens"]
+            .iter()
+            .filter_map(|f| body.get(*f).and_then(Value::as_u64))
+            .min(),
+    }
+}
+
+/// Applies the caps and removes `keep_alive`; returns whether the body
+/// changed (an unchanged body is forwarded byte for byte).
+pub fn apply(body: &mut Map<String, Value>, dialect: Dialect, caps: Caps) -> bool {
+    let mut changed = body.remove("keep_alive").is_some();
+    if let Some(max) = caps.max_tokens {
+        changed |= match dialect {
+            Dialect::Native => {
+                let options = body
+                    .entry("options")
+                    .or_insert_with(|| Value::Object(Map::new()));
+                match options.as_object_mut() {
+                    Some(options) => cap_field(options, "num_predict", max, true),
+                    None => false,
+                }
+            }
+            Dialect::OpenAi => {
+                let has_completion_field = body.contains_key("max_completion_tokens");
+                let a = cap_field(body, "max_tokens", max, !has_completion_field);
+                let b = cap_field(body, "max_completion_tokens", max, false);
+                a || b
+            }
+        };
+    }
+    if let (Some(max), Dialect::Native) = (caps.max_num_ctx, dialect) {
+        if let Some(options) = body.get_mut("options").and_then(Value::as_object_mut) {
+            if options
+                .get("num_ctx")
+                .and_then(Value::as_u64)
+                .is_some_and(|n| n > max)
+            {
+                options.insert("num_ctx".into(), Value::from(max));
+                changed = true;
+            }
+        }
+    }
+    changed
+}
+
+/// Caps `field` at `max`: a larger value, a negative one (Ollama's
+/// "unbounded") and — when `set_if_absent` — a missing one become `max`.
+fn cap_field(map: &mut Map<String, Value>, field: &str, max: u64, set_if_absent: bool) -> bool {
+    let needs_cap = match map.get(field) {
+        None | Some(Value::Null) => set_if_absent,
+        Some(v) => match (v.as_u64(), v.as_i64()) {
+            (Some(n), _) => n > max,
+            (None, Some(n)) => n < 0,
+            _ => true,
+        },
+    };
+    if needs_cap {
+        map.insert(field.to_string(), Value::from(max));
+    }
+    needs_cap
+}
+
+/// `/api/tags` filtered to the models a key may use.
+pub fn filter_tags(body: &[u8], allowed: &[String]) -> Option<Vec<u8>> {
+    filter_list(body, "models", "name", allowed)
+}
+
+/// `/v1/models` filtered to the models a key may use.
+pub fn filter_openai_models(body: &[u8], allowed: &[String]) -> Option<Vec<u8>> {
+    filter_list(body, "data", "id", allowed)
+}
+
+fn filter_list(body: &[u8], list: &str, name: &str, allowed: &[String]) -> Option<Vec<u8>> {
+    let mut v: Value = serde_json::from_slice(body).ok()?;
+    let items = v.get_mut(list)?.as_array_mut()?;
+    items.retain(|item| {
+        item.get(name)
+            .and_then(Value::as_str)
+            .is_some_and(|n| model_allowed(allowed, n))
+    });
+    serde_json::to_vec(&v).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn obj(v: Value) -> Map<String, Value> {
+        v.as_object().cloned().unwrap()
+    }
+
+    #[test]
+    fn latest_is_the_default_tag() {
+        let allowed = vec!["mistral".to_string()];
+        assert!(model_allowed(&allowed, "mistral:latest"));
+        assert!(model_allowed(&allowed, "mistral"));
+        assert!(!model_allowed(&allowed, "mistral:7b"));
+        assert!(!model_allowed(&allowed, "llama3"));
+        assert!(model_allowed(&["llama3:8b".into()], "llama3:8b"));
+    }
+
+    #[test]
+    fn caps_native_num_predict_and_num_ctx() {
+        let caps = Caps {
+            max_tokens: Some(100),
+            max_num_ctx: Some(2048),
+        };
+        for (given, expected) in [
+            (json!({"model": "m"}), json!(100)),
+            (
+                json!({"model": "m", "options": {"num_predict": 5000}}),
+                json!(100),
+            ),
+            (
+                json!({"model": "m", "options": {"num_predict": -1}}),
+                json!(100),
+            ),
+            (
+                json!({"model": "m", "options": {"num_predict": -2}}),
+                json!(100),
+            ),
+        ] {
+            let mut body = obj(given);
+            assert!(apply(&mut body, Dialect::Native, caps));
+            assert_eq!(body["options"]["num_predict"], expected);
+        }
+        let mut body = obj(json!({"options": {"num_predict": 50, "num_ctx": 8192}}));
+        assert!(apply(&mut body, Dialect::Native, caps));
+        assert_eq!(body["options"]["num_predict"], json!(50));
+        assert_eq!(body["options"]["num_ctx"], json!(2048));
+    }
+
+    #[test]
+    fn leaves_bodies_alone_without_caps_except_keep_alive() {
+        let mut body = obj(json!({"model": "m", "options": {"num_predict": 9999}}));
+        assert!(!apply(&mut body, Dialect::Native, Caps::default()));
+        let mut body = obj(json!({"model": "m", "keep_alive": 0}));
+        assert!(apply(&mut body, Dialect::Native, Caps::default()));
+        assert!(!body.contains_key("keep_alive"));
+    }
+
+    #[test]
+    fn caps_openai_max_tokens() {
+        let caps = Caps {
+            max_tokens: Some(64),
+            max_num_ctx: None,
+        };
+        let mut body = obj(json!({"model": "m"}));
+        assert!(apply(&mut body, Dialect::OpenAi, caps));
+        assert_eq!(body["max_tokens"], json!(64));
+        let mut body = obj(json!({"max_completion_tokens": 1000}));
+        assert!(apply(&mut body, Dialect::OpenAi, caps));
+        assert_eq!(body["max_completion_tokens"], json!(64));
+        assert!(!body.contains_key("max_tokens"));
+        assert_eq!(
+            requested_completion_tokens(&body, Dialect::OpenAi),
+            Some(64)
+        );
+    }
+
+    #[test]
+    fn filters_model_lists() {
+        let tags = br#"{"models":[{"name":"mistral:latest"},{"name":"llama3.2:latest"}]}"#;
+        let out = filter_tags(tags, &["mistral".into()]).unwrap();
+        let v: Value = serde_json::from_slice(&out).unwrap();
+        assert_eq!(v, json!({"models": [{"name": "mistral:latest"}]}));
+        let models = br#"{"object":"list","data":[{"id":"mistral:latest"},{"id":"x:1"}]}"#;
+        let out = filter_openai_models(models, &["x:1".into()]).unwrap();
+        let v: Value = serde_json::from_slice(&out).unwrap();
+        assert_eq!(v["data"], json!([{"id": "x:1"}]));
+    }
+}

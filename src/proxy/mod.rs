@@ -1,0 +1,168 @@
+//! The proxy: forwards a request to Ollama and relays its reply.
+//!
+//! It knows nothing of storage. It reports what happened to the request's
+//! [`Settlement`] guard — status, output, chunks, token counts — and lets the
+//! guard settle: before the reply is handed over for a non-streamed reply,
+//! before the final chunk for a streamed one.
+
+pub mod headers;
+pub mod streaming;
+pub mod upstream;
+pub mod usage;
+
+use crate::credits::{Credits, Settlement};
+use crate::error::ApiError;
+use axum::body::Body;
+use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
+use axum::response::Response;
+use bytes::Bytes;
+use futures_util::StreamExt;
+use std::time::Duration;
+use streaming::{Relay, Wire};
+use tokio::sync::watch;
+pub use upstream::{Outbound, Upstream, UpstreamError};
+
+/// The header that tells a client its remaining credits.
+pub const CREDITS_HEADER: &str = "x-credits-remaining";
+
+/// Rewrites a successful non-streamed reply body (e.g. to filter the model
+/// list for a key limited to some models).
+pub type BodyEdit = Box<dyn FnOnce(Bytes) -> Bytes + Send>;
+
+/// How to relay one request.
+pub struct RelayOptions {
+    /// Remove the OpenAI usage event from a stream (tollgate asked for it,
+    /// the client did not).
+    pub strip_usage_event: bool,
+    pub edit_body: Option<BodyEdit>,
+    /// Ends in-flight streams when it turns true.
+    pub stop: watch::Receiver<bool>,
+}
+
+impl From<UpstreamError> for ApiError {
+    fn from(e: UpstreamError) -> Self {
+        match e {
+            UpstreamError::Timeout { .. } => ApiError::GatewayTimeout(e.to_string()),
+            UpstreamError::Unreachable { .. } | UpstreamError::Broken { .. } => {
+                ApiError::BadGateway(e.to_string())
+            }
+        }
+    }
+}
+
+/// Forwards `out` and relays the reply, settling through `settlement`.
+pub async fn relay(
+    upstream: &Upstream,
+    out: Outbound,
+    mut settlement: Settlement,
+    options: RelayOptions,
+) -> Result<Response, ApiError> {
+    let is_head = out.method == Method::HEAD;
+    let response = match upstream.send(out).await {
+        Ok(response) => response,
+        Err(e) => {
+            let error = ApiError::from(e);
+            settlement.record_status(error.status().as_u16());
+            settle_quietly(&mut settlement).await;
+            return Err(error);
+        }
+    };
+    let status = response.status();
+    settlement.record_status(status.as_u16());
+    let headers = headers::to_client(response.headers());
+    let wire = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(Wire::of_content_type);
+
+    if let (Some(wire), true) = (wire, status.is_success()) {
+        let available = settlement.available();
+        let body = Relay::new(
+            response,
+            wire,
+            settlement,
+            upstream.timeouts.stream_idle,
+            options.strip_usage_event,
+            options.stop,
+        )
+        .into_body();
+        return Ok(build(status, headers, body, available));
+    }
+
+    // A whole reply: Ollama's error (charged nothing) or a non-streamed
+    // result (charged before it is handed over).
+    let body = match read_whole(response, upstream.timeouts.stream_idle).await {
+        Ok(body) => body,
+        Err(message) => {
+            let error = ApiError::BadGateway(format!(
+                "Ollama at {} broke off its reply: {message}",
+                upstream.base_url()
+            ));
+            settlement.record_status(error.status().as_u16());
+            settle_quietly(&mut settlement).await;
+            return Err(error);
+        }
+    };
+    let mut body = body;
+    if status.is_success() {
+        settlement.record_output();
+        if let Ok(json) = serde_json::from_slice::<serde_json::Value>(&body) {
+            if let Some((prompt, completion)) = usage::tokens(&json) {
+                settlement.record_tokens(prompt, completion);
+            }
+        }
+        if let Some(edit) = options.edit_body {
+            body = edit(body);
+        }
+    }
+    let charged = settlement.is_charged();
+    let balance = settlement.finish().await?;
+    let mut response = build(
+        status,
+        headers,
+        Body::from(body),
+        balance.filter(|_| charged),
+    );
+    if is_head {
+        *response.body_mut() = Body::empty();
+    }
+    Ok(response)
+}
+
+/// Settles after a failure that is reported anyway; a store failure here
+/// is logged, not allowed to mask the original error.
+async fn settle_quietly(settlement: &mut Settlement) {
+    if let Err(e) = settlement.finish().await {
+        tracing::error!(error = %e, "settling a failed request failed");
+    }
+}
+
+async fn read_whole(response: reqwest::Response, idle: Duration) -> Result<Bytes, String> {
+    let mut stream = response.bytes_stream();
+    let mut body = Vec::new();
+    loop {
+        match tokio::time::timeout(idle, stream.next()).await {
+            Ok(Some(Ok(chunk))) => body.extend_from_slice(&chunk),
+            Ok(Some(Err(e))) => return Err(upstream::error_chain(&e)),
+            Ok(None) => return Ok(Bytes::from(body)),
+            Err(_) => return Err(format!("nothing for {} s", idle.as_secs())),
+        }
+    }
+}
+
+fn build(status: StatusCode, headers: HeaderMap, body: Body, credits: Option<Credits>) -> Response {
+    let mut response = Response::new(body);
+    *response.status_mut() = status;
+    *response.headers_mut() = headers;
+    if let Some(credits) = credits {
+        set_credits_header(&mut response, credits);
+    }
+    response
+}
+
+/// Sets `X-Credits-Remaining`.
+pub fn set_credits_header(response: &mut Response, credits: Credits) {
+    if let Ok(value) = HeaderValue::from_str(&credits.to_string()) {
+        response.headers_mut().insert(CREDITS_HEADER, value);
+    }
+}

@@ -1,0 +1,258 @@
+//! Relaying a streamed reply chunk by chunk.
+//!
+//! [`Relay`] is the body of a streamed response. It forwards Ollama's bytes
+//! as they arrive, cut only at line (NDJSON) or event (SSE) boundaries — and
+//! since Ollama flushes whole lines, that holds nothing back. It never
+//! re-encodes, adds keep-alive lines or buffers the reply. While relaying it
+//! tells the settlement guard about each content chunk and the token counts
+//! of the final chunk, and settles *before* it hands the final chunk on, so
+//! a client that saw its reply complete was charged durably.
+//!
+//! When tollgate must end a stream itself (Ollama vanished, the stream went
+//! idle too long, shutdown), it ends it with one error line in the stream's
+//! own format, so SDKs raise an error instead of hanging or silently
+//! truncating. If the client goes away, the body is dropped: so is the
+//! request to Ollama (which stops generating) and the guard settles what was
+//! relayed.
+
+use super::usage::{classify_ndjson, classify_sse, NdjsonLine, SseEvent};
+use crate::credits::Settlement;
+use axum::body::Body;
+use bytes::{Bytes, BytesMut};
+use futures_util::stream::BoxStream;
+use futures_util::StreamExt;
+use serde_json::json;
+use std::convert::Infallible;
+use std::time::Duration;
+use tokio::sync::watch;
+
+/// The framing of a stream.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Wire {
+    /// Ollama's native streams: one JSON object per line.
+    Ndjson,
+    /// OpenAI-style server-sent events: `data: ...` then a blank line.
+    Sse,
+}
+
+impl Wire {
+    /// The wire of a response with this content type, if it is a stream.
+    pub fn of_content_type(content_type: &str) -> Option<Wire> {
+        let ct = content_type.trim_start().to_ascii_lowercase();
+        if ct.starts_with("application/x-ndjson") {
+            Some(Wire::Ndjson)
+        } else if ct.starts_with("text/event-stream") {
+            Some(Wire::Sse)
+        } else {
+            None
+        }
+    }
+
+    fn delimiter(self) -> &'static [u8] {
+        match self {
+            Wire::Ndjson => b"\n",
+            Wire::Sse => b"\n\n",
+        }
+    }
+
+    /// The error line tollgate ends a stream with.
+    pub fn error_unit(self, message: &str) -> Bytes {
+        let text = match self {
+            Wire::Ndjson => format!("{}\n", json!({ "error": message })),
+            Wire::Sse => format!(
+                "data: {}\n\n",
+                json!({"error": {"message": message, "type": "api_error", "param": null, "code": null}})
+            ),
+        };
+        Bytes::from(text)
+    }
+}
+
+/// A stream being relayed from Ollama to a client.
+pub struct Relay {
+    upstream: BoxStream<'static, reqwest::Result<Bytes>>,
+    wire: Wire,
+    /// Bytes received after the last complete line or event.
+    pending: BytesMut,
+    settlement: Settlement,
+    idle: Duration,
+    /// Drop the usage event (asked for by tollgate, not by the client).
+    strip_usage: bool,
+    /// Becomes true when in-flight streams must end (shutdown deadline).
+    stop: watch::Receiver<bool>,
+    finished: bool,
+}
+
+impl Relay {
+    pub fn new(
+        upstream: reqwest::Response,
+        wire: Wire,
+        settlement: Settlement,
+        idle: Duration,
+        strip_usage: bool,
+        stop: watch::Receiver<bool>,
+    ) -> Relay {
+        Relay {
+            upstream: upstream.bytes_stream().boxed(),
+            wire,
+            pending: BytesMut::new(),
+            settlement,
+            idle,
+            strip_usage,
+            stop,
+            finished: false,
+        }
+    }
+
+    /// The response body that relays this stream.
+    pub fn into_body(self) -> Body {
+        Body::from_stream(futures_util::stream::unfold(self, |mut relay| async move {
+            relay
+                .next_piece()
+                .await
+                .map(|piece| (Ok::<_, Infallible>(piece), relay))
+        }))
+    }
+
+    /// The next bytes for the client, or `None` when the stream is over.
+    async fn next_piece(&mut self) -> Option<Bytes> {
+        while !self.finished {
+            let (stop, upstream) = (&mut self.stop, &mut self.upstream);
+            let next = tokio::select! {
+                biased;
+                _ = stop.wait_for(|stop| *stop) => None,
+                next = tokio::time::timeout(self.idle, upstream.next()) => Some(next),
+            };
+            let Some(next) = next else {
+                return self
+                    .end_early("tollgate is shutting down; the stream was cut")
+                    .await;
+            };
+            match next {
+                Ok(Some(Ok(bytes))) => {
+                    self.pending.extend_from_slice(&bytes);
+                    if let Some(piece) = self.take_complete_units().await {
+                        return Some(piece);
+                    }
+                }
+                Ok(Some(Err(e))) => {
+                    let message = format!(
+                        "the connection to Ollama broke mid-stream: {}",
+                        super::upstream::error_chain(&e)
+                    );
+                    return self.end_early(&message).await;
+                }
+                Ok(None) => {
+                    // Ollama ended the stream. A last unit without its
+                    // terminator is relayed as it came.
+                    let rest = self.pending.split().freeze();
+                    if !rest.is_empty() {
+                        self.inspect(&rest);
+                    }
+                    self.settle().await;
+                    self.finished = true;
+                    return (!rest.is_empty()).then_some(rest);
+                }
+                Err(_) => {
+                    let message = format!(
+                        "Ollama sent nothing for {} s; the stream was ended",
+                        self.idle.as_secs()
+                    );
+                    return self.end_early(&message).await;
+                }
+            }
+        }
+        None
+    }
+
+    /// Takes every complete line or event out of `pending`, records them
+    /// with the guard, and returns what goes to the client.
+    async fn take_complete_units(&mut self) -> Option<Bytes> {
+        let delimiter = self.wire.delimiter();
+        let end = self
+            .pending
+            .windows(delimiter.len())
+            .rposition(|w| w == delimiter)?
+            + delimiter.len();
+        let complete = self.pending.split_to(end).freeze();
+        let mut is_final = false;
+        let mut kept: Option<BytesMut> = None;
+        let mut start = 0;
+        while start < complete.len() {
+            let unit_end = complete[start..]
+                .windows(delimiter.len())
+                .position(|w| w == delimiter)
+                .map_or(complete.len(), |p| start + p + delimiter.len());
+            let unit = &complete[start..unit_end];
+            let (last, keep) = self.inspect(unit);
+            is_final |= last;
+            if !keep {
+                // Copy out what precedes the dropped unit, once.
+                kept.get_or_insert_with(|| BytesMut::from(&complete[..start]));
+            } else if let Some(kept) = kept.as_mut() {
+                kept.extend_from_slice(unit);
+            }
+            start = unit_end;
+        }
+        if is_final {
+            // The client must not see its reply complete before the charge
+            // is durable.
+            self.settle().await;
+        }
+        let out = kept.map_or(complete, BytesMut::freeze);
+        (!out.is_empty()).then_some(out)
+    }
+
+    /// Records one unit with the guard; returns (is it the final unit,
+    /// is it relayed).
+    fn inspect(&mut self, unit: &[u8]) -> (bool, bool) {
+        let s = &mut self.settlement;
+        match self.wire {
+            Wire::Ndjson => match classify_ndjson(unit) {
+                NdjsonLine::Chunk => {
+                    s.record_chunk();
+                    (false, true)
+                }
+                NdjsonLine::Final(tokens) => {
+                    s.record_output();
+                    if let Some((prompt, completion)) = tokens {
+                        s.record_tokens(prompt, completion);
+                    }
+                    (true, true)
+                }
+                NdjsonLine::Error | NdjsonLine::Other => (false, true),
+            },
+            Wire::Sse => match classify_sse(unit) {
+                SseEvent::Chunk { has_content } => {
+                    if has_content {
+                        s.record_chunk();
+                    }
+                    (false, true)
+                }
+                SseEvent::Usage(tokens) => {
+                    if let Some((prompt, completion)) = tokens {
+                        s.record_tokens(prompt, completion);
+                    }
+                    (false, !self.strip_usage)
+                }
+                SseEvent::Done => (true, true),
+                SseEvent::Error | SseEvent::Other => (false, true),
+            },
+        }
+    }
+
+    async fn settle(&mut self) {
+        if let Err(e) = self.settlement.finish().await {
+            tracing::error!(error = %e, "settling a stream failed");
+        }
+    }
+
+    /// Ends the stream with an error line, after settling what was relayed.
+    async fn end_early(&mut self, message: &str) -> Option<Bytes> {
+        tracing::warn!(reason = message, "stream ended by tollgate");
+        self.pending.clear();
+        self.settle().await;
+        self.finished = true;
+        Some(self.wire.error_unit(message))
+    }
+}

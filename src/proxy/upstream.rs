@@ -1,0 +1,109 @@
+//! The connection to Ollama: one pooled HTTP client, with the time limits of
+//! SPEC §6 on connecting and on waiting for the response head.
+
+use crate::config::Timeouts;
+use axum::http::{HeaderMap, Method};
+use std::time::Duration;
+
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamError {
+    #[error("could not reach Ollama at {url}: {reason}")]
+    Unreachable { url: String, reason: String },
+    #[error("Ollama at {url} did not answer within {secs} s")]
+    Timeout { url: String, secs: u64 },
+    #[error("the connection to Ollama at {url} broke: {reason}")]
+    Broken { url: String, reason: String },
+}
+
+/// Where and how tollgate talks to Ollama.
+#[derive(Clone)]
+pub struct Upstream {
+    client: reqwest::Client,
+    base: String,
+    pub timeouts: Timeouts,
+}
+
+/// A request on its way to Ollama.
+pub struct Outbound {
+    pub method: Method,
+    /// Path and query, e.g. `/api/generate`.
+    pub path_and_query: String,
+    /// Headers to send: already filtered (see [`super::headers`]).
+    pub headers: HeaderMap,
+    pub body: reqwest::Body,
+}
+
+impl Upstream {
+    pub fn new(base: &str, timeouts: Timeouts) -> Result<Upstream, reqwest::Error> {
+        let client = reqwest::Client::builder()
+            .connect_timeout(timeouts.connect)
+            .pool_idle_timeout(Duration::from_secs(90))
+            .pool_max_idle_per_host(1024)
+            .tcp_nodelay(true)
+            .no_proxy()
+            .redirect(reqwest::redirect::Policy::none())
+            .build()?;
+        Ok(Upstream {
+            client,
+            base: base.trim_end_matches('/').to_string(),
+            timeouts,
+        })
+    }
+
+    pub fn base_url(&self) -> &str {
+        &self.base
+    }
+
+    /// Sends a request; resolves when Ollama's response head has arrived.
+    pub async fn send(&self, out: Outbound) -> Result<reqwest::Response, UpstreamError> {
+        let url = format!("{}{}", self.base, out.path_and_query);
+        let request = self
+            .client
+            .request(out.method, &url)
+            .headers(out.headers)
+            .body(out.body);
+        match tokio::time::timeout(self.timeouts.first_byte, request.send()).await {
+            Err(_) => Err(UpstreamError::Timeout {
+                url: self.base.clone(),
+                secs: self.timeouts.first_byte.as_secs(),
+            }),
+            Ok(Err(e)) if e.is_connect() || e.is_timeout() => Err(UpstreamError::Unreachable {
+                url: self.base.clone(),
+                reason: error_chain(&e),
+            }),
+            Ok(Err(e)) => Err(UpstreamError::Broken {
+                url: self.base.clone(),
+                reason: error_chain(&e),
+            }),
+            Ok(Ok(response)) => Ok(response),
+        }
+    }
+
+    /// Whether Ollama answers its version endpoint.
+    pub async fn is_reachable(&self) -> bool {
+        let probe = self
+            .client
+            .get(format!("{}/api/version", self.base))
+            .timeout(self.timeouts.connect)
+            .send()
+            .await;
+        probe.is_ok_and(|r| r.status().is_success())
+    }
+}
+
+/// An error with its causes, for messages that say what actually failed.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    // Bounded: some error types report themselves as their own source.
+    for _ in 0..8 {
+        let Some(cause) = source else { break };
+        let cause_text = cause.to_string();
+        if !text.contains(&cause_text) {
+            text.push_str(": ");
+            text.push_str(&cause_text);
+        }
+        source = cause.source();
+    }
+    text
+}

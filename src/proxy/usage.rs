@@ -1,0 +1,174 @@
+//! Reading token counts out of Ollama's replies without slowing them down.
+//!
+//! Native replies carry `prompt_eval_count` / `eval_count` in their final
+//! (`"done": true`) object; OpenAI-style replies carry a `usage` object. A
+//! stream is scanned line by line with cheap byte searches; only a line that
+//! may be the final one is parsed as JSON.
+
+use serde_json::Value;
+
+/// (prompt tokens, completion tokens) from a native final object or an
+/// OpenAI reply, if it reports any.
+pub fn tokens(v: &Value) -> Option<(u64, u64)> {
+    let count = |v: &Value, field: &str| v.get(field).and_then(Value::as_u64);
+    if let Some(usage) = v.get("usage").filter(|u| u.is_object()) {
+        let prompt = count(usage, "prompt_tokens");
+        let completion = count(usage, "completion_tokens");
+        if prompt.is_some() || completion.is_some() {
+            return Some((prompt.unwrap_or(0), completion.unwrap_or(0)));
+        }
+    }
+    let prompt = count(v, "prompt_eval_count");
+    let completion = count(v, "eval_count");
+    (prompt.is_some() || completion.is_some())
+        .then(|| (prompt.unwrap_or(0), completion.unwrap_or(0)))
+}
+
+/// Finds `needle` in `haystack`.
+pub fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.windows(needle.len()).any(|w| w == needle)
+}
+
+/// What one complete NDJSON line of a native stream is.
+#[derive(Debug, PartialEq, Eq)]
+pub enum NdjsonLine {
+    /// A content chunk.
+    Chunk,
+    /// The final `"done": true` object, with its token counts if any.
+    Final(Option<(u64, u64)>),
+    /// An `{"error": ...}` line.
+    Error,
+    /// Anything else (blank, progress without content, unparseable).
+    Other,
+}
+
+pub fn classify_ndjson(line: &[u8]) -> NdjsonLine {
+    let trimmed = line.trim_ascii();
+    if trimmed.is_empty() {
+        return NdjsonLine::Other;
+    }
+    if trimmed.starts_with(b"{\"error\"") {
+        return NdjsonLine::Error;
+    }
+    // Go's encoder writes compact JSON; `"done":true` inside a string would
+    // be escaped, but a nested object (tool arguments) could hold one, so a
+    // candidate line is confirmed by parsing it.
+    if contains(trimmed, b"\"done\":true") {
+        if let Ok(v) = serde_json::from_slice::<Value>(trimmed) {
+            if v.get("done") == Some(&Value::Bool(true)) {
+                return NdjsonLine::Final(tokens(&v));
+            }
+        }
+    }
+    NdjsonLine::Chunk
+}
+
+/// What one complete server-sent event of an OpenAI-style stream is.
+#[derive(Debug, PartialEq, Eq)]
+pub enum SseEvent {
+    /// A chunk with choices (role, content or finish).
+    Chunk {
+        has_content: bool,
+    },
+    /// The usage chunk (`"choices": []` with `usage`).
+    Usage(Option<(u64, u64)>),
+    /// `data: [DONE]`.
+    Done,
+    /// `data: {"error": ...}`.
+    Error,
+    Other,
+}
+
+pub fn classify_sse(event: &[u8]) -> SseEvent {
+    let Some(data) = event
+        .split(|b| *b == b'\n')
+        .find_map(|l| l.strip_prefix(b"data:"))
+        .map(<[u8]>::trim_ascii)
+    else {
+        return SseEvent::Other;
+    };
+    if data == b"[DONE]" {
+        return SseEvent::Done;
+    }
+    if data.starts_with(b"{\"error\"") {
+        return SseEvent::Error;
+    }
+    if contains(data, b"\"choices\":[]") {
+        let usage = serde_json::from_slice::<Value>(data)
+            .ok()
+            .and_then(|v| tokens(&v));
+        return SseEvent::Usage(usage);
+    }
+    let has_content = [&b"\"content\":\""[..], b"\"text\":\""]
+        .iter()
+        .any(|field| {
+            data.windows(field.len() + 1)
+                .any(|w| w.starts_with(field) && w[field.len()] != b'"')
+        });
+    SseEvent::Chunk { has_content }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn reads_native_and_openai_counts() {
+        assert_eq!(
+            tokens(&json!({"prompt_eval_count": 7, "eval_count": 3})),
+            Some((7, 3))
+        );
+        assert_eq!(tokens(&json!({"eval_count": 3})), Some((0, 3)));
+        assert_eq!(
+            tokens(&json!({"usage": {"prompt_tokens": 5, "completion_tokens": 2}})),
+            Some((5, 2))
+        );
+        assert_eq!(tokens(&json!({"response": "hi"})), None);
+    }
+
+    #[test]
+    fn classifies_ndjson_lines() {
+        assert_eq!(
+            classify_ndjson(br#"{"model":"m","response":"hi","done":false}"#),
+            NdjsonLine::Chunk
+        );
+        assert_eq!(
+            classify_ndjson(
+                br#"{"model":"m","response":"","done":true,"prompt_eval_count":4,"eval_count":9}"#
+            ),
+            NdjsonLine::Final(Some((4, 9)))
+        );
+        assert_eq!(classify_ndjson(br#"{"error":"boom"}"#), NdjsonLine::Error);
+        // A nested "done":true is not the final chunk.
+        assert_eq!(
+            classify_ndjson(
+                br#"{"message":{"tool_calls":[{"arguments":{"done":true}}]},"done":false}"#
+            ),
+            NdjsonLine::Chunk
+        );
+    }
+
+    #[test]
+    fn classifies_sse_events() {
+        assert_eq!(
+            classify_sse(b"data: {\"choices\":[{\"delta\":{\"content\":\"Hi\"}}]}\n\n"),
+            SseEvent::Chunk { has_content: true }
+        );
+        assert_eq!(
+            classify_sse(
+                b"data: {\"choices\":[{\"delta\":{\"role\":\"assistant\",\"content\":\"\"}}]}\n\n"
+            ),
+            SseEvent::Chunk { has_content: false }
+        );
+        assert_eq!(
+            classify_sse(b"data: {\"choices\":[],\"usage\":{\"prompt_tokens\":3,\"completion_tokens\":4,\"total_tokens\":7}}\n\n"),
+            SseEvent::Usage(Some((3, 4)))
+        );
+        assert_eq!(classify_sse(b"data: [DONE]\n\n"), SseEvent::Done);
+        assert_eq!(
+            classify_sse(b"data: {\"error\":{\"message\":\"x\"}}\n\n"),
+            SseEvent::Error
+        );
+    }
+}

@@ -1,0 +1,257 @@
+//! The way every proxied request takes: check access and body, apply the
+//! key's policy, reserve its cost, forward, relay, settle.
+
+use super::catalog::{Access, Endpoint};
+use crate::app::AppState;
+use crate::auth::Caller;
+use crate::credits::settlement::Charge;
+use crate::credits::Settlement;
+use crate::error::ApiError;
+use crate::policy::{self, Dialect};
+use crate::proxy::{self, headers, BodyEdit, Outbound, RelayOptions};
+use axum::body::Body;
+use axum::http::{HeaderMap, Method};
+use axum::response::Response;
+use bytes::Bytes;
+use http_body_util::{BodyExt, LengthLimitError, Limited};
+use serde_json::{Map, Value};
+
+/// A request on its way through the gateway.
+pub struct Proxied {
+    pub method: Method,
+    /// The Ollama path and query to call.
+    pub path_and_query: String,
+    /// The path without query, as recorded in the ledger.
+    pub path: String,
+    pub headers: HeaderMap,
+}
+
+/// Reads a request body, refusing one over `MAX_BODY_BYTES` with 413.
+pub async fn read_body(state: &AppState, body: Body) -> Result<Bytes, ApiError> {
+    let limit = state.config.max_body_bytes;
+    match Limited::new(body, limit).collect().await {
+        Ok(collected) => Ok(collected.to_bytes()),
+        Err(e) if e.downcast_ref::<LengthLimitError>().is_some() => {
+            Err(ApiError::PayloadTooLarge { limit })
+        }
+        Err(e) => Err(ApiError::BadRequest(format!(
+            "could not read the request body: {e}"
+        ))),
+    }
+}
+
+/// Forwards a request whose body is streamed through unread (admin keys on
+/// admin-only paths: model management, blob uploads of any size).
+pub async fn forward_streamed(
+    state: &AppState,
+    caller: &Caller,
+    request: Proxied,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let settlement = begin(state, caller, &request.path, None, None).await?;
+    let out = Outbound {
+        method: request.method,
+        path_and_query: request.path_and_query,
+        headers: headers::to_upstream(&request.headers),
+        body: reqwest::Body::wrap_stream(body.into_data_stream()),
+    };
+    proxy::relay(
+        &state.upstream,
+        out,
+        settlement,
+        options(state, false, None),
+    )
+    .await
+}
+
+/// Forwards a request whose body has been read: inspected, checked against
+/// the key's policy, rewritten only where the policy says so.
+pub async fn forward(
+    state: &AppState,
+    caller: &Caller,
+    endpoint: Endpoint,
+    request: Proxied,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    if endpoint.access == Access::Admin && !caller.is_admin() {
+        return Err(ApiError::Forbidden(format!(
+            "{} needs the admin key",
+            request.path
+        )));
+    }
+    let inspect = endpoint.access != Access::Admin
+        && !(request.method == Method::GET || request.method == Method::HEAD);
+    let mut parsed = if inspect {
+        parse_body(&body, endpoint)?
+    } else {
+        None
+    };
+    let limited_to = caller.key.models.as_deref().filter(|_| !caller.is_admin());
+
+    let model = match &parsed {
+        Some(map) => map.get("model").and_then(Value::as_str).map(str::to_string),
+        None => request.path.strip_prefix("/v1/models/").map(str::to_string),
+    };
+    if let (Some(allowed), Some(model)) = (limited_to, &model) {
+        if !policy::model_allowed(allowed, model) {
+            return Err(ApiError::Forbidden(format!(
+                "model '{model}' is not allowed for this key"
+            )));
+        }
+    }
+
+    let mut body = body;
+    let mut strip_usage_event = false;
+    let mut estimate_tokens = None;
+    if let Some(map) = parsed.as_mut() {
+        let mut changed = false;
+        if !caller.is_admin() {
+            changed |= policy::apply(map, endpoint.dialect, state.caps());
+        }
+        let pricing = state.config.pricing;
+        if endpoint.dialect == Dialect::OpenAi
+            && pricing.prices_tokens()
+            && map.get("stream") == Some(&Value::Bool(true))
+        {
+            // Ollama reports usage on a stream only when asked.
+            let options = map
+                .entry("stream_options")
+                .or_insert_with(|| Value::Object(Map::new()));
+            if let Some(options) = options.as_object_mut() {
+                if options.get("include_usage") != Some(&Value::Bool(true)) {
+                    options.insert("include_usage".into(), Value::Bool(true));
+                    strip_usage_event = true;
+                    changed = true;
+                }
+            }
+        }
+        estimate_tokens = if request.path.contains("embed") {
+            Some(0)
+        } else {
+            policy::requested_completion_tokens(map, endpoint.dialect)
+        };
+        if changed {
+            body = serde_json::to_vec(map)
+                .map_err(|e| ApiError::Internal(e.to_string()))?
+                .into();
+        }
+    }
+
+    let estimate = (endpoint.access == Access::Metered && !caller.is_admin())
+        .then(|| state.config.pricing.estimate(estimate_tokens));
+    let settlement = begin(state, caller, &request.path, model, estimate).await?;
+    if let Some(hook) = &state.hooks.before_forward {
+        hook(&request.path);
+    }
+
+    let edit = match (limited_to, endpoint.lists_models) {
+        (Some(allowed), true) => Some(model_list_filter(&request.path, allowed.to_vec())),
+        _ => None,
+    };
+    let out = Outbound {
+        method: request.method,
+        path_and_query: request.path_and_query,
+        headers: headers::to_upstream(&request.headers),
+        body: body.into(),
+    };
+    proxy::relay(
+        &state.upstream,
+        out,
+        settlement,
+        options(state, strip_usage_event, edit),
+    )
+    .await
+}
+
+async fn begin(
+    state: &AppState,
+    caller: &Caller,
+    path: &str,
+    model: Option<String>,
+    estimate: Option<crate::credits::Credits>,
+) -> Result<Settlement, ApiError> {
+    let charge = Charge {
+        key_id: caller.key.id,
+        estimate,
+        pricing: state.config.pricing,
+        endpoint: path.to_string(),
+        model,
+    };
+    Ok(Settlement::begin(state.store.clone(), charge).await?)
+}
+
+fn options(state: &AppState, strip_usage_event: bool, edit_body: Option<BodyEdit>) -> RelayOptions {
+    RelayOptions {
+        strip_usage_event,
+        edit_body,
+        stop: state.stop_streams.clone(),
+    }
+}
+
+fn model_list_filter(path: &str, allowed: Vec<String>) -> BodyEdit {
+    let openai = path.starts_with("/v1/");
+    Box::new(move |body: Bytes| {
+        let filtered = if openai {
+            policy::filter_openai_models(&body, &allowed)
+        } else {
+            policy::filter_tags(&body, &allowed)
+        };
+        filtered.map(Bytes::from).unwrap_or(body)
+    })
+}
+
+/// Parses a JSON request body for inspection (SPEC §7: malformed JSON and
+/// wrong field types are 400, never forwarded, never charged).
+fn parse_body(body: &[u8], endpoint: Endpoint) -> Result<Option<Map<String, Value>>, ApiError> {
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return if endpoint.access == Access::Metered {
+            Err(ApiError::BadRequest("missing request body".into()))
+        } else {
+            Ok(None)
+        };
+    }
+    let value: Value = serde_json::from_slice(body)
+        .map_err(|e| ApiError::BadRequest(format!("invalid JSON in request body: {e}")))?;
+    let Value::Object(map) = value else {
+        return Err(ApiError::BadRequest(
+            "the request body must be a JSON object".into(),
+        ));
+    };
+    check_types(&map)?;
+    Ok(Some(map))
+}
+
+/// The fields tollgate reads must have the types Ollama expects.
+pub fn check_types(map: &Map<String, Value>) -> Result<(), ApiError> {
+    let wrong = |field: &str, expected: &str| {
+        Err(ApiError::BadRequest(format!(
+            "field '{field}' must be {expected}"
+        )))
+    };
+    let is = |field: &str, check: fn(&Value) -> bool| map.get(field).is_none_or(check);
+    if !is("model", Value::is_string) {
+        return wrong("model", "a string");
+    }
+    if !is("stream", Value::is_boolean) {
+        return wrong("stream", "true or false");
+    }
+    if !is("options", |v| v.is_object() || v.is_null()) {
+        return wrong("options", "an object");
+    }
+    if !is("prompt", |v| v.is_string() || v.is_null()) {
+        return wrong("prompt", "a string");
+    }
+    if !is("messages", |v| v.is_array() || v.is_null()) {
+        return wrong("messages", "an array");
+    }
+    for field in ["max_tokens", "max_completion_tokens"] {
+        if !is(field, |v| v.is_i64() || v.is_u64() || v.is_null()) {
+            return wrong(field, "an integer");
+        }
+    }
+    let num_predict = map.get("options").and_then(|o| o.get("num_predict"));
+    if num_predict.is_some_and(|v| !(v.is_i64() || v.is_u64() || v.is_null())) {
+        return wrong("options.num_predict", "an integer");
+    }
+    Ok(())
+}

@@ -1,0 +1,67 @@
+//! Ollama's own surfaces, passed through: the native `/api/*`, the
+//! OpenAI-compatible `/v1/*`, and the `/` probe.
+
+use super::catalog::{classify, Access};
+use super::forward::{forward, forward_streamed, read_body, Proxied};
+use crate::app::AppState;
+use crate::auth::Caller;
+use crate::credits::Settlement;
+use crate::error::ApiError;
+use crate::proxy::{self, headers, Outbound, RelayOptions};
+use axum::body::Body;
+use axum::extract::State;
+use axum::http::{HeaderMap, Method, Uri};
+use axum::response::Response;
+
+/// Any `/api/*` or `/v1/*` request.
+pub async fn passthrough(
+    State(state): State<AppState>,
+    caller: Caller,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let path = uri.path().to_string();
+    let request = Proxied {
+        method: method.clone(),
+        path_and_query: uri
+            .path_and_query()
+            .map_or_else(|| path.clone(), |pq| pq.as_str().to_string()),
+        path,
+        headers,
+    };
+    let endpoint = classify(&method, &request.path);
+    if endpoint.access == Access::Admin && caller.is_admin() {
+        // Model management and blob uploads: streamed through, any size.
+        return forward_streamed(&state, &caller, request, body).await;
+    }
+    let body = if endpoint.access == Access::Admin {
+        // Refused in `forward`; the body is never read.
+        Default::default()
+    } else {
+        read_body(&state, body).await?
+    };
+    forward(&state, &caller, endpoint, request, body).await
+}
+
+/// `GET /` and `HEAD /`: Ollama's "Ollama is running", no key needed (tools
+/// probe it).
+pub async fn root(
+    State(state): State<AppState>,
+    method: Method,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let out = Outbound {
+        method,
+        path_and_query: "/".into(),
+        headers: headers::to_upstream(&headers),
+        body: reqwest::Body::from(Vec::new()),
+    };
+    let options = RelayOptions {
+        strip_usage_event: false,
+        edit_body: None,
+        stop: state.stop_streams.clone(),
+    };
+    proxy::relay(&state.upstream, out, Settlement::detached(), options).await
+}

@@ -1,0 +1,1182 @@
+//! Conformance tests: one set of tests, written once against [`SharedStore`]
+//! and run against every store — memory, SQLite (in a temporary directory)
+//! and PostgreSQL (a fresh schema per test).
+//!
+//! PostgreSQL is found at `TOLLGATE_TEST_DATABASE_URL` (default
+//! `postgres://postgres@127.0.0.1:5432/test`). When it does not answer, its
+//! tests print that they were skipped, unless `CI=true`, where they fail.
+
+use super::memory::MemoryStore;
+use super::postgres::PostgresStore;
+use super::sqlite::SqliteStore;
+use super::*;
+use sqlx::postgres::PgConnectOptions;
+use sqlx::{Connection as _, PgConnection};
+use std::str::FromStr;
+
+const DEFAULT_PG_URL: &str = "postgres://postgres@127.0.0.1:5432/test";
+
+// ---------------------------------------------------------------------------
+// Harness
+
+enum Backend {
+    Memory,
+    Sqlite {
+        _dir: tempfile::TempDir,
+    },
+    Postgres {
+        options: Box<PgConnectOptions>,
+        base: Box<PgConnectOptions>,
+        schema: String,
+        /// Other gateways opened on the same schema, dropped before it.
+        others: std::sync::Mutex<Vec<SharedStore>>,
+    },
+}
+
+struct Harness {
+    store: SharedStore,
+    backend: Backend,
+}
+
+impl Harness {
+    fn memory() -> Harness {
+        Harness {
+            store: Arc::new(MemoryStore::default()),
+            backend: Backend::Memory,
+        }
+    }
+
+    async fn sqlite() -> Harness {
+        let dir = tempfile::tempdir().expect("temporary directory");
+        let store = SqliteStore::open(&dir.path().join("tollgate.db"))
+            .await
+            .expect("open sqlite store");
+        Harness {
+            store: Arc::new(store),
+            backend: Backend::Sqlite { _dir: dir },
+        }
+    }
+
+    /// A store on a fresh schema, or `None` (test skipped) when PostgreSQL
+    /// does not answer and this is not CI.
+    async fn postgres() -> Option<Harness> {
+        let (base, options, schema) = pg_schema().await?;
+        let store = PostgresStore::connect_with(options.clone())
+            .await
+            .expect("connect postgres store");
+        Some(Harness {
+            store: Arc::new(store),
+            backend: Backend::Postgres {
+                options: Box::new(options),
+                base: Box::new(base),
+                schema,
+                others: std::sync::Mutex::new(Vec::new()),
+            },
+        })
+    }
+
+    /// Another gateway on the same data. Only PostgreSQL supports several;
+    /// the others return the same store.
+    async fn second_gateway(&self) -> SharedStore {
+        match &self.backend {
+            Backend::Postgres {
+                options, others, ..
+            } => {
+                let store: SharedStore = Arc::new(
+                    PostgresStore::connect_with((**options).clone())
+                        .await
+                        .expect("connect second postgres store"),
+                );
+                others.lock().expect("lock").push(store.clone());
+                store
+            }
+            _ => self.store.clone(),
+        }
+    }
+
+    async fn finish(self) {
+        let Harness { store, backend } = self;
+        drop(store);
+        if let Backend::Postgres {
+            base,
+            schema,
+            others,
+            ..
+        } = backend
+        {
+            drop(others);
+            drop_schema(&base, &schema).await;
+        }
+    }
+}
+
+fn ci() -> bool {
+    std::env::var("CI").is_ok_and(|v| v == "true")
+}
+
+/// Creates a fresh schema; returns the server's options, the options of
+/// connections that use the schema, and its name.
+async fn pg_schema() -> Option<(PgConnectOptions, PgConnectOptions, String)> {
+    let url = std::env::var("TOLLGATE_TEST_DATABASE_URL").unwrap_or_else(|_| DEFAULT_PG_URL.into());
+    let base = PgConnectOptions::from_str(&url).expect("TOLLGATE_TEST_DATABASE_URL is invalid");
+    let mut admin = match PgConnection::connect_with(&base).await {
+        Ok(conn) => conn,
+        Err(e) if ci() => panic!("PostgreSQL does not answer (CI=true): {e}"),
+        Err(e) => {
+            eprintln!("skipped: PostgreSQL test, no server answers ({e})");
+            return None;
+        }
+    };
+    let schema = format!("tg_test_{:016x}", rand::random::<u64>());
+    sqlx::query(&format!("CREATE SCHEMA {schema}"))
+        .execute(&mut admin)
+        .await
+        .expect("create test schema");
+    let _ = admin.close().await;
+    let options = base.clone().options([("search_path", schema.as_str())]);
+    Some((base, options, schema))
+}
+
+async fn drop_schema(base: &PgConnectOptions, schema: &str) {
+    if let Ok(mut admin) = PgConnection::connect_with(base).await {
+        let _ = sqlx::query(&format!("DROP SCHEMA {schema} CASCADE"))
+            .execute(&mut admin)
+            .await;
+        let _ = admin.close().await;
+    }
+}
+
+/// Generates, for each test function, one `#[tokio::test]` per store.
+macro_rules! conformance_tests {
+    ($($name:ident),* $(,)?) => {
+        mod memory {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    let h = super::Harness::memory();
+                    super::$name(&h).await;
+                    h.finish().await;
+                }
+            )*
+        }
+        mod sqlite {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    let h = super::Harness::sqlite().await;
+                    super::$name(&h).await;
+                    h.finish().await;
+                }
+            )*
+        }
+        mod postgres {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    let Some(h) = super::Harness::postgres().await else { return };
+                    super::$name(&h).await;
+                    h.finish().await;
+                }
+            )*
+        }
+    };
+}
+
+conformance_tests!(
+    create_lookup_and_duplicate,
+    reserve_admits_exactly_what_is_covered,
+    settle_charges_releases_and_records,
+    concurrent_reserves_never_overspend,
+    reserves_racing_settlements_never_overspend,
+    concurrent_writes_fail_alone,
+    adjust_adds_and_sets,
+    ledger_adds_up_to_the_balance,
+    sync_grants_creates_keeps_disables_reenables,
+    revoke_keeps_the_first_time,
+    update_key_patches,
+    usage_pages_newest_first,
+    usage_totals_add_up,
+);
+
+// ---------------------------------------------------------------------------
+// Helpers
+
+fn cr(s: &str) -> Credits {
+    s.parse().expect("credits")
+}
+
+fn hash(s: &str) -> KeyHash {
+    KeyHash(format!("{s:0>64}"))
+}
+
+fn new_key(name: &str, credits: Credits) -> NewKey {
+    NewKey {
+        hash: hash(name),
+        name: name.into(),
+        role: Role::User,
+        credits,
+        models: None,
+        rate_limit_rpm: None,
+        max_concurrent: None,
+        expires_at: None,
+        granted: false,
+        actor: "test".into(),
+    }
+}
+
+fn usage(key_id: KeyId, credits: Credits) -> UsageRecord {
+    UsageRecord {
+        time: now_millis(),
+        key_id,
+        endpoint: "/api/generate".into(),
+        model: Some("mistral".into()),
+        status: 200,
+        prompt_tokens: 10,
+        completion_tokens: 20,
+        credits,
+        duration_ms: 5,
+    }
+}
+
+fn grant(name: &str, credits: &str) -> Grant {
+    Grant {
+        hash: hash(name),
+        name: name.into(),
+        role: Role::User,
+        credits: cr(credits),
+    }
+}
+
+fn add(n: &str) -> Adjustment {
+    Adjustment {
+        change: BalanceChange::Add(cr(n)),
+        actor: "admin".into(),
+        reason: format!("top up {n}"),
+    }
+}
+
+fn set(n: &str) -> Adjustment {
+    Adjustment {
+        change: BalanceChange::Set(cr(n)),
+        actor: "cli".into(),
+        reason: format!("set {n}"),
+    }
+}
+
+fn refused_with(r: Result<Credits, StoreError>) -> Credits {
+    match r {
+        Err(StoreError::InsufficientCredits { available }) => available,
+        other => panic!("expected InsufficientCredits, got {other:?}"),
+    }
+}
+
+async fn balance(store: &SharedStore, id: KeyId) -> Credits {
+    store
+        .key(id)
+        .await
+        .expect("key")
+        .expect("key exists")
+        .balance
+}
+
+/// Checks the invariant: adjustments minus usage equals the balance.
+async fn assert_ledger_adds_up(store: &SharedStore, id: KeyId) {
+    let adjusted: Credits = store
+        .adjustments(id)
+        .await
+        .expect("adjustments")
+        .iter()
+        .map(|a| a.delta)
+        .sum();
+    let spent = store.usage_totals(id).await.expect("totals").credits_spent;
+    let mut rows = Vec::new();
+    let mut before = None;
+    loop {
+        let page = store
+            .usage(Some(id), PageRequest { limit: 100, before })
+            .await
+            .expect("usage");
+        let Some(last) = page.last() else { break };
+        before = Some(last.id);
+        rows.extend(page);
+    }
+    let listed: Credits = rows.iter().map(|e| e.record.credits).sum();
+    assert_eq!(spent, listed, "usage_totals agrees with the usage rows");
+    assert_eq!(
+        adjusted - spent,
+        balance(store, id).await,
+        "ledger of key {id}"
+    );
+}
+
+// ---------------------------------------------------------------------------
+// The tests, one body per behaviour
+
+async fn create_lookup_and_duplicate(h: &Harness) {
+    let s = &h.store;
+    let before = now_millis();
+    let mut new = new_key("alice", cr("12.5"));
+    new.role = Role::Admin;
+    new.models = Some(vec!["mistral".into(), "llama3:8b".into()]);
+    new.rate_limit_rpm = Some(60);
+    new.max_concurrent = Some(2);
+    new.expires_at = Some(4_000_000_000_000);
+    new.granted = true;
+    let created = s.create_key(new.clone()).await.expect("create");
+    assert_eq!(created.name, "alice");
+    assert_eq!(created.role, Role::Admin);
+    assert_eq!(created.balance, cr("12.5"));
+    assert_eq!(created.models, new.models);
+    assert_eq!(created.rate_limit_rpm, Some(60));
+    assert_eq!(created.max_concurrent, Some(2));
+    assert_eq!(created.expires_at, Some(4_000_000_000_000));
+    assert!(created.granted && !created.disabled);
+    assert_eq!(created.revoked_at, None);
+    assert!(created.created_at >= before && created.created_at <= now_millis());
+
+    let bob = s
+        .create_key(new_key("bob", Credits::ZERO))
+        .await
+        .expect("create bob");
+    assert_ne!(bob.id, created.id);
+    assert_eq!(bob.models, None);
+    assert!(!bob.granted);
+
+    assert_eq!(
+        s.key_by_hash(&hash("alice")).await.unwrap(),
+        Some(created.clone())
+    );
+    assert_eq!(s.key(created.id).await.unwrap(), Some(created.clone()));
+    assert_eq!(s.key_by_hash(&hash("nobody")).await.unwrap(), None);
+    assert_eq!(s.key(created.id + bob.id + 1000).await.unwrap(), None);
+    assert_eq!(s.keys().await.unwrap(), vec![created.clone(), bob.clone()]);
+
+    match s.create_key(new_key("alice", cr("1"))).await {
+        Err(StoreError::DuplicateKey) => {}
+        other => panic!("expected DuplicateKey, got {other:?}"),
+    }
+    assert_eq!(
+        s.keys().await.unwrap().len(),
+        2,
+        "a duplicate creates nothing"
+    );
+
+    let adjustments = s.adjustments(created.id).await.unwrap();
+    assert_eq!(adjustments.len(), 1, "the duplicate recorded no grant");
+    let grant = &adjustments[0];
+    assert_eq!(
+        (
+            grant.key_id,
+            grant.delta,
+            grant.actor.as_str(),
+            grant.reason.as_str()
+        ),
+        (created.id, cr("12.5"), "test", "grant")
+    );
+    assert_eq!(s.adjustments(bob.id).await.unwrap()[0].delta, Credits::ZERO);
+}
+
+async fn reserve_admits_exactly_what_is_covered(h: &Harness) {
+    let s = &h.store;
+    let k = s.create_key(new_key("k", cr("1.5"))).await.unwrap().id;
+    assert_eq!(s.reserve(k, cr("1")).await.unwrap(), cr("0.5"));
+    assert_eq!(refused_with(s.reserve(k, cr("0.501")).await), cr("0.5"));
+    assert_eq!(s.reserve(k, cr("0.5")).await.unwrap(), Credits::ZERO);
+    assert_eq!(refused_with(s.reserve(k, cr("0.001")).await), Credits::ZERO);
+    // A reservation does not change the balance.
+    assert_eq!(balance(s, k).await, cr("1.5"));
+    // Settling one frees what it did not use.
+    let mut u = usage(k, cr("0.25"));
+    u.status = 200;
+    assert_eq!(s.settle(u, cr("1")).await.unwrap(), cr("1.25"));
+    assert_eq!(s.reserve(k, cr("0.75")).await.unwrap(), Credits::ZERO);
+    assert_eq!(refused_with(s.reserve(k, cr("0.001")).await), Credits::ZERO);
+
+    // A balance at or below zero admits nothing, not even a free request.
+    let zero = s
+        .create_key(new_key("zero", Credits::ZERO))
+        .await
+        .unwrap()
+        .id;
+    assert_eq!(
+        refused_with(s.reserve(zero, Credits::ZERO).await),
+        Credits::ZERO
+    );
+    assert_eq!(refused_with(s.reserve(zero, cr("1")).await), Credits::ZERO);
+    let negative = s.create_key(new_key("neg", cr("1"))).await.unwrap().id;
+    s.adjust(negative, set("-2")).await.unwrap();
+    assert_eq!(refused_with(s.reserve(negative, cr("1")).await), cr("-2"));
+
+    match s.reserve(k + zero + negative + 1000, cr("1")).await {
+        Err(StoreError::NoSuchKey(_)) => {}
+        other => panic!("expected NoSuchKey, got {other:?}"),
+    }
+}
+
+async fn settle_charges_releases_and_records(h: &Harness) {
+    let s = &h.store;
+    let k = s.create_key(new_key("k", cr("2"))).await.unwrap().id;
+    assert_eq!(s.reserve(k, cr("1")).await.unwrap(), cr("1"));
+    // The real cost may exceed the reservation and the balance.
+    let mut record = usage(k, cr("3.125"));
+    record.endpoint = "/v1/chat/completions".into();
+    record.model = None;
+    record.status = 499;
+    record.prompt_tokens = 1234;
+    record.completion_tokens = 5678;
+    record.duration_ms = 987;
+    assert_eq!(
+        s.settle(record.clone(), cr("1")).await.unwrap(),
+        cr("-1.125")
+    );
+    assert_eq!(balance(s, k).await, cr("-1.125"));
+
+    let rows = s
+        .usage(
+            Some(k),
+            PageRequest {
+                limit: 10,
+                before: None,
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(rows.len(), 1);
+    assert_eq!(rows[0].record, record);
+
+    assert_eq!(refused_with(s.reserve(k, cr("0.001")).await), cr("-1.125"));
+    // The reservation was released: after a top-up all of it is available.
+    assert_eq!(s.adjust(k, add("5")).await.unwrap(), cr("3.875"));
+    assert_eq!(s.reserve(k, cr("3.875")).await.unwrap(), Credits::ZERO);
+
+    // A refund: nothing charged, the reservation released, the row kept.
+    let mut refund = usage(k, Credits::ZERO);
+    refund.status = 502;
+    assert_eq!(s.settle(refund, cr("3.875")).await.unwrap(), cr("3.875"));
+    assert_eq!(s.reserve(k, cr("3.875")).await.unwrap(), Credits::ZERO);
+    assert_eq!(s.usage_totals(k).await.unwrap().requests, 2);
+
+    match s.settle(usage(k + 1000, cr("1")), cr("1")).await {
+        Err(StoreError::NoSuchKey(_)) => {}
+        other => panic!("expected NoSuchKey, got {other:?}"),
+    }
+    assert_ledger_adds_up(s, k).await;
+}
+
+async fn concurrent_reserves_never_overspend(h: &Harness) {
+    let first = h.store.clone();
+    let second = h.second_gateway().await;
+    let k = first.create_key(new_key("k", cr("10"))).await.unwrap().id;
+    let mut tasks = Vec::new();
+    for i in 0..50 {
+        let store = if i % 2 == 0 {
+            first.clone()
+        } else {
+            second.clone()
+        };
+        tasks.push(tokio::spawn(async move {
+            (i % 2, store.reserve(k, cr("1")).await)
+        }));
+    }
+    let mut admitted = Vec::new();
+    for task in tasks {
+        match task.await.expect("task") {
+            (gateway, Ok(_)) => admitted.push(gateway),
+            (_, Err(StoreError::InsufficientCredits { available })) => {
+                assert!(available < cr("1"), "refused with {available} available");
+            }
+            (_, Err(e)) => panic!("unexpected error {e}"),
+        }
+    }
+    assert_eq!(admitted.len(), 10, "exactly the balance is admitted");
+    assert_eq!(
+        refused_with(first.reserve(k, cr("0.001")).await),
+        Credits::ZERO
+    );
+    assert_eq!(
+        refused_with(second.reserve(k, cr("0.001")).await),
+        Credits::ZERO
+    );
+
+    // Each gateway settles what it admitted, concurrently.
+    let mut tasks = Vec::new();
+    for gateway in admitted {
+        let store = if gateway == 0 {
+            first.clone()
+        } else {
+            second.clone()
+        };
+        tasks.push(tokio::spawn(async move {
+            store.settle(usage(k, cr("1")), cr("1")).await
+        }));
+    }
+    for task in tasks {
+        task.await.expect("task").expect("settle");
+    }
+    assert_eq!(balance(&first, k).await, Credits::ZERO);
+    assert_eq!(first.usage_totals(k).await.unwrap().requests, 10);
+    first.adjust(k, add("2")).await.unwrap();
+    assert_eq!(second.reserve(k, cr("2")).await.unwrap(), Credits::ZERO);
+    assert_ledger_adds_up(&first, k).await;
+}
+
+async fn reserves_racing_settlements_never_overspend(h: &Harness) {
+    // Requests reserve and settle while others reserve: whatever the
+    // interleaving, exactly the balance is spent, never more.
+    let first = h.store.clone();
+    let second = h.second_gateway().await;
+    let k = first.create_key(new_key("k", cr("10"))).await.unwrap().id;
+    let mut tasks = Vec::new();
+    for i in 0..30 {
+        let store = if i % 2 == 0 {
+            first.clone()
+        } else {
+            second.clone()
+        };
+        tasks.push(tokio::spawn(async move {
+            let mut admitted = 0;
+            loop {
+                match store.reserve(k, cr("1")).await {
+                    Ok(_) => {
+                        tokio::task::yield_now().await;
+                        store.settle(usage(k, cr("1")), cr("1")).await.unwrap();
+                        admitted += 1;
+                    }
+                    Err(StoreError::InsufficientCredits { .. }) => return admitted,
+                    Err(e) => panic!("unexpected error {e}"),
+                }
+            }
+        }));
+    }
+    let mut admitted = 0;
+    for task in tasks {
+        admitted += task.await.expect("task");
+    }
+    assert_eq!(admitted, 10);
+    assert_eq!(balance(&first, k).await, Credits::ZERO);
+    first.adjust(k, add("1")).await.unwrap();
+    assert_eq!(second.reserve(k, cr("1")).await.unwrap(), Credits::ZERO);
+    assert_ledger_adds_up(&first, k).await;
+}
+
+async fn concurrent_writes_fail_alone(h: &Harness) {
+    // Many writes at once (they share transactions in the SQLite store):
+    // a failing one must not take the others with it.
+    let s = h.store.clone();
+    let k = s.create_key(new_key("payer", cr("100"))).await.unwrap().id;
+    let mut tasks = Vec::new();
+    for i in 0..40 {
+        let s = s.clone();
+        tasks.push(tokio::spawn(async move {
+            match i % 4 {
+                0 => s
+                    .create_key(new_key("same", cr("1")))
+                    .await
+                    .map(|_| "created-same"),
+                1 => s
+                    .create_key(new_key(&format!("unique{i}"), cr("1")))
+                    .await
+                    .map(|_| "created"),
+                2 => s
+                    .settle(usage(k, cr("1")), Credits::ZERO)
+                    .await
+                    .map(|_| "settled"),
+                _ => s.adjust(k, add("0.5")).await.map(|_| "adjusted"),
+            }
+        }));
+    }
+    let mut counts = std::collections::HashMap::new();
+    for task in tasks {
+        let outcome = match task.await.expect("task") {
+            Ok(what) => what,
+            Err(StoreError::DuplicateKey) => "duplicate",
+            Err(e) => panic!("unexpected error {e}"),
+        };
+        *counts.entry(outcome).or_insert(0) += 1;
+    }
+    assert_eq!(counts.get("created-same"), Some(&1));
+    assert_eq!(counts.get("duplicate"), Some(&9));
+    assert_eq!(counts.get("created"), Some(&10));
+    assert_eq!(counts.get("settled"), Some(&10));
+    assert_eq!(counts.get("adjusted"), Some(&10));
+    assert_eq!(s.keys().await.unwrap().len(), 12);
+    assert_eq!(balance(&s, k).await, cr("95"));
+    assert_ledger_adds_up(&s, k).await;
+}
+
+async fn adjust_adds_and_sets(h: &Harness) {
+    let s = &h.store;
+    let k = s.create_key(new_key("k", cr("5"))).await.unwrap().id;
+    let before = now_millis();
+    assert_eq!(s.adjust(k, add("2.5")).await.unwrap(), cr("7.5"));
+    assert_eq!(s.adjust(k, set("3")).await.unwrap(), cr("3"));
+    assert_eq!(s.adjust(k, add("-4")).await.unwrap(), cr("-1"));
+    assert_eq!(s.adjust(k, set("-1")).await.unwrap(), cr("-1"));
+    assert_eq!(balance(s, k).await, cr("-1"));
+    let entries = s.adjustments(k).await.unwrap();
+    let summary: Vec<(Credits, &str, &str)> = entries
+        .iter()
+        .map(|a| (a.delta, a.actor.as_str(), a.reason.as_str()))
+        .collect();
+    assert_eq!(
+        summary,
+        vec![
+            (cr("5"), "test", "grant"),
+            (cr("2.5"), "admin", "top up 2.5"),
+            (cr("-4.5"), "cli", "set 3"),
+            (cr("-4"), "admin", "top up -4"),
+            (Credits::ZERO, "cli", "set -1"),
+        ]
+    );
+    assert!(entries.iter().all(|a| a.key_id == k));
+    assert!(entries[1..]
+        .iter()
+        .all(|a| a.time >= before && a.time <= now_millis()));
+    match s.adjust(k + 1000, add("1")).await {
+        Err(StoreError::NoSuchKey(_)) => {}
+        other => panic!("expected NoSuchKey, got {other:?}"),
+    }
+    assert!(s.adjustments(k + 1000).await.unwrap().is_empty());
+    assert_ledger_adds_up(s, k).await;
+}
+
+async fn ledger_adds_up_to_the_balance(h: &Harness) {
+    let s = &h.store;
+    let a = s.create_key(new_key("a", cr("10"))).await.unwrap().id;
+    let b = s.create_key(new_key("b", cr("0.003"))).await.unwrap().id;
+    for i in 0..30u32 {
+        let key = if i % 3 == 0 { b } else { a };
+        let estimate = Credits::from_millis(1 + i64::from(i % 7) * 137);
+        match s.reserve(key, estimate).await {
+            Ok(_) => {
+                // Charges above, below and equal to the estimate.
+                let charged = Credits::from_millis(estimate.millis() * i64::from(i % 3) / 2 + 1);
+                s.settle(usage(key, charged), estimate).await.unwrap();
+            }
+            Err(StoreError::InsufficientCredits { .. }) => {
+                if i % 2 == 0 {
+                    s.adjust(key, add("1.111")).await.unwrap();
+                } else {
+                    s.adjust(key, set("2.5")).await.unwrap();
+                }
+            }
+            Err(e) => panic!("unexpected error {e}"),
+        }
+        if i % 10 == 9 {
+            s.adjust(a, set("0.5")).await.unwrap();
+        }
+    }
+    assert_ledger_adds_up(s, a).await;
+    assert_ledger_adds_up(s, b).await;
+}
+
+async fn sync_grants_creates_keeps_disables_reenables(h: &Harness) {
+    let s = &h.store;
+    let manual = s.create_key(new_key("manual", cr("1"))).await.unwrap().id;
+
+    let report = s
+        .sync_grants(&[grant("g1", "10"), grant("g2", "5")])
+        .await
+        .unwrap();
+    assert_eq!(report.created.len(), 2);
+    assert!(report.reenabled.is_empty() && report.disabled.is_empty());
+    let (g1, g2) = (report.created[0], report.created[1]);
+    let k1 = s.key(g1).await.unwrap().unwrap();
+    assert_eq!(k1.name, "g1");
+    assert_eq!(k1.balance, cr("10"));
+    assert!(k1.granted && !k1.disabled);
+    assert_eq!(s.key_by_hash(&hash("g2")).await.unwrap().unwrap().id, g2);
+    let first = &s.adjustments(g1).await.unwrap()[0];
+    assert_eq!((first.delta, first.actor.as_str()), (cr("10"), "config"));
+
+    // A restart never refills: the balance is kept.
+    s.reserve(g1, cr("3")).await.unwrap();
+    s.settle(usage(g1, cr("3")), cr("3")).await.unwrap();
+    let report = s
+        .sync_grants(&[grant("g1", "10"), grant("g2", "5")])
+        .await
+        .unwrap();
+    assert_eq!(report, GrantReport::default());
+    assert_eq!(balance(s, g1).await, cr("7"));
+
+    // A grant taken out of the configuration is disabled; others stay.
+    let report = s.sync_grants(&[grant("g1", "10")]).await.unwrap();
+    assert_eq!(report.disabled, vec![g2]);
+    assert!(report.created.is_empty() && report.reenabled.is_empty());
+    let k2 = s.key(g2).await.unwrap().unwrap();
+    assert!(k2.disabled && !k2.is_active(now_millis()));
+    assert!(!s.key(manual).await.unwrap().unwrap().disabled);
+    assert!(!s.key(g1).await.unwrap().unwrap().disabled);
+    // Disabled stays disabled without being reported again.
+    let report = s.sync_grants(&[grant("g1", "10")]).await.unwrap();
+    assert_eq!(report, GrantReport::default());
+
+    // Put back: re-enabled with its old balance.
+    s.adjust(g2, set("4.5")).await.unwrap();
+    let report = s
+        .sync_grants(&[grant("g2", "100"), grant("g1", "10"), grant("g3", "1")])
+        .await
+        .unwrap();
+    assert_eq!(report.reenabled, vec![g2]);
+    assert_eq!(report.created.len(), 1);
+    let g3 = report.created[0];
+    assert!(report.disabled.is_empty());
+    let k2 = s.key(g2).await.unwrap().unwrap();
+    assert!(!k2.disabled && k2.is_active(now_millis()));
+    assert_eq!(k2.balance, cr("4.5"));
+
+    // An empty configuration disables every granted key, in id order.
+    let report = s.sync_grants(&[]).await.unwrap();
+    let mut expected = vec![g1, g2, g3];
+    expected.sort();
+    assert_eq!(report.disabled, expected);
+    assert!(!s.key(manual).await.unwrap().unwrap().disabled);
+    for id in [g1, g2] {
+        assert_ledger_adds_up(s, id).await;
+    }
+}
+
+async fn revoke_keeps_the_first_time(h: &Harness) {
+    let s = &h.store;
+    let k = s.create_key(new_key("k", cr("1"))).await.unwrap();
+    assert!(k.is_active(now_millis()));
+    let revoked = s.revoke_key(k.id, 1_700_000_000_000).await.unwrap();
+    assert_eq!(revoked.revoked_at, Some(1_700_000_000_000));
+    assert!(!revoked.is_active(now_millis()));
+    let again = s.revoke_key(k.id, 1_800_000_000_000).await.unwrap();
+    assert_eq!(again.revoked_at, Some(1_700_000_000_000));
+    assert_eq!(s.key(k.id).await.unwrap(), Some(again.clone()));
+    assert_eq!(s.key_by_hash(&hash("k")).await.unwrap(), Some(again));
+    match s.revoke_key(k.id + 1000, 1).await {
+        Err(StoreError::NoSuchKey(_)) => {}
+        other => panic!("expected NoSuchKey, got {other:?}"),
+    }
+}
+
+async fn update_key_patches(h: &Harness) {
+    let s = &h.store;
+    let mut new = new_key("k", cr("1"));
+    new.models = Some(vec!["mistral".into()]);
+    new.rate_limit_rpm = Some(60);
+    new.expires_at = Some(4_000_000_000_000);
+    let k = s.create_key(new).await.unwrap();
+
+    let renamed = s
+        .update_key(
+            k.id,
+            KeyPatch {
+                name: Some("renamed".into()),
+                ..KeyPatch::default()
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        renamed,
+        KeyRecord {
+            name: "renamed".into(),
+            ..k.clone()
+        }
+    );
+
+    let patched = s
+        .update_key(
+            k.id,
+            KeyPatch {
+                name: None,
+                models: Some(None),
+                rate_limit_rpm: Some(Some(30)),
+                max_concurrent: Some(Some(3)),
+                expires_at: Some(None),
+            },
+        )
+        .await
+        .unwrap();
+    let expected = KeyRecord {
+        name: "renamed".into(),
+        models: None,
+        rate_limit_rpm: Some(30),
+        max_concurrent: Some(3),
+        expires_at: None,
+        ..k.clone()
+    };
+    assert_eq!(patched, expected);
+    assert_eq!(s.key(k.id).await.unwrap(), Some(expected.clone()));
+
+    let patched = s
+        .update_key(
+            k.id,
+            KeyPatch {
+                models: Some(Some(vec!["a".into(), "b:7b".into()])),
+                rate_limit_rpm: Some(None),
+                expires_at: Some(Some(5)),
+                ..KeyPatch::default()
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(patched.models, Some(vec!["a".into(), "b:7b".into()]));
+    assert_eq!(patched.rate_limit_rpm, None);
+    assert_eq!(patched.max_concurrent, Some(3));
+    assert_eq!(patched.expires_at, Some(5));
+    assert!(!patched.is_active(now_millis()));
+    assert_eq!(s.key(k.id).await.unwrap(), Some(patched));
+
+    // An empty patch changes nothing; balances are not touched by patches.
+    let same = s.update_key(k.id, KeyPatch::default()).await.unwrap();
+    assert_eq!(s.key(k.id).await.unwrap(), Some(same.clone()));
+    assert_eq!(same.balance, cr("1"));
+    match s.update_key(k.id + 1000, KeyPatch::default()).await {
+        Err(StoreError::NoSuchKey(_)) => {}
+        other => panic!("expected NoSuchKey, got {other:?}"),
+    }
+}
+
+async fn usage_pages_newest_first(h: &Harness) {
+    let s = &h.store;
+    let a = s.create_key(new_key("a", cr("100"))).await.unwrap().id;
+    let b = s.create_key(new_key("b", cr("100"))).await.unwrap().id;
+    let mut expected = Vec::new();
+    for i in 0..7u64 {
+        let key = if i % 2 == 0 { a } else { b };
+        let mut u = usage(key, Credits::from_millis(i as i64));
+        u.endpoint = format!("/e{i}");
+        u.prompt_tokens = i;
+        s.settle(u.clone(), Credits::ZERO).await.unwrap();
+        expected.push(u);
+    }
+    expected.reverse();
+
+    let all = s
+        .usage(
+            None,
+            PageRequest {
+                limit: 100,
+                before: None,
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        all.iter().map(|e| e.record.clone()).collect::<Vec<_>>(),
+        expected
+    );
+    assert!(all.windows(2).all(|w| w[0].id > w[1].id), "ids descend");
+
+    // Paging with the cursor visits every row once.
+    let mut paged = Vec::new();
+    let mut before = None;
+    loop {
+        let page = s
+            .usage(None, PageRequest { limit: 3, before })
+            .await
+            .unwrap();
+        assert!(page.len() <= 3);
+        let Some(last) = page.last() else { break };
+        before = Some(last.id);
+        paged.extend(page);
+    }
+    assert_eq!(paged, all);
+
+    let of_a = s
+        .usage(
+            Some(a),
+            PageRequest {
+                limit: 2,
+                before: None,
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        of_a.iter()
+            .map(|e| e.record.endpoint.as_str())
+            .collect::<Vec<_>>(),
+        vec!["/e6", "/e4"]
+    );
+    let rest = s
+        .usage(
+            Some(a),
+            PageRequest {
+                limit: 10,
+                before: Some(of_a[1].id),
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        rest.iter()
+            .map(|e| e.record.endpoint.as_str())
+            .collect::<Vec<_>>(),
+        vec!["/e2", "/e0"]
+    );
+    let of_b = s
+        .usage(
+            Some(b),
+            PageRequest {
+                limit: 10,
+                before: None,
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(of_b.len(), 3);
+    assert!(of_b.iter().all(|e| e.record.key_id == b));
+    assert!(s
+        .usage(
+            Some(a),
+            PageRequest {
+                limit: 0,
+                before: None
+            }
+        )
+        .await
+        .unwrap()
+        .is_empty());
+    assert!(s
+        .usage(
+            None,
+            PageRequest {
+                limit: 10,
+                before: Some(all[6].id)
+            }
+        )
+        .await
+        .unwrap()
+        .is_empty());
+    assert!(s
+        .usage(
+            Some(b + 1000),
+            PageRequest {
+                limit: 10,
+                before: None
+            }
+        )
+        .await
+        .unwrap()
+        .is_empty());
+}
+
+async fn usage_totals_add_up(h: &Harness) {
+    let s = &h.store;
+    let a = s.create_key(new_key("a", cr("100"))).await.unwrap().id;
+    let b = s.create_key(new_key("b", cr("100"))).await.unwrap().id;
+    assert_eq!(s.usage_totals(a).await.unwrap(), UsageTotals::default());
+    for (key, prompt, completion, credits) in [
+        (a, 100, 20, "1.001"),
+        (a, 5, 0, "0"),
+        (b, 7, 7, "9"),
+        (a, 3_000_000_000, 1, "0.25"),
+    ] {
+        let mut u = usage(key, cr(credits));
+        u.prompt_tokens = prompt;
+        u.completion_tokens = completion;
+        s.settle(u, Credits::ZERO).await.unwrap();
+    }
+    assert_eq!(
+        s.usage_totals(a).await.unwrap(),
+        UsageTotals {
+            requests: 3,
+            prompt_tokens: 3_000_000_105,
+            completion_tokens: 21,
+            credits_spent: cr("1.251"),
+        }
+    );
+    assert_eq!(s.usage_totals(b).await.unwrap().credits_spent, cr("9"));
+    assert_eq!(
+        s.usage_totals(b + 1000).await.unwrap(),
+        UsageTotals::default()
+    );
+    assert_eq!(balance(s, a).await, cr("98.749"));
+}
+
+// ---------------------------------------------------------------------------
+// Store-specific behaviour
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_data_survives_reopening() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("not/yet/there.db");
+    let (id, keys, usage_rows, adjustments) = {
+        let s: SharedStore = Arc::new(SqliteStore::open(&path).await.unwrap());
+        let id = s.create_key(new_key("k", cr("10"))).await.unwrap().id;
+        s.reserve(id, cr("2")).await.unwrap();
+        s.settle(usage(id, cr("1.5")), cr("2")).await.unwrap();
+        s.adjust(id, add("0.25")).await.unwrap();
+        s.sync_grants(&[grant("g", "3")]).await.unwrap();
+        s.revoke_key(id, 42).await.unwrap();
+        // A reservation that is never settled dies with the process.
+        s.reserve(id, cr("8")).await.unwrap();
+        let page = PageRequest {
+            limit: 10,
+            before: None,
+        };
+        (
+            id,
+            s.keys().await.unwrap(),
+            s.usage(None, page).await.unwrap(),
+            s.adjustments(id).await.unwrap(),
+        )
+    };
+    let s: SharedStore = Arc::new(SqliteStore::open(&path).await.unwrap());
+    s.release_stale_reservations().await.unwrap();
+    assert_eq!(s.keys().await.unwrap(), keys);
+    assert_eq!(balance(&s, id).await, cr("8.75"));
+    let page = PageRequest {
+        limit: 10,
+        before: None,
+    };
+    assert_eq!(s.usage(None, page).await.unwrap(), usage_rows);
+    assert_eq!(s.adjustments(id).await.unwrap(), adjustments);
+    assert_eq!(s.reserve(id, cr("8.75")).await.unwrap(), Credits::ZERO);
+    assert_ledger_adds_up(&s, id).await;
+    let report = s.sync_grants(&[grant("g", "3")]).await.unwrap();
+    assert_eq!(report, GrantReport::default(), "no refill after a restart");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_two_handles_on_one_file_compose() {
+    // The CLI opens the file while the gateway runs: relative balance
+    // changes from both compose.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("shared.db");
+    let gateway: SharedStore = Arc::new(SqliteStore::open(&path).await.unwrap());
+    let cli: SharedStore = Arc::new(SqliteStore::open(&path).await.unwrap());
+    let id = gateway
+        .create_key(new_key("k", cr("100")))
+        .await
+        .unwrap()
+        .id;
+    let mut tasks = Vec::new();
+    for i in 0..20 {
+        let (g, c) = (gateway.clone(), cli.clone());
+        tasks.push(tokio::spawn(async move {
+            if i % 2 == 0 {
+                g.reserve(id, cr("1")).await.unwrap();
+                g.settle(usage(id, cr("1")), cr("1")).await.unwrap();
+            } else {
+                c.adjust(id, add("0.5")).await.unwrap();
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    assert_eq!(balance(&cli, id).await, cr("95"));
+    assert_ledger_adds_up(&gateway, id).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_releases_reservations_of_dead_gateways() {
+    let Some((base, options, schema)) = pg_schema().await else {
+        return;
+    };
+    {
+        let dead = PostgresStore::connect_with(options.clone()).await.unwrap();
+        let live = PostgresStore::connect_with(options.clone()).await.unwrap();
+        let dead_id = dead.instance_id().to_string();
+        let k = live.create_key(new_key("k", cr("10"))).await.unwrap().id;
+        let other = live.create_key(new_key("o", cr("10"))).await.unwrap().id;
+        assert_eq!(dead.reserve(k, cr("4")).await.unwrap(), cr("6"));
+        assert_eq!(dead.reserve(other, cr("1")).await.unwrap(), cr("9"));
+        assert_eq!(live.reserve(k, cr("3")).await.unwrap(), cr("3"));
+        assert_eq!(refused_with(live.reserve(k, cr("4")).await), cr("3"));
+
+        let mut admin = PgConnection::connect_with(&options).await.unwrap();
+        let reserved = |id: KeyId| {
+            sqlx::query_scalar::<_, i64>("SELECT reserved FROM api_keys WHERE id = $1").bind(id)
+        };
+
+        // Both are alive: nothing is released.
+        live.release_stale_reservations().await.unwrap();
+        assert_eq!(reserved(k).fetch_one(&mut admin).await.unwrap(), 7_000);
+
+        // The first one stops beating (as after kill -9).
+        sqlx::query(
+            "UPDATE instances SET heartbeat_at = now() - interval '5 minutes' WHERE id = $1",
+        )
+        .bind(&dead_id)
+        .execute(&mut admin)
+        .await
+        .unwrap();
+        live.release_stale_reservations().await.unwrap();
+        assert_eq!(reserved(k).fetch_one(&mut admin).await.unwrap(), 3_000);
+        assert_eq!(reserved(other).fetch_one(&mut admin).await.unwrap(), 0);
+        let rows: i64 =
+            sqlx::query_scalar("SELECT COUNT(*) FROM instance_reservations WHERE instance_id = $1")
+                .bind(&dead_id)
+                .fetch_one(&mut admin)
+                .await
+                .unwrap();
+        assert_eq!(rows, 0);
+        let instances: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM instances WHERE id = $1")
+            .bind(&dead_id)
+            .fetch_one(&mut admin)
+            .await
+            .unwrap();
+        assert_eq!(instances, 0);
+        assert_eq!(live.reserve(k, cr("7")).await.unwrap(), Credits::ZERO);
+
+        // Had the "dead" one been alive after all, its late settlement
+        // releases nothing it no longer holds, and still charges.
+        assert_eq!(
+            dead.settle(usage(k, cr("1")), cr("4")).await.unwrap(),
+            cr("9")
+        );
+        assert_eq!(reserved(k).fetch_one(&mut admin).await.unwrap(), 10_000);
+        // The live one settles what it holds.
+        live.settle(usage(k, cr("3")), cr("3")).await.unwrap();
+        live.settle(usage(k, cr("7")), cr("7")).await.unwrap();
+        assert_eq!(reserved(k).fetch_one(&mut admin).await.unwrap(), 0);
+        assert_eq!(balance(&(Arc::new(live) as SharedStore), k).await, cr("-1"));
+        let _ = admin.close().await;
+    }
+    drop_schema(&base, &schema).await;
+}
+
+/// The hot path of a request, key_by_hash + reserve + settle, per store.
+/// `cargo test --release -- --ignored --nocapture hot_path`
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore]
+async fn hot_path_latency() {
+    async fn measure(name: &str, s: SharedStore) {
+        let k = s.create_key(new_key("hot", cr("1000000"))).await.unwrap();
+        let mut times: [Vec<std::time::Duration>; 4] = Default::default();
+        for i in 0..3000 {
+            let start = std::time::Instant::now();
+            let key = s.key_by_hash(&hash("hot")).await.unwrap().unwrap();
+            let looked_up = std::time::Instant::now();
+            s.reserve(key.id, cr("1")).await.unwrap();
+            let reserved = std::time::Instant::now();
+            s.settle(usage(k.id, cr("1")), cr("1")).await.unwrap();
+            let settled = std::time::Instant::now();
+            if i >= 500 {
+                times[0].push(settled - start);
+                times[1].push(looked_up - start);
+                times[2].push(reserved - looked_up);
+                times[3].push(settled - reserved);
+            }
+        }
+        for (part, t) in ["all", "key_by_hash", "reserve", "settle"]
+            .iter()
+            .zip(times.iter_mut())
+        {
+            t.sort();
+            let pct = |p: usize| t[t.len() * p / 100];
+            println!(
+                "{name} {part}: p50 {:?}  p90 {:?}  p99 {:?}",
+                pct(50),
+                pct(90),
+                pct(99)
+            );
+        }
+    }
+    measure("memory", Arc::new(MemoryStore::default())).await;
+    let h = Harness::sqlite().await;
+    measure("sqlite", h.store.clone()).await;
+    h.finish().await;
+    if let Some(h) = Harness::postgres().await {
+        measure("postgres", h.store.clone()).await;
+        h.finish().await;
+    }
+}

@@ -1,0 +1,287 @@
+//! The `memory` store: everything in process memory, nothing kept across
+//! restarts. For tests and demos, and the reference for the other stores'
+//! semantics.
+//!
+//! Each key has its own lock, so requests of different keys never wait for
+//! each other; the ledger is an append-only list behind its own lock.
+
+use super::*;
+use std::collections::HashMap;
+use std::sync::{Mutex, MutexGuard, PoisonError, RwLock};
+
+#[derive(Default)]
+pub struct MemoryStore {
+    keys: RwLock<Keys>,
+    ledger: Mutex<Ledger>,
+}
+
+#[derive(Default)]
+struct Keys {
+    by_id: HashMap<KeyId, Arc<Mutex<KeyState>>>,
+    by_hash: HashMap<KeyHash, KeyId>,
+    next_id: KeyId,
+}
+
+struct KeyState {
+    record: KeyRecord,
+    reserved: Credits,
+}
+
+#[derive(Default)]
+struct Ledger {
+    usage: Vec<UsageEntry>,
+    adjustments: Vec<AdjustmentEntry>,
+}
+
+/// A poisoned lock only means another request panicked while holding it;
+/// every update below leaves the state consistent before it can panic.
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl MemoryStore {
+    fn state(&self, id: KeyId) -> Result<Arc<Mutex<KeyState>>, StoreError> {
+        self.keys
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .by_id
+            .get(&id)
+            .cloned()
+            .ok_or(StoreError::NoSuchKey(id))
+    }
+
+    fn record_adjustment(&self, key_id: KeyId, delta: Credits, actor: &str, reason: &str) {
+        lock(&self.ledger).adjustments.push(AdjustmentEntry {
+            time: now_millis(),
+            key_id,
+            delta,
+            actor: actor.to_string(),
+            reason: reason.to_string(),
+        });
+    }
+
+    fn modify(&self, id: KeyId, f: impl FnOnce(&mut KeyRecord)) -> Result<KeyRecord, StoreError> {
+        let state = self.state(id)?;
+        let mut state = lock(&state);
+        f(&mut state.record);
+        Ok(state.record.clone())
+    }
+}
+
+#[async_trait]
+impl Store for MemoryStore {
+    async fn key_by_hash(&self, hash: &KeyHash) -> Result<Option<KeyRecord>, StoreError> {
+        let id = {
+            let keys = self.keys.read().unwrap_or_else(PoisonError::into_inner);
+            match keys.by_hash.get(hash) {
+                Some(id) => *id,
+                None => return Ok(None),
+            }
+        };
+        self.key(id).await
+    }
+
+    async fn key(&self, id: KeyId) -> Result<Option<KeyRecord>, StoreError> {
+        match self.state(id) {
+            Ok(state) => Ok(Some(lock(&state).record.clone())),
+            Err(StoreError::NoSuchKey(_)) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    async fn keys(&self) -> Result<Vec<KeyRecord>, StoreError> {
+        let keys = self.keys.read().unwrap_or_else(PoisonError::into_inner);
+        let mut all: Vec<KeyRecord> = keys
+            .by_id
+            .values()
+            .map(|s| lock(s).record.clone())
+            .collect();
+        all.sort_by_key(|k| k.id);
+        Ok(all)
+    }
+
+    async fn create_key(&self, new: NewKey) -> Result<KeyRecord, StoreError> {
+        let record = {
+            let mut keys = self.keys.write().unwrap_or_else(PoisonError::into_inner);
+            if keys.by_hash.contains_key(&new.hash) {
+                return Err(StoreError::DuplicateKey);
+            }
+            keys.next_id += 1;
+            let record = KeyRecord {
+                id: keys.next_id,
+                name: new.name,
+                role: new.role,
+                balance: new.credits,
+                models: new.models,
+                rate_limit_rpm: new.rate_limit_rpm,
+                max_concurrent: new.max_concurrent,
+                created_at: now_millis(),
+                revoked_at: None,
+                expires_at: new.expires_at,
+                granted: new.granted,
+                disabled: false,
+            };
+            keys.by_hash.insert(new.hash, record.id);
+            keys.by_id.insert(
+                record.id,
+                Arc::new(Mutex::new(KeyState {
+                    record: record.clone(),
+                    reserved: Credits::ZERO,
+                })),
+            );
+            record
+        };
+        self.record_adjustment(record.id, new.credits, &new.actor, "grant");
+        Ok(record)
+    }
+
+    async fn update_key(&self, id: KeyId, patch: KeyPatch) -> Result<KeyRecord, StoreError> {
+        self.modify(id, |r| {
+            if let Some(name) = patch.name {
+                r.name = name;
+            }
+            if let Some(models) = patch.models {
+                r.models = models;
+            }
+            if let Some(rpm) = patch.rate_limit_rpm {
+                r.rate_limit_rpm = rpm;
+            }
+            if let Some(max) = patch.max_concurrent {
+                r.max_concurrent = max;
+            }
+            if let Some(expires) = patch.expires_at {
+                r.expires_at = expires;
+            }
+        })
+    }
+
+    async fn revoke_key(&self, id: KeyId, at: Millis) -> Result<KeyRecord, StoreError> {
+        self.modify(id, |r| {
+            r.revoked_at.get_or_insert(at);
+        })
+    }
+
+    async fn adjust(&self, id: KeyId, adjustment: Adjustment) -> Result<Credits, StoreError> {
+        let state = self.state(id)?;
+        let mut state = lock(&state);
+        let delta = delta_of(&adjustment.change, state.record.balance);
+        state.record.balance += delta;
+        // Recorded while the key is locked, so the ledger order matches the
+        // order in which the balance changed.
+        self.record_adjustment(id, delta, &adjustment.actor, &adjustment.reason);
+        Ok(state.record.balance)
+    }
+
+    async fn sync_grants(&self, grants: &[Grant]) -> Result<GrantReport, StoreError> {
+        let mut report = GrantReport::default();
+        for grant in grants {
+            match self.key_by_hash(&grant.hash).await? {
+                None => {
+                    let record = self
+                        .create_key(NewKey {
+                            hash: grant.hash.clone(),
+                            name: grant.name.clone(),
+                            role: grant.role,
+                            credits: grant.credits,
+                            models: None,
+                            rate_limit_rpm: None,
+                            max_concurrent: None,
+                            expires_at: None,
+                            granted: true,
+                            actor: "config".into(),
+                        })
+                        .await?;
+                    report.created.push(record.id);
+                }
+                Some(existing) if existing.disabled => {
+                    self.modify(existing.id, |r| r.disabled = false)?;
+                    report.reenabled.push(existing.id);
+                }
+                Some(_) => {}
+            }
+        }
+        let configured: Vec<KeyId> = {
+            let keys = self.keys.read().unwrap_or_else(PoisonError::into_inner);
+            grants
+                .iter()
+                .filter_map(|g| keys.by_hash.get(&g.hash).copied())
+                .collect()
+        };
+        for key in self.keys().await? {
+            if key.granted && !key.disabled && !configured.contains(&key.id) {
+                self.modify(key.id, |r| r.disabled = true)?;
+                report.disabled.push(key.id);
+            }
+        }
+        Ok(report)
+    }
+
+    async fn reserve(&self, id: KeyId, amount: Credits) -> Result<Credits, StoreError> {
+        let state = self.state(id)?;
+        let mut state = lock(&state);
+        let available = state.record.balance - state.reserved;
+        if !state.record.balance.is_positive() || available < amount {
+            return Err(StoreError::InsufficientCredits { available });
+        }
+        state.reserved += amount;
+        Ok(available - amount)
+    }
+
+    async fn settle(&self, usage: UsageRecord, reserved: Credits) -> Result<Credits, StoreError> {
+        let state = self.state(usage.key_id)?;
+        let mut state = lock(&state);
+        state.reserved -= reserved;
+        state.record.balance -= usage.credits;
+        let balance = state.record.balance;
+        let mut ledger = lock(&self.ledger);
+        let id = ledger.usage.len() as i64 + 1;
+        ledger.usage.push(UsageEntry { id, record: usage });
+        Ok(balance)
+    }
+
+    async fn usage(
+        &self,
+        key: Option<KeyId>,
+        page: PageRequest,
+    ) -> Result<Vec<UsageEntry>, StoreError> {
+        let ledger = lock(&self.ledger);
+        Ok(ledger
+            .usage
+            .iter()
+            .rev()
+            .filter(|e| page.before.is_none_or(|b| e.id < b))
+            .filter(|e| key.is_none_or(|k| e.record.key_id == k))
+            .take(page.limit as usize)
+            .cloned()
+            .collect())
+    }
+
+    async fn usage_totals(&self, id: KeyId) -> Result<UsageTotals, StoreError> {
+        let ledger = lock(&self.ledger);
+        Ok(ledger.usage.iter().filter(|e| e.record.key_id == id).fold(
+            UsageTotals::default(),
+            |mut t, e| {
+                t.requests += 1;
+                t.prompt_tokens += e.record.prompt_tokens;
+                t.completion_tokens += e.record.completion_tokens;
+                t.credits_spent += e.record.credits;
+                t
+            },
+        ))
+    }
+
+    async fn adjustments(&self, id: KeyId) -> Result<Vec<AdjustmentEntry>, StoreError> {
+        let ledger = lock(&self.ledger);
+        Ok(ledger
+            .adjustments
+            .iter()
+            .filter(|a| a.key_id == id)
+            .cloned()
+            .collect())
+    }
+
+    async fn release_stale_reservations(&self) -> Result<(), StoreError> {
+        // A fresh process has none.
+        Ok(())
+    }
+}

@@ -1,0 +1,275 @@
+//! Where keys, balances and the usage ledger live.
+//!
+//! [`Store`] is the one interface; [`memory`], [`sqlite`] and [`postgres`]
+//! implement it with the same semantics. A store knows nothing of HTTP: it
+//! answers questions about keys and applies reservations, settlements and
+//! adjustments atomically.
+//!
+//! Balances obey one invariant: for every key, the sum of its adjustments
+//! (grants, top-ups, sets) minus the credits of its usage rows equals its
+//! balance, exactly.
+
+#[cfg(test)]
+mod conformance;
+pub mod memory;
+pub mod postgres;
+pub mod sqlite;
+
+use crate::config::DatabaseUrl;
+use crate::credits::Credits;
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+use std::sync::Arc;
+
+pub type KeyId = i64;
+
+/// Milliseconds since the Unix epoch.
+pub type Millis = i64;
+
+pub fn now_millis() -> Millis {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    User,
+    Admin,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::User => "user",
+            Role::Admin => "admin",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Role> {
+        match s {
+            "user" => Some(Role::User),
+            "admin" => Some(Role::Admin),
+            _ => None,
+        }
+    }
+}
+
+/// The SHA-256 of a key, hex-encoded: the only form in which keys are kept.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct KeyHash(pub String);
+
+/// One API key as the store holds it. Never carries the secret.
+#[derive(Clone, Debug, PartialEq)]
+pub struct KeyRecord {
+    pub id: KeyId,
+    pub name: String,
+    pub role: Role,
+    pub balance: Credits,
+    /// Models this key may use; `None` for all.
+    pub models: Option<Vec<String>>,
+    pub rate_limit_rpm: Option<u32>,
+    pub max_concurrent: Option<u32>,
+    pub created_at: Millis,
+    pub revoked_at: Option<Millis>,
+    pub expires_at: Option<Millis>,
+    /// Granted from the configuration (`API_KEY`, `API_KEYS`, `ADMIN_KEY`).
+    pub granted: bool,
+    /// A granted key that is no longer in the configuration.
+    pub disabled: bool,
+}
+
+impl KeyRecord {
+    /// Whether the key may be used at `now`.
+    pub fn is_active(&self, now: Millis) -> bool {
+        self.revoked_at.is_none() && !self.disabled && self.expires_at.is_none_or(|t| t > now)
+    }
+}
+
+/// A key to create.
+#[derive(Clone, Debug)]
+pub struct NewKey {
+    pub hash: KeyHash,
+    pub name: String,
+    pub role: Role,
+    pub credits: Credits,
+    pub models: Option<Vec<String>>,
+    pub rate_limit_rpm: Option<u32>,
+    pub max_concurrent: Option<u32>,
+    pub expires_at: Option<Millis>,
+    pub granted: bool,
+    /// Who creates it, for the grant's adjustment entry.
+    pub actor: String,
+}
+
+/// Changes to a key's settings; `None` leaves a field alone, `Some(None)`
+/// clears an optional one.
+#[derive(Clone, Debug, Default)]
+pub struct KeyPatch {
+    pub name: Option<String>,
+    pub models: Option<Option<Vec<String>>>,
+    pub rate_limit_rpm: Option<Option<u32>>,
+    pub max_concurrent: Option<Option<u32>>,
+    pub expires_at: Option<Option<Millis>>,
+}
+
+/// A balance change that is not a request.
+#[derive(Clone, Debug)]
+pub enum BalanceChange {
+    Add(Credits),
+    Set(Credits),
+}
+
+#[derive(Clone, Debug)]
+pub struct Adjustment {
+    pub change: BalanceChange,
+    pub actor: String,
+    pub reason: String,
+}
+
+/// An adjustment as recorded in the ledger.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct AdjustmentEntry {
+    pub time: Millis,
+    pub key_id: KeyId,
+    /// The balance change this entry made.
+    pub delta: Credits,
+    pub actor: String,
+    pub reason: String,
+}
+
+/// One admitted request, as settled.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct UsageRecord {
+    pub time: Millis,
+    pub key_id: KeyId,
+    pub endpoint: String,
+    pub model: Option<String>,
+    pub status: u16,
+    pub prompt_tokens: u64,
+    pub completion_tokens: u64,
+    pub credits: Credits,
+    pub duration_ms: u64,
+}
+
+/// A usage row with its ledger id (for paging).
+#[derive(Clone, Debug, PartialEq)]
+pub struct UsageEntry {
+    pub id: i64,
+    pub record: UsageRecord,
+}
+
+/// A page request: newest first, `before` is an exclusive ledger id.
+#[derive(Clone, Copy, Debug)]
+pub struct PageRequest {
+    pub limit: u32,
+    pub before: Option<i64>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct UsageTotals {
+    pub requests: u64,
+    pub prompt_tokens: u64,
+    pub completion_tokens: u64,
+    pub credits_spent: Credits,
+}
+
+/// A key granted by the configuration.
+#[derive(Clone, Debug)]
+pub struct Grant {
+    pub hash: KeyHash,
+    pub name: String,
+    pub role: Role,
+    pub credits: Credits,
+}
+
+/// What [`Store::sync_grants`] did.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct GrantReport {
+    pub created: Vec<KeyId>,
+    pub reenabled: Vec<KeyId>,
+    pub disabled: Vec<KeyId>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("not enough credits (available: {available})")]
+    InsufficientCredits { available: Credits },
+    #[error("no key with id {0}")]
+    NoSuchKey(KeyId),
+    #[error("that key already exists")]
+    DuplicateKey,
+    #[error("storage failure: {0}")]
+    Backend(String),
+}
+
+impl From<rusqlite::Error> for StoreError {
+    fn from(e: rusqlite::Error) -> Self {
+        StoreError::Backend(e.to_string())
+    }
+}
+
+impl From<sqlx::Error> for StoreError {
+    fn from(e: sqlx::Error) -> Self {
+        StoreError::Backend(e.to_string())
+    }
+}
+
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// The key with this hash, whatever its state.
+    async fn key_by_hash(&self, hash: &KeyHash) -> Result<Option<KeyRecord>, StoreError>;
+    async fn key(&self, id: KeyId) -> Result<Option<KeyRecord>, StoreError>;
+    /// Every key, oldest first.
+    async fn keys(&self) -> Result<Vec<KeyRecord>, StoreError>;
+    /// Creates a key and records its initial credits as a grant adjustment.
+    async fn create_key(&self, new: NewKey) -> Result<KeyRecord, StoreError>;
+    async fn update_key(&self, id: KeyId, patch: KeyPatch) -> Result<KeyRecord, StoreError>;
+    async fn revoke_key(&self, id: KeyId, at: Millis) -> Result<KeyRecord, StoreError>;
+    /// Applies a top-up or a set, recorded with who and why; returns the new
+    /// balance.
+    async fn adjust(&self, id: KeyId, adjustment: Adjustment) -> Result<Credits, StoreError>;
+    /// Brings the granted keys in line with the configuration: creates keys
+    /// seen for the first time, re-enables returning ones (with their old
+    /// balance), disables granted keys no longer configured.
+    async fn sync_grants(&self, grants: &[Grant]) -> Result<GrantReport, StoreError>;
+    /// Reserves `amount` if the balance minus open reservations covers it
+    /// (and the balance is positive); returns what remains available.
+    async fn reserve(&self, id: KeyId, amount: Credits) -> Result<Credits, StoreError>;
+    /// Releases a reservation of `reserved`, charges `usage.credits` and
+    /// records the usage row, atomically; returns the new balance.
+    async fn settle(&self, usage: UsageRecord, reserved: Credits) -> Result<Credits, StoreError>;
+    /// Usage rows, newest first, of one key or of all.
+    async fn usage(
+        &self,
+        key: Option<KeyId>,
+        page: PageRequest,
+    ) -> Result<Vec<UsageEntry>, StoreError>;
+    async fn usage_totals(&self, id: KeyId) -> Result<UsageTotals, StoreError>;
+    /// Every adjustment of a key, oldest first.
+    async fn adjustments(&self, id: KeyId) -> Result<Vec<AdjustmentEntry>, StoreError>;
+    /// Drops reservations left by a gateway that stopped without settling
+    /// them. Called by a gateway at start.
+    async fn release_stale_reservations(&self) -> Result<(), StoreError>;
+}
+
+pub type SharedStore = Arc<dyn Store>;
+
+/// Opens the store that `url` names, applying migrations.
+pub async fn open(url: &DatabaseUrl) -> Result<SharedStore, StoreError> {
+    Ok(match url {
+        DatabaseUrl::Memory => Arc::new(memory::MemoryStore::default()),
+        DatabaseUrl::Sqlite(path) => Arc::new(sqlite::SqliteStore::open(path).await?),
+        DatabaseUrl::Postgres(url) => Arc::new(postgres::PostgresStore::connect(url).await?),
+    })
+}
+
+/// The change in balance that setting it to `target` from `current` makes.
+pub fn delta_of(change: &BalanceChange, current: Credits) -> Credits {
+    match change {
+        BalanceChange::Add(n) => *n,
+        BalanceChange::Set(n) => *n - current,
+    }
+}

@@ -1,0 +1,802 @@
+//! The `postgres` store: balances shared by several gateways.
+//!
+//! # Never overspending
+//!
+//! Each key row carries `reserved`, the sum of every gateway's open
+//! reservations on it. A reservation is ONE statement that raises `reserved`
+//! only where `balance > 0 AND balance - reserved >= amount`; the row lock it
+//! takes serializes the reservations of one key (and only of that key), so
+//! gateways sharing the database can never admit more than the balance
+//! covers. A settlement is one transaction: it releases the reservation,
+//! charges the real cost and writes the usage row. It commits before it
+//! returns, so an answered settlement survives `kill -9` of the gateway.
+//!
+//! # Crash leaks
+//!
+//! A gateway killed with `-9` cannot release its open reservations. So each
+//! [`PostgresStore`] has a random instance id; the same statement or
+//! transaction that changes `api_keys.reserved` also changes that instance's
+//! share in `instance_reservations (instance_id, key_id, reserved)`. Every
+//! instance has a row in `instances` whose `heartbeat_at` (database clock) a
+//! background task refreshes every 10 s. [`Store::release_stale_reservations`]
+//! (called at gateway start, and every minute by the heartbeat task) takes
+//! the instances whose heartbeat is older than 60 s, and in one transaction
+//! subtracts their shares from `api_keys.reserved` and deletes them.
+//!
+//! Locks are always taken in the order `api_keys` row, then its
+//! `instance_reservations` rows, so these paths cannot deadlock each other.
+//!
+//! A gateway that is alive but could not reach the database for over 60 s
+//! may have had its reservations released by another gateway; its later
+//! settlements release only what its share still holds (never driving
+//! `reserved` below what the live instances hold), and its next heartbeat
+//! registers it again.
+//!
+//! # Schema
+//!
+//! `migrations/postgres/*.sql`, applied by sqlx's migrator at connect (it
+//! holds an advisory lock, so gateways starting together are safe). Amounts
+//! are BIGINT thousandths of a credit; times are BIGINT milliseconds since
+//! the Unix epoch, except the heartbeat, which uses the database clock so
+//! that gateways on different hosts agree on staleness.
+
+use super::*;
+use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, PgRow};
+use sqlx::{PgConnection, Row};
+use std::str::FromStr;
+use std::time::Duration;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+/// How often an instance proves it is alive.
+const HEARTBEAT_EVERY: Duration = Duration::from_secs(10);
+/// Every how many heartbeats the instance also releases stale reservations
+/// (every minute).
+const RELEASE_EVERY_BEATS: u32 = 6;
+/// An instance silent this long is dead.
+const STALE_AFTER_SECS: i64 = 60;
+/// Key for the transaction-scoped advisory lock that serializes
+/// `sync_grants` across gateways.
+const GRANTS_LOCK: i64 = 0x746f_6c6c_6761_7465; // "tollgate"
+
+macro_rules! key_columns {
+    () => {
+        "id, name, role, balance, models, rate_limit_rpm, max_concurrent, \
+         created_at, revoked_at, expires_at, granted, disabled"
+    };
+}
+
+macro_rules! usage_columns {
+    () => {
+        "id, time, key_id, endpoint, model, status, prompt_tokens, \
+         completion_tokens, credits, duration_ms"
+    };
+}
+
+pub struct PostgresStore {
+    pool: PgPool,
+    instance: Arc<str>,
+    heartbeat: JoinHandle<()>,
+}
+
+impl Drop for PostgresStore {
+    fn drop(&mut self) {
+        self.heartbeat.abort();
+    }
+}
+
+impl PostgresStore {
+    /// Connects to the database at `url`, applies migrations, registers this
+    /// gateway instance and starts its heartbeat.
+    pub async fn connect(url: &str) -> Result<PostgresStore, StoreError> {
+        let options = PgConnectOptions::from_str(url)
+            .map_err(|e| backend(format!("invalid PostgreSQL URL: {e}")))?;
+        Self::connect_with(options).await
+    }
+
+    /// [`PostgresStore::connect`] with options built by the caller (tests use
+    /// it to set a `search_path`).
+    pub async fn connect_with(options: PgConnectOptions) -> Result<PostgresStore, StoreError> {
+        let pool = PgPoolOptions::new()
+            .max_connections(16)
+            .acquire_timeout(Duration::from_secs(10))
+            .connect_with(options)
+            .await
+            .map_err(|e| backend(format!("cannot connect to PostgreSQL: {e}")))?;
+        sqlx::migrate!("migrations/postgres")
+            .run(&pool)
+            .await
+            .map_err(|e| backend(format!("PostgreSQL migration failed: {e}")))?;
+        let instance: Arc<str> = format!("{:032x}", rand::random::<u128>()).into();
+        beat(&pool, &instance).await?;
+        let heartbeat = tokio::spawn(heartbeat_task(pool.clone(), instance.clone()));
+        Ok(PostgresStore {
+            pool,
+            instance,
+            heartbeat,
+        })
+    }
+
+    /// This gateway's instance id (its row in `instances`).
+    pub fn instance_id(&self) -> &str {
+        &self.instance
+    }
+
+    async fn key_for_update(
+        conn: &mut PgConnection,
+        id: KeyId,
+    ) -> Result<Option<KeyRecord>, StoreError> {
+        sqlx::query(concat!(
+            "SELECT ",
+            key_columns!(),
+            " FROM api_keys WHERE id = $1 FOR NO KEY UPDATE"
+        ))
+        .bind(id)
+        .fetch_optional(&mut *conn)
+        .await?
+        .map(|r| key_from_row(&r))
+        .transpose()
+    }
+}
+
+fn backend(msg: impl Into<String>) -> StoreError {
+    StoreError::Backend(msg.into())
+}
+
+/// Records that `instance` is alive (creating its row if it was removed).
+async fn beat(pool: &PgPool, instance: &str) -> Result<(), StoreError> {
+    sqlx::query(
+        "INSERT INTO instances (id) VALUES ($1) \
+         ON CONFLICT (id) DO UPDATE SET heartbeat_at = now()",
+    )
+    .bind(instance)
+    .execute(pool)
+    .await?;
+    Ok(())
+}
+
+async fn heartbeat_task(pool: PgPool, instance: Arc<str>) {
+    let mut ticks = tokio::time::interval(HEARTBEAT_EVERY);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    ticks.tick().await; // the first tick is immediate; connect just beat
+    let mut beats = 0u32;
+    loop {
+        ticks.tick().await;
+        if let Err(e) = beat(&pool, &instance).await {
+            tracing::warn!("PostgreSQL heartbeat failed: {e}");
+            continue;
+        }
+        beats = beats.wrapping_add(1);
+        if beats.is_multiple_of(RELEASE_EVERY_BEATS) {
+            if let Err(e) = release_stale(&pool).await {
+                tracing::warn!("releasing stale reservations failed: {e}");
+            }
+        }
+    }
+}
+
+/// Drops the reservations of instances whose heartbeat is stale (and of
+/// instances that no longer have a row at all).
+async fn release_stale(pool: &PgPool) -> Result<(), StoreError> {
+    let mut tx = pool.begin().await?;
+    let mut stale: Vec<String> = sqlx::query_scalar(
+        "DELETE FROM instances \
+         WHERE heartbeat_at < now() - $1::BIGINT * interval '1 second' RETURNING id",
+    )
+    .bind(STALE_AFTER_SECS)
+    .fetch_all(&mut *tx)
+    .await?;
+    let orphans: Vec<String> = sqlx::query_scalar(
+        "SELECT DISTINCT r.instance_id FROM instance_reservations r \
+         WHERE NOT EXISTS (SELECT 1 FROM instances i WHERE i.id = r.instance_id)",
+    )
+    .fetch_all(&mut *tx)
+    .await?;
+    stale.extend(orphans);
+    stale.sort();
+    stale.dedup();
+    if stale.is_empty() {
+        tx.commit().await?;
+        return Ok(());
+    }
+    // Lock the keys first, in id order, as every other path does.
+    sqlx::query(
+        "SELECT id FROM api_keys WHERE id IN \
+         (SELECT key_id FROM instance_reservations WHERE instance_id = ANY($1)) \
+         ORDER BY id FOR NO KEY UPDATE",
+    )
+    .bind(&stale)
+    .execute(&mut *tx)
+    .await?;
+    let released = sqlx::query(
+        "WITH gone AS ( \
+             DELETE FROM instance_reservations WHERE instance_id = ANY($1) \
+             RETURNING key_id, reserved \
+         ), per_key AS ( \
+             SELECT key_id, SUM(reserved)::BIGINT AS total FROM gone GROUP BY key_id \
+         ) \
+         UPDATE api_keys k SET reserved = k.reserved - per_key.total \
+         FROM per_key WHERE k.id = per_key.key_id",
+    )
+    .bind(&stale)
+    .execute(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    tracing::info!(
+        instances = stale.len(),
+        keys = released.rows_affected(),
+        "released the reservations of stopped gateways"
+    );
+    Ok(())
+}
+
+fn decode<T>(r: Result<T, sqlx::Error>) -> Result<T, StoreError> {
+    r.map_err(|e| backend(format!("unexpected data in PostgreSQL: {e}")))
+}
+
+fn opt_u32(row: &PgRow, column: &str) -> Result<Option<u32>, StoreError> {
+    decode(row.try_get::<Option<i64>, _>(column))?
+        .map(|v| u32::try_from(v).map_err(|_| backend(format!("{column} out of range: {v}"))))
+        .transpose()
+}
+
+fn u64_of(row: &PgRow, column: &str) -> Result<u64, StoreError> {
+    let v: i64 = decode(row.try_get(column))?;
+    u64::try_from(v).map_err(|_| backend(format!("{column} out of range: {v}")))
+}
+
+/// Counts that do not fit a BIGINT are stored as the largest one.
+fn i64_of(n: u64) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
+}
+
+fn key_from_row(row: &PgRow) -> Result<KeyRecord, StoreError> {
+    let role: String = decode(row.try_get("role"))?;
+    let models: Option<String> = decode(row.try_get("models"))?;
+    Ok(KeyRecord {
+        id: decode(row.try_get("id"))?,
+        name: decode(row.try_get("name"))?,
+        role: Role::parse(&role).ok_or_else(|| backend(format!("unknown role {role:?}")))?,
+        balance: Credits::from_millis(decode(row.try_get("balance"))?),
+        models: models
+            .map(|m| serde_json::from_str(&m))
+            .transpose()
+            .map_err(|e| backend(format!("invalid models list: {e}")))?,
+        rate_limit_rpm: opt_u32(row, "rate_limit_rpm")?,
+        max_concurrent: opt_u32(row, "max_concurrent")?,
+        created_at: decode(row.try_get("created_at"))?,
+        revoked_at: decode(row.try_get("revoked_at"))?,
+        expires_at: decode(row.try_get("expires_at"))?,
+        granted: decode(row.try_get("granted"))?,
+        disabled: decode(row.try_get("disabled"))?,
+    })
+}
+
+fn usage_from_row(row: &PgRow) -> Result<UsageEntry, StoreError> {
+    let status: i32 = decode(row.try_get("status"))?;
+    Ok(UsageEntry {
+        id: decode(row.try_get("id"))?,
+        record: UsageRecord {
+            time: decode(row.try_get("time"))?,
+            key_id: decode(row.try_get("key_id"))?,
+            endpoint: decode(row.try_get("endpoint"))?,
+            model: decode(row.try_get("model"))?,
+            status: u16::try_from(status)
+                .map_err(|_| backend(format!("status out of range: {status}")))?,
+            prompt_tokens: u64_of(row, "prompt_tokens")?,
+            completion_tokens: u64_of(row, "completion_tokens")?,
+            credits: Credits::from_millis(decode(row.try_get("credits"))?),
+            duration_ms: u64_of(row, "duration_ms")?,
+        },
+    })
+}
+
+fn models_json(models: &Option<Vec<String>>) -> Result<Option<String>, StoreError> {
+    models
+        .as_ref()
+        .map(serde_json::to_string)
+        .transpose()
+        .map_err(|e| backend(e.to_string()))
+}
+
+fn is_unique_violation(e: &sqlx::Error) -> bool {
+    matches!(e, sqlx::Error::Database(d) if d.is_unique_violation())
+}
+
+async fn record_adjustment(
+    conn: &mut PgConnection,
+    id: KeyId,
+    delta: Credits,
+    actor: &str,
+    reason: &str,
+) -> Result<(), StoreError> {
+    sqlx::query(
+        "INSERT INTO adjustments (time, key_id, delta, actor, reason) VALUES ($1, $2, $3, $4, $5)",
+    )
+    .bind(now_millis())
+    .bind(id)
+    .bind(delta.millis())
+    .bind(actor)
+    .bind(reason)
+    .execute(&mut *conn)
+    .await?;
+    Ok(())
+}
+
+/// Inserts a key and its grant adjustment; `None` if the hash exists.
+async fn insert_key(
+    conn: &mut PgConnection,
+    new: &NewKey,
+) -> Result<Option<KeyRecord>, StoreError> {
+    let row = sqlx::query(concat!(
+        "INSERT INTO api_keys (key_hash, name, role, balance, models, rate_limit_rpm, \
+         max_concurrent, created_at, expires_at, granted) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) \
+         ON CONFLICT (key_hash) DO NOTHING RETURNING ",
+        key_columns!()
+    ))
+    .bind(&new.hash.0)
+    .bind(&new.name)
+    .bind(new.role.as_str())
+    .bind(new.credits.millis())
+    .bind(models_json(&new.models)?)
+    .bind(new.rate_limit_rpm.map(i64::from))
+    .bind(new.max_concurrent.map(i64::from))
+    .bind(now_millis())
+    .bind(new.expires_at)
+    .bind(new.granted)
+    .fetch_optional(&mut *conn)
+    .await;
+    let record = match row {
+        Ok(Some(row)) => key_from_row(&row)?,
+        Ok(None) => return Ok(None),
+        Err(e) if is_unique_violation(&e) => return Ok(None),
+        Err(e) => return Err(e.into()),
+    };
+    record_adjustment(conn, record.id, new.credits, &new.actor, "grant").await?;
+    Ok(Some(record))
+}
+
+/// Reserves `amount` on key `id` for `instance` in one statement.
+async fn reserve(
+    pool: &PgPool,
+    instance: &str,
+    id: KeyId,
+    amount: Credits,
+) -> Result<Credits, StoreError> {
+    // A refusal is re-checked a few times: a settlement may have freed
+    // credits between the attempt and the read of what is available.
+    let mut available = Credits::ZERO;
+    for _ in 0..3 {
+        let admitted: Option<i64> = sqlx::query_scalar(
+            "WITH k AS ( \
+                 UPDATE api_keys SET reserved = reserved + $1 \
+                 WHERE id = $2 AND balance > 0 AND balance - reserved >= $1 \
+                 RETURNING id, balance - reserved AS available \
+             ), share AS ( \
+                 INSERT INTO instance_reservations (instance_id, key_id, reserved) \
+                 SELECT $3, id, $1 FROM k \
+                 ON CONFLICT (instance_id, key_id) DO UPDATE \
+                 SET reserved = instance_reservations.reserved + EXCLUDED.reserved \
+             ) SELECT available FROM k",
+        )
+        .bind(amount.millis())
+        .bind(id)
+        .bind(instance)
+        .fetch_optional(pool)
+        .await?;
+        if let Some(left) = admitted {
+            return Ok(Credits::from_millis(left));
+        }
+        let state: Option<(i64, i64)> =
+            sqlx::query_as("SELECT balance, reserved FROM api_keys WHERE id = $1")
+                .bind(id)
+                .fetch_optional(pool)
+                .await?;
+        let (balance, reserved) = state.ok_or(StoreError::NoSuchKey(id))?;
+        available = Credits::from_millis(balance) - Credits::from_millis(reserved);
+        if balance <= 0 || available < amount {
+            return Err(StoreError::InsufficientCredits { available });
+        }
+    }
+    // Other requests kept taking what was freed before this one could.
+    Err(StoreError::InsufficientCredits { available })
+}
+
+/// Locks key `id` and returns how much of `amount` `instance` still holds
+/// on it (its share may have been released already if it was taken for
+/// dead); `None` if there is no such key.
+async fn lock_share(
+    conn: &mut PgConnection,
+    instance: &str,
+    id: KeyId,
+    amount: Credits,
+) -> Result<Option<i64>, StoreError> {
+    // The key row first (lock order), then this instance's share of it.
+    let found: Option<i64> =
+        sqlx::query_scalar("SELECT id FROM api_keys WHERE id = $1 FOR NO KEY UPDATE")
+            .bind(id)
+            .fetch_optional(&mut *conn)
+            .await?;
+    if found.is_none() {
+        return Ok(None);
+    }
+    let share: Option<i64> = sqlx::query_scalar(
+        "SELECT reserved FROM instance_reservations WHERE instance_id = $1 AND key_id = $2",
+    )
+    .bind(instance)
+    .bind(id)
+    .fetch_optional(&mut *conn)
+    .await?;
+    Ok(Some(share.map_or(0, |s| amount.millis().min(s).max(0))))
+}
+
+/// Gives back a reservation that will never be settled.
+async fn release(
+    pool: &PgPool,
+    instance: &str,
+    id: KeyId,
+    amount: Credits,
+) -> Result<(), StoreError> {
+    let mut tx = pool.begin().await?;
+    let Some(release) = lock_share(&mut tx, instance, id, amount).await? else {
+        return Ok(());
+    };
+    sqlx::query(
+        "WITH share AS ( \
+             UPDATE instance_reservations SET reserved = reserved - $1 \
+             WHERE instance_id = $2 AND key_id = $3 \
+         ) UPDATE api_keys SET reserved = reserved - $1 WHERE id = $3",
+    )
+    .bind(release)
+    .bind(instance)
+    .bind(id)
+    .execute(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    Ok(())
+}
+
+/// Releases `reserved`, charges the usage and records it, in one
+/// transaction; returns the new balance.
+async fn settle(
+    pool: &PgPool,
+    instance: &str,
+    usage: &UsageRecord,
+    reserved: Credits,
+) -> Result<Credits, StoreError> {
+    let id = usage.key_id;
+    let mut tx = pool.begin().await?;
+    let release = lock_share(&mut tx, instance, id, reserved)
+        .await?
+        .ok_or(StoreError::NoSuchKey(id))?;
+    let balance: i64 = sqlx::query_scalar(
+        "WITH share AS ( \
+             UPDATE instance_reservations SET reserved = reserved - $1 \
+             WHERE instance_id = $2 AND key_id = $3 AND $1 <> 0 \
+         ), k AS ( \
+             UPDATE api_keys SET reserved = reserved - $1, balance = balance - $4 \
+             WHERE id = $3 RETURNING balance \
+         ), u AS ( \
+             INSERT INTO usage (time, key_id, endpoint, model, status, prompt_tokens, \
+                                completion_tokens, credits, duration_ms) \
+             SELECT $5, $3, $6, $7, $8, $9, $10, $4, $11 FROM k \
+         ) SELECT balance FROM k",
+    )
+    .bind(release)
+    .bind(instance)
+    .bind(id)
+    .bind(usage.credits.millis())
+    .bind(usage.time)
+    .bind(&usage.endpoint)
+    .bind(&usage.model)
+    .bind(i32::from(usage.status))
+    .bind(i64_of(usage.prompt_tokens))
+    .bind(i64_of(usage.completion_tokens))
+    .bind(i64_of(usage.duration_ms))
+    .fetch_one(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    Ok(Credits::from_millis(balance))
+}
+
+#[async_trait]
+impl Store for PostgresStore {
+    async fn key_by_hash(&self, hash: &KeyHash) -> Result<Option<KeyRecord>, StoreError> {
+        sqlx::query(concat!(
+            "SELECT ",
+            key_columns!(),
+            " FROM api_keys WHERE key_hash = $1"
+        ))
+        .bind(&hash.0)
+        .fetch_optional(&self.pool)
+        .await?
+        .map(|r| key_from_row(&r))
+        .transpose()
+    }
+
+    async fn key(&self, id: KeyId) -> Result<Option<KeyRecord>, StoreError> {
+        sqlx::query(concat!(
+            "SELECT ",
+            key_columns!(),
+            " FROM api_keys WHERE id = $1"
+        ))
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await?
+        .map(|r| key_from_row(&r))
+        .transpose()
+    }
+
+    async fn keys(&self) -> Result<Vec<KeyRecord>, StoreError> {
+        sqlx::query(concat!(
+            "SELECT ",
+            key_columns!(),
+            " FROM api_keys ORDER BY id"
+        ))
+        .fetch_all(&self.pool)
+        .await?
+        .iter()
+        .map(key_from_row)
+        .collect()
+    }
+
+    async fn create_key(&self, new: NewKey) -> Result<KeyRecord, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let record = insert_key(&mut tx, &new)
+            .await?
+            .ok_or(StoreError::DuplicateKey)?;
+        tx.commit().await?;
+        Ok(record)
+    }
+
+    async fn update_key(&self, id: KeyId, patch: KeyPatch) -> Result<KeyRecord, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let mut record = Self::key_for_update(&mut tx, id)
+            .await?
+            .ok_or(StoreError::NoSuchKey(id))?;
+        super::sqlite::apply_patch(&mut record, patch);
+        sqlx::query(
+            "UPDATE api_keys SET name = $2, models = $3, rate_limit_rpm = $4, \
+             max_concurrent = $5, expires_at = $6 WHERE id = $1",
+        )
+        .bind(id)
+        .bind(&record.name)
+        .bind(models_json(&record.models)?)
+        .bind(record.rate_limit_rpm.map(i64::from))
+        .bind(record.max_concurrent.map(i64::from))
+        .bind(record.expires_at)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(record)
+    }
+
+    async fn revoke_key(&self, id: KeyId, at: Millis) -> Result<KeyRecord, StoreError> {
+        let row = sqlx::query(concat!(
+            "UPDATE api_keys SET revoked_at = COALESCE(revoked_at, $2) WHERE id = $1 RETURNING ",
+            key_columns!()
+        ))
+        .bind(id)
+        .bind(at)
+        .fetch_optional(&self.pool)
+        .await?
+        .ok_or(StoreError::NoSuchKey(id))?;
+        key_from_row(&row)
+    }
+
+    async fn adjust(&self, id: KeyId, adjustment: Adjustment) -> Result<Credits, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let current: i64 =
+            sqlx::query_scalar("SELECT balance FROM api_keys WHERE id = $1 FOR NO KEY UPDATE")
+                .bind(id)
+                .fetch_optional(&mut *tx)
+                .await?
+                .ok_or(StoreError::NoSuchKey(id))?;
+        let delta = delta_of(&adjustment.change, Credits::from_millis(current));
+        let balance: i64 = sqlx::query_scalar(
+            "UPDATE api_keys SET balance = balance + $2 WHERE id = $1 RETURNING balance",
+        )
+        .bind(id)
+        .bind(delta.millis())
+        .fetch_one(&mut *tx)
+        .await?;
+        record_adjustment(&mut tx, id, delta, &adjustment.actor, &adjustment.reason).await?;
+        tx.commit().await?;
+        Ok(Credits::from_millis(balance))
+    }
+
+    async fn sync_grants(&self, grants: &[Grant]) -> Result<GrantReport, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        // Gateways starting together take turns.
+        sqlx::query("SELECT pg_advisory_xact_lock($1)")
+            .bind(GRANTS_LOCK)
+            .execute(&mut *tx)
+            .await?;
+        // Lock every row this may change, in id order like every path that
+        // locks several keys.
+        let hashes: Vec<&str> = grants.iter().map(|g| g.hash.0.as_str()).collect();
+        sqlx::query(
+            "SELECT id FROM api_keys WHERE key_hash = ANY($1) OR (granted AND NOT disabled) \
+             ORDER BY id FOR NO KEY UPDATE",
+        )
+        .bind(&hashes)
+        .execute(&mut *tx)
+        .await?;
+        let mut report = GrantReport::default();
+        let mut configured = Vec::with_capacity(grants.len());
+        for grant in grants {
+            let existing: Option<(KeyId, bool)> =
+                sqlx::query_as("SELECT id, disabled FROM api_keys WHERE key_hash = $1")
+                    .bind(&grant.hash.0)
+                    .fetch_optional(&mut *tx)
+                    .await?;
+            match existing {
+                None => {
+                    let new = NewKey {
+                        hash: grant.hash.clone(),
+                        name: grant.name.clone(),
+                        role: grant.role,
+                        credits: grant.credits,
+                        models: None,
+                        rate_limit_rpm: None,
+                        max_concurrent: None,
+                        expires_at: None,
+                        granted: true,
+                        actor: "config".into(),
+                    };
+                    let record = insert_key(&mut tx, &new)
+                        .await?
+                        .ok_or(StoreError::DuplicateKey)?;
+                    report.created.push(record.id);
+                    configured.push(record.id);
+                }
+                Some((id, disabled)) => {
+                    if disabled {
+                        sqlx::query("UPDATE api_keys SET disabled = FALSE WHERE id = $1")
+                            .bind(id)
+                            .execute(&mut *tx)
+                            .await?;
+                        report.reenabled.push(id);
+                    }
+                    configured.push(id);
+                }
+            }
+        }
+        let disabled: Vec<KeyId> = sqlx::query_scalar(
+            "WITH d AS ( \
+                 UPDATE api_keys SET disabled = TRUE \
+                 WHERE granted AND NOT disabled AND NOT (id = ANY($1)) RETURNING id \
+             ) SELECT id FROM d ORDER BY id",
+        )
+        .bind(&configured)
+        .fetch_all(&mut *tx)
+        .await?;
+        report.disabled = disabled;
+        tx.commit().await?;
+        Ok(report)
+    }
+
+    async fn reserve(&self, id: KeyId, amount: Credits) -> Result<Credits, StoreError> {
+        // Run apart from the caller: a caller that stops waiting (a client
+        // that hung up) must not leave a reservation nobody will settle.
+        let (tx, rx) = oneshot::channel();
+        let (pool, instance) = (self.pool.clone(), self.instance.clone());
+        tokio::spawn(async move {
+            let result = reserve(&pool, &instance, id, amount).await;
+            if let Err(Ok(_)) = tx.send(result) {
+                if let Err(e) = release(&pool, &instance, id, amount).await {
+                    tracing::warn!(key = id, "releasing an abandoned reservation failed: {e}");
+                }
+            }
+        });
+        rx.await
+            .map_err(|_| backend("the reservation task failed"))?
+    }
+
+    async fn settle(&self, usage: UsageRecord, reserved: Credits) -> Result<Credits, StoreError> {
+        // Run apart from the caller, so that a settlement once started is
+        // completed even if the caller stops waiting.
+        let (pool, instance) = (self.pool.clone(), self.instance.clone());
+        tokio::spawn(async move { settle(&pool, &instance, &usage, reserved).await })
+            .await
+            .map_err(|e| backend(format!("the settlement task failed: {e}")))?
+    }
+
+    async fn usage(
+        &self,
+        key: Option<KeyId>,
+        page: PageRequest,
+    ) -> Result<Vec<UsageEntry>, StoreError> {
+        let limit = i64::from(page.limit);
+        let rows = match (key, page.before) {
+            (None, None) => {
+                sqlx::query(concat!(
+                    "SELECT ",
+                    usage_columns!(),
+                    " FROM usage ORDER BY id DESC LIMIT $1"
+                ))
+                .bind(limit)
+                .fetch_all(&self.pool)
+                .await?
+            }
+            (None, Some(before)) => {
+                sqlx::query(concat!(
+                    "SELECT ",
+                    usage_columns!(),
+                    " FROM usage WHERE id < $2 ORDER BY id DESC LIMIT $1"
+                ))
+                .bind(limit)
+                .bind(before)
+                .fetch_all(&self.pool)
+                .await?
+            }
+            (Some(key), None) => {
+                sqlx::query(concat!(
+                    "SELECT ",
+                    usage_columns!(),
+                    " FROM usage WHERE key_id = $2 ORDER BY id DESC LIMIT $1"
+                ))
+                .bind(limit)
+                .bind(key)
+                .fetch_all(&self.pool)
+                .await?
+            }
+            (Some(key), Some(before)) => {
+                sqlx::query(concat!(
+                    "SELECT ",
+                    usage_columns!(),
+                    " FROM usage WHERE key_id = $2 AND id < $3 ORDER BY id DESC LIMIT $1"
+                ))
+                .bind(limit)
+                .bind(key)
+                .bind(before)
+                .fetch_all(&self.pool)
+                .await?
+            }
+        };
+        rows.iter().map(usage_from_row).collect()
+    }
+
+    async fn usage_totals(&self, id: KeyId) -> Result<UsageTotals, StoreError> {
+        let (requests, prompt, completion, credits): (i64, i64, i64, i64) = sqlx::query_as(
+            "SELECT COUNT(*), COALESCE(SUM(prompt_tokens), 0)::BIGINT, \
+             COALESCE(SUM(completion_tokens), 0)::BIGINT, COALESCE(SUM(credits), 0)::BIGINT \
+             FROM usage WHERE key_id = $1",
+        )
+        .bind(id)
+        .fetch_one(&self.pool)
+        .await?;
+        let count = |v: i64| u64::try_from(v).map_err(|_| backend(format!("negative total {v}")));
+        Ok(UsageTotals {
+            requests: count(requests)?,
+            prompt_tokens: count(prompt)?,
+            completion_tokens: count(completion)?,
+            credits_spent: Credits::from_millis(credits),
+        })
+    }
+
+    async fn adjustments(&self, id: KeyId) -> Result<Vec<AdjustmentEntry>, StoreError> {
+        let rows: Vec<(i64, i64, i64, String, String)> = sqlx::query_as(
+            "SELECT time, key_id, delta, actor, reason FROM adjustments \
+             WHERE key_id = $1 ORDER BY id",
+        )
+        .bind(id)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .into_iter()
+            .map(|(time, key_id, delta, actor, reason)| AdjustmentEntry {
+                time,
+                key_id,
+                delta: Credits::from_millis(delta),
+                actor,
+                reason,
+            })
+            .collect())
+    }
+
+    async fn release_stale_reservations(&self) -> Result<(), StoreError> {
+        release_stale(&self.pool).await
+    }
+}

@@ -1,0 +1,316 @@
+//! SPEC §5: `/me`, `/usage` and the admin API.
+
+use crate::support::{ollama_error, TestApp, KEY};
+use reqwest::Method;
+use serde_json::{json, Value};
+use tollgate::credits::Credits;
+
+#[tokio::test]
+async fn me_shows_credits_and_usage_totals() {
+    let app = TestApp::new().await;
+    for _ in 0..2 {
+        app.keyed("/generate?prompt=hi").send().await.unwrap();
+    }
+    app.wait_ledger(KEY, 2).await;
+    let me: Value = app
+        .get("/me")
+        .header("x-api-key", KEY)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(me["credits"], 8);
+    assert_eq!(me["role"], "user");
+    assert_eq!(
+        me["usage"],
+        json!({"requests": 2, "prompt_tokens": 14, "completion_tokens": 6, "credits_spent": 2})
+    );
+    assert!(me["id"].is_i64());
+    assert_eq!(app.get("/me").send().await.unwrap().status(), 401);
+}
+
+#[tokio::test]
+async fn usage_pages_newest_first_with_a_cursor() {
+    let app = TestApp::new().await;
+    for i in 0..5 {
+        app.keyed(&format!("/generate?prompt=p{i}"))
+            .send()
+            .await
+            .unwrap();
+    }
+    app.wait_ledger(KEY, 5).await;
+    let first: Value = app
+        .get("/usage?limit=2")
+        .header("x-api-key", KEY)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(first["items"].as_array().unwrap().len(), 2);
+    let item = &first["items"][0];
+    for field in [
+        "time",
+        "endpoint",
+        "model",
+        "status",
+        "prompt_tokens",
+        "completion_tokens",
+        "credits",
+        "duration_ms",
+    ] {
+        assert!(item.get(field).is_some(), "{field} missing from {item}");
+    }
+    assert_eq!(item["endpoint"], "/generate");
+    assert_eq!(item["model"], "mistral");
+    assert_eq!(item["credits"], 1);
+    let mut seen = 2;
+    let mut next = first["next"].as_str().unwrap().to_string();
+    loop {
+        let page: Value = app
+            .get(&format!("/usage?limit=2&cursor={next}"))
+            .header("x-api-key", KEY)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        seen += page["items"].as_array().unwrap().len();
+        match page["next"].as_str() {
+            Some(n) => next = n.to_string(),
+            None => break,
+        }
+    }
+    assert_eq!(seen, 5);
+}
+
+#[tokio::test]
+async fn the_admin_api_manages_keys() {
+    let app = TestApp::new().await;
+    let created = app
+        .admin(Method::POST, "/admin/keys")
+        .json(
+            &json!({"name": "alice", "credits": 2.5, "models": ["mistral"], "rate_limit_rpm": 60}),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(created.status(), 201);
+    let created: Value = created.json().await.unwrap();
+    let secret = created["key"].as_str().unwrap().to_string();
+    assert!(secret.starts_with("tg_"));
+    assert_eq!(created["credits"], 2.5);
+    let id = created["id"].as_i64().unwrap();
+
+    // The new key works.
+    let me: Value = app
+        .get("/me")
+        .header("x-api-key", &secret)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(me["name"], "alice");
+
+    // Listing never shows a secret or a hash.
+    let list = app
+        .admin(Method::GET, "/admin/keys")
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(!list.contains(&secret));
+    assert!(!list.contains(&tollgate::auth::keys::hash(&secret).0));
+    let list: Value = serde_json::from_str(&list).unwrap();
+    assert!(list
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|k| k["name"] == "alice"));
+
+    let topped: Value = app
+        .admin(Method::POST, &format!("/admin/keys/{id}/credits"))
+        .json(&json!({"add": 10, "reason": "invoice 7"}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(topped["credits"], 12.5);
+    let set: Value = app
+        .admin(Method::POST, &format!("/admin/keys/{id}/credits"))
+        .json(&json!({"set": 3}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(set["credits"], 3);
+    let adjustments = app.store.adjustments(id).await.unwrap();
+    let deltas: Vec<Credits> = adjustments.iter().map(|a| a.delta).collect();
+    assert_eq!(
+        deltas,
+        vec![
+            Credits::from_millis(2500),
+            Credits::whole(10),
+            Credits::from_millis(-9500)
+        ]
+    );
+    assert_eq!(adjustments[1].reason, "invoice 7");
+
+    let patched: Value = app
+        .admin(Method::PATCH, &format!("/admin/keys/{id}"))
+        .json(&json!({"name": "alice2", "models": null, "max_concurrent": 2}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(patched["name"], "alice2");
+    assert_eq!(patched["models"], Value::Null);
+    assert_eq!(patched["max_concurrent"], 2);
+    assert_eq!(patched["rate_limit_rpm"], 60);
+
+    let one: Value = app
+        .admin(Method::GET, &format!("/admin/keys/{id}"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(one["usage"]["requests"], 0);
+
+    let revoked = app
+        .admin(Method::DELETE, &format!("/admin/keys/{id}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(revoked.status(), 200);
+    assert_eq!(
+        app.get("/me")
+            .header("x-api-key", &secret)
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        401
+    );
+}
+
+#[tokio::test]
+async fn admin_api_bad_input() {
+    let app = TestApp::new().await;
+    for (method, path, body) in [
+        (Method::POST, "/admin/keys", "{oops"),
+        (Method::POST, "/admin/keys", r#"{"credits": 5}"#),
+        (
+            Method::POST,
+            "/admin/keys",
+            r#"{"name": "x", "credits": "5"}"#,
+        ),
+        (
+            Method::POST,
+            "/admin/keys",
+            r#"{"name": "x", "credits": 1.0001}"#,
+        ),
+        (
+            Method::POST,
+            "/admin/keys",
+            r#"{"name": "x", "role": "root"}"#,
+        ),
+        (
+            Method::POST,
+            "/admin/keys/1/credits",
+            r#"{"add": 1, "set": 2}"#,
+        ),
+        (Method::POST, "/admin/keys/1/credits", r#"{}"#),
+        (Method::PATCH, "/admin/keys/1", r#"{"name": ""}"#),
+    ] {
+        let response = app
+            .admin(method.clone(), path)
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        ollama_error(response, 400).await;
+    }
+    let missing = app
+        .admin(Method::POST, "/admin/keys/999/credits")
+        .json(&json!({"add": 1}))
+        .send()
+        .await
+        .unwrap();
+    ollama_error(missing, 404).await;
+    let missing = app
+        .admin(Method::GET, "/admin/keys/abc")
+        .send()
+        .await
+        .unwrap();
+    ollama_error(missing, 404).await;
+}
+
+#[tokio::test]
+async fn admin_usage_exports_csv_and_ndjson() {
+    let app = TestApp::new().await;
+    for _ in 0..3 {
+        app.keyed("/generate?prompt=hi").send().await.unwrap();
+    }
+    app.wait_ledger(KEY, 3).await;
+    let id = app.key_of(KEY).await.id;
+    let page: Value = app
+        .admin(Method::GET, &format!("/admin/usage?key={id}"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(page["items"].as_array().unwrap().len(), 3);
+    assert_eq!(page["items"][0]["key_id"], id);
+    let csv = app
+        .admin(Method::GET, "/admin/usage?format=csv")
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let lines: Vec<&str> = csv.lines().collect();
+    assert_eq!(
+        lines[0],
+        "time,key_id,endpoint,model,status,prompt_tokens,completion_tokens,credits,duration_ms"
+    );
+    assert_eq!(lines.len(), 4);
+    assert!(
+        lines[1].contains(",/generate,mistral,200,7,3,1,"),
+        "{}",
+        lines[1]
+    );
+    let ndjson = app
+        .admin(Method::GET, "/admin/usage?format=ndjson")
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert_eq!(ndjson.lines().count(), 3);
+    let bad = app
+        .admin(Method::GET, "/admin/usage?format=xml")
+        .send()
+        .await
+        .unwrap();
+    ollama_error(bad, 400).await;
+}

@@ -1,0 +1,224 @@
+//! SPEC §3: where the key comes from, what a wrong one gets, what the
+//! admin key may do.
+
+use crate::support::{ollama_error, spawn, TestApp, ADMIN, KEY};
+use serde_json::{json, Value};
+
+fn chat_body() -> Value {
+    json!({"model": "mistral", "messages": [{"role": "user", "content": "hi"}], "stream": false})
+}
+
+#[tokio::test]
+async fn missing_and_unknown_keys_get_401_and_reach_nothing() {
+    let app = TestApp::new().await;
+    let missing = app
+        .post("/api/chat")
+        .json(&chat_body())
+        .send()
+        .await
+        .unwrap();
+    assert!(ollama_error(missing, 401).await.contains("missing API key"));
+    let unknown = app
+        .post("/api/chat")
+        .header("x-api-key", "nope")
+        .json(&chat_body())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ollama_error(unknown, 401).await, "invalid API key");
+    let empty_bearer = app
+        .post("/api/chat")
+        .header("authorization", "Bearer ")
+        .json(&chat_body())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(empty_bearer.status(), 401);
+    assert!(app.fake.requests().is_empty());
+}
+
+#[tokio::test]
+async fn bearer_works_and_x_api_key_wins_even_when_wrong() {
+    let app = TestApp::new().await;
+    let bearer = app
+        .post("/api/chat")
+        .header("authorization", format!("Bearer {KEY}"))
+        .json(&chat_body())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(bearer.status(), 200);
+    let both = app
+        .post("/api/chat")
+        .header("x-api-key", "wrong")
+        .header("authorization", format!("Bearer {KEY}"))
+        .json(&chat_body())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(both.status(), 401);
+}
+
+#[tokio::test]
+async fn the_key_host_and_origin_never_reach_ollama() {
+    let app = TestApp::new().await;
+    let response = app
+        .post("/api/chat")
+        .header("x-api-key", KEY)
+        .header("authorization", "Bearer something-else")
+        .header("origin", "https://app.example.com")
+        .header("x-trace", "kept")
+        .json(&chat_body())
+        .send()
+        .await
+        .unwrap();
+    // The fake answers 403 to foreign Host/Origin values, as Ollama does.
+    assert_eq!(response.status(), 200);
+    let seen = app.fake.requests().pop().unwrap();
+    assert_eq!(seen.header("x-api-key"), None);
+    assert_eq!(seen.header("authorization"), None);
+    assert_eq!(seen.header("origin"), None);
+    assert_eq!(seen.header("x-trace"), Some("kept"));
+    let host = seen.header("host").unwrap();
+    assert_eq!(host, app.fake.addr().to_string());
+}
+
+#[tokio::test]
+async fn admin_only_paths_are_403_for_ordinary_keys_and_open_to_admin() {
+    let app = TestApp::new().await;
+    for (method, path) in [
+        (reqwest::Method::POST, "/api/pull"),
+        (reqwest::Method::POST, "/api/create"),
+        (reqwest::Method::POST, "/api/copy"),
+        (reqwest::Method::DELETE, "/api/delete"),
+        (reqwest::Method::POST, "/api/blobs/sha256:abc"),
+        (reqwest::Method::POST, "/api/some-future-endpoint"),
+        (reqwest::Method::GET, "/admin/keys"),
+    ] {
+        let response = app
+            .client
+            .request(method.clone(), format!("{}{path}", app.url))
+            .header("x-api-key", KEY)
+            .json(&json!({"model": "mistral"}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 403, "{method} {path}");
+    }
+    assert!(app.fake.requests().is_empty());
+
+    let pull = app
+        .admin(reqwest::Method::POST, "/api/pull")
+        .json(&json!({"model": "mistral"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(pull.status(), 200);
+    let text = pull.text().await.unwrap();
+    assert!(
+        text.trim_end().ends_with(r#"{"status":"success"}"#),
+        "{text}"
+    );
+}
+
+#[tokio::test]
+async fn admin_keys_are_neither_charged_nor_refused_for_credits_but_recorded() {
+    let app = spawn().var("API_KEY_CREDITS", "0").start().await;
+    for _ in 0..3 {
+        let response = app
+            .admin(reqwest::Method::POST, "/api/chat")
+            .json(&chat_body())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200);
+        assert!(response.headers().get("x-credits-remaining").is_none());
+    }
+    let rows = app.wait_ledger(ADMIN, 3).await;
+    assert_eq!(rows.len(), 3);
+    assert!(rows
+        .iter()
+        .all(|r| r.record.credits == tollgate::credits::Credits::ZERO));
+    let me: Value = app
+        .get("/me")
+        .header("x-api-key", ADMIN)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(me["role"], "admin");
+    assert_eq!(me["credits"], Value::Null);
+    // The ordinary key with no credits is refused.
+    let poor = app
+        .keyed("/api/chat")
+        .json(&chat_body())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(poor.status(), 402);
+}
+
+#[tokio::test]
+async fn repeated_wrong_keys_get_429_but_a_valid_key_still_works() {
+    let app = spawn().var("AUTH_FAILURES_PER_MINUTE", "5").start().await;
+    for _ in 0..5 {
+        let r = app
+            .post("/api/chat")
+            .header("x-api-key", "guess")
+            .json(&chat_body())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 401);
+    }
+    // A missing key does not count, and is still a 401.
+    let r = app
+        .post("/api/chat")
+        .json(&chat_body())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    let blocked = app
+        .post("/api/chat")
+        .header("x-api-key", "guess")
+        .json(&chat_body())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(blocked.status(), 429);
+    let retry: u64 = blocked.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((1..=60).contains(&retry));
+    let valid = app
+        .keyed("/api/chat")
+        .json(&chat_body())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(valid.status(), 200);
+}
+
+#[tokio::test]
+async fn a_revoked_key_gets_401() {
+    let app = TestApp::new().await;
+    let id = app.key_of(KEY).await.id;
+    let revoke = app
+        .admin(reqwest::Method::DELETE, &format!("/admin/keys/{id}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(revoke.status(), 200);
+    let response = app
+        .keyed("/api/chat")
+        .json(&chat_body())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 401);
+}

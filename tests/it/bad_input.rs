@@ -1,0 +1,99 @@
+//! SPEC §7: every bad input gets its status and a JSON error; nothing is
+//! forwarded or charged; the process keeps serving.
+
+use crate::support::{ollama_error, spawn, TestApp, KEY};
+use tollgate::credits::Credits;
+
+#[tokio::test]
+async fn malformed_json_and_wrong_types_are_400_and_never_forwarded() {
+    let app = TestApp::new().await;
+    for (path, body) in [
+        ("/api/generate", "{not json"),
+        ("/api/generate", "[1, 2]"),
+        ("/api/generate", r#"{"model": 42, "prompt": "hi"}"#),
+        ("/api/generate", r#"{"model": "mistral", "stream": "yes"}"#),
+        (
+            "/api/generate",
+            r#"{"model": "mistral", "options": {"num_predict": "ten"}}"#,
+        ),
+        ("/api/chat", r#"{"model": "mistral", "messages": "hi"}"#),
+        ("/api/generate", ""),
+        ("/generate", "{\"prompt\": "),
+        ("/generate", r#"{"prompt": 5}"#),
+        ("/chat", r#"{"options": []}"#),
+        (
+            "/v1/chat/completions",
+            r#"{"model": "mistral", "max_tokens": "many"}"#,
+        ),
+    ] {
+        let response = app.keyed(path).body(body).send().await.unwrap();
+        assert_eq!(response.status(), 400, "{path} {body}");
+        let json: serde_json::Value = response.json().await.unwrap();
+        assert!(!json["error"].is_null(), "{path} {body}: {json}");
+    }
+    assert!(app.fake.requests().is_empty());
+    assert_eq!(app.balance_of(KEY).await, Credits::whole(10));
+    // Still serving.
+    let ok = app.keyed("/generate?prompt=hi").send().await.unwrap();
+    assert_eq!(ok.status(), 200);
+}
+
+#[tokio::test]
+async fn a_bad_query_string_is_400() {
+    let app = TestApp::new().await;
+    let response = app.keyed("/usage?limit=lots").send().await.unwrap();
+    assert_eq!(response.status(), 405, "POST on /usage is not allowed");
+    let response = app
+        .get("/usage?limit=lots")
+        .header("x-api-key", KEY)
+        .send()
+        .await
+        .unwrap();
+    ollama_error(response, 400).await;
+    let response = app
+        .get("/usage?limit=0")
+        .header("x-api-key", KEY)
+        .send()
+        .await
+        .unwrap();
+    ollama_error(response, 400).await;
+    let response = app
+        .get("/usage?cursor=abc")
+        .header("x-api-key", KEY)
+        .send()
+        .await
+        .unwrap();
+    ollama_error(response, 400).await;
+}
+
+#[tokio::test]
+async fn unknown_paths_are_404_json() {
+    let app = TestApp::new().await;
+    let response = app.get("/nope").send().await.unwrap();
+    ollama_error(response, 404).await;
+}
+
+#[tokio::test]
+async fn a_body_over_the_limit_is_413() {
+    let app = spawn().var("MAX_BODY_BYTES", "1024").start().await;
+    let prompt = "x".repeat(2000);
+    let body = format!(r#"{{"model":"mistral","prompt":"{prompt}"}}"#);
+    let response = app
+        .keyed("/api/generate")
+        .body(body.clone())
+        .send()
+        .await
+        .unwrap();
+    ollama_error(response, 413).await;
+    // Also without a content length (chunked).
+    let stream = futures_util::stream::iter(vec![Ok::<_, std::io::Error>(body)]);
+    let response = app
+        .keyed("/api/generate")
+        .body(reqwest::Body::wrap_stream(stream))
+        .send()
+        .await
+        .unwrap();
+    ollama_error(response, 413).await;
+    assert!(app.fake.requests().is_empty());
+    assert_eq!(app.balance_of(KEY).await, Credits::whole(10));
+}

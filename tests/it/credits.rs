@@ -1,0 +1,395 @@
+//! SPEC §4: atomic reservations, and settlement on every path.
+
+use crate::support::fake_ollama::Behavior;
+use crate::support::{ollama_error, panicking_hook, spawn, TestApp, KEY};
+use futures_util::StreamExt;
+use serde_json::{json, Value};
+use std::time::Duration;
+use tollgate::credits::Credits;
+
+fn generate(stream: bool) -> Value {
+    json!({"model": "mistral", "prompt": "hi", "stream": stream})
+}
+
+/// 100 concurrent requests against 10 credits: exactly 10 reach Ollama.
+///
+/// The fake holds every admitted request at a barrier until all 100 have
+/// been answered or admitted, so the admitted ones really overlap. A store
+/// that checks the balance and decrements it in two steps (read 10, admit;
+/// read 10, admit; ...) would let more than 10 through here, because every
+/// reader sees the balance before any settlement lowered it —
+/// `a_check_then_decrement_store_would_overspend` shows exactly that.
+#[tokio::test]
+async fn concurrent_requests_never_overspend() {
+    let app = TestApp::new().await;
+    app.fake.set(Behavior {
+        hold: true,
+        ..Behavior::default()
+    });
+    let mut tasks = Vec::new();
+    for _ in 0..100 {
+        let request = app.keyed("/api/generate").json(&generate(false));
+        tasks.push(tokio::spawn(async move {
+            request.send().await.unwrap().status().as_u16()
+        }));
+    }
+    // The 90 refusals come back while the 10 are still held.
+    assert!(
+        app.fake
+            .wait_for_requests(10, Duration::from_secs(10))
+            .await
+    );
+    let mut refused = 0;
+    let mut pending = Vec::new();
+    for task in tasks {
+        if task.is_finished() {
+            let status = task.await.unwrap();
+            assert_eq!(status, 402);
+            refused += 1;
+        } else {
+            pending.push(task);
+        }
+    }
+    app.fake.release(100);
+    let mut ok = 0;
+    for task in pending {
+        match task.await.unwrap() {
+            200 => ok += 1,
+            402 => refused += 1,
+            other => panic!("unexpected status {other}"),
+        }
+    }
+    assert_eq!(ok, 10);
+    assert_eq!(refused, 90);
+    assert_eq!(app.fake.generation_count(), 10);
+    assert_eq!(app.balance_of(KEY).await, Credits::ZERO);
+}
+
+/// The companion to the test above: a store that checks then decrements in
+/// two steps lets more than the balance through under the same load.
+#[tokio::test]
+async fn a_check_then_decrement_store_would_overspend() {
+    let store = std::sync::Arc::new(racy::CheckThenDecrement::default());
+    let app = spawn().store(store).start().await;
+    app.fake.set(Behavior {
+        hold: true,
+        ..Behavior::default()
+    });
+    let mut tasks = Vec::new();
+    for _ in 0..100 {
+        let request = app.keyed("/api/generate").json(&generate(false));
+        tasks.push(tokio::spawn(async move {
+            request.send().await.unwrap().status().as_u16()
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    app.fake.release(1000);
+    for task in tasks {
+        task.await.unwrap();
+    }
+    assert!(
+        app.fake.generation_count() > 10,
+        "the racy store let {} through",
+        app.fake.generation_count()
+    );
+}
+
+mod racy {
+    //! A deliberately wrong store: it reads the balance, yields, then
+    //! decrements — the race the real stores close.
+    use async_trait::async_trait;
+    use tollgate::credits::Credits;
+    use tollgate::store::memory::MemoryStore;
+    use tollgate::store::*;
+
+    #[derive(Default)]
+    pub struct CheckThenDecrement(MemoryStore);
+
+    #[async_trait]
+    impl Store for CheckThenDecrement {
+        async fn key_by_hash(&self, hash: &KeyHash) -> Result<Option<KeyRecord>, StoreError> {
+            self.0.key_by_hash(hash).await
+        }
+        async fn key(&self, id: KeyId) -> Result<Option<KeyRecord>, StoreError> {
+            self.0.key(id).await
+        }
+        async fn keys(&self) -> Result<Vec<KeyRecord>, StoreError> {
+            self.0.keys().await
+        }
+        async fn create_key(&self, new: NewKey) -> Result<KeyRecord, StoreError> {
+            self.0.create_key(new).await
+        }
+        async fn update_key(&self, id: KeyId, patch: KeyPatch) -> Result<KeyRecord, StoreError> {
+            self.0.update_key(id, patch).await
+        }
+        async fn revoke_key(&self, id: KeyId, at: Millis) -> Result<KeyRecord, StoreError> {
+            self.0.revoke_key(id, at).await
+        }
+        async fn adjust(&self, id: KeyId, adjustment: Adjustment) -> Result<Credits, StoreError> {
+            self.0.adjust(id, adjustment).await
+        }
+        async fn sync_grants(&self, grants: &[Grant]) -> Result<GrantReport, StoreError> {
+            self.0.sync_grants(grants).await
+        }
+        async fn reserve(&self, id: KeyId, amount: Credits) -> Result<Credits, StoreError> {
+            let balance = self
+                .0
+                .key(id)
+                .await?
+                .ok_or(StoreError::NoSuchKey(id))?
+                .balance;
+            if balance < amount {
+                return Err(StoreError::InsufficientCredits { available: balance });
+            }
+            tokio::task::yield_now().await;
+            self.0
+                .adjust(
+                    id,
+                    Adjustment {
+                        change: BalanceChange::Add(-amount),
+                        actor: "racy".into(),
+                        reason: "reserve".into(),
+                    },
+                )
+                .await
+        }
+        async fn settle(
+            &self,
+            usage: UsageRecord,
+            _reserved: Credits,
+        ) -> Result<Credits, StoreError> {
+            Ok(self
+                .0
+                .key(usage.key_id)
+                .await?
+                .map(|k| k.balance)
+                .unwrap_or_default())
+        }
+        async fn usage(
+            &self,
+            key: Option<KeyId>,
+            page: PageRequest,
+        ) -> Result<Vec<UsageEntry>, StoreError> {
+            self.0.usage(key, page).await
+        }
+        async fn usage_totals(&self, id: KeyId) -> Result<UsageTotals, StoreError> {
+            self.0.usage_totals(id).await
+        }
+        async fn adjustments(&self, id: KeyId) -> Result<Vec<AdjustmentEntry>, StoreError> {
+            self.0.adjustments(id).await
+        }
+        async fn release_stale_reservations(&self) -> Result<(), StoreError> {
+            Ok(())
+        }
+    }
+}
+
+#[tokio::test]
+async fn ollama_down_is_502_naming_the_url_and_costs_nothing() {
+    // A port nothing listens on.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}", closed.local_addr().unwrap());
+    drop(closed);
+    let app = spawn().var("OLLAMA_URL", &url).start().await;
+    let response = app
+        .keyed("/api/generate")
+        .json(&generate(false))
+        .send()
+        .await
+        .unwrap();
+    let message = ollama_error(response, 502).await;
+    assert!(message.contains(&url), "{message}");
+    let rows = app.wait_ledger(KEY, 1).await;
+    assert_eq!(rows[0].record.status, 502);
+    assert_eq!(rows[0].record.credits, Credits::ZERO);
+    assert_eq!(app.balance_of(KEY).await, Credits::whole(10));
+}
+
+#[tokio::test]
+async fn ollama_too_slow_is_504_and_costs_nothing() {
+    let app = spawn()
+        .var("OLLAMA_FIRST_BYTE_TIMEOUT_SECS", "1")
+        .start()
+        .await;
+    app.fake.set(Behavior {
+        head_delay: Duration::from_secs(3),
+        ..Behavior::default()
+    });
+    let response = app
+        .keyed("/api/generate")
+        .json(&generate(false))
+        .send()
+        .await
+        .unwrap();
+    let message = ollama_error(response, 504).await;
+    assert!(message.contains("did not answer"), "{message}");
+    assert_eq!(app.wait_ledger(KEY, 1).await[0].record.status, 504);
+    assert_eq!(app.balance_of(KEY).await, Credits::whole(10));
+}
+
+#[tokio::test]
+async fn ollamas_own_errors_pass_through_unchanged_and_cost_nothing() {
+    let app = TestApp::new().await;
+    let unknown = app
+        .keyed("/api/generate")
+        .json(&json!({"model": "nosuch", "prompt": "hi"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ollama_error(unknown, 404).await, "model 'nosuch' not found");
+
+    app.fake.set(Behavior {
+        fail: Some((
+            503,
+            "server busy, please try again.  maximum pending requests exceeded".into(),
+        )),
+        ..Behavior::default()
+    });
+    let busy = app
+        .keyed("/api/chat")
+        .json(&json!({"model": "mistral", "messages": []}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        ollama_error(busy, 503).await,
+        "server busy, please try again.  maximum pending requests exceeded"
+    );
+    let rows = app.wait_ledger(KEY, 2).await;
+    assert!(rows.iter().all(|r| r.record.credits == Credits::ZERO));
+    assert_eq!(app.balance_of(KEY).await, Credits::whole(10));
+}
+
+#[tokio::test]
+async fn death_mid_stream_charges_what_was_relayed_and_ends_with_an_error_line() {
+    let app = spawn()
+        .var("CREDITS_PER_1K_COMPLETION_TOKENS", "1000")
+        .var("CREDITS_PER_REQUEST", "1")
+        .start()
+        .await;
+    app.fake.set(Behavior {
+        chunks: 10,
+        die_after: Some(4),
+        ..Behavior::default()
+    });
+    let response = app
+        .keyed("/api/generate")
+        .json(&json!({"model": "mistral", "prompt": "hi", "options": {"num_predict": 5}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let text = response.text().await.unwrap();
+    let lines: Vec<Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 5, "{text}");
+    assert!(lines[4]["error"]
+        .as_str()
+        .unwrap()
+        .contains("broke mid-stream"));
+    let rows = app.wait_ledger(KEY, 1).await;
+    // 1 credit for the request + 4 relayed chunks counted as tokens at 1 each.
+    assert_eq!(rows[0].record.completion_tokens, 4);
+    assert_eq!(rows[0].record.credits, Credits::whole(5));
+    assert_eq!(app.balance_of(KEY).await, Credits::whole(5));
+}
+
+#[tokio::test]
+async fn token_pricing_charges_ollamas_counts() {
+    let app = spawn()
+        .var("API_KEY_CREDITS", "100")
+        .var("CREDITS_PER_REQUEST", "0.5")
+        .var("CREDITS_PER_1K_PROMPT_TOKENS", "1")
+        .var("CREDITS_PER_1K_COMPLETION_TOKENS", "2")
+        .start()
+        .await;
+    app.fake.set(Behavior {
+        chunks: 5,
+        prompt_eval_count: 11,
+        ..Behavior::default()
+    });
+    let response = app
+        .keyed("/api/generate")
+        .json(&generate(true))
+        .send()
+        .await
+        .unwrap();
+    // Streamed: the header shows the balance net of the reservation
+    // (0.5 + 512 default tokens at 0.002 = 1.524).
+    assert_eq!(response.headers()["x-credits-remaining"], "98.476");
+    response.text().await.unwrap();
+    let rows = app.wait_ledger(KEY, 1).await;
+    assert_eq!(
+        (
+            rows[0].record.prompt_tokens,
+            rows[0].record.completion_tokens
+        ),
+        (11, 5)
+    );
+    // 0.5 + 11 * 0.001 + 5 * 0.002 = 0.521
+    assert_eq!(rows[0].record.credits, Credits::from_millis(521));
+    let response = app
+        .keyed("/api/generate")
+        .json(&generate(false))
+        .send()
+        .await
+        .unwrap();
+    // Non-streamed: the balance after settlement.
+    assert_eq!(response.headers()["x-credits-remaining"], "98.958");
+}
+
+#[tokio::test]
+async fn a_panic_inside_a_request_still_settles_its_reservation() {
+    let app = spawn()
+        .var("API_KEY_CREDITS", "1")
+        .hooks(panicking_hook())
+        .start()
+        .await;
+    let response = app
+        .keyed("/api/generate")
+        .json(&generate(false))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 500);
+    let rows = app.wait_ledger(KEY, 1).await;
+    assert_eq!(rows.len(), 1, "the guard recorded the request");
+    assert_eq!(rows[0].record.credits, Credits::ZERO);
+    // The reservation was released: the single credit is available again.
+    assert_eq!(
+        app.store
+            .reserve(app.key_of(KEY).await.id, Credits::whole(1))
+            .await
+            .unwrap(),
+        Credits::ZERO
+    );
+}
+
+#[tokio::test]
+async fn a_client_that_hangs_up_is_settled_for_what_it_got() {
+    let app = TestApp::new().await;
+    app.fake.set(Behavior {
+        chunks: 50,
+        chunk_delay: Duration::from_millis(20),
+        ..Behavior::default()
+    });
+    let response = app
+        .keyed("/api/generate")
+        .json(&generate(true))
+        .send()
+        .await
+        .unwrap();
+    let mut body = response.bytes_stream();
+    body.next().await.unwrap().unwrap();
+    drop(body);
+    assert!(
+        app.fake.wait_disconnect(Duration::from_secs(1)).await,
+        "Ollama saw the hang-up"
+    );
+    let rows = app.wait_ledger(KEY, 1).await;
+    assert_eq!(rows.len(), 1);
+    assert_eq!(rows[0].record.credits, Credits::whole(1));
+    assert!(rows[0].record.completion_tokens >= 1);
+}

@@ -1,0 +1,125 @@
+//! Requests reach Ollama as the client sent them; Ollama's replies reach
+//! the client as Ollama sent them.
+
+use crate::support::{TestApp, KEY};
+use serde_json::Value;
+
+#[tokio::test]
+async fn native_bodies_arrive_byte_for_byte() {
+    let app = TestApp::new().await;
+    let body = "{ \"model\" :\"mistral\",\n  \"prompt\": \"hi\",\t\"stream\":false, \"unknown_field\": {\"nested\": [1, 2.50, null]} }";
+    let response = app
+        .keyed("/api/generate")
+        .header("content-type", "application/json")
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let seen = app.fake.requests().pop().unwrap();
+    assert_eq!(seen.body, body.as_bytes());
+    assert_eq!(seen.path, "/api/generate");
+    assert_eq!(seen.header("content-type"), Some("application/json"));
+}
+
+#[tokio::test]
+async fn native_generate_streams_by_default_like_ollama() {
+    let app = TestApp::new().await;
+    let response = app
+        .keyed("/api/generate")
+        .body(r#"{"model":"mistral","prompt":"hi"}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.headers()["content-type"], "application/x-ndjson");
+    assert_eq!(response.headers()["x-credits-remaining"], "9");
+    let text = response.text().await.unwrap();
+    assert_eq!(text.lines().count(), 4);
+    assert!(!text.contains("\n\n"), "no blank lines");
+}
+
+#[tokio::test]
+async fn metadata_endpoints_need_a_key_and_cost_nothing() {
+    let app = TestApp::new().await;
+    for (method, path, body) in [
+        ("GET", "/api/tags", None),
+        ("GET", "/api/ps", None),
+        ("GET", "/api/version", None),
+        ("POST", "/api/show", Some(r#"{"model":"mistral"}"#)),
+    ] {
+        let request = app
+            .client
+            .request(method.parse().unwrap(), format!("{}{path}", app.url));
+        let request = match body {
+            Some(b) => request.body(b),
+            None => request,
+        };
+        assert_eq!(
+            request.try_clone().unwrap().send().await.unwrap().status(),
+            401,
+            "{path}"
+        );
+        let response = request.header("x-api-key", KEY).send().await.unwrap();
+        assert_eq!(response.status(), 200, "{path}");
+        let _: Value = response.json().await.unwrap();
+    }
+    assert_eq!(
+        app.balance_of(KEY).await,
+        tollgate::credits::Credits::whole(10)
+    );
+}
+
+#[tokio::test]
+async fn embeddings_are_metered_and_relayed() {
+    let app = TestApp::new().await;
+    let embed: Value = app
+        .keyed("/api/embed")
+        .body(r#"{"model":"nomic-embed-text","input":["a","b"]}"#)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(embed["embeddings"].as_array().unwrap().len(), 2);
+    let legacy: Value = app
+        .keyed("/api/embeddings")
+        .body(r#"{"model":"nomic-embed-text","prompt":"a"}"#)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert!(legacy["embedding"].is_array());
+    assert_eq!(
+        app.balance_of(KEY).await,
+        tollgate::credits::Credits::whole(8)
+    );
+}
+
+#[tokio::test]
+async fn the_root_probe_needs_no_key_like_ollama() {
+    let app = TestApp::new().await;
+    let response = app.get("/").send().await.unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.text().await.unwrap(), "Ollama is running");
+    let head = app.client.head(&app.url).send().await.unwrap();
+    assert_eq!(head.status(), 200);
+}
+
+#[tokio::test]
+async fn health_reports_whether_ollama_answers() {
+    let app = TestApp::new().await;
+    let health: Value = app
+        .get("/health")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(health["status"], "ok");
+    assert_eq!(health["ollama"]["reachable"], true);
+    assert_eq!(health["ollama"]["url"], app.fake.url());
+}

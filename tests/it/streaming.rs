@@ -1,0 +1,164 @@
+//! SPEC §6: chunks relayed as Ollama produces them, nothing held back, and
+//! streams that tollgate must end ended with an error line.
+
+use crate::support::fake_ollama::Behavior;
+use crate::support::{spawn, TestApp, KEY};
+use bytes::Bytes;
+use futures_util::StreamExt;
+use serde_json::{json, Value};
+use std::time::Duration;
+
+/// Reads until at least one complete line is buffered; returns it.
+async fn next_line(
+    body: &mut (impl futures_util::Stream<Item = reqwest::Result<Bytes>> + Unpin),
+    buffer: &mut Vec<u8>,
+) -> Option<Value> {
+    loop {
+        if let Some(pos) = buffer.iter().position(|b| *b == b'\n') {
+            let line: Vec<u8> = buffer.drain(..=pos).collect();
+            assert!(line.len() > 1, "a blank line was relayed");
+            return Some(serde_json::from_slice(&line).expect("each line is JSON"));
+        }
+        let chunk = tokio::time::timeout(Duration::from_secs(5), body.next())
+            .await
+            .expect("the next chunk arrives without the test sending anything more")?;
+        buffer.extend_from_slice(&chunk.unwrap());
+    }
+}
+
+/// The fake sends chunk k+1 only after the test has received chunk k, so a
+/// proxy that buffers anything deadlocks this test instead of passing it.
+#[tokio::test]
+async fn chunks_are_relayed_in_lockstep() {
+    let app = TestApp::new().await;
+    app.fake.set(Behavior {
+        chunks: 5,
+        lockstep: true,
+        ..Behavior::default()
+    });
+    for (path, body) in [
+        ("/api/generate", json!({"model": "mistral", "prompt": "hi"})),
+        (
+            "/api/chat",
+            json!({"model": "mistral", "messages": [{"role": "user", "content": "hi"}]}),
+        ),
+    ] {
+        let response = app.keyed(path).json(&body).send().await.unwrap();
+        assert_eq!(response.status(), 200);
+        let mut body = response.bytes_stream();
+        let mut buffer = Vec::new();
+        for k in 0..5 {
+            let line = next_line(&mut body, &mut buffer).await.unwrap();
+            assert_eq!(line["done"], false, "{path} chunk {k}");
+            app.fake.step();
+        }
+        let last = next_line(&mut body, &mut buffer).await.unwrap();
+        assert_eq!(last["done"], true);
+        assert_eq!(last["eval_count"], 5);
+    }
+}
+
+#[tokio::test]
+async fn a_client_disconnect_closes_the_upstream_request_within_a_second() {
+    let app = TestApp::new().await;
+    app.fake.set(Behavior {
+        chunks: 1000,
+        chunk_delay: Duration::from_millis(50),
+        ..Behavior::default()
+    });
+    let response = app
+        .keyed("/api/chat")
+        .json(&json!({"model": "mistral", "messages": [{"role": "user", "content": "hi"}]}))
+        .send()
+        .await
+        .unwrap();
+    let mut body = response.bytes_stream();
+    let mut buffer = Vec::new();
+    next_line(&mut body, &mut buffer).await.unwrap();
+    drop(body);
+    assert!(app.fake.wait_disconnect(Duration::from_secs(1)).await);
+    let rows = app.wait_ledger(KEY, 1).await;
+    assert_eq!(rows.len(), 1, "settled and recorded");
+    assert_eq!(rows[0].record.credits, tollgate::credits::Credits::whole(1));
+}
+
+#[tokio::test]
+async fn an_error_ollama_reports_in_the_stream_passes_through() {
+    let app = TestApp::new().await;
+    app.fake.set(Behavior {
+        chunks: 5,
+        stream_error_after: Some(2),
+        ..Behavior::default()
+    });
+    let response = app
+        .keyed("/api/generate")
+        .json(&json!({"model": "mistral", "prompt": "hi"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let text = response.text().await.unwrap();
+    let lines: Vec<Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 3);
+    assert!(lines[2]["error"].is_string());
+    assert_eq!(app.wait_ledger(KEY, 1).await[0].record.completion_tokens, 2);
+}
+
+#[tokio::test]
+async fn an_idle_stream_is_ended_with_an_error_line() {
+    let app = spawn().var("STREAM_IDLE_TIMEOUT_SECS", "1").start().await;
+    app.fake.set(Behavior {
+        chunks: 3,
+        chunk_delay: Duration::from_secs(3),
+        ..Behavior::default()
+    });
+    let response = app
+        .keyed("/api/generate")
+        .json(&json!({"model": "mistral", "prompt": "hi"}))
+        .send()
+        .await
+        .unwrap();
+    let text = response.text().await.unwrap();
+    let last: Value = serde_json::from_str(text.lines().last().unwrap()).unwrap();
+    assert!(
+        last["error"]
+            .as_str()
+            .unwrap()
+            .contains("sent nothing for 1 s"),
+        "{text}"
+    );
+}
+
+#[tokio::test]
+async fn shutdown_lets_streams_finish_then_cuts_what_remains() {
+    let mut app = spawn().var("SHUTDOWN_GRACE_SECS", "1").start().await;
+    app.fake.set(Behavior {
+        chunks: 1000,
+        chunk_delay: Duration::from_millis(20),
+        ..Behavior::default()
+    });
+    let response = app
+        .keyed("/api/generate")
+        .json(&json!({"model": "mistral", "prompt": "hi"}))
+        .send()
+        .await
+        .unwrap();
+    app.begin_shutdown();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // New requests are refused while draining, /health too.
+    let refused = app.get("/health").send().await.unwrap();
+    assert_eq!(refused.status(), 503);
+    let text = response.text().await.unwrap();
+    let last: Value = serde_json::from_str(text.lines().last().unwrap()).unwrap();
+    assert!(
+        last["error"].as_str().unwrap().contains("shutting down"),
+        "{last}"
+    );
+    let server = app.server.take().unwrap();
+    server.await.unwrap().unwrap();
+    let rows = app.wait_ledger(KEY, 1).await;
+    assert_eq!(rows[0].record.credits, tollgate::credits::Credits::whole(1));
+}
