@@ -10,11 +10,14 @@ use crate::auth::throttle::AuthFailures;
 use crate::config::Config;
 use crate::credits::Credits;
 use crate::error::ApiError;
+use crate::limits::Limits;
 use crate::policy::Caps;
 use crate::proxy::Upstream;
 use crate::store::{self, Grant, NewKey, Role, SharedStore, StoreError};
+use crate::telemetry::{new_request_id, sane_request_id, RequestLog};
 use axum::body::Body;
 use axum::extract::{Request, State};
+use axum::http::{HeaderName, HeaderValue, Method};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use std::future::Future;
@@ -27,6 +30,8 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
+use tower_http::cors::{AllowOrigin, CorsLayer};
+use tracing::Instrument;
 
 /// Test-only hooks into request handling; empty in production.
 #[derive(Clone, Default)]
@@ -46,6 +51,7 @@ pub struct Shared {
     pub store: SharedStore,
     pub upstream: Upstream,
     pub auth_failures: AuthFailures,
+    pub limits: Limits,
     pub hooks: Hooks,
     /// Turns true when in-flight streams must be ended (shutdown deadline).
     pub stop_streams: watch::Receiver<bool>,
@@ -103,12 +109,15 @@ impl App {
         if config.ollama_is_self() {
             return Err(StartError::SelfLoop(config.ollama_url.clone()));
         }
+        // Metrics are recorded from the first request on.
+        crate::telemetry::metrics_handle();
         store.release_stale_reservations().await?;
         let first_key = sync_keys(&config, store.as_ref()).await?;
         let upstream = Upstream::new(&config.ollama_url, config.timeouts)?;
         let (stop_tx, stop_rx) = watch::channel(false);
         let state = AppState(Arc::new(Shared {
             auth_failures: AuthFailures::new(config.auth_failures_per_minute),
+            limits: Limits::new(config.rate_limit_rpm, config.max_concurrent_per_key),
             config,
             store,
             upstream,
@@ -130,16 +139,19 @@ impl App {
 
     /// The router with its middleware.
     pub fn router(&self) -> axum::Router {
-        crate::routes::router(self.state.clone())
-            .layer(middleware::from_fn_with_state(
-                self.state.clone(),
-                track_and_drain,
-            ))
+        let router = crate::routes::router(self.state.clone())
             .layer(tower_http::catch_panic::CatchPanicLayer::custom(
                 |_: Box<dyn std::any::Any + Send>| {
                     ApiError::Internal("the request failed".into()).into_response()
                 },
             ))
+            .layer(middleware::from_fn_with_state(self.state.clone(), observe));
+        match cors(&self.state.config.cors_origins) {
+            // Outermost, so that errors (401, 402, 429, 503) carry the CORS
+            // headers too and a page can read them.
+            Some(cors) => router.layer(cors),
+            None => router,
+        }
     }
 
     /// Serves until `shutdown` resolves, then drains: new requests get 503,
@@ -152,6 +164,16 @@ impl App {
     ) -> std::io::Result<()> {
         let router = self.router();
         let state = self.state.clone();
+        let upstream = state.upstream.clone();
+        let refresher = tokio::spawn(async move {
+            // The models Ollama lists bound the metrics' model label.
+            loop {
+                if let Some(models) = upstream.list_models().await {
+                    crate::telemetry::set_known_models(models);
+                }
+                tokio::time::sleep(Duration::from_secs(60)).await;
+            }
+        });
         let stop_tx = self.stop_tx;
         let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
         tokio::spawn(async move {
@@ -174,14 +196,16 @@ impl App {
             tokio::time::sleep(Duration::from_millis(50)).await;
             let _ = done_tx.send(());
         });
-        axum::serve(
+        let served = axum::serve(
             listener,
             router.into_make_service_with_connect_info::<SocketAddr>(),
         )
         .with_graceful_shutdown(async {
             let _ = done_rx.await;
         })
-        .await
+        .await;
+        refresher.abort();
+        served
     }
 }
 
@@ -196,21 +220,120 @@ async fn wait_idle(state: &AppState, within: Duration) -> bool {
     true
 }
 
-/// Counts requests in flight until their response body is done, and
-/// answers 503 while draining.
-async fn track_and_drain(State(state): State<AppState>, request: Request, next: Next) -> Response {
-    if state.draining.load(Ordering::SeqCst) {
-        return ApiError::Unavailable("tollgate is shutting down".into()).into_response();
-    }
-    let guard = InFlight::enter(state.in_flight.clone());
-    let response = next.run(request).await;
-    let (parts, body) = response.into_parts();
-    Response::from_parts(
-        parts,
-        Body::new(TrackedBody {
+/// Around every request: gives it an id and a log record, counts it in
+/// flight until its response body is done, and answers 503 while draining.
+async fn observe(State(state): State<AppState>, mut request: Request, next: Next) -> Response {
+    let request_id = request
+        .headers()
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .filter(|id| sane_request_id(id))
+        .map_or_else(new_request_id, str::to_string);
+    let log = Arc::new(RequestLog::new(
+        request_id.clone(),
+        request.method().as_str(),
+        route_label(request.uri().path()),
+    ));
+    let mut response = if state.draining.load(Ordering::SeqCst) {
+        ApiError::Unavailable("tollgate is shutting down".into()).into_response()
+    } else {
+        let guard = InFlight::enter(state.in_flight.clone());
+        request.extensions_mut().insert(log.clone());
+        let span = tracing::info_span!("request", request_id = %request_id);
+        let response = next.run(request).instrument(span).await;
+        let (parts, body) = response.into_parts();
+        let body = Body::new(TrackedBody {
             body,
             _guard: guard,
-        }),
+            _log: log.clone(),
+        });
+        Response::from_parts(parts, body)
+    };
+    log.set_status(response.status().as_u16());
+    if let Ok(value) = HeaderValue::from_str(&request_id) {
+        response.headers_mut().insert("x-request-id", value);
+    }
+    response
+}
+
+/// A bounded label for a path: metrics and logs never carry arbitrary
+/// client-chosen paths.
+fn route_label(path: &str) -> &'static str {
+    const KNOWN: &[&str] = &[
+        "/",
+        "/generate",
+        "/chat",
+        "/me",
+        "/usage",
+        "/health",
+        "/metrics",
+        "/api/generate",
+        "/api/chat",
+        "/api/embed",
+        "/api/embeddings",
+        "/api/tags",
+        "/api/show",
+        "/api/ps",
+        "/api/version",
+        "/api/pull",
+        "/api/push",
+        "/api/create",
+        "/api/copy",
+        "/api/delete",
+        "/v1/chat/completions",
+        "/v1/completions",
+        "/v1/embeddings",
+        "/v1/models",
+    ];
+    if let Some(known) = KNOWN.iter().find(|k| **k == path) {
+        return known;
+    }
+    if path.starts_with("/api/blobs/") {
+        "/api/blobs"
+    } else if path.starts_with("/v1/models/") {
+        "/v1/models/{model}"
+    } else if path.starts_with("/admin/") {
+        "/admin"
+    } else if path.starts_with("/api/") || path.starts_with("/v1/") {
+        "/api/other"
+    } else {
+        "other"
+    }
+}
+
+/// The CORS policy for `CORS_ORIGINS`: allowed request headers are named
+/// (a wildcard would not cover `Authorization`), and the credit and
+/// request-id headers are readable by the page.
+fn cors(origins: &[String]) -> Option<CorsLayer> {
+    if origins.is_empty() {
+        return None;
+    }
+    let allow_origin = if origins.iter().any(|o| o == "*") {
+        AllowOrigin::any()
+    } else {
+        AllowOrigin::list(origins.iter().filter_map(|o| HeaderValue::from_str(o).ok()))
+    };
+    Some(
+        CorsLayer::new()
+            .allow_origin(allow_origin)
+            .allow_methods([
+                Method::GET,
+                Method::HEAD,
+                Method::POST,
+                Method::PATCH,
+                Method::DELETE,
+            ])
+            .allow_headers([
+                HeaderName::from_static("x-api-key"),
+                axum::http::header::AUTHORIZATION,
+                axum::http::header::CONTENT_TYPE,
+                HeaderName::from_static("x-request-id"),
+            ])
+            .expose_headers([
+                HeaderName::from_static("x-credits-remaining"),
+                HeaderName::from_static("x-request-id"),
+                axum::http::header::RETRY_AFTER,
+            ]),
     )
 }
 
@@ -233,6 +356,7 @@ impl Drop for InFlight {
 struct TrackedBody {
     body: Body,
     _guard: InFlight,
+    _log: Arc<RequestLog>,
 }
 
 impl http_body::Body for TrackedBody {

@@ -20,6 +20,7 @@ pub mod cli;
 pub mod config;
 pub mod credits;
 pub mod error;
+pub mod limits;
 pub mod policy;
 pub mod proxy;
 pub mod routes;

@@ -1,10 +1,26 @@
-//! Logging set-up: human-readable by default, one JSON object per line with
-//! `LOG_FORMAT=json`. `RUST_LOG` filters as usual (default `info`).
+//! Logs and metrics.
+//!
+//! Every request gets an id (the client's `x-request-id` when it is sane,
+//! otherwise a generated one), carried by a tracing span so every log line
+//! of the request names it, and echoed in the response. A [`RequestLog`]
+//! travels with the request: the handler, the settlement guard and the
+//! proxy fill it in, and when the last of them lets go of it — after the
+//! response body has been sent and the charge settled — it writes the one
+//! log line of the request and updates the metrics. Keys, prompts and
+//! completions are never logged; metric labels take no unbounded
+//! client-chosen value (a model Ollama does not list is `other`).
 
 use crate::config::LogFormat;
+use crate::credits::Credits;
+use crate::store::KeyId;
+use metrics::{counter, gauge, histogram};
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use std::collections::HashSet;
+use std::sync::{Mutex, OnceLock, PoisonError, RwLock};
+use std::time::{Duration, Instant};
 use tracing_subscriber::EnvFilter;
 
-pub fn init(format: LogFormat) {
+pub fn init_logging(format: LogFormat) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
@@ -12,6 +28,244 @@ pub fn init(format: LogFormat) {
     // A second initialisation (tests) is harmless: the first one stays.
     let _ = match format {
         LogFormat::Pretty => builder.try_init(),
-        LogFormat::Json => builder.json().flatten_event(true).try_init(),
+        LogFormat::Json => builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(true)
+            .try_init(),
     };
+}
+
+/// The process-wide Prometheus recorder (metrics are per process).
+pub fn metrics_handle() -> &'static PrometheusHandle {
+    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+    HANDLE.get_or_init(|| {
+        let recorder = PrometheusBuilder::new()
+            .set_buckets(&[
+                0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                10.0, 30.0, 60.0, 120.0, 300.0,
+            ])
+            .map(PrometheusBuilder::build_recorder);
+        match recorder {
+            Ok(recorder) => {
+                let handle = recorder.handle();
+                // Fails only if another recorder is installed: then ours
+                // records nothing, and /metrics shows an empty page.
+                let _ = metrics::set_global_recorder(recorder);
+                handle
+            }
+            Err(_) => PrometheusBuilder::new().build_recorder().handle(),
+        }
+    })
+}
+
+/// The models Ollama lists, for bounding the `model` label.
+fn known_models() -> &'static RwLock<HashSet<String>> {
+    static MODELS: OnceLock<RwLock<HashSet<String>>> = OnceLock::new();
+    MODELS.get_or_init(|| RwLock::new(HashSet::new()))
+}
+
+/// Replaces the list of models Ollama serves.
+pub fn set_known_models(models: impl IntoIterator<Item = String>) {
+    let set = models
+        .into_iter()
+        .map(|m| crate::policy::canonical_model(&m))
+        .collect();
+    *known_models()
+        .write()
+        .unwrap_or_else(PoisonError::into_inner) = set;
+}
+
+fn model_label(model: Option<&str>) -> String {
+    let Some(model) = model else {
+        return "none".into();
+    };
+    let canonical = crate::policy::canonical_model(model);
+    let known = known_models()
+        .read()
+        .unwrap_or_else(PoisonError::into_inner);
+    if known.contains(&canonical) {
+        canonical
+    } else {
+        "other".into()
+    }
+}
+
+/// A request id as a client may send it: at most 64 letters, digits,
+/// `-`, `_`, `.`.
+pub fn sane_request_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= 64
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+}
+
+/// A new request id: 16 random hex digits.
+pub fn new_request_id() -> String {
+    format!("{:016x}", rand::random::<u64>())
+}
+
+#[derive(Default)]
+struct Fields {
+    status: Option<u16>,
+    key_id: Option<KeyId>,
+    model: Option<String>,
+    tokens: Option<(u64, u64)>,
+    credits: Option<Credits>,
+    upstream_first_byte: Option<Duration>,
+    upstream_wait: Duration,
+}
+
+/// What is known about one request, logged once when it is all over.
+pub struct RequestLog {
+    pub request_id: String,
+    method: String,
+    route: String,
+    started: Instant,
+    fields: Mutex<Fields>,
+}
+
+impl RequestLog {
+    pub fn new(request_id: String, method: &str, route: &str) -> RequestLog {
+        RequestLog {
+            request_id,
+            method: method.to_string(),
+            route: route.to_string(),
+            started: Instant::now(),
+            fields: Mutex::new(Fields::default()),
+        }
+    }
+
+    fn with(&self, f: impl FnOnce(&mut Fields)) {
+        f(&mut self.fields.lock().unwrap_or_else(PoisonError::into_inner));
+    }
+
+    pub fn set_status(&self, status: u16) {
+        self.with(|f| f.status = Some(status));
+    }
+
+    pub fn set_key(&self, key_id: KeyId) {
+        self.with(|f| f.key_id = Some(key_id));
+    }
+
+    pub fn set_model(&self, model: Option<&str>) {
+        self.with(|f| f.model = model.map(str::to_string));
+    }
+
+    /// The settled outcome of a metered request.
+    pub fn set_usage(&self, prompt: u64, completion: u64, credits: Credits) {
+        self.with(|f| {
+            f.tokens = Some((prompt, completion));
+            f.credits = Some(credits);
+        });
+    }
+
+    /// Time from sending to Ollama until its response head arrived.
+    pub fn set_upstream_first_byte(&self, took: Duration) {
+        self.with(|f| {
+            f.upstream_first_byte = Some(took);
+            f.upstream_wait += took;
+        });
+    }
+
+    /// Time spent waiting for Ollama's body.
+    pub fn add_upstream_wait(&self, took: Duration) {
+        self.with(|f| f.upstream_wait += took);
+    }
+}
+
+impl Drop for RequestLog {
+    fn drop(&mut self) {
+        let total = self.started.elapsed();
+        let f = std::mem::take(
+            self.fields
+                .get_mut()
+                .unwrap_or_else(PoisonError::into_inner),
+        );
+        let status = f.status.unwrap_or(0);
+        let (prompt_tokens, completion_tokens) = f.tokens.unwrap_or((0, 0));
+        tracing::info!(
+            request_id = %self.request_id,
+            method = %self.method,
+            route = %self.route,
+            status,
+            key_id = f.key_id,
+            model = f.model.as_deref(),
+            prompt_tokens,
+            completion_tokens,
+            credits = f.credits.map(|c| c.as_f64()),
+            duration_ms = total.as_secs_f64() * 1000.0,
+            upstream_first_byte_ms = f.upstream_first_byte.map(|d| d.as_secs_f64() * 1000.0),
+            "request"
+        );
+
+        let model = model_label(f.model.as_deref());
+        let status_label = status.to_string();
+        let route = self.route.clone();
+        counter!("tollgate_requests_total", "route" => route.clone(), "status" => status_label.clone(), "model" => model.clone()).increment(1);
+        if matches!(status, 401 | 402 | 403 | 429) {
+            counter!("tollgate_rejections_total", "reason" => status_label).increment(1);
+        }
+        if let Some(key_id) = f.key_id {
+            if let Some(credits) = f.credits.filter(|c| c.is_positive()) {
+                counter!("tollgate_credits_charged_millis_total", "key_id" => key_id.to_string())
+                    .increment(credits.millis() as u64);
+            }
+        }
+        if f.tokens.is_some() {
+            counter!("tollgate_tokens_total", "kind" => "prompt", "model" => model.clone())
+                .increment(prompt_tokens);
+            counter!("tollgate_tokens_total", "kind" => "completion", "model" => model)
+                .increment(completion_tokens);
+        }
+        histogram!("tollgate_request_duration_seconds", "route" => route.clone())
+            .record(total.as_secs_f64());
+        if let Some(first) = f.upstream_first_byte {
+            histogram!("tollgate_upstream_first_byte_seconds", "route" => route.clone())
+                .record(first.as_secs_f64());
+            let overhead = total.saturating_sub(f.upstream_wait);
+            histogram!("tollgate_overhead_seconds", "route" => route)
+                .record(overhead.as_secs_f64());
+        }
+    }
+}
+
+/// Counts streams being relayed.
+pub struct StreamGauge;
+
+impl StreamGauge {
+    pub fn open() -> StreamGauge {
+        gauge!("tollgate_streams_in_flight").increment(1.0);
+        StreamGauge
+    }
+}
+
+impl Drop for StreamGauge {
+    fn drop(&mut self) {
+        gauge!("tollgate_streams_in_flight").decrement(1.0);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_ids_are_accepted_only_when_sane() {
+        assert!(sane_request_id("abc-123_x.y"));
+        assert!(!sane_request_id(""));
+        assert!(!sane_request_id(&"a".repeat(65)));
+        assert!(!sane_request_id("has space"));
+        assert!(!sane_request_id("new\nline"));
+        assert_eq!(new_request_id().len(), 16);
+    }
+
+    #[test]
+    fn unknown_models_are_labelled_other() {
+        set_known_models(["mistral:latest".to_string()]);
+        assert_eq!(model_label(Some("mistral")), "mistral:latest");
+        assert_eq!(model_label(Some("attacker-chosen-1234")), "other");
+        assert_eq!(model_label(None), "none");
+    }
 }

@@ -10,10 +10,12 @@ pub mod throttle;
 use crate::app::AppState;
 use crate::error::ApiError;
 use crate::store::{now_millis, KeyRecord, Role};
+use crate::telemetry::RequestLog;
 use axum::extract::{ConnectInfo, FromRequestParts};
 use axum::http::request::Parts;
 use axum::http::{header, HeaderMap};
 use std::net::SocketAddr;
+use std::sync::Arc;
 
 /// The key a request presents: `x-api-key` wins over `Authorization: Bearer`
 /// whenever it is present, even when it is wrong and the Bearer key is right
@@ -92,6 +94,9 @@ async fn lookup(state: &AppState, presented: &str) -> Result<Option<KeyRecord>, 
 }
 
 fn remember(parts: &mut Parts, key: KeyRecord) -> Caller {
+    if let Some(log) = parts.extensions.get::<Arc<RequestLog>>() {
+        log.set_key(key.id);
+    }
     let caller = Caller { key };
     parts.extensions.insert(caller.clone());
     caller

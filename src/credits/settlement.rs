@@ -16,6 +16,8 @@
 use crate::config::Pricing;
 use crate::credits::Credits;
 use crate::store::{now_millis, KeyId, Millis, SharedStore, StoreError, UsageRecord};
+use crate::telemetry::RequestLog;
+use std::sync::Arc;
 use std::time::Instant;
 
 /// What a settlement knows about its request.
@@ -42,6 +44,7 @@ struct Open {
     started: Instant,
     started_at: Millis,
     progress: Progress,
+    log: Option<Arc<RequestLog>>,
 }
 
 impl Open {
@@ -68,6 +71,9 @@ impl Open {
 
     async fn settle(self) -> Result<Credits, StoreError> {
         let usage = self.usage();
+        if let Some(log) = &self.log {
+            log.set_usage(usage.prompt_tokens, usage.completion_tokens, usage.credits);
+        }
         self.store.settle(usage, self.reserved).await
     }
 }
@@ -80,6 +86,8 @@ pub struct Charge {
     pub pricing: Pricing,
     pub endpoint: String,
     pub model: Option<String>,
+    /// The request's log record, told the outcome.
+    pub log: Option<Arc<RequestLog>>,
 }
 
 /// A reserved request, to be settled once.
@@ -112,6 +120,7 @@ impl Settlement {
                 started: Instant::now(),
                 started_at: now_millis(),
                 progress: Progress::default(),
+                log: charge.log,
             }),
             available,
         })

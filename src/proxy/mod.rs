@@ -12,12 +12,15 @@ pub mod usage;
 
 use crate::credits::{Credits, Settlement};
 use crate::error::ApiError;
+use crate::telemetry::RequestLog;
 use axum::body::Body;
 use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
 use axum::response::Response;
 use bytes::Bytes;
 use futures_util::StreamExt;
+use std::sync::Arc;
 use std::time::Duration;
+use std::time::Instant;
 use streaming::{Relay, Wire};
 use tokio::sync::watch;
 pub use upstream::{Outbound, Upstream, UpstreamError};
@@ -37,6 +40,10 @@ pub struct RelayOptions {
     pub edit_body: Option<BodyEdit>,
     /// Ends in-flight streams when it turns true.
     pub stop: watch::Receiver<bool>,
+    /// Told how long Ollama took.
+    pub log: Option<Arc<RequestLog>>,
+    /// Kept until the reply has been relayed (e.g. a concurrency slot).
+    pub hold: Option<Box<dyn std::any::Any + Send>>,
 }
 
 impl From<UpstreamError> for ApiError {
@@ -58,6 +65,7 @@ pub async fn relay(
     options: RelayOptions,
 ) -> Result<Response, ApiError> {
     let is_head = out.method == Method::HEAD;
+    let sent = Instant::now();
     let response = match upstream.send(out).await {
         Ok(response) => response,
         Err(e) => {
@@ -67,6 +75,9 @@ pub async fn relay(
             return Err(error);
         }
     };
+    if let Some(log) = &options.log {
+        log.set_upstream_first_byte(sent.elapsed());
+    }
     let status = response.status();
     settlement.record_status(status.as_u16());
     let headers = headers::to_client(response.headers());
@@ -85,13 +96,19 @@ pub async fn relay(
             options.strip_usage_event,
             options.stop,
         )
+        .observed(options.log, options.hold)
         .into_body();
         return Ok(build(status, headers, body, available));
     }
 
     // A whole reply: Ollama's error (charged nothing) or a non-streamed
     // result (charged before it is handed over).
-    let body = match read_whole(response, upstream.timeouts.stream_idle).await {
+    let reading = Instant::now();
+    let body = read_whole(response, upstream.timeouts.stream_idle).await;
+    if let Some(log) = &options.log {
+        log.add_upstream_wait(reading.elapsed());
+    }
+    let body = match body {
         Ok(body) => body,
         Err(message) => {
             let error = ApiError::BadGateway(format!(

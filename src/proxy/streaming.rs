@@ -17,13 +17,16 @@
 
 use super::usage::{classify_ndjson, classify_sse, NdjsonLine, SseEvent};
 use crate::credits::Settlement;
+use crate::telemetry::{RequestLog, StreamGauge};
 use axum::body::Body;
 use bytes::{Bytes, BytesMut};
 use futures_util::stream::BoxStream;
 use futures_util::StreamExt;
 use serde_json::json;
 use std::convert::Infallible;
+use std::sync::Arc;
 use std::time::Duration;
+use std::time::Instant;
 use tokio::sync::watch;
 
 /// The framing of a stream.
@@ -81,6 +84,10 @@ pub struct Relay {
     /// Becomes true when in-flight streams must end (shutdown deadline).
     stop: watch::Receiver<bool>,
     finished: bool,
+    log: Option<Arc<RequestLog>>,
+    /// Whatever must live as long as the stream (a concurrency slot).
+    _hold: Option<Box<dyn std::any::Any + Send>>,
+    _gauge: StreamGauge,
 }
 
 impl Relay {
@@ -101,7 +108,21 @@ impl Relay {
             strip_usage,
             stop,
             finished: false,
+            log: None,
+            _hold: None,
+            _gauge: StreamGauge::open(),
         }
+    }
+
+    /// Reports upstream waits to `log` and keeps `hold` until the end.
+    pub fn observed(
+        mut self,
+        log: Option<Arc<RequestLog>>,
+        hold: Option<Box<dyn std::any::Any + Send>>,
+    ) -> Relay {
+        self.log = log;
+        self._hold = hold;
+        self
     }
 
     /// The response body that relays this stream.
@@ -118,11 +139,15 @@ impl Relay {
     async fn next_piece(&mut self) -> Option<Bytes> {
         while !self.finished {
             let (stop, upstream) = (&mut self.stop, &mut self.upstream);
+            let waiting = Instant::now();
             let next = tokio::select! {
                 biased;
                 _ = stop.wait_for(|stop| *stop) => None,
                 next = tokio::time::timeout(self.idle, upstream.next()) => Some(next),
             };
+            if let Some(log) = &self.log {
+                log.add_upstream_wait(waiting.elapsed());
+            }
             let Some(next) = next else {
                 return self
                     .end_early("tollgate is shutting down; the stream was cut")

@@ -15,6 +15,10 @@ pub enum UpstreamError {
     Broken { url: String, reason: String },
 }
 
+/// The user agent of tollgate's own requests to Ollama (health checks and
+/// the model list), as opposed to the requests it forwards.
+pub const OWN_USER_AGENT: &str = concat!("tollgate/", env!("CARGO_PKG_VERSION"));
+
 /// Where and how tollgate talks to Ollama.
 #[derive(Clone)]
 pub struct Upstream {
@@ -79,11 +83,32 @@ impl Upstream {
         }
     }
 
+    /// The names of the models Ollama serves, if it answers.
+    pub async fn list_models(&self) -> Option<Vec<String>> {
+        let response = self
+            .client
+            .get(format!("{}/api/tags", self.base))
+            .header(reqwest::header::USER_AGENT, OWN_USER_AGENT)
+            .timeout(self.timeouts.connect)
+            .send()
+            .await
+            .ok()?;
+        let tags: serde_json::Value = serde_json::from_slice(&response.bytes().await.ok()?).ok()?;
+        Some(
+            tags.get("models")?
+                .as_array()?
+                .iter()
+                .filter_map(|m| m.get("name").and_then(|n| n.as_str()).map(str::to_string))
+                .collect(),
+        )
+    }
+
     /// Whether Ollama answers its version endpoint.
     pub async fn is_reachable(&self) -> bool {
         let probe = self
             .client
             .get(format!("{}/api/version", self.base))
+            .header(reqwest::header::USER_AGENT, OWN_USER_AGENT)
             .timeout(self.timeouts.connect)
             .send()
             .await;

@@ -7,14 +7,17 @@ use crate::auth::Caller;
 use crate::credits::settlement::Charge;
 use crate::credits::Settlement;
 use crate::error::ApiError;
+use crate::limits::Refusal;
 use crate::policy::{self, Dialect};
 use crate::proxy::{self, headers, BodyEdit, Outbound, RelayOptions};
+use crate::telemetry::RequestLog;
 use axum::body::Body;
 use axum::http::{HeaderMap, Method};
 use axum::response::Response;
 use bytes::Bytes;
 use http_body_util::{BodyExt, LengthLimitError, Limited};
 use serde_json::{Map, Value};
+use std::sync::Arc;
 
 /// A request on its way through the gateway.
 pub struct Proxied {
@@ -24,6 +27,8 @@ pub struct Proxied {
     /// The path without query, as recorded in the ledger.
     pub path: String,
     pub headers: HeaderMap,
+    /// The request's log record.
+    pub log: Option<Arc<RequestLog>>,
 }
 
 /// Reads a request body, refusing one over `MAX_BODY_BYTES` with 413.
@@ -48,20 +53,15 @@ pub async fn forward_streamed(
     request: Proxied,
     body: Body,
 ) -> Result<Response, ApiError> {
-    let settlement = begin(state, caller, &request.path, None, None).await?;
+    let settlement = begin(state, caller, &request, None, None).await?;
+    let options = options(state, &request.log, None, false, None);
     let out = Outbound {
         method: request.method,
         path_and_query: request.path_and_query,
         headers: headers::to_upstream(&request.headers),
         body: reqwest::Body::wrap_stream(body.into_data_stream()),
     };
-    proxy::relay(
-        &state.upstream,
-        out,
-        settlement,
-        options(state, false, None),
-    )
-    .await
+    proxy::relay(&state.upstream, out, settlement, options).await
 }
 
 /// Forwards a request whose body has been read: inspected, checked against
@@ -137,9 +137,25 @@ pub async fn forward(
         }
     }
 
+    if let Some(log) = &request.log {
+        log.set_model(model.as_deref());
+    }
+    let permit = state
+        .limits
+        .admit(&caller.key)
+        .map_err(|refusal| match refusal {
+            Refusal::Rate { retry_after } => ApiError::TooManyRequests {
+                retry_after,
+                message: "rate limit reached: too many requests per minute for this key".into(),
+            },
+            Refusal::Concurrency => ApiError::TooManyRequests {
+                retry_after: 1,
+                message: "too many concurrent requests for this key".into(),
+            },
+        })?;
     let estimate = (endpoint.access == Access::Metered && !caller.is_admin())
         .then(|| state.config.pricing.estimate(estimate_tokens));
-    let settlement = begin(state, caller, &request.path, model, estimate).await?;
+    let settlement = begin(state, caller, &request, model, estimate).await?;
     if let Some(hook) = &state.hooks.before_forward {
         hook(&request.path);
     }
@@ -148,25 +164,26 @@ pub async fn forward(
         (Some(allowed), true) => Some(model_list_filter(&request.path, allowed.to_vec())),
         _ => None,
     };
+    let options = options(
+        state,
+        &request.log,
+        Some(Box::new(permit)),
+        strip_usage_event,
+        edit,
+    );
     let out = Outbound {
         method: request.method,
         path_and_query: request.path_and_query,
         headers: headers::to_upstream(&request.headers),
         body: body.into(),
     };
-    proxy::relay(
-        &state.upstream,
-        out,
-        settlement,
-        options(state, strip_usage_event, edit),
-    )
-    .await
+    proxy::relay(&state.upstream, out, settlement, options).await
 }
 
 async fn begin(
     state: &AppState,
     caller: &Caller,
-    path: &str,
+    request: &Proxied,
     model: Option<String>,
     estimate: Option<crate::credits::Credits>,
 ) -> Result<Settlement, ApiError> {
@@ -174,17 +191,26 @@ async fn begin(
         key_id: caller.key.id,
         estimate,
         pricing: state.config.pricing,
-        endpoint: path.to_string(),
+        endpoint: request.path.clone(),
         model,
+        log: request.log.clone(),
     };
     Ok(Settlement::begin(state.store.clone(), charge).await?)
 }
 
-fn options(state: &AppState, strip_usage_event: bool, edit_body: Option<BodyEdit>) -> RelayOptions {
+fn options(
+    state: &AppState,
+    log: &Option<Arc<RequestLog>>,
+    hold: Option<Box<dyn std::any::Any + Send>>,
+    strip_usage_event: bool,
+    edit_body: Option<BodyEdit>,
+) -> RelayOptions {
     RelayOptions {
         strip_usage_event,
         edit_body,
         stop: state.stop_streams.clone(),
+        log: log.clone(),
+        hold,
     }
 }
 

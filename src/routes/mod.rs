@@ -14,6 +14,11 @@ use axum::routing::{any, get, post};
 use axum::{middleware, Router};
 
 pub fn router(state: AppState) -> Router {
+    let metrics = if state.config.metrics_require_admin {
+        get(health::metrics_for_admin)
+    } else {
+        get(health::metrics)
+    };
     let openai = Router::new()
         .route("/v1/{*rest}", any(ollama::passthrough))
         .layer(middleware::from_fn(error::openai_shape));
@@ -25,6 +30,7 @@ pub fn router(state: AppState) -> Router {
         .route("/me", get(account::me))
         .route("/usage", get(account::usage))
         .route("/health", get(health::health))
+        .route("/metrics", metrics)
         .merge(crate::admin::router())
         .merge(openai)
         .fallback(error::not_found)

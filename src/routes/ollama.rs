@@ -8,10 +8,13 @@ use crate::auth::Caller;
 use crate::credits::Settlement;
 use crate::error::ApiError;
 use crate::proxy::{self, headers, Outbound, RelayOptions};
+use crate::telemetry::RequestLog;
 use axum::body::Body;
 use axum::extract::State;
 use axum::http::{HeaderMap, Method, Uri};
 use axum::response::Response;
+use axum::Extension;
+use std::sync::Arc;
 
 /// Any `/api/*` or `/v1/*` request.
 pub async fn passthrough(
@@ -20,6 +23,7 @@ pub async fn passthrough(
     method: Method,
     uri: Uri,
     headers: HeaderMap,
+    log: Option<Extension<Arc<RequestLog>>>,
     body: Body,
 ) -> Result<Response, ApiError> {
     let path = uri.path().to_string();
@@ -30,6 +34,7 @@ pub async fn passthrough(
             .map_or_else(|| path.clone(), |pq| pq.as_str().to_string()),
         path,
         headers,
+        log: log.map(|Extension(log)| log),
     };
     let endpoint = classify(&method, &request.path);
     if endpoint.access == Access::Admin && caller.is_admin() {
@@ -62,6 +67,8 @@ pub async fn root(
         strip_usage_event: false,
         edit_body: None,
         stop: state.stop_streams.clone(),
+        log: None,
+        hold: None,
     };
     proxy::relay(&state.upstream, out, Settlement::detached(), options).await
 }

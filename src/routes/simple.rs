@@ -10,12 +10,15 @@ use super::forward::{check_types, forward, read_body, Proxied};
 use crate::app::AppState;
 use crate::auth::Caller;
 use crate::error::ApiError;
+use crate::telemetry::RequestLog;
 use axum::body::Body;
 use axum::extract::{Query, State};
 use axum::http::{HeaderMap, Method, Uri};
 use axum::response::Response;
+use axum::Extension;
 use serde::Deserialize;
 use serde_json::{Map, Value};
+use std::sync::Arc;
 
 #[derive(Deserialize)]
 struct GenerateQuery {
@@ -28,6 +31,7 @@ pub async fn generate(
     caller: Caller,
     uri: Uri,
     headers: HeaderMap,
+    log: Option<Extension<Arc<RequestLog>>>,
     body: Body,
 ) -> Result<Response, ApiError> {
     let query = Query::<GenerateQuery>::try_from_uri(&uri)
@@ -41,17 +45,28 @@ pub async fn generate(
         map.entry("model")
             .or_insert_with(|| Value::String(model.clone()));
     }
-    relay_simple(&state, &caller, "/generate", "/api/generate", map, headers).await
+    let log = log.map(|Extension(log)| log);
+    relay_simple(
+        &state,
+        &caller,
+        ("/generate", "/api/generate"),
+        map,
+        headers,
+        log,
+    )
+    .await
 }
 
 pub async fn chat(
     State(state): State<AppState>,
     caller: Caller,
     headers: HeaderMap,
+    log: Option<Extension<Arc<RequestLog>>>,
     body: Body,
 ) -> Result<Response, ApiError> {
     let map = read_object(&state, body).await?;
-    relay_simple(&state, &caller, "/chat", "/api/chat", map, headers).await
+    let log = log.map(|Extension(log)| log);
+    relay_simple(&state, &caller, ("/chat", "/api/chat"), map, headers, log).await
 }
 
 /// The body as a JSON object; an empty body is an empty object.
@@ -77,10 +92,10 @@ async fn read_object(state: &AppState, body: Body) -> Result<Map<String, Value>,
 async fn relay_simple(
     state: &AppState,
     caller: &Caller,
-    path: &str,
-    upstream_path: &str,
+    (path, upstream_path): (&str, &str),
     mut map: Map<String, Value>,
     mut headers: HeaderMap,
+    log: Option<Arc<RequestLog>>,
 ) -> Result<Response, ApiError> {
     map.entry("model")
         .or_insert_with(|| Value::String(state.config.default_model.clone()));
@@ -95,6 +110,7 @@ async fn relay_simple(
         path_and_query: upstream_path.to_string(),
         path: path.to_string(),
         headers,
+        log,
     };
     let endpoint = classify(&Method::POST, upstream_path);
     forward(state, caller, endpoint, request, body.into()).await

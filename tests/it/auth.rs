@@ -34,7 +34,7 @@ async fn missing_and_unknown_keys_get_401_and_reach_nothing() {
         .await
         .unwrap();
     assert_eq!(empty_bearer.status(), 401);
-    assert!(app.fake.requests().is_empty());
+    assert!(app.forwarded().is_empty());
 }
 
 #[tokio::test]
@@ -74,7 +74,7 @@ async fn the_key_host_and_origin_never_reach_ollama() {
         .unwrap();
     // The fake answers 403 to foreign Host/Origin values, as Ollama does.
     assert_eq!(response.status(), 200);
-    let seen = app.fake.requests().pop().unwrap();
+    let seen = app.forwarded().pop().unwrap();
     assert_eq!(seen.header("x-api-key"), None);
     assert_eq!(seen.header("authorization"), None);
     assert_eq!(seen.header("origin"), None);
@@ -105,7 +105,7 @@ async fn admin_only_paths_are_403_for_ordinary_keys_and_open_to_admin() {
             .unwrap();
         assert_eq!(response.status(), 403, "{method} {path}");
     }
-    assert!(app.fake.requests().is_empty());
+    assert!(app.forwarded().is_empty());
 
     let pull = app
         .admin(reqwest::Method::POST, "/api/pull")

@@ -31,7 +31,7 @@ async fn malformed_json_and_wrong_types_are_400_and_never_forwarded() {
         let json: serde_json::Value = response.json().await.unwrap();
         assert!(!json["error"].is_null(), "{path} {body}: {json}");
     }
-    assert!(app.fake.requests().is_empty());
+    assert!(app.forwarded().is_empty());
     assert_eq!(app.balance_of(KEY).await, Credits::whole(10));
     // Still serving.
     let ok = app.keyed("/generate?prompt=hi").send().await.unwrap();
@@ -94,6 +94,6 @@ async fn a_body_over_the_limit_is_413() {
         .await
         .unwrap();
     ollama_error(response, 413).await;
-    assert!(app.fake.requests().is_empty());
+    assert!(app.forwarded().is_empty());
     assert_eq!(app.balance_of(KEY).await, Credits::whole(10));
 }

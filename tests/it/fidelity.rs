@@ -16,7 +16,7 @@ async fn native_bodies_arrive_byte_for_byte() {
         .await
         .unwrap();
     assert_eq!(response.status(), 200);
-    let seen = app.fake.requests().pop().unwrap();
+    let seen = app.forwarded().pop().unwrap();
     assert_eq!(seen.body, body.as_bytes());
     assert_eq!(seen.path, "/api/generate");
     assert_eq!(seen.header("content-type"), Some("application/json"));

@@ -62,7 +62,7 @@ async fn a_key_limited_to_some_models_gets_403_for_others_everywhere() {
             .unwrap();
         assert_eq!(response.status(), 403, "{path}");
     }
-    assert!(app.fake.requests().is_empty());
+    assert!(app.forwarded().is_empty());
     // mistral matches mistral:latest, and DEFAULT_MODEL gets no exception
     // beyond being in the list.
     let ok = app
@@ -150,7 +150,7 @@ async fn keep_alive_from_an_ordinary_key_never_reaches_ollama() {
     assert_eq!(response.status(), 200);
     let body: Value = response.json().await.unwrap();
     assert_ne!(body["done_reason"], "unload");
-    let seen = app.fake.requests().pop().unwrap().json();
+    let seen = app.forwarded().pop().unwrap().json();
     assert!(seen.get("keep_alive").is_none(), "{seen}");
     // The admin may unload.
     let unload: Value = app
@@ -179,7 +179,7 @@ async fn token_and_context_caps_are_applied() {
     ] {
         let response = app.keyed("/api/generate").json(&body).send().await.unwrap();
         assert_eq!(response.status(), 200);
-        let seen = app.fake.requests().pop().unwrap().json();
+        let seen = app.forwarded().pop().unwrap().json();
         assert_eq!(seen["options"]["num_predict"], 64, "{body}");
         assert!(seen["options"]["num_ctx"].is_null() || seen["options"]["num_ctx"] == 2048);
     }
@@ -190,5 +190,5 @@ async fn token_and_context_caps_are_applied() {
         .await
         .unwrap();
     assert_eq!(response.status(), 200);
-    assert_eq!(app.fake.requests().pop().unwrap().json()["max_tokens"], 64);
+    assert_eq!(app.forwarded().pop().unwrap().json()["max_tokens"], 64);
 }

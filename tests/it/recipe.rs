@@ -25,7 +25,7 @@ async fn the_recipe_call_answers_with_response_and_the_eleventh_gets_402() {
         assert_eq!(body["response"], "w0 w1 w2 ");
         assert_eq!(body["done"], true);
     }
-    let forwarded = app.fake.requests().last().unwrap().json();
+    let forwarded = app.forwarded().last().unwrap().json();
     assert_eq!(
         forwarded,
         json!({"prompt": "hello", "model": "mistral", "stream": false})
@@ -63,7 +63,7 @@ async fn generate_and_chat_keep_every_other_field_and_stream_only_when_asked() {
     assert_eq!(response.status(), 200);
     let body: Value = response.json().await.unwrap();
     assert_eq!(body["message"]["content"], "w0 w1 w2 ");
-    let forwarded = app.fake.requests().last().unwrap().json();
+    let forwarded = app.forwarded().last().unwrap().json();
     assert_eq!(forwarded["model"], "mistral");
     assert_eq!(forwarded["stream"], false);
     assert_eq!(forwarded["format"], "json");

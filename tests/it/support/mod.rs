@@ -129,6 +129,16 @@ impl TestApp {
         self.client.get(format!("{}{}", self.url, path))
     }
 
+    /// The requests Ollama received from clients through tollgate (not
+    /// tollgate's own health checks and model-list refreshes).
+    pub fn forwarded(&self) -> Vec<fake_ollama::Recorded> {
+        self.fake
+            .requests()
+            .into_iter()
+            .filter(|r| r.header("user-agent") != Some(tollgate::proxy::upstream::OWN_USER_AGENT))
+            .collect()
+    }
+
     /// A POST with the standard key.
     pub fn keyed(&self, path: &str) -> reqwest::RequestBuilder {
         self.post(path).header("x-api-key", KEY)
