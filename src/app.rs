@@ -20,6 +20,7 @@ use axum::extract::{Request, State};
 use axum::http::{HeaderName, HeaderValue, Method};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
+use axum::serve::{Listener, ListenerExt};
 use std::future::Future;
 use std::net::SocketAddr;
 use std::ops::Deref;
@@ -162,6 +163,34 @@ impl App {
         listener: TcpListener,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> std::io::Result<()> {
+        let listener = listener.tap_io(|tcp| {
+            let _ = tcp.set_nodelay(true);
+        });
+        self.serve_on(listener, shutdown).await
+    }
+
+    /// Serves HTTPS on `listener` with `tls` (see [`crate::tls`]).
+    pub async fn serve_tls(
+        self,
+        listener: TcpListener,
+        tls: tokio_rustls::TlsAcceptor,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> std::io::Result<()> {
+        let listener = crate::tls::TlsListener::new(listener, tls)?.tap_io(|_| {});
+        self.serve_on(listener, shutdown).await
+    }
+
+    async fn serve_on<L>(
+        self,
+        listener: L,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> std::io::Result<()>
+    where
+        L: Listener<Addr = SocketAddr>,
+        L::Io: Send,
+        for<'a> SocketAddr:
+            axum::extract::connect_info::Connected<axum::serve::IncomingStream<'a, L>>,
+    {
         let router = self.router();
         let state = self.state.clone();
         let upstream = state.upstream.clone();

@@ -143,10 +143,17 @@ async fn serve(config: Config) -> Result<(), String> {
         );
     }
     let upstream = app.state().upstream.clone();
+    let tls = match (&app.state().config.tls_cert, &app.state().config.tls_key) {
+        (Some(cert), Some(key)) => {
+            Some(crate::tls::acceptor(cert, key).map_err(|e| e.to_string())?)
+        }
+        _ => None,
+    };
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .map_err(|e| format!("cannot listen on {addr}: {e}"))?;
-    tracing::info!(%addr, ollama = upstream.base_url(), "tollgate is listening");
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    tracing::info!(url = %format!("{scheme}://{addr}"), ollama = upstream.base_url(), "tollgate is listening");
     tokio::spawn(async move {
         if !upstream.is_reachable().await {
             tracing::warn!(
@@ -155,9 +162,11 @@ async fn serve(config: Config) -> Result<(), String> {
             );
         }
     });
-    app.serve(listener, shutdown_signal())
-        .await
-        .map_err(|e| e.to_string())
+    let served = match tls {
+        Some(tls) => app.serve_tls(listener, tls, shutdown_signal()).await,
+        None => app.serve(listener, shutdown_signal()).await,
+    };
+    served.map_err(|e| e.to_string())
 }
 
 /// Resolves on SIGTERM or Ctrl-C.

@@ -26,3 +26,4 @@ pub mod proxy;
 pub mod routes;
 pub mod store;
 pub mod telemetry;
+pub mod tls;

@@ -14,3 +14,4 @@ mod operations;
 mod policy;
 mod recipe;
 mod streaming;
+mod tls;
