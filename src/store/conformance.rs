@@ -188,6 +188,7 @@ conformance_tests!(
     settle_charges_releases_and_records,
     concurrent_reserves_never_overspend,
     reserves_racing_settlements_never_overspend,
+    abandoned_reservations_are_released,
     concurrent_writes_fail_alone,
     adjust_adds_and_sets,
     ledger_adds_up_to_the_balance,
@@ -557,6 +558,35 @@ async fn reserves_racing_settlements_never_overspend(h: &Harness) {
     first.adjust(k, add("1")).await.unwrap();
     assert_eq!(second.reserve(k, cr("1")).await.unwrap(), Credits::ZERO);
     assert_ledger_adds_up(&first, k).await;
+}
+
+async fn abandoned_reservations_are_released(h: &Harness) {
+    // A caller that stops waiting for its reservation (a client hanging up)
+    // either got it, and settles it, or leaves nothing reserved.
+    let s = &h.store;
+    let k = s.create_key(new_key("k", cr("5"))).await.unwrap().id;
+    for _ in 0..20 {
+        let attempt =
+            tokio::time::timeout(std::time::Duration::from_micros(1), s.reserve(k, cr("1"))).await;
+        if let Ok(reserved) = attempt {
+            reserved.unwrap();
+            s.settle(usage(k, Credits::ZERO), cr("1")).await.unwrap();
+        }
+    }
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        match s.reserve(k, cr("5")).await {
+            Ok(left) => {
+                assert_eq!(left, Credits::ZERO);
+                break;
+            }
+            Err(StoreError::InsufficientCredits { .. }) if std::time::Instant::now() < deadline => {
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            }
+            Err(e) => panic!("the abandoned reservations were not released: {e}"),
+        }
+    }
+    assert_eq!(balance(s, k).await, cr("5"));
 }
 
 async fn concurrent_writes_fail_alone(h: &Harness) {

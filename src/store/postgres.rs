@@ -10,6 +10,9 @@
 //! covers. A settlement is one transaction: it releases the reservation,
 //! charges the real cost and writes the usage row. It commits before it
 //! returns, so an answered settlement survives `kill -9` of the gateway.
+//! Both run in their own task: a settlement is completed even if its caller
+//! stops waiting, and a reservation whose caller stopped waiting is given
+//! back at once.
 //!
 //! # Crash leaks
 //!
@@ -23,8 +26,9 @@
 //! the instances whose heartbeat is older than 60 s, and in one transaction
 //! subtracts their shares from `api_keys.reserved` and deletes them.
 //!
-//! Locks are always taken in the order `api_keys` row, then its
-//! `instance_reservations` rows, so these paths cannot deadlock each other.
+//! Locks are always taken in the order `api_keys` rows (several in id
+//! order), then their `instance_reservations` rows, so these paths cannot
+//! deadlock each other.
 //!
 //! A gateway that is alive but could not reach the database for over 60 s
 //! may have had its reservations released by another gateway; its later
