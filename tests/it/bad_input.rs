@@ -97,3 +97,26 @@ async fn a_body_over_the_limit_is_413() {
     assert!(app.forwarded().is_empty());
     assert_eq!(app.balance_of(KEY).await, Credits::whole(10));
 }
+
+#[tokio::test]
+async fn admin_blob_uploads_are_exempt_from_the_body_limit() {
+    let app = spawn().var("MAX_BODY_BYTES", "1024").start().await;
+    use sha2::Digest;
+    let blob = vec![7u8; 64 * 1024];
+    let path = format!(
+        "/api/blobs/sha256:{}",
+        hex::encode(sha2::Sha256::digest(&blob))
+    );
+    let response = app
+        .admin(reqwest::Method::POST, &path)
+        .body(blob.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 201);
+    let seen = app.forwarded().pop().unwrap();
+    assert_eq!(seen.body.len(), blob.len());
+    // An ordinary key is refused before its body is read.
+    let refused = app.keyed(&path).body(blob).send().await.unwrap();
+    assert_eq!(refused.status(), 403);
+}

@@ -393,3 +393,49 @@ async fn a_client_that_hangs_up_is_settled_for_what_it_got() {
     assert_eq!(rows[0].record.credits, Credits::whole(1));
     assert!(rows[0].record.completion_tokens >= 1);
 }
+
+/// An Ollama whose listen queue is full never completes the TCP handshake:
+/// the connect limit answers 502 and nothing is charged.
+#[tokio::test]
+async fn an_ollama_that_never_accepts_hits_the_connect_limit() {
+    use socket2::{Domain, Socket, Type};
+    let socket = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
+    socket
+        .bind(
+            &"127.0.0.1:0"
+                .parse::<std::net::SocketAddr>()
+                .unwrap()
+                .into(),
+        )
+        .unwrap();
+    socket.listen(0).unwrap();
+    let addr = socket.local_addr().unwrap().as_socket().unwrap();
+    // Fill the accept queue; the listener never accepts.
+    let mut fillers = Vec::new();
+    for _ in 0..4 {
+        if let Ok(Ok(s)) = tokio::time::timeout(
+            Duration::from_millis(300),
+            tokio::net::TcpStream::connect(addr),
+        )
+        .await
+        {
+            fillers.push(s);
+        }
+    }
+    let url = format!("http://{addr}");
+    let app = spawn()
+        .var("OLLAMA_URL", &url)
+        .var("OLLAMA_CONNECT_TIMEOUT_SECS", "1")
+        .start()
+        .await;
+    let response = app
+        .keyed("/api/generate")
+        .json(&generate(false))
+        .send()
+        .await
+        .unwrap();
+    let message = ollama_error(response, 502).await;
+    assert!(message.contains(&url), "{message}");
+    assert_eq!(app.balance_of(KEY).await, Credits::whole(10));
+    drop(fillers);
+}
