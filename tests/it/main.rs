@@ -10,6 +10,7 @@ mod bad_input;
 mod credits;
 mod fake_selftest;
 mod fidelity;
+mod openai;
 mod operations;
 mod policy;
 mod recipe;

@@ -1,0 +1,194 @@
+//! SPEC §5, §6, §7 on `/v1/*`: Ollama's OpenAI-compatible API passed
+//! through, SSE relayed, errors in OpenAI's shape.
+
+use crate::support::{spawn, TestApp, KEY};
+use serde_json::{json, Value};
+use tollgate::credits::Credits;
+
+fn chat(stream: bool) -> Value {
+    json!({"model": "mistral", "messages": [{"role": "user", "content": "hi"}], "stream": stream})
+}
+
+fn events(text: &str) -> Vec<&str> {
+    text.split("\n\n")
+        .filter(|e| !e.is_empty())
+        .map(|e| e.strip_prefix("data: ").expect("every event is data"))
+        .collect()
+}
+
+#[tokio::test]
+async fn sse_streams_are_relayed_event_by_event_with_done() {
+    let app = TestApp::new().await;
+    let response = app
+        .post("/v1/chat/completions")
+        .header("authorization", format!("Bearer {KEY}"))
+        .json(&chat(true))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    assert!(response.headers()["content-type"]
+        .to_str()
+        .unwrap()
+        .starts_with("text/event-stream"));
+    assert_eq!(response.headers()["x-credits-remaining"], "9");
+    let text = response.text().await.unwrap();
+    let events = events(&text);
+    assert_eq!(*events.last().unwrap(), "[DONE]");
+    let first: Value = serde_json::from_str(events[0]).unwrap();
+    assert_eq!(first["choices"][0]["delta"]["role"], "assistant");
+    assert!(
+        !text.contains("\"choices\":[]"),
+        "no usage chunk was asked for"
+    );
+    let rows = app.wait_ledger(KEY, 1).await;
+    assert_eq!(rows[0].record.credits, Credits::whole(1));
+    assert_eq!(rows[0].record.endpoint, "/v1/chat/completions");
+}
+
+#[tokio::test]
+async fn with_token_pricing_usage_is_asked_for_and_the_extra_chunk_removed() {
+    let app = spawn()
+        .var("API_KEY_CREDITS", "100")
+        .var("CREDITS_PER_1K_COMPLETION_TOKENS", "1000")
+        .start()
+        .await;
+    // A small max_tokens keeps the reservation (1 + 10 tokens) affordable.
+    let mut body = chat(true);
+    body["max_tokens"] = json!(10);
+    let response = app
+        .keyed("/v1/chat/completions")
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.headers()["x-credits-remaining"], "89");
+    let text = response.text().await.unwrap();
+    let asked = app.forwarded().pop().unwrap().json();
+    assert_eq!(asked["stream_options"]["include_usage"], true);
+    assert!(!text.contains("\"choices\":[]"), "{text}");
+    assert_eq!(*events(&text).last().unwrap(), "[DONE]");
+    let rows = app.wait_ledger(KEY, 1).await;
+    // 1 per request + 3 completion tokens at 1 credit each, from `usage`.
+    assert_eq!(
+        (
+            rows[0].record.prompt_tokens,
+            rows[0].record.completion_tokens
+        ),
+        (7, 3)
+    );
+    assert_eq!(rows[0].record.credits, Credits::whole(4));
+
+    // A client that asks for usage gets it.
+    body["stream_options"] = json!({"include_usage": true});
+    let text = app
+        .keyed("/v1/chat/completions")
+        .json(&body)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(text.contains("\"choices\":[]"), "{text}");
+}
+
+#[tokio::test]
+async fn non_streamed_replies_and_metadata_pass_through() {
+    let app = TestApp::new().await;
+    let reply: Value = app
+        .keyed("/v1/chat/completions")
+        .json(&chat(false))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(reply["object"], "chat.completion");
+    assert!(reply["usage"]["completion_tokens"].is_u64());
+    let completion: Value = app
+        .keyed("/v1/completions")
+        .json(&json!({"model": "mistral", "prompt": "Once"}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(completion["object"], "text_completion");
+    let embedding: Value = app
+        .keyed("/v1/embeddings")
+        .json(&json!({"model": "nomic-embed-text", "input": "hi"}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(embedding["object"], "list");
+    let models: Value = app
+        .get("/v1/models")
+        .header("x-api-key", KEY)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(models["data"].as_array().unwrap().len(), 3);
+    let one = app
+        .get("/v1/models/mistral:latest")
+        .header("x-api-key", KEY)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(one.status(), 200);
+    assert_eq!(app.balance_of(KEY).await, Credits::whole(7));
+}
+
+#[tokio::test]
+async fn tollgates_own_errors_have_openais_shape() {
+    let app = spawn().var("API_KEY_CREDITS", "0").start().await;
+    let cases = [
+        (
+            app.post("/v1/chat/completions"),
+            401,
+            "invalid_request_error",
+        ),
+        (app.keyed("/v1/chat/completions"), 402, "insufficient_quota"),
+        (app.keyed("/v1/some-new-endpoint"), 403, "permission_error"),
+    ];
+    for (request, status, kind) in cases {
+        let response = request.json(&chat(false)).send().await.unwrap();
+        assert_eq!(response.status(), status);
+        let body: Value = response.json().await.unwrap();
+        assert_eq!(body["error"]["type"], kind, "{body}");
+        assert!(body["error"]["message"].is_string());
+        assert!(body["error"].get("param").is_some() && body["error"].get("code").is_some());
+    }
+    let bad = app
+        .keyed("/v1/chat/completions")
+        .body("{nope")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(bad.status(), 400);
+    let body: Value = bad.json().await.unwrap();
+    assert_eq!(body["error"]["type"], "invalid_request_error");
+}
+
+#[tokio::test]
+async fn ollamas_own_openai_errors_pass_through() {
+    let app = TestApp::new().await;
+    let response = app
+        .keyed("/v1/chat/completions")
+        .json(&json!({"model": "nosuch", "messages": [{"role": "user", "content": "hi"}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 404);
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["error"]["type"], "not_found_error");
+    assert_eq!(app.balance_of(KEY).await, Credits::whole(10));
+}
