@@ -2,11 +2,11 @@
 //! other commands manage keys and read the ledger directly on the configured
 //! store, like the admin API does over HTTP.
 
+use crate::admin::export::{self, Format};
 use crate::admin::keys::{self, KeySpec, KeyView};
 use crate::app::{App, Hooks};
 use crate::config::Config;
 use crate::credits::Credits;
-use crate::routes::account::usage_item;
 use crate::store::{self, BalanceChange, KeyId, PageRequest, Role, SharedStore};
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
@@ -50,7 +50,8 @@ enum Command {
 enum KeysCommand {
     /// Create a key and print its secret (shown this once).
     Create {
-        #[arg(long)]
+        /// A name for the key (who holds it).
+        #[arg(long, value_parser = parse_name)]
         name: String,
         /// Initial credits (up to three decimals).
         #[arg(long, default_value = "0")]
@@ -86,6 +87,15 @@ enum KeysCommand {
     },
     /// Revoke a key: it gets 401 from then on; its ledger stays.
     Revoke { id: KeyId },
+}
+
+/// The admin API refuses blank names; so does the CLI.
+fn parse_name(s: &str) -> Result<String, String> {
+    if s.trim().is_empty() {
+        Err("the name must not be empty".into())
+    } else {
+        Ok(s.to_string())
+    }
 }
 
 fn parse_role(s: &str) -> Result<Role, String> {
@@ -267,30 +277,12 @@ async fn print_usage(
         )
         .await
         .map_err(|e| e.to_string())?;
+    let format = if csv { Format::Csv } else { Format::Ndjson };
     if csv {
-        println!(
-            "time,key_id,endpoint,model,status,prompt_tokens,completion_tokens,credits,duration_ms"
-        );
+        println!("{}", export::CSV_HEADER);
     }
     for row in rows {
-        let key_id = row.record.key_id;
-        let item = usage_item(row, true);
-        if csv {
-            println!(
-                "{},{},{},{},{},{},{},{},{}",
-                item.time,
-                key_id,
-                item.endpoint,
-                item.model.as_deref().unwrap_or(""),
-                item.status,
-                item.prompt_tokens,
-                item.completion_tokens,
-                item.credits,
-                item.duration_ms
-            );
-        } else {
-            println!("{}", json_line(&item)?);
-        }
+        println!("{}", export::line(row, format));
     }
     Ok(())
 }

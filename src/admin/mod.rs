@@ -1,13 +1,14 @@
 //! The admin API under `/admin/` (SPEC §5): key management and the whole
 //! ledger, for the admin key only.
 
+pub mod export;
 pub mod keys;
 
 use crate::app::AppState;
 use crate::auth::AdminCaller;
 use crate::credits::Credits;
 use crate::error::ApiError;
-use crate::routes::account::{page_request, usage_item, usage_page, MAX_PAGE};
+use crate::routes::account::{page_request, usage_page, MAX_PAGE};
 use crate::store::{BalanceChange, KeyId, KeyPatch, PageRequest, Role};
 use axum::body::{Body, Bytes};
 use axum::extract::{Path, Query, State};
@@ -15,6 +16,7 @@ use axum::http::{header, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
+use export::Format;
 use keys::{KeySpec, KeyView};
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
@@ -239,8 +241,14 @@ async fn usage(
             Ok(Json(page).into_response())
         }
         Some(format @ ("csv" | "ndjson")) => {
-            let text = export(&state, filter.key, format == "csv").await?;
-            let content_type = if format == "csv" {
+            let csv = format == "csv";
+            let text = export(
+                &state,
+                filter.key,
+                if csv { Format::Csv } else { Format::Ndjson },
+            )
+            .await?;
+            let content_type = if csv {
                 "text/csv; charset=utf-8"
             } else {
                 "application/x-ndjson"
@@ -254,57 +262,29 @@ async fn usage(
 }
 
 /// The whole ledger (of one key, or all), newest first.
-pub async fn export(state: &AppState, key: Option<KeyId>, csv: bool) -> Result<String, ApiError> {
+pub async fn export(
+    state: &AppState,
+    key: Option<KeyId>,
+    format: Format,
+) -> Result<String, ApiError> {
     let mut out = String::new();
-    if csv {
-        out.push_str("time,key_id,endpoint,model,status,prompt_tokens,completion_tokens,credits,duration_ms\n");
+    if format == Format::Csv {
+        out.push_str(export::CSV_HEADER);
+        out.push('\n');
     }
     let mut before = None;
     loop {
-        let rows = state
-            .store
-            .usage(
-                key,
-                PageRequest {
-                    limit: MAX_PAGE,
-                    before,
-                },
-            )
-            .await?;
+        let page = PageRequest {
+            limit: MAX_PAGE,
+            before,
+        };
+        let rows = state.store.usage(key, page).await?;
         let Some(last) = rows.last() else { break };
         before = Some(last.id);
         for row in rows {
-            let key_id = row.record.key_id;
-            let item = usage_item(row, true);
-            if csv {
-                out.push_str(&format!(
-                    "{},{},{},{},{},{},{},{},{}\n",
-                    item.time,
-                    key_id,
-                    csv_field(&item.endpoint),
-                    csv_field(item.model.as_deref().unwrap_or("")),
-                    item.status,
-                    item.prompt_tokens,
-                    item.completion_tokens,
-                    item.credits,
-                    item.duration_ms
-                ));
-            } else {
-                out.push_str(
-                    &serde_json::to_string(&item).map_err(|e| ApiError::Internal(e.to_string()))?,
-                );
-                out.push('\n');
-            }
+            out.push_str(&export::line(row, format));
+            out.push('\n');
         }
     }
     Ok(out)
-}
-
-/// Quotes a CSV field when it needs it (RFC 4180).
-fn csv_field(text: &str) -> String {
-    if text.contains([',', '"', '\n', '\r']) {
-        format!("\"{}\"", text.replace('"', "\"\""))
-    } else {
-        text.to_string()
-    }
 }

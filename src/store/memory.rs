@@ -136,23 +136,7 @@ impl Store for MemoryStore {
     }
 
     async fn update_key(&self, id: KeyId, patch: KeyPatch) -> Result<KeyRecord, StoreError> {
-        self.modify(id, |r| {
-            if let Some(name) = patch.name {
-                r.name = name;
-            }
-            if let Some(models) = patch.models {
-                r.models = models;
-            }
-            if let Some(rpm) = patch.rate_limit_rpm {
-                r.rate_limit_rpm = rpm;
-            }
-            if let Some(max) = patch.max_concurrent {
-                r.max_concurrent = max;
-            }
-            if let Some(expires) = patch.expires_at {
-                r.expires_at = expires;
-            }
-        })
+        self.modify(id, |r| patch.apply(r))
     }
 
     async fn revoke_key(&self, id: KeyId, at: Millis) -> Result<KeyRecord, StoreError> {

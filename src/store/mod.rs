@@ -115,6 +115,27 @@ pub struct KeyPatch {
     pub expires_at: Option<Option<Millis>>,
 }
 
+impl KeyPatch {
+    /// Applies the patch to a key, as every store does.
+    pub fn apply(self, r: &mut KeyRecord) {
+        if let Some(name) = self.name {
+            r.name = name;
+        }
+        if let Some(models) = self.models {
+            r.models = models;
+        }
+        if let Some(rpm) = self.rate_limit_rpm {
+            r.rate_limit_rpm = rpm;
+        }
+        if let Some(max) = self.max_concurrent {
+            r.max_concurrent = max;
+        }
+        if let Some(expires) = self.expires_at {
+            r.expires_at = expires;
+        }
+    }
+}
+
 /// A balance change that is not a request.
 #[derive(Clone, Debug)]
 pub enum BalanceChange {

@@ -559,7 +559,7 @@ impl Store for PostgresStore {
         let mut record = Self::key_for_update(&mut tx, id)
             .await?
             .ok_or(StoreError::NoSuchKey(id))?;
-        super::sqlite::apply_patch(&mut record, patch);
+        patch.apply(&mut record);
         sqlx::query(
             "UPDATE api_keys SET name = $2, models = $3, rate_limit_rpm = $4, \
              max_concurrent = $5, expires_at = $6 WHERE id = $1",

@@ -409,25 +409,6 @@ fn i64_of(n: u64) -> i64 {
     i64::try_from(n).unwrap_or(i64::MAX)
 }
 
-/// Applies a [`KeyPatch`] the way the memory store does.
-pub(crate) fn apply_patch(r: &mut KeyRecord, patch: KeyPatch) {
-    if let Some(name) = patch.name {
-        r.name = name;
-    }
-    if let Some(models) = patch.models {
-        r.models = models;
-    }
-    if let Some(rpm) = patch.rate_limit_rpm {
-        r.rate_limit_rpm = rpm;
-    }
-    if let Some(max) = patch.max_concurrent {
-        r.max_concurrent = max;
-    }
-    if let Some(expires) = patch.expires_at {
-        r.expires_at = expires;
-    }
-}
-
 // ---------------------------------------------------------------------------
 // Writes
 
@@ -668,7 +649,7 @@ fn create_key(conn: &Connection, new: NewKey, now: Millis) -> Result<KeyRecord, 
 
 fn update_key(conn: &Connection, id: KeyId, patch: KeyPatch) -> Result<KeyRecord, StoreError> {
     let mut record = key_by_id(conn, id)?.ok_or(StoreError::NoSuchKey(id))?;
-    apply_patch(&mut record, patch);
+    patch.apply(&mut record);
     conn.prepare_cached(
         "UPDATE api_keys SET name = ?2, models = ?3, rate_limit_rpm = ?4, max_concurrent = ?5, \
          expires_at = ?6 WHERE id = ?1",
