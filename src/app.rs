@@ -358,6 +358,8 @@ fn cors(origins: &[String]) -> Option<CorsLayer> {
                 axum::http::header::CONTENT_TYPE,
                 HeaderName::from_static("x-request-id"),
             ])
+            // Browsers may reuse a preflight for ten minutes.
+            .max_age(Duration::from_secs(600))
             .expose_headers([
                 HeaderName::from_static("x-credits-remaining"),
                 HeaderName::from_static("x-request-id"),

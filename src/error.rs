@@ -95,6 +95,15 @@ impl From<StoreError> for ApiError {
     }
 }
 
+impl From<crate::admin::keys::KeyError> for ApiError {
+    fn from(e: crate::admin::keys::KeyError) -> Self {
+        match e {
+            crate::admin::keys::KeyError::Store(e) => e.into(),
+            invalid => ApiError::BadRequest(invalid.to_string()),
+        }
+    }
+}
+
 /// Attached to error responses so [`openai_shape`] can re-shape them.
 #[derive(Clone, Debug)]
 struct OpenAiError {

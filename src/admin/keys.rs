@@ -21,13 +21,35 @@ pub struct KeySpec {
     pub expires_at: Option<Millis>,
 }
 
+/// Why a key cannot be created as asked.
+#[derive(Debug, thiserror::Error)]
+pub enum KeyError {
+    #[error("a key's name must not be empty")]
+    EmptyName,
+    #[error("a new key's credits cannot be negative")]
+    NegativeCredits,
+    #[error("model names must not be empty")]
+    EmptyModel,
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
 /// Creates a key with a fresh secret; the secret is returned this once and
 /// never stored.
 pub async fn create(
     store: &dyn Store,
     spec: KeySpec,
     actor: &str,
-) -> Result<(KeyRecord, String), StoreError> {
+) -> Result<(KeyRecord, String), KeyError> {
+    if spec.name.trim().is_empty() {
+        return Err(KeyError::EmptyName);
+    }
+    if spec.credits < Credits::ZERO {
+        return Err(KeyError::NegativeCredits);
+    }
+    if spec.models.iter().flatten().any(|m| m.trim().is_empty()) {
+        return Err(KeyError::EmptyModel);
+    }
     let secret = keys::generate();
     let record = store
         .create_key(NewKey {

@@ -72,9 +72,6 @@ async fn create_key(
     body: Bytes,
 ) -> Result<Response, ApiError> {
     let req: CreateKey = parse(&body)?;
-    if req.name.trim().is_empty() {
-        return Err(ApiError::BadRequest("name must not be empty".into()));
-    }
     let expires_at = req
         .expires_at
         .as_deref()

@@ -236,6 +236,21 @@ async fn admin_api_bad_input() {
             r#"{"add": 1, "set": 2}"#,
         ),
         (Method::POST, "/admin/keys/1/credits", r#"{}"#),
+        (
+            Method::POST,
+            "/admin/keys",
+            r#"{"name": " ", "credits": 1}"#,
+        ),
+        (
+            Method::POST,
+            "/admin/keys",
+            r#"{"name": "x", "credits": -5}"#,
+        ),
+        (
+            Method::POST,
+            "/admin/keys",
+            r#"{"name": "x", "models": [""]}"#,
+        ),
         (Method::PATCH, "/admin/keys/1", r#"{"name": ""}"#),
     ] {
         let response = app
