@@ -13,6 +13,7 @@ mod fidelity;
 mod openai;
 mod operations;
 mod policy;
+mod process;
 mod recipe;
 mod streaming;
 mod tls;
