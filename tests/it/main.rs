@@ -7,6 +7,7 @@ mod support;
 mod account_admin;
 mod auth;
 mod bad_input;
+mod browser;
 mod clients;
 mod credits;
 mod fake_selftest;
