@@ -9,6 +9,7 @@
 mod cli;
 mod crash;
 mod lifecycle;
+mod logs;
 mod two_gateways;
 
 use std::collections::BTreeMap;
