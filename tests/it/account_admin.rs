@@ -1,6 +1,6 @@
 //! SPEC §5: `/me`, `/usage` and the admin API.
 
-use crate::support::{ollama_error, TestApp, KEY};
+use crate::support::{ollama_error, Fetch, TestApp, KEY};
 use reqwest::Method;
 use serde_json::{json, Value};
 use tollgate::credits::Credits;
@@ -12,15 +12,7 @@ async fn me_shows_credits_and_usage_totals() {
         app.keyed("/generate?prompt=hi").send().await.unwrap();
     }
     app.wait_ledger(KEY, 2).await;
-    let me: Value = app
-        .get("/me")
-        .header("x-api-key", KEY)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let me: Value = app.get("/me").header("x-api-key", KEY).fetch_json().await;
     assert_eq!(me["credits"], 8);
     assert_eq!(me["role"], "user");
     assert_eq!(
@@ -44,12 +36,8 @@ async fn usage_pages_newest_first_with_a_cursor() {
     let first: Value = app
         .get("/usage?limit=2")
         .header("x-api-key", KEY)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+        .fetch_json()
+        .await;
     assert_eq!(first["items"].as_array().unwrap().len(), 2);
     let item = &first["items"][0];
     for field in [
@@ -73,12 +61,8 @@ async fn usage_pages_newest_first_with_a_cursor() {
         let page: Value = app
             .get(&format!("/usage?limit=2&cursor={next}"))
             .header("x-api-key", KEY)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+            .fetch_json()
+            .await;
         seen += page["items"].as_array().unwrap().len();
         match page["next"].as_str() {
             Some(n) => next = n.to_string(),
@@ -110,23 +94,12 @@ async fn the_admin_api_manages_keys() {
     let me: Value = app
         .get("/me")
         .header("x-api-key", &secret)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+        .fetch_json()
+        .await;
     assert_eq!(me["name"], "alice");
 
     // Listing never shows a secret or a hash.
-    let list = app
-        .admin(Method::GET, "/admin/keys")
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let list = app.admin(Method::GET, "/admin/keys").fetch_text().await;
     assert!(!list.contains(&secret));
     assert!(!list.contains(&tollgate::auth::keys::hash(&secret).0));
     let list: Value = serde_json::from_str(&list).unwrap();
@@ -139,22 +112,14 @@ async fn the_admin_api_manages_keys() {
     let topped: Value = app
         .admin(Method::POST, &format!("/admin/keys/{id}/credits"))
         .json(&json!({"add": 10, "reason": "invoice 7"}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+        .fetch_json()
+        .await;
     assert_eq!(topped["credits"], 12.5);
     let set: Value = app
         .admin(Method::POST, &format!("/admin/keys/{id}/credits"))
         .json(&json!({"set": 3}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+        .fetch_json()
+        .await;
     assert_eq!(set["credits"], 3);
     let adjustments = app.store.adjustments(id).await.unwrap();
     let deltas: Vec<Credits> = adjustments.iter().map(|a| a.delta).collect();
@@ -171,12 +136,8 @@ async fn the_admin_api_manages_keys() {
     let patched: Value = app
         .admin(Method::PATCH, &format!("/admin/keys/{id}"))
         .json(&json!({"name": "alice2", "models": null, "max_concurrent": 2}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+        .fetch_json()
+        .await;
     assert_eq!(patched["name"], "alice2");
     assert_eq!(patched["models"], Value::Null);
     assert_eq!(patched["max_concurrent"], 2);
@@ -184,12 +145,8 @@ async fn the_admin_api_manages_keys() {
 
     let one: Value = app
         .admin(Method::GET, &format!("/admin/keys/{id}"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+        .fetch_json()
+        .await;
     assert_eq!(one["usage"]["requests"], 0);
 
     let revoked = app
@@ -286,22 +243,14 @@ async fn admin_usage_exports_csv_and_ndjson() {
     let id = app.key_of(KEY).await.id;
     let page: Value = app
         .admin(Method::GET, &format!("/admin/usage?key={id}"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+        .fetch_json()
+        .await;
     assert_eq!(page["items"].as_array().unwrap().len(), 3);
     assert_eq!(page["items"][0]["key_id"], id);
     let csv = app
         .admin(Method::GET, "/admin/usage?format=csv")
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+        .fetch_text()
+        .await;
     let lines: Vec<&str> = csv.lines().collect();
     assert_eq!(
         lines[0],
@@ -315,12 +264,8 @@ async fn admin_usage_exports_csv_and_ndjson() {
     );
     let ndjson = app
         .admin(Method::GET, "/admin/usage?format=ndjson")
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+        .fetch_text()
+        .await;
     assert_eq!(ndjson.lines().count(), 3);
     let bad = app
         .admin(Method::GET, "/admin/usage?format=xml")

@@ -1,7 +1,7 @@
 //! SPEC §3: where the key comes from, what a wrong one gets, what the
 //! admin key may do.
 
-use crate::support::{ollama_error, spawn, TestApp, ADMIN, KEY};
+use crate::support::{ollama_error, spawn, Fetch, TestApp, ADMIN, KEY};
 use serde_json::{json, Value};
 
 fn chat_body() -> Value {
@@ -139,15 +139,7 @@ async fn admin_keys_are_neither_charged_nor_refused_for_credits_but_recorded() {
     assert!(rows
         .iter()
         .all(|r| r.record.credits == tollgate::credits::Credits::ZERO));
-    let me: Value = app
-        .get("/me")
-        .header("x-api-key", ADMIN)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let me: Value = app.get("/me").header("x-api-key", ADMIN).fetch_json().await;
     assert_eq!(me["role"], "admin");
     assert_eq!(me["credits"], Value::Null);
     // The ordinary key with no credits is refused.

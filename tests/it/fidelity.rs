@@ -1,7 +1,7 @@
 //! Requests reach Ollama as the client sent them; Ollama's replies reach
 //! the client as Ollama sent them.
 
-use crate::support::{TestApp, KEY};
+use crate::support::{Fetch, TestApp, KEY};
 use serde_json::Value;
 
 #[tokio::test]
@@ -75,22 +75,14 @@ async fn embeddings_are_metered_and_relayed() {
     let embed: Value = app
         .keyed("/api/embed")
         .body(r#"{"model":"nomic-embed-text","input":["a","b"]}"#)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+        .fetch_json()
+        .await;
     assert_eq!(embed["embeddings"].as_array().unwrap().len(), 2);
     let legacy: Value = app
         .keyed("/api/embeddings")
         .body(r#"{"model":"nomic-embed-text","prompt":"a"}"#)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+        .fetch_json()
+        .await;
     assert!(legacy["embedding"].is_array());
     assert_eq!(
         app.balance_of(KEY).await,
@@ -111,14 +103,7 @@ async fn the_root_probe_needs_no_key_like_ollama() {
 #[tokio::test]
 async fn health_reports_whether_ollama_answers() {
     let app = TestApp::new().await;
-    let health: Value = app
-        .get("/health")
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let health: Value = app.get("/health").fetch_json().await;
     assert_eq!(health["status"], "ok");
     assert_eq!(health["ollama"]["reachable"], true);
     assert_eq!(health["ollama"]["url"], app.fake.url());

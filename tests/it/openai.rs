@@ -1,7 +1,7 @@
 //! SPEC §5, §6, §7 on `/v1/*`: Ollama's OpenAI-compatible API passed
 //! through, SSE relayed, errors in OpenAI's shape.
 
-use crate::support::{spawn, TestApp, KEY};
+use crate::support::{spawn, Fetch, TestApp, KEY};
 use serde_json::{json, Value};
 use tollgate::credits::Credits;
 
@@ -84,12 +84,8 @@ async fn with_token_pricing_usage_is_asked_for_and_the_extra_chunk_removed() {
     let text = app
         .keyed("/v1/chat/completions")
         .json(&body)
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+        .fetch_text()
+        .await;
     assert!(text.contains("\"choices\":[]"), "{text}");
 }
 
@@ -99,43 +95,27 @@ async fn non_streamed_replies_and_metadata_pass_through() {
     let reply: Value = app
         .keyed("/v1/chat/completions")
         .json(&chat(false))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+        .fetch_json()
+        .await;
     assert_eq!(reply["object"], "chat.completion");
     assert!(reply["usage"]["completion_tokens"].is_u64());
     let completion: Value = app
         .keyed("/v1/completions")
         .json(&json!({"model": "mistral", "prompt": "Once"}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+        .fetch_json()
+        .await;
     assert_eq!(completion["object"], "text_completion");
     let embedding: Value = app
         .keyed("/v1/embeddings")
         .json(&json!({"model": "nomic-embed-text", "input": "hi"}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+        .fetch_json()
+        .await;
     assert_eq!(embedding["object"], "list");
     let models: Value = app
         .get("/v1/models")
         .header("x-api-key", KEY)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+        .fetch_json()
+        .await;
     assert_eq!(models["data"].as_array().unwrap().len(), 3);
     let one = app
         .get("/v1/models/mistral:latest")

@@ -1,7 +1,7 @@
 //! SPEC §2, §3, §5: rate limits, request ids, metrics and CORS.
 
 use crate::support::fake_ollama::Behavior;
-use crate::support::{ollama_error, spawn, TestApp, ADMIN, KEY};
+use crate::support::{ollama_error, spawn, Fetch, TestApp, ADMIN, KEY};
 use reqwest::Method;
 use serde_json::{json, Value};
 use std::time::Duration;
@@ -63,12 +63,8 @@ async fn a_per_key_override_replaces_the_default_limit() {
     let created: Value = app
         .admin(Method::POST, "/admin/keys")
         .json(&json!({"name": "busy", "credits": 10, "rate_limit_rpm": 4}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+        .fetch_json()
+        .await;
     let key = created["key"].as_str().unwrap();
     for _ in 0..4 {
         let r = app
@@ -173,15 +169,7 @@ fn sample(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
 #[tokio::test]
 async fn metrics_count_requests_rejections_tokens_and_credits() {
     let app = TestApp::new().await;
-    let read = || async {
-        app.get("/metrics")
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap()
-    };
+    let read = || async { app.get("/metrics").fetch_text().await };
     let before = read().await;
     let id = app.key_of(KEY).await.id.to_string();
     app.keyed("/api/chat").json(&chat()).send().await.unwrap();
@@ -221,14 +209,7 @@ async fn a_model_ollama_does_not_list_is_labelled_other() {
         .await
         .unwrap();
     tokio::time::sleep(Duration::from_millis(100)).await;
-    let text = app
-        .get("/metrics")
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = app.get("/metrics").fetch_text().await;
     assert!(!text.contains(chosen));
 }
 

@@ -1,6 +1,6 @@
 //! SPEC §4a: per-key request policy.
 
-use crate::support::{spawn, TestApp, ADMIN};
+use crate::support::{spawn, Fetch, TestApp, ADMIN};
 use reqwest::Method;
 use serde_json::{json, Value};
 
@@ -8,12 +8,8 @@ async fn limited_key(app: &TestApp, models: Value) -> String {
     let created: Value = app
         .admin(Method::POST, "/admin/keys")
         .json(&json!({"name": "limited", "credits": 10, "models": models}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+        .fetch_json()
+        .await;
     created["key"].as_str().unwrap().to_string()
 }
 
@@ -89,12 +85,8 @@ async fn the_model_lists_show_only_the_keys_models() {
     let tags: Value = app
         .get("/api/tags")
         .header("x-api-key", &key)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+        .fetch_json()
+        .await;
     let names: Vec<&str> = tags["models"]
         .as_array()
         .unwrap()
@@ -105,12 +97,8 @@ async fn the_model_lists_show_only_the_keys_models() {
     let models: Value = app
         .get("/v1/models")
         .header("x-api-key", &key)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+        .fetch_json()
+        .await;
     let ids: Vec<&str> = models["data"]
         .as_array()
         .unwrap()
@@ -129,12 +117,8 @@ async fn the_model_lists_show_only_the_keys_models() {
     let tags: Value = app
         .get("/api/tags")
         .header("x-api-key", ADMIN)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+        .fetch_json()
+        .await;
     assert_eq!(tags["models"].as_array().unwrap().len(), 3);
 }
 
@@ -156,12 +140,8 @@ async fn keep_alive_from_an_ordinary_key_never_reaches_ollama() {
     let unload: Value = app
         .admin(Method::POST, "/api/generate")
         .json(&json!({"model": "mistral", "prompt": "", "keep_alive": 0, "stream": false}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+        .fetch_json()
+        .await;
     assert_eq!(unload["done_reason"], "unload");
 }
 

@@ -224,3 +224,24 @@ pub async fn ollama_error(response: reqwest::Response, status: u16) -> String {
         .unwrap_or_else(|| panic!("not Ollama's error shape: {body}"))
         .to_string()
 }
+
+/// Sends a request and reads its body, for tests that only need the body.
+pub trait Fetch {
+    fn fetch_json<T: serde::de::DeserializeOwned>(self) -> impl std::future::Future<Output = T>;
+    fn fetch_text(self) -> impl std::future::Future<Output = String>;
+}
+
+impl Fetch for reqwest::RequestBuilder {
+    async fn fetch_json<T: serde::de::DeserializeOwned>(self) -> T {
+        self.send()
+            .await
+            .expect("send")
+            .json()
+            .await
+            .expect("JSON body")
+    }
+
+    async fn fetch_text(self) -> String {
+        self.send().await.expect("send").text().await.expect("body")
+    }
+}
