@@ -115,7 +115,7 @@ pub async fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    crate::telemetry::init_logging(config.log_format);
+    crate::telemetry::init_logging(config.log_format, &config.log_filter);
     let result = match cli.command.unwrap_or(Command::Serve) {
         Command::Serve => serve(config).await,
         Command::Keys(cmd) => match store::open(&config.database_url).await {

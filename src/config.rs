@@ -130,6 +130,8 @@ pub struct Config {
     pub metrics_require_admin: bool,
     pub cors_origins: Vec<String>,
     pub log_format: LogFormat,
+    /// `RUST_LOG`: which log lines to write (default `info`).
+    pub log_filter: String,
 }
 
 impl Config {
@@ -220,6 +222,7 @@ impl Config {
                         .collect()
                 })
                 .unwrap_or_default(),
+            log_filter: get("RUST_LOG").unwrap_or_else(|| "info".into()),
             log_format: match get("LOG_FORMAT").as_deref().map(str::trim) {
                 None | Some("pretty") => LogFormat::Pretty,
                 Some("json") => LogFormat::Json,
@@ -250,6 +253,9 @@ impl Config {
                     "a price cannot be negative".into(),
                 ));
             }
+        }
+        if let Err(e) = tracing_subscriber::EnvFilter::try_new(&config.log_filter) {
+            return Err(invalid("RUST_LOG", &config.log_filter, e.to_string()));
         }
         if config.tls_cert.is_some() != config.tls_key.is_some() {
             return Err(invalid(
@@ -423,6 +429,7 @@ mod tests {
             ("LOG_FORMAT", "xml"),
             ("OLLAMA_URL", "127.0.0.1:11434"),
             ("METRICS_REQUIRE_ADMIN", "perhaps"),
+            ("RUST_LOG", "tollgate=loud"),
         ] {
             let err = config(&[(var, value)]).unwrap_err().to_string();
             assert!(err.contains(var), "{err}");
