@@ -260,7 +260,7 @@ async fn observe(State(state): State<AppState>, mut request: Request, next: Next
         .map_or_else(new_request_id, str::to_string);
     let log = Arc::new(RequestLog::new(
         request_id.clone(),
-        request.method().as_str(),
+        request.method().clone(),
         route_label(request.uri().path()),
     ));
     let mut response = if state.draining.load(Ordering::SeqCst) {

@@ -52,6 +52,15 @@ pub fn metrics_handle() -> &'static PrometheusHandle {
         match recorder {
             Ok(recorder) => {
                 let handle = recorder.handle();
+                // Histogram samples pile up until drained: drain them every
+                // few seconds whether or not anyone scrapes /metrics.
+                let upkeep = handle.clone();
+                let _ = std::thread::Builder::new()
+                    .name("metrics-upkeep".into())
+                    .spawn(move || loop {
+                        std::thread::sleep(Duration::from_secs(5));
+                        upkeep.run_upkeep();
+                    });
                 // Fails only if another recorder is installed: then ours
                 // records nothing, and /metrics shows an empty page.
                 let _ = metrics::set_global_recorder(recorder);
@@ -123,18 +132,18 @@ struct Fields {
 /// What is known about one request, logged once when it is all over.
 pub struct RequestLog {
     pub request_id: String,
-    method: String,
-    route: String,
+    method: axum::http::Method,
+    route: &'static str,
     started: Instant,
     fields: Mutex<Fields>,
 }
 
 impl RequestLog {
-    pub fn new(request_id: String, method: &str, route: &str) -> RequestLog {
+    pub fn new(request_id: String, method: axum::http::Method, route: &'static str) -> RequestLog {
         RequestLog {
             request_id,
-            method: method.to_string(),
-            route: route.to_string(),
+            method,
+            route,
             started: Instant::now(),
             fields: Mutex::new(Fields::default()),
         }
@@ -205,8 +214,8 @@ impl Drop for RequestLog {
 
         let model = model_label(f.model.as_deref());
         let status_label = status.to_string();
-        let route = self.route.clone();
-        counter!("tollgate_requests_total", "route" => route.clone(), "status" => status_label.clone(), "model" => model.clone()).increment(1);
+        let route = self.route;
+        counter!("tollgate_requests_total", "route" => route, "status" => status_label.clone(), "model" => model.clone()).increment(1);
         if matches!(status, 401 | 402 | 403 | 429) {
             counter!("tollgate_rejections_total", "reason" => status_label).increment(1);
         }
@@ -222,10 +231,10 @@ impl Drop for RequestLog {
             counter!("tollgate_tokens_total", "kind" => "completion", "model" => model)
                 .increment(completion_tokens);
         }
-        histogram!("tollgate_request_duration_seconds", "route" => route.clone())
+        histogram!("tollgate_request_duration_seconds", "route" => route)
             .record(total.as_secs_f64());
         if let Some(first) = f.upstream_first_byte {
-            histogram!("tollgate_upstream_first_byte_seconds", "route" => route.clone())
+            histogram!("tollgate_upstream_first_byte_seconds", "route" => route)
                 .record(first.as_secs_f64());
             let overhead = total.saturating_sub(f.upstream_wait);
             histogram!("tollgate_overhead_seconds", "route" => route)

@@ -85,6 +85,8 @@ pub struct Relay {
     stop: watch::Receiver<bool>,
     finished: bool,
     log: Option<Arc<RequestLog>>,
+    /// Time spent waiting for Ollama, reported to `log` at the end.
+    upstream_wait: Duration,
     /// Whatever must live as long as the stream (a concurrency slot).
     _hold: Option<Box<dyn std::any::Any + Send>>,
     _gauge: StreamGauge,
@@ -109,6 +111,7 @@ impl Relay {
             stop,
             finished: false,
             log: None,
+            upstream_wait: Duration::ZERO,
             _hold: None,
             _gauge: StreamGauge::open(),
         }
@@ -140,14 +143,18 @@ impl Relay {
         while !self.finished {
             let (stop, upstream) = (&mut self.stop, &mut self.upstream);
             let waiting = Instant::now();
+            let stopping = async {
+                // A dropped sender means no shutdown will ever be signalled.
+                if stop.wait_for(|stop| *stop).await.is_err() {
+                    std::future::pending::<()>().await;
+                }
+            };
             let next = tokio::select! {
                 biased;
-                _ = stop.wait_for(|stop| *stop) => None,
+                _ = stopping => None,
                 next = tokio::time::timeout(self.idle, upstream.next()) => Some(next),
             };
-            if let Some(log) = &self.log {
-                log.add_upstream_wait(waiting.elapsed());
-            }
+            self.upstream_wait += waiting.elapsed();
             let Some(next) = next else {
                 return self
                     .end_early("tollgate is shutting down; the stream was cut")
@@ -155,9 +162,10 @@ impl Relay {
             };
             match next {
                 Ok(Some(Ok(bytes))) => {
-                    self.pending.extend_from_slice(&bytes);
-                    if let Some(piece) = self.take_complete_units().await {
-                        return Some(piece);
+                    if let Some(complete) = self.complete_units(bytes) {
+                        if let Some(piece) = self.relay_units(complete).await {
+                            return Some(piece);
+                        }
                     }
                 }
                 Ok(Some(Err(e))) => {
@@ -190,23 +198,28 @@ impl Relay {
         None
     }
 
-    /// Takes every complete line or event out of `pending`, records them
-    /// with the guard, and returns what goes to the client.
-    async fn take_complete_units(&mut self) -> Option<Bytes> {
+    /// Adds received bytes to what is pending and takes out every complete
+    /// line or event. Ollama flushes whole lines, so usually the bytes are
+    /// exactly that and pass through without a copy.
+    fn complete_units(&mut self, bytes: Bytes) -> Option<Bytes> {
         let delimiter = self.wire.delimiter();
-        let end = self
-            .pending
-            .windows(delimiter.len())
-            .rposition(|w| w == delimiter)?
-            + delimiter.len();
-        let complete = self.pending.split_to(end).freeze();
+        if self.pending.is_empty() && bytes.ends_with(delimiter) {
+            return Some(bytes);
+        }
+        self.pending.extend_from_slice(&bytes);
+        let end = memchr::memmem::rfind(&self.pending, delimiter)? + delimiter.len();
+        Some(self.pending.split_to(end).freeze())
+    }
+
+    /// Records complete units with the guard and returns what goes to the
+    /// client; settles first when the final unit is among them.
+    async fn relay_units(&mut self, complete: Bytes) -> Option<Bytes> {
+        let delimiter = self.wire.delimiter();
         let mut is_final = false;
         let mut kept: Option<BytesMut> = None;
         let mut start = 0;
         while start < complete.len() {
-            let unit_end = complete[start..]
-                .windows(delimiter.len())
-                .position(|w| w == delimiter)
+            let unit_end = memchr::memmem::find(&complete[start..], delimiter)
                 .map_or(complete.len(), |p| start + p + delimiter.len());
             let unit = &complete[start..unit_end];
             let (last, keep) = self.inspect(unit);
@@ -279,5 +292,13 @@ impl Relay {
         self.settle().await;
         self.finished = true;
         Some(self.wire.error_unit(message))
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        if let Some(log) = &self.log {
+            log.add_upstream_wait(self.upstream_wait);
+        }
     }
 }

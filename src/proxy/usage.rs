@@ -26,7 +26,7 @@ pub fn tokens(v: &Value) -> Option<(u64, u64)> {
 
 /// Finds `needle` in `haystack`.
 pub fn contains(haystack: &[u8], needle: &[u8]) -> bool {
-    haystack.windows(needle.len()).any(|w| w == needle)
+    memchr::memmem::find(haystack, needle).is_some()
 }
 
 /// What one complete NDJSON line of a native stream is.
@@ -102,8 +102,8 @@ pub fn classify_sse(event: &[u8]) -> SseEvent {
     let has_content = [&b"\"content\":\""[..], b"\"text\":\""]
         .iter()
         .any(|field| {
-            data.windows(field.len() + 1)
-                .any(|w| w.starts_with(field) && w[field.len()] != b'"')
+            memchr::memmem::find_iter(data, field)
+                .any(|at| data.get(at + field.len()).is_some_and(|b| *b != b'"'))
         });
     SseEvent::Chunk { has_content }
 }

@@ -14,6 +14,15 @@
 //! stops waiting, and a reservation whose caller stopped waiting is given
 //! back at once.
 //!
+//! # Durability
+//!
+//! The gateway's connections run with `synchronous_commit = off`: a commit
+//! is visible to every gateway as soon as PostgreSQL accepts it, and
+//! survives any gateway being killed; only a crash of the PostgreSQL server
+//! itself can lose the last fraction of a second of commits (at most three
+//! times `wal_writer_delay`, 600 ms by default). Waiting for the WAL flush
+//! instead would hold each key's row lock for a disk flush per request.
+//!
 //! # Crash leaks
 //!
 //! A gateway killed with `-9` cannot release its open reservations. So each
@@ -101,6 +110,13 @@ impl PostgresStore {
     /// [`PostgresStore::connect`] with options built by the caller (tests use
     /// it to set a `search_path`).
     pub async fn connect_with(options: PgConnectOptions) -> Result<PostgresStore, StoreError> {
+        // The promise is that a charge survives the *gateway* being killed:
+        // a commit PostgreSQL has accepted is visible to every instance at
+        // once, whether or not its WAL has reached the disk. Not waiting
+        // for that flush keeps the key's row lock short (same-key requests
+        // serialise on it); a crash of PostgreSQL itself may lose the last
+        // fraction of a second of charges (see the README).
+        let options = options.options([("synchronous_commit", "off")]);
         let pool = PgPoolOptions::new()
             .max_connections(16)
             .acquire_timeout(Duration::from_secs(10))
