@@ -87,6 +87,10 @@ pub struct Relay {
     log: Option<Arc<RequestLog>>,
     /// Time spent waiting for Ollama, reported to `log` at the end.
     upstream_wait: Duration,
+    /// When Ollama last sent something, and the timer that ends the stream
+    /// `idle` after that.
+    last_activity: tokio::time::Instant,
+    idle_timer: std::pin::Pin<Box<tokio::time::Sleep>>,
     /// Whatever must live as long as the stream (a concurrency slot).
     _hold: Option<Box<dyn std::any::Any + Send>>,
     _gauge: StreamGauge,
@@ -112,6 +116,8 @@ impl Relay {
             finished: false,
             log: None,
             upstream_wait: Duration::ZERO,
+            last_activity: tokio::time::Instant::now(),
+            idle_timer: Box::pin(tokio::time::sleep(idle)),
             _hold: None,
             _gauge: StreamGauge::open(),
         }
@@ -149,12 +155,24 @@ impl Relay {
                     std::future::pending::<()>().await;
                 }
             };
+            // The idle timer is re-armed only when it fires early (once per
+            // idle period), not for every chunk: timer operations are the
+            // dearest part of relaying a small chunk.
             let next = tokio::select! {
                 biased;
                 _ = stopping => None,
-                next = tokio::time::timeout(self.idle, upstream.next()) => Some(next),
+                next = upstream.next() => Some(Ok(next)),
+                _ = self.idle_timer.as_mut() => {
+                    let deadline = self.last_activity + self.idle;
+                    if tokio::time::Instant::now() < deadline {
+                        self.idle_timer.as_mut().reset(deadline);
+                        continue;
+                    }
+                    Some(Err(()))
+                }
             };
             self.upstream_wait += waiting.elapsed();
+            self.last_activity = tokio::time::Instant::now();
             let Some(next) = next else {
                 return self
                     .end_early("tollgate is shutting down; the stream was cut")
