@@ -220,6 +220,27 @@ async fn run(opts: Opts) -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    // Ctrl-C or SIGTERM: stop the processes started, then exit.
+    tokio::spawn(async {
+        let mut term =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = async {
+                match term.as_mut() {
+                    Some(t) => { t.recv().await; }
+                    None => std::future::pending::<()>().await,
+                }
+            } => {}
+        }
+        eprintln!("bench: interrupted; stopping the targets");
+        targets::stop_all();
+        if let Some((base, schema)) = targets::PG_SCHEMA.get() {
+            let drop = targets::drop_postgres_schema(base, schema);
+            let _ = tokio::time::timeout(Duration::from_secs(3), drop).await;
+        }
+        std::process::exit(130);
+    });
     let mut notes = Vec::new();
     if let Some(newer) = newer_source(&binary) {
         let note = format!(

@@ -19,6 +19,19 @@ pub fn set_tollgate_env(vars: Vec<(String, String)>) {
     let _ = EXTRA_ENV.set(vars);
 }
 
+/// Processes started and not yet stopped, to stop them on Ctrl-C.
+static CHILDREN: std::sync::Mutex<Vec<u32>> = std::sync::Mutex::new(Vec::new());
+
+/// Stops (SIGTERM) every process started and not yet stopped.
+pub fn stop_all() {
+    for pid in CHILDREN.lock().unwrap().drain(..) {
+        let _ = Command::new("kill")
+            .args(["-TERM", &pid.to_string()])
+            .stderr(Stdio::null())
+            .status();
+    }
+}
+
 /// What a target is.
 #[derive(Clone, Debug)]
 pub enum Kind {
@@ -70,6 +83,7 @@ impl Running {
         let Some(mut child) = self.child.take() else {
             return;
         };
+        CHILDREN.lock().unwrap().retain(|pid| *pid != child.id());
         let _ = Command::new("kill")
             .args(["-TERM", &child.id().to_string()])
             .stderr(Stdio::null())
@@ -157,6 +171,7 @@ pub async fn start(spec: &Spec, fake: SocketAddr, dir: &Path) -> Result<Running,
             (addr, child, log)
         }
     };
+    CHILDREN.lock().unwrap().push(child.id());
     let mut running = Running {
         addr,
         child: Some(child),
@@ -314,10 +329,14 @@ pub async fn postgres_schema(base: &str) -> Result<(String, String), String> {
         .await
         .map_err(|e| format!("cannot create schema {schema}: {e}"))?;
     let _ = conn.close().await;
+    let _ = PG_SCHEMA.set((base.to_string(), schema.clone()));
     let sep = if base.contains('?') { '&' } else { '?' };
     let url = format!("{base}{sep}options=-c%20search_path%3D{schema}");
     Ok((url, schema))
 }
+
+/// The schema this run created, to drop it also when interrupted.
+pub static PG_SCHEMA: std::sync::OnceLock<(String, String)> = std::sync::OnceLock::new();
 
 pub async fn drop_postgres_schema(base: &str, schema: &str) {
     use sqlx::Connection;
