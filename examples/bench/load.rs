@@ -115,6 +115,27 @@ pub struct Conn {
 }
 
 impl Conn {
+    /// The connection in `slot`, opened first if there is none. A failed
+    /// open is counted in `errors` and answered `None` after a short pause,
+    /// for the caller to try again.
+    pub async fn reuse_or_open<'a>(
+        slot: &'a mut Option<Conn>,
+        addr: SocketAddr,
+        errors: &mut Errors,
+    ) -> Option<&'a mut Conn> {
+        if slot.is_none() {
+            match Conn::open(addr).await {
+                Ok(c) => *slot = Some(c),
+                Err(e) => {
+                    errors.add(e);
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    return None;
+                }
+            }
+        }
+        slot.as_mut()
+    }
+
     pub async fn open(addr: SocketAddr) -> Result<Conn, String> {
         let stream = tokio::net::TcpStream::connect(addr)
             .await
@@ -293,16 +314,9 @@ pub async fn closed_loop(call: &Call, conns: usize, warmup: Duration, measure: D
                 if sent >= end {
                     break;
                 }
-                let c = match conn.as_mut() {
-                    Some(c) => c,
-                    None => match Conn::open(call.addr).await {
-                        Ok(c) => conn.insert(c),
-                        Err(e) => {
-                            out.errors.add(e);
-                            tokio::time::sleep(Duration::from_millis(10)).await;
-                            continue;
-                        }
-                    },
+                let Some(c) = Conn::reuse_or_open(&mut conn, call.addr, &mut out.errors).await
+                else {
+                    continue;
                 };
                 let result = if call.streamed {
                     streamed(c, &call, false, None).await.map(|_| ())
@@ -503,16 +517,9 @@ pub async fn stream_loop(
                 if sent >= end {
                     break;
                 }
-                let c = match conn.as_mut() {
-                    Some(c) => c,
-                    None => match Conn::open(call.addr).await {
-                        Ok(c) => conn.insert(c),
-                        Err(e) => {
-                            out.errors.add(e);
-                            tokio::time::sleep(Duration::from_millis(10)).await;
-                            continue;
-                        }
-                    },
+                let Some(c) = Conn::reuse_or_open(&mut conn, call.addr, &mut out.errors).await
+                else {
+                    continue;
                 };
                 match streamed(c, &call, true, None).await {
                     Ok(t) => {
