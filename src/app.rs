@@ -82,8 +82,8 @@ pub enum StartError {
     SelfLoop(String),
     #[error("could not open the store: {0}")]
     Store(#[from] StoreError),
-    #[error("could not build the HTTP client: {0}")]
-    Client(#[from] reqwest::Error),
+    #[error(transparent)]
+    Upstream(#[from] crate::proxy::UpstreamError),
 }
 
 /// A ready-to-serve gateway.

@@ -17,36 +17,38 @@ const HOP_BY_HOP: &[HeaderName] = &[
     header::UPGRADE,
 ];
 
-fn is_hop_by_hop(name: &HeaderName) -> bool {
-    HOP_BY_HOP.contains(name) || name.as_str() == "keep-alive"
+/// Headers that stay behind on the way to Ollama besides the hop-by-hop
+/// ones: the key, the gateway's host and the page's origin, and the length,
+/// which the client side of the proxy sets for what it sends.
+const NOT_TO_UPSTREAM: &[HeaderName] = &[
+    header::AUTHORIZATION,
+    header::HOST,
+    header::ORIGIN,
+    header::CONTENT_LENGTH,
+];
+
+fn remove_all(headers: &mut HeaderMap, names: &[HeaderName]) {
+    for name in names {
+        headers.remove(name);
+    }
+    headers.remove("keep-alive");
 }
 
-/// The client's headers as they may go to Ollama.
-pub fn to_upstream(client: &HeaderMap) -> HeaderMap {
-    let mut out = HeaderMap::with_capacity(client.len());
-    for (name, value) in client {
-        let secret_or_origin = name == header::AUTHORIZATION
-            || name.as_str() == "x-api-key"
-            || name == header::HOST
-            || name == header::ORIGIN
-            || name == header::CONTENT_LENGTH;
-        if !secret_or_origin && !is_hop_by_hop(name) {
-            out.append(name, value.clone());
-        }
-    }
-    out
+/// The client's headers as they may go to Ollama. They are filtered in
+/// place: cheaper than copying the rest into a new map.
+pub fn to_upstream(mut client: HeaderMap) -> HeaderMap {
+    remove_all(&mut client, HOP_BY_HOP);
+    remove_all(&mut client, NOT_TO_UPSTREAM);
+    client.remove("x-api-key");
+    client
 }
 
 /// Ollama's response headers as they may go to the client. The body length
 /// is left to the server, which knows what it sends.
-pub fn to_client(upstream: &HeaderMap) -> HeaderMap {
-    let mut out = HeaderMap::with_capacity(upstream.len());
-    for (name, value) in upstream {
-        if !is_hop_by_hop(name) && name != header::CONTENT_LENGTH {
-            out.append(name, value.clone());
-        }
-    }
-    out
+pub fn to_client(mut upstream: HeaderMap) -> HeaderMap {
+    remove_all(&mut upstream, HOP_BY_HOP);
+    upstream.remove(header::CONTENT_LENGTH);
+    upstream
 }
 
 #[cfg(test)]
@@ -65,11 +67,50 @@ mod tests {
             ("keep-alive", "timeout=5"),
             ("content-type", "application/json"),
             ("x-custom", "kept"),
+            ("x-api-key", "second"),
+            ("content-length", "12"),
+            ("transfer-encoding", "chunked"),
+            ("te", "trailers"),
         ] {
             h.append(HeaderName::from_static(k), v.parse().unwrap());
         }
-        let out = to_upstream(&h);
-        let names: Vec<&str> = out.keys().map(|k| k.as_str()).collect();
+        let out = to_upstream(h);
+        // Removing entries may reorder differently named headers, whose
+        // order carries no meaning (RFC 9110 §5.3).
+        let mut names: Vec<&str> = out.keys().map(|k| k.as_str()).collect();
+        names.sort_unstable();
         assert_eq!(names, vec!["content-type", "x-custom"]);
+    }
+
+    #[test]
+    fn replies_keep_all_but_hop_by_hop_headers_and_length() {
+        let mut h = HeaderMap::new();
+        for (k, v) in [
+            ("content-type", "application/x-ndjson"),
+            ("date", "Sun, 22 Nov 2026 01:00:00 GMT"),
+            ("content-length", "99"),
+            ("connection", "close"),
+            ("keep-alive", "timeout=5"),
+            ("x-custom", "one"),
+            ("x-custom", "two"),
+        ] {
+            h.append(HeaderName::from_static(k), v.parse().unwrap());
+        }
+        let out = to_client(h);
+        let mut pairs: Vec<(&str, &str)> = out
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.to_str().unwrap()))
+            .collect();
+        // Values of one name keep their order; names may be reordered.
+        pairs.sort_by_key(|(name, _)| *name);
+        assert_eq!(
+            pairs,
+            vec![
+                ("content-type", "application/x-ndjson"),
+                ("date", "Sun, 22 Nov 2026 01:00:00 GMT"),
+                ("x-custom", "one"),
+                ("x-custom", "two"),
+            ]
+        );
     }
 }

@@ -50,9 +50,9 @@ impl From<UpstreamError> for ApiError {
     fn from(e: UpstreamError) -> Self {
         match e {
             UpstreamError::Timeout { .. } => ApiError::GatewayTimeout(e.to_string()),
-            UpstreamError::Unreachable { .. } | UpstreamError::Broken { .. } => {
-                ApiError::BadGateway(e.to_string())
-            }
+            UpstreamError::Unreachable { .. }
+            | UpstreamError::Broken { .. }
+            | UpstreamError::Unusable { .. } => ApiError::BadGateway(e.to_string()),
         }
     }
 }
@@ -66,7 +66,7 @@ pub async fn relay(
 ) -> Result<Response, ApiError> {
     let is_head = out.method == Method::HEAD;
     let sent = Instant::now();
-    let response = match upstream.send(out).await {
+    let mut response = match upstream.send(out).await {
         Ok(response) => response,
         Err(e) => {
             let error = ApiError::from(e);
@@ -80,7 +80,7 @@ pub async fn relay(
     }
     let status = response.status();
     settlement.record_status(status.as_u16());
-    let headers = headers::to_client(response.headers());
+    let headers = headers::to_client(std::mem::take(response.headers_mut()));
     let wire = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
@@ -123,10 +123,8 @@ pub async fn relay(
     let mut body = body;
     if status.is_success() {
         settlement.record_output();
-        if let Ok(json) = serde_json::from_slice::<serde_json::Value>(&body) {
-            if let Some((prompt, completion)) = usage::tokens(&json) {
-                settlement.record_tokens(prompt, completion);
-            }
+        if let Some((prompt, completion)) = usage::tokens_in(&body) {
+            settlement.record_tokens(prompt, completion);
         }
         if let Some(edit) = options.edit_body {
             body = edit(body);

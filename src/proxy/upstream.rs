@@ -13,6 +13,9 @@ pub enum UpstreamError {
     Timeout { url: String, secs: u64 },
     #[error("the connection to Ollama at {url} broke: {reason}")]
     Broken { url: String, reason: String },
+    /// Only at start-up: the HTTP client cannot be set up for this URL.
+    #[error("OLLAMA_URL {url} cannot be used: {reason}")]
+    Unusable { url: String, reason: String },
 }
 
 /// The user agent of tollgate's own requests to Ollama (health checks and
@@ -24,6 +27,9 @@ pub const OWN_USER_AGENT: &str = concat!("tollgate/", env!("CARGO_PKG_VERSION"))
 pub struct Upstream {
     client: reqwest::Client,
     base: String,
+    /// `base` parsed once; each request's URL is a copy with its path and
+    /// query set, which skips parsing the scheme and host again.
+    base_url: reqwest::Url,
     pub timeouts: Timeouts,
 }
 
@@ -38,7 +44,16 @@ pub struct Outbound {
 }
 
 impl Upstream {
-    pub fn new(base: &str, timeouts: Timeouts) -> Result<Upstream, reqwest::Error> {
+    pub fn new(base: &str, timeouts: Timeouts) -> Result<Upstream, UpstreamError> {
+        let base = base.trim_end_matches('/').to_string();
+        let invalid = |reason: String| UpstreamError::Unusable {
+            url: base.clone(),
+            reason,
+        };
+        let base_url = reqwest::Url::parse(&base).map_err(|e| invalid(e.to_string()))?;
+        if base_url.cannot_be_a_base() || base_url.query().is_some() {
+            return Err(invalid("not a base URL".into()));
+        }
         let client = reqwest::Client::builder()
             .connect_timeout(timeouts.connect)
             .pool_idle_timeout(Duration::from_secs(90))
@@ -46,10 +61,12 @@ impl Upstream {
             .tcp_nodelay(true)
             .no_proxy()
             .redirect(reqwest::redirect::Policy::none())
-            .build()?;
+            .build()
+            .map_err(|e| invalid(error_chain(&e)))?;
         Ok(Upstream {
             client,
-            base: base.trim_end_matches('/').to_string(),
+            base,
+            base_url,
             timeouts,
         })
     }
@@ -60,10 +77,9 @@ impl Upstream {
 
     /// Sends a request; resolves when Ollama's response head has arrived.
     pub async fn send(&self, out: Outbound) -> Result<reqwest::Response, UpstreamError> {
-        let url = format!("{}{}", self.base, out.path_and_query);
         let request = self
             .client
-            .request(out.method, &url)
+            .request(out.method, self.url_of(&out.path_and_query))
             .headers(out.headers)
             .body(out.body);
         match tokio::time::timeout(self.timeouts.first_byte, request.send()).await {
@@ -81,6 +97,23 @@ impl Upstream {
             }),
             Ok(Ok(response)) => Ok(response),
         }
+    }
+
+    /// The URL of `path_and_query` (which starts with `/`) under the base.
+    fn url_of(&self, path_and_query: &str) -> reqwest::Url {
+        let (path, query) = match path_and_query.split_once('?') {
+            Some((path, query)) => (path, Some(query)),
+            None => (path_and_query, None),
+        };
+        let mut url = self.base_url.clone();
+        let prefix = url.path().trim_end_matches('/');
+        if prefix.is_empty() {
+            url.set_path(path);
+        } else {
+            url.set_path(&format!("{prefix}{path}"));
+        }
+        url.set_query(query);
+        url
     }
 
     /// The names of the models Ollama serves, if it answers.

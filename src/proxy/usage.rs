@@ -5,23 +5,51 @@
 //! stream is scanned line by line with cheap byte searches; only a line that
 //! may be the final one is parsed as JSON.
 
+use serde::Deserialize;
 use serde_json::Value;
 
-/// (prompt tokens, completion tokens) from a native final object or an
-/// OpenAI reply, if it reports any.
-pub fn tokens(v: &Value) -> Option<(u64, u64)> {
-    let count = |v: &Value, field: &str| v.get(field).and_then(Value::as_u64);
-    if let Some(usage) = v.get("usage").filter(|u| u.is_object()) {
-        let prompt = count(usage, "prompt_tokens");
-        let completion = count(usage, "completion_tokens");
-        if prompt.is_some() || completion.is_some() {
-            return Some((prompt.unwrap_or(0), completion.unwrap_or(0)));
+/// The fields tollgate reads from a reply object. Deserialising into it
+/// skips every other field (a long `response` or `message`) without
+/// building it.
+#[derive(Deserialize, Default)]
+#[serde(default)]
+struct Reported {
+    done: Value,
+    prompt_eval_count: Value,
+    eval_count: Value,
+    usage: Value,
+}
+
+impl Reported {
+    fn parse(json: &[u8]) -> Option<Reported> {
+        // Only an object: serde would also fill the struct from an array.
+        if json.trim_ascii_start().first() != Some(&b'{') {
+            return None;
         }
+        serde_json::from_slice(json).ok()
     }
-    let prompt = count(v, "prompt_eval_count");
-    let completion = count(v, "eval_count");
-    (prompt.is_some() || completion.is_some())
-        .then(|| (prompt.unwrap_or(0), completion.unwrap_or(0)))
+
+    /// (prompt tokens, completion tokens) from a native final object or an
+    /// OpenAI reply, if it reports any.
+    fn tokens(&self) -> Option<(u64, u64)> {
+        let count = |v: &Value, field: &str| v.get(field).and_then(Value::as_u64);
+        if self.usage.is_object() {
+            let prompt = count(&self.usage, "prompt_tokens");
+            let completion = count(&self.usage, "completion_tokens");
+            if prompt.is_some() || completion.is_some() {
+                return Some((prompt.unwrap_or(0), completion.unwrap_or(0)));
+            }
+        }
+        let prompt = self.prompt_eval_count.as_u64();
+        let completion = self.eval_count.as_u64();
+        (prompt.is_some() || completion.is_some())
+            .then(|| (prompt.unwrap_or(0), completion.unwrap_or(0)))
+    }
+}
+
+/// The token counts a whole JSON reply (or one final chunk) reports.
+pub fn tokens_in(json: &[u8]) -> Option<(u64, u64)> {
+    Reported::parse(json)?.tokens()
 }
 
 /// Finds `needle` in `haystack`.
@@ -54,9 +82,9 @@ pub fn classify_ndjson(line: &[u8]) -> NdjsonLine {
     // be escaped, but a nested object (tool arguments) could hold one, so a
     // candidate line is confirmed by parsing it.
     if contains(trimmed, b"\"done\":true") {
-        if let Ok(v) = serde_json::from_slice::<Value>(trimmed) {
-            if v.get("done") == Some(&Value::Bool(true)) {
-                return NdjsonLine::Final(tokens(&v));
+        if let Some(reported) = Reported::parse(trimmed) {
+            if reported.done == Value::Bool(true) {
+                return NdjsonLine::Final(reported.tokens());
             }
         }
     }
@@ -94,10 +122,7 @@ pub fn classify_sse(event: &[u8]) -> SseEvent {
         return SseEvent::Error;
     }
     if contains(data, b"\"choices\":[]") {
-        let usage = serde_json::from_slice::<Value>(data)
-            .ok()
-            .and_then(|v| tokens(&v));
-        return SseEvent::Usage(usage);
+        return SseEvent::Usage(tokens_in(data));
     }
     let has_content = [&b"\"content\":\""[..], b"\"text\":\""]
         .iter()
@@ -111,20 +136,27 @@ pub fn classify_sse(event: &[u8]) -> SseEvent {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use serde_json::json;
 
     #[test]
     fn reads_native_and_openai_counts() {
         assert_eq!(
-            tokens(&json!({"prompt_eval_count": 7, "eval_count": 3})),
+            tokens_in(br#"{"response":"a \"long\" reply","prompt_eval_count":7,"eval_count":3}"#),
             Some((7, 3))
         );
-        assert_eq!(tokens(&json!({"eval_count": 3})), Some((0, 3)));
+        assert_eq!(tokens_in(br#"{"eval_count":3}"#), Some((0, 3)));
         assert_eq!(
-            tokens(&json!({"usage": {"prompt_tokens": 5, "completion_tokens": 2}})),
+            tokens_in(br#"{"usage":{"prompt_tokens":5,"completion_tokens":2},"choices":[]}"#),
             Some((5, 2))
         );
-        assert_eq!(tokens(&json!({"response": "hi"})), None);
+        assert_eq!(tokens_in(br#"{"response":"hi"}"#), None);
+        // A count that is not a whole number is not a count; the other one
+        // still is.
+        assert_eq!(
+            tokens_in(br#"{"prompt_eval_count":-1,"eval_count":4}"#),
+            Some((0, 4))
+        );
+        assert_eq!(tokens_in(b"[1,2]"), None);
+        assert_eq!(tokens_in(b"not json"), None);
     }
 
     #[test]

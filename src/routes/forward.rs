@@ -58,7 +58,7 @@ pub async fn forward_streamed(
     let out = Outbound {
         method: request.method,
         path_and_query: request.path_and_query,
-        headers: headers::to_upstream(&request.headers),
+        headers: headers::to_upstream(request.headers),
         body: reqwest::Body::wrap_stream(body.into_data_stream()),
     };
     proxy::relay(&state.upstream, out, settlement, options).await
@@ -174,7 +174,7 @@ pub async fn forward(
     let out = Outbound {
         method: request.method,
         path_and_query: request.path_and_query,
-        headers: headers::to_upstream(&request.headers),
+        headers: headers::to_upstream(request.headers),
         body: body.into(),
     };
     proxy::relay(&state.upstream, out, settlement, options).await

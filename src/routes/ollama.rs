@@ -60,7 +60,7 @@ pub async fn root(
     let out = Outbound {
         method,
         path_and_query: "/".into(),
-        headers: headers::to_upstream(&headers),
+        headers: headers::to_upstream(headers),
         body: reqwest::Body::from(Vec::new()),
     };
     let options = RelayOptions {
