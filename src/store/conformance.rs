@@ -1097,6 +1097,50 @@ async fn sqlite_two_handles_on_one_file_compose() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_sees_what_other_processes_commit() {
+    // The gateway keeps the keys in memory; what another process (the CLI,
+    // or any SQLite client) commits to the file must reach it.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("shared.db");
+    let gateway: SharedStore = Arc::new(SqliteStore::open(&path).await.unwrap());
+    let cli: SharedStore = Arc::new(SqliteStore::open(&path).await.unwrap());
+    let id = gateway.create_key(new_key("k", cr("10"))).await.unwrap().id;
+
+    // Seen by the next lookup.
+    assert_eq!(cli.adjust(id, add("5")).await.unwrap(), cr("15"));
+    let key = gateway.key_by_hash(&hash("k")).await.unwrap().unwrap();
+    assert_eq!(key.balance, cr("15"));
+    cli.revoke_key(id, 42).await.unwrap();
+    assert_eq!(gateway.key(id).await.unwrap().unwrap().revoked_at, Some(42));
+    let other = cli.create_key(new_key("other", cr("1"))).await.unwrap().id;
+    let found = gateway.key_by_hash(&hash("other")).await.unwrap();
+    assert_eq!(found.map(|k| k.id), Some(other));
+    assert_eq!(
+        gateway.reserve(other, cr("1")).await.unwrap(),
+        Credits::ZERO
+    );
+    // And the other way round.
+    gateway
+        .settle(usage(other, cr("0.5")), cr("1"))
+        .await
+        .unwrap();
+    assert_eq!(balance(&cli, other).await, cr("0.5"));
+
+    // A plain connection, and no lookup in between: the writer notices the
+    // commit by itself (within 50 ms when idle), so that `reserve`, which
+    // does not look, sees it too.
+    let conn = rusqlite::Connection::open(&path).unwrap();
+    conn.execute("UPDATE api_keys SET balance = 0 WHERE id = ?1", [other])
+        .unwrap();
+    drop(conn);
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    assert_eq!(
+        refused_with(gateway.reserve(other, cr("0.1")).await),
+        Credits::ZERO
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_releases_reservations_of_dead_gateways() {
     let Some((base, options, schema)) = pg_schema().await else {
         return;

@@ -14,34 +14,45 @@
 //!
 //! All writes go through one dedicated writer thread with its own
 //! connection. It takes whatever commands are queued, applies them in ONE
-//! transaction (group commit, each command inside its own savepoint so that
-//! one failing command does not undo the others), commits, and then answers
-//! them all.
+//! transaction (group commit), commits, and then answers them all. A batch
+//! runs without savepoints; should one of its commands fail, the batch is
+//! rolled back and carried out again with each command in its own
+//! savepoint, so that one failing command does not undo the others.
 //!
-//! Open reservations are kept in process memory, not in the file: a
-//! reservation is a read of the committed balance plus a check against the
-//! reservations table, both under one mutex. The writer holds that mutex
-//! while it commits a batch and releases the batch's settled reservations,
-//! so a reservation sees either the state before a settlement (old balance,
-//! reservation held) or after it (new balance, reservation released), never
-//! a mix: it cannot race a settlement. Hence one gateway serves a given
-//! SQLite file: a second gateway on the same file would not see the first
-//! one's reservations (use PostgreSQL for several). A restart starts with no
-//! reservations, so [`Store::release_stale_reservations`] has nothing to do.
+//! The keys (with their balances) and the open reservations are kept in
+//! process memory, under one mutex: the request path (`key_by_hash`, `key`
+//! and `reserve`) reads them there and runs no SQL. The writer holds that
+//! mutex while it commits a batch and applies the batch's changes to the
+//! keys and releases its settled reservations, so a reservation sees
+//! either the state before a settlement (old balance, reservation held) or
+//! after it (new balance, reservation released), never a mix: it cannot
+//! race a settlement. Hence one gateway serves a given SQLite file: a
+//! second gateway on the same file would not see the first one's
+//! reservations (use PostgreSQL for several). A restart starts with no
+//! reservations, so [`Store::release_stale_reservations`] has nothing to
+//! do.
+//!
 //! Other processes (the `tollgate keys ...` CLI) may open the same file at
-//! the same time: balance changes are relative (`balance = balance - ?`), so
-//! they compose, and `busy_timeout` makes each side wait for the other's
-//! write lock.
+//! the same time: balance changes are relative (`balance = balance - ?`),
+//! so they compose, and `busy_timeout` makes each side wait for the other's
+//! write lock. Their commits reach the cached keys as follows:
+//! `key_by_hash` and `key` first read `PRAGMA data_version` on a dedicated
+//! connection (one read transaction, no table read), and read every key
+//! again when something committed since the cache last matched the file;
+//! the writer notes its own commits there while it holds the mutex. So a
+//! change committed by another process is seen by the next authenticated
+//! request (and `reserve`, which follows authentication, uses the balance
+//! seen then). One narrow race remains: a commit that lands between the
+//! writer's own commit and its noting it is taken for the writer's; the
+//! writer's connection, whose `data_version` changes only on commits of
+//! other connections, catches it at the start of its next batch or, when
+//! idle, within 50 ms. That is the bound on staleness.
 //!
-//! Reads use a small pool of read connections; WAL readers never block the
-//! writer nor wait for it. The point lookups of the request path
-//! (`key_by_hash`, `key`, and the balance read of `reserve`) take a few
-//! microseconds on an indexed row and run right on the caller's thread, as
-//! a handoff to another thread would cost more than the query; listings and
-//! totals run on the blocking thread pool. The writer commits without
-//! checkpointing (`wal_autocheckpoint=0`) and checkpoints the WAL itself
-//! between batches, so that the mutex is held only for the commit's WAL
-//! write.
+//! Reads other than those (listings, usage, totals) use a small pool of
+//! read connections on the blocking thread pool; WAL readers never block
+//! the writer nor wait for it. The writer commits without checkpointing
+//! (`wal_autocheckpoint=0`) and checkpoints the WAL itself between batches,
+//! so that the mutex is held only for the commit's WAL write.
 //!
 //! # Schema
 //!
@@ -90,23 +101,115 @@ macro_rules! usage_columns {
 pub struct SqliteStore {
     writer: mpsc::Sender<Command>,
     readers: Arc<Readers>,
-    reservations: Arc<Reservations>,
+    shared: Arc<Shared>,
 }
 
-/// Open reservations per key. Its mutex also orders reservations with the
-/// writer's commits (see the module doc).
-type Reservations = Mutex<HashMap<KeyId, Credits>>;
+/// The keys as committed and the open reservations. Its mutex also orders
+/// the request path with the writer's commits (see the module doc).
+type Shared = Mutex<Cache>;
+
+struct Cache {
+    keys: HashMap<KeyId, KeyRecord>,
+    by_hash: HashMap<String, KeyId>,
+    /// Open reservations per key.
+    reserved: HashMap<KeyId, Credits>,
+    /// A connection that only reads `PRAGMA data_version`, to notice
+    /// commits made since the cache last matched the file.
+    watcher: Connection,
+    /// `watcher`'s data version when the cache last matched the file.
+    seen: Option<i64>,
+}
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    // Every holder leaves the map consistent before anything can panic.
+    // Every holder leaves the cache consistent before anything can panic.
     m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
-fn add_reserved(reserved: &mut HashMap<KeyId, Credits>, id: KeyId, change: Credits) {
-    let entry = reserved.entry(id).or_insert(Credits::ZERO);
-    *entry += change;
-    if *entry == Credits::ZERO {
-        reserved.remove(&id);
+fn data_version(conn: &Connection) -> Result<i64, StoreError> {
+    Ok(conn
+        .prepare_cached("PRAGMA data_version")?
+        .query_row([], |r| r.get(0))?)
+}
+
+impl Cache {
+    fn open(path: &Path) -> Result<Cache, StoreError> {
+        let watcher = open_reader(path)?;
+        let mut cache = Cache {
+            keys: HashMap::new(),
+            by_hash: HashMap::new(),
+            reserved: HashMap::new(),
+            watcher,
+            seen: None,
+        };
+        cache.reload()?;
+        Ok(cache)
+    }
+
+    /// Reads every key again.
+    fn reload(&mut self) -> Result<(), StoreError> {
+        // A commit between the two reads is seen again at the next check.
+        let version = data_version(&self.watcher)?;
+        let mut keys = HashMap::new();
+        let mut by_hash = HashMap::new();
+        let mut stmt = self.watcher.prepare_cached(concat!(
+            "SELECT ",
+            key_columns!(),
+            ", key_hash FROM api_keys"
+        ))?;
+        let mut rows = stmt.query([])?;
+        while let Some(row) = rows.next()? {
+            let record = key_from_row(row)?;
+            by_hash.insert(row.get(12)?, record.id);
+            keys.insert(record.id, record);
+        }
+        drop(rows);
+        drop(stmt);
+        self.keys = keys;
+        self.by_hash = by_hash;
+        self.seen = Some(version);
+        Ok(())
+    }
+
+    /// Reloads the keys if anything committed since the cache matched the
+    /// file.
+    fn refresh(&mut self) -> Result<(), StoreError> {
+        if self.seen != Some(data_version(&self.watcher)?) {
+            self.reload()?;
+        }
+        Ok(())
+    }
+
+    /// Notes the writer's own commit, just applied to the cache.
+    fn absorb(&mut self) {
+        self.seen = data_version(&self.watcher).ok();
+    }
+
+    fn add_reserved(&mut self, id: KeyId, change: Credits) {
+        let entry = self.reserved.entry(id).or_insert(Credits::ZERO);
+        *entry += change;
+        if *entry == Credits::ZERO {
+            self.reserved.remove(&id);
+        }
+    }
+
+    fn apply(&mut self, change: Change) {
+        match change {
+            Change::Key(hash, record) => {
+                if let Some(hash) = hash {
+                    self.by_hash.insert(hash, record.id);
+                }
+                self.keys.insert(record.id, record);
+            }
+            Change::Balance(id, balance) => {
+                if let Some(record) = self.keys.get_mut(&id) {
+                    record.balance = balance;
+                } else {
+                    // Created by another process since the last reload.
+                    self.seen = None;
+                }
+            }
+            Change::Release(id, amount) => self.add_reserved(id, -amount),
+        }
     }
 }
 
@@ -118,31 +221,36 @@ impl SqliteStore {
         let (ready_tx, ready_rx) = oneshot::channel();
         let (tx, rx) = mpsc::channel();
         let thread_path = path.clone();
-        let reservations = Arc::new(Reservations::default());
-        let writer_reservations = reservations.clone();
         std::thread::Builder::new()
             .name("tollgate-sqlite-writer".into())
             .spawn(move || {
-                let conn = match open_writer(&thread_path) {
-                    Ok(conn) => conn,
+                let opened = open_writer(&thread_path).and_then(|conn| {
+                    let version = data_version(&conn)?;
+                    let shared = Arc::new(Mutex::new(Cache::open(&thread_path)?));
+                    Ok((conn, version, shared))
+                });
+                let (conn, version, shared) = match opened {
+                    Ok(opened) => opened,
                     Err(e) => {
                         let _ = ready_tx.send(Err(e));
                         return;
                     }
                 };
-                if ready_tx.send(Ok(())).is_err() {
+                if ready_tx.send(Ok(shared.clone())).is_err() {
                     return;
                 }
                 Writer {
                     conn,
-                    reservations: writer_reservations,
-                    releases: Vec::new(),
+                    shared,
+                    changes: Vec::new(),
+                    data_version: version,
+                    reload: false,
                     uncheckpointed: 0,
                 }
                 .run(rx);
             })
             .map_err(|e| backend(format!("cannot start the sqlite writer thread: {e}")))?;
-        ready_rx
+        let shared = ready_rx
             .await
             .map_err(|_| backend("the sqlite writer thread stopped"))??;
 
@@ -151,19 +259,10 @@ impl SqliteStore {
             idle: Mutex::new(Vec::new()),
             permits: tokio::sync::Semaphore::new(READERS),
         });
-        // Open one reader now, so that a file we cannot read fails here.
-        let first = readers.clone();
-        tokio::task::spawn_blocking(move || {
-            let conn = first.take()?;
-            first.put(conn);
-            Ok::<_, StoreError>(())
-        })
-        .await
-        .map_err(|e| backend(e.to_string()))??;
         Ok(SqliteStore {
             writer: tx,
             readers,
-            reservations,
+            shared,
         })
     }
 
@@ -176,15 +275,11 @@ impl SqliteStore {
             .map_err(|_| backend("the sqlite writer thread stopped"))?
     }
 
-    /// Runs a point lookup right here on a pooled read connection.
-    fn read_now<T>(
-        &self,
-        f: impl FnOnce(&Connection) -> Result<T, StoreError>,
-    ) -> Result<T, StoreError> {
-        let conn = self.readers.take()?;
-        let result = f(&conn);
-        self.readers.put(conn);
-        result
+    /// The cache, brought up to date with commits of other processes.
+    fn fresh(&self) -> Result<std::sync::MutexGuard<'_, Cache>, StoreError> {
+        let mut cache = lock(&self.shared);
+        cache.refresh()?;
+        Ok(cache)
     }
 
     /// Runs a read on the blocking thread pool.
@@ -270,6 +365,17 @@ fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
 // ---------------------------------------------------------------------------
 // Reads
 
+fn open_reader(path: &Path) -> Result<Connection, StoreError> {
+    let conn = Connection::open_with_flags(
+        path,
+        OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )
+    .map_err(|e| backend(format!("cannot open {}: {e}", path.display())))?;
+    configure(&conn)?;
+    conn.pragma_update(None, "query_only", true)?;
+    Ok(conn)
+}
+
 struct Readers {
     path: PathBuf,
     idle: Mutex<Vec<Connection>>,
@@ -285,16 +391,7 @@ impl Readers {
             .pop();
         match idle {
             Some(conn) => Ok(conn),
-            None => {
-                let conn = Connection::open_with_flags(
-                    &self.path,
-                    OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
-                )
-                .map_err(|e| backend(format!("cannot open {}: {e}", self.path.display())))?;
-                configure(&conn)?;
-                conn.pragma_update(None, "query_only", true)?;
-                Ok(conn)
-            }
+            None => open_reader(&self.path),
         }
     }
 
@@ -423,52 +520,67 @@ enum Command {
     Settle(Box<UsageRecord>, Credits, Reply<Credits>),
 }
 
-/// A command carried out, to be answered once its transaction committed.
-enum Done {
-    Key(Reply<KeyRecord>, Result<KeyRecord, StoreError>),
-    Credits(Reply<Credits>, Result<Credits, StoreError>),
-    Grants(Reply<GrantReport>, Result<GrantReport, StoreError>),
+/// What a command carried out returns.
+enum Outcome {
+    Key(KeyRecord),
+    Credits(Credits),
+    Grants(GrantReport),
 }
 
-impl Done {
-    /// A command that is answered without being carried out.
-    fn refused(cmd: Command, error: &str) -> Done {
-        match cmd {
-            Command::CreateKey(_, tx)
-            | Command::UpdateKey(_, _, tx)
-            | Command::RevokeKey(_, _, tx) => Done::Key(tx, Err(backend(error))),
-            Command::Adjust(_, _, tx) | Command::Settle(_, _, tx) => {
-                Done::Credits(tx, Err(backend(error)))
-            }
-            Command::SyncGrants(_, tx) => Done::Grants(tx, Err(backend(error))),
-        }
-    }
-
-    /// Turns a success into `error`: its transaction did not commit.
-    fn fail(&mut self, error: &str) {
-        match self {
-            Done::Key(_, r @ Ok(_)) => *r = Err(backend(error)),
-            Done::Credits(_, r @ Ok(_)) => *r = Err(backend(error)),
-            Done::Grants(_, r @ Ok(_)) => *r = Err(backend(error)),
-            _ => {}
-        }
-    }
-
-    fn answer(self) {
+impl Command {
+    /// Answers the command with `result`, or with `error` when its
+    /// transaction did not commit.
+    fn answer(self, result: Result<Outcome, StoreError>, error: Option<&str>) {
+        let result = match error {
+            Some(error) if result.is_ok() => Err(backend(error)),
+            _ => result,
+        };
+        let mismatch = || backend("the sqlite writer answered with the wrong kind of result");
         // A caller that went away no longer wants its answer.
         match self {
-            Done::Key(tx, r) => drop(tx.send(r)),
-            Done::Credits(tx, r) => drop(tx.send(r)),
-            Done::Grants(tx, r) => drop(tx.send(r)),
+            Command::CreateKey(_, tx)
+            | Command::UpdateKey(_, _, tx)
+            | Command::RevokeKey(_, _, tx) => drop(tx.send(result.and_then(|o| match o {
+                Outcome::Key(k) => Ok(k),
+                _ => Err(mismatch()),
+            }))),
+            Command::Adjust(_, _, tx) | Command::Settle(_, _, tx) => {
+                drop(tx.send(result.and_then(|o| match o {
+                    Outcome::Credits(c) => Ok(c),
+                    _ => Err(mismatch()),
+                })))
+            }
+            Command::SyncGrants(_, tx) => drop(tx.send(result.and_then(|o| match o {
+                Outcome::Grants(g) => Ok(g),
+                _ => Err(mismatch()),
+            }))),
         }
     }
 }
+
+/// A change to the cache, applied when its transaction commits.
+enum Change {
+    /// A key created (with its hash) or changed.
+    Key(Option<String>, KeyRecord),
+    /// A key's new balance.
+    Balance(KeyId, Credits),
+    /// A settled reservation.
+    Release(KeyId, Credits),
+}
+
+/// How often an idle writer looks for commits of other processes.
+const REFRESH_EVERY: Duration = Duration::from_millis(50);
 
 struct Writer {
     conn: Connection,
-    reservations: Arc<Reservations>,
-    /// Reservations settled in the current batch, released at its commit.
-    releases: Vec<(KeyId, Credits)>,
+    shared: Arc<Shared>,
+    /// The changes of the current batch, applied to the cache at its commit.
+    changes: Vec<Change>,
+    /// This connection's `PRAGMA data_version`, which changes only when
+    /// another connection commits.
+    data_version: i64,
+    /// The cache must be read again from the file.
+    reload: bool,
     /// Batches committed since the last checkpoint.
     uncheckpointed: u32,
 }
@@ -476,8 +588,16 @@ struct Writer {
 impl Writer {
     fn run(mut self, rx: mpsc::Receiver<Command>) {
         let mut batch = Vec::new();
-        let mut done = Vec::new();
-        while let Ok(first) = rx.recv() {
+        let mut results = Vec::new();
+        loop {
+            let first = match rx.recv_timeout(REFRESH_EVERY) {
+                Ok(cmd) => cmd,
+                Err(mpsc::RecvTimeoutError::Timeout) => {
+                    self.refresh_when_idle();
+                    continue;
+                }
+                Err(mpsc::RecvTimeoutError::Disconnected) => return,
+            };
             batch.push(first);
             while batch.len() < MAX_BATCH {
                 match rx.try_recv() {
@@ -485,9 +605,9 @@ impl Writer {
                     Err(_) => break,
                 }
             }
-            self.run_batch(&mut batch, &mut done);
-            for d in done.drain(..) {
-                d.answer();
+            let error = self.run_batch(&batch, &mut results);
+            for (cmd, result) in batch.drain(..).zip(results.drain(..)) {
+                cmd.answer(result, error.as_deref());
             }
             if self.uncheckpointed >= CHECKPOINT_EVERY {
                 self.uncheckpointed = 0;
@@ -500,42 +620,106 @@ impl Writer {
         }
     }
 
-    fn run_batch(&mut self, batch: &mut Vec<Command>, done: &mut Vec<Done>) {
-        if !self.conn.is_autocommit() {
-            // A transaction left open by a failed commit and rollback.
+    /// Notes commits of other connections since the last look.
+    fn look_for_other_writers(&mut self) -> Result<(), StoreError> {
+        let version = data_version(&self.conn)?;
+        if version != self.data_version {
+            self.data_version = version;
+            self.reload = true;
+        }
+        Ok(())
+    }
+
+    fn refresh_when_idle(&mut self) {
+        if self.look_for_other_writers().is_err() {
+            // Cannot tell: read the keys again.
+            self.reload = true;
+        }
+        if self.reload {
+            let mut cache = lock(&self.shared);
+            match cache.reload() {
+                Ok(()) => self.reload = false,
+                // The request path reloads at its next look.
+                Err(_) => cache.seen = None,
+            }
+        }
+    }
+
+    /// Carries out `batch` in one transaction and fills `results`, one per
+    /// command. Returns an error for all of them when the transaction did
+    /// not commit.
+    fn run_batch(
+        &mut self,
+        batch: &[Command],
+        results: &mut Vec<Result<Outcome, StoreError>>,
+    ) -> Option<String> {
+        results.clear();
+        self.changes.clear();
+        if let Err(e) = self.begin() {
+            results.extend(batch.iter().map(|_| Err(backend(e.clone()))));
+            return Some(e);
+        }
+        // Optimistically without savepoints; when a command fails, the
+        // whole batch is rolled back and carried out again, each command in
+        // its own savepoint so that its failure undoes only its own changes.
+        results.extend(batch.iter().map(|cmd| self.execute(cmd)));
+        if results.iter().any(Result::is_err) {
+            results.clear();
+            self.changes.clear();
             let _ = self.exec("ROLLBACK");
+            if let Err(e) = self.begin() {
+                results.extend(batch.iter().map(|_| Err(backend(e.clone()))));
+                return Some(e);
+            }
+            for cmd in batch {
+                let result = self.savepoint(cmd);
+                results.push(result);
+            }
         }
-        if let Err(e) = self.exec("BEGIN IMMEDIATE") {
-            let msg = format!("cannot start an sqlite transaction: {e}");
-            done.extend(batch.drain(..).map(|cmd| Done::refused(cmd, &msg)));
-            return;
-        }
-        self.releases.clear();
-        for cmd in batch.drain(..) {
-            let d = self.execute(cmd);
-            done.push(d);
-        }
-        // Commit and release under the reservations' lock, so a reservation
+        // Commit and update the cache under its lock, so a reservation
         // never sees a settlement's charge without its release.
         let committed = {
-            let mut reserved = lock(&self.reservations);
+            let mut cache = lock(&self.shared);
             let committed = self.exec("COMMIT");
             if committed.is_ok() {
-                for (id, amount) in self.releases.drain(..) {
-                    add_reserved(&mut reserved, id, -amount);
+                for change in self.changes.drain(..) {
+                    cache.apply(change);
+                }
+                if self.reload {
+                    match cache.reload() {
+                        Ok(()) => self.reload = false,
+                        Err(_) => cache.seen = None,
+                    }
+                } else {
+                    cache.absorb();
                 }
             }
             committed
         };
-        self.releases.clear();
+        self.changes.clear();
         self.uncheckpointed += 1;
-        if let Err(e) = committed {
-            let _ = self.exec("ROLLBACK");
-            let msg = format!("sqlite commit failed: {e}");
-            for d in done.iter_mut() {
-                d.fail(&msg);
+        match committed {
+            Ok(()) => None,
+            Err(e) => {
+                let _ = self.exec("ROLLBACK");
+                Some(format!("sqlite commit failed: {e}"))
             }
         }
+    }
+
+    /// Starts the batch's transaction and looks for other writers' commits
+    /// since the last batch (none can commit until ours ends).
+    fn begin(&mut self) -> Result<(), String> {
+        if !self.conn.is_autocommit() {
+            // A transaction left open by a failed commit and rollback.
+            let _ = self.exec("ROLLBACK");
+        }
+        self.exec("BEGIN IMMEDIATE")
+            .map_err(|e| format!("cannot start an sqlite transaction: {e}"))?;
+        if self.look_for_other_writers().is_err() {
+            self.reload = true;
+        }
+        Ok(())
     }
 
     fn exec(&self, sql: &str) -> Result<(), StoreError> {
@@ -543,52 +727,63 @@ impl Writer {
         Ok(())
     }
 
-    fn execute(&mut self, cmd: Command) -> Done {
+    /// Carries out one command in the open transaction; on success, notes
+    /// its changes to the cache.
+    fn execute(&mut self, cmd: &Command) -> Result<Outcome, StoreError> {
+        let conn = &self.conn;
         match cmd {
-            Command::CreateKey(new, tx) => {
-                Done::Key(tx, self.savepoint(|c| create_key(c, new, now_millis())))
+            Command::CreateKey(new, _) => {
+                let record = create_key(conn, new, now_millis())?;
+                self.changes
+                    .push(Change::Key(Some(new.hash.0.clone()), record.clone()));
+                Ok(Outcome::Key(record))
             }
-            Command::UpdateKey(id, patch, tx) => {
-                Done::Key(tx, self.savepoint(|c| update_key(c, id, patch)))
+            Command::UpdateKey(id, patch, _) => {
+                let record = update_key(conn, *id, patch.clone())?;
+                self.changes.push(Change::Key(None, record.clone()));
+                Ok(Outcome::Key(record))
             }
-            Command::RevokeKey(id, at, tx) => {
-                Done::Key(tx, self.savepoint(|c| revoke_key(c, id, at)))
+            Command::RevokeKey(id, at, _) => {
+                let record = revoke_key(conn, *id, *at)?;
+                self.changes.push(Change::Key(None, record.clone()));
+                Ok(Outcome::Key(record))
             }
-            Command::Adjust(id, adjustment, tx) => {
-                Done::Credits(tx, self.savepoint(|c| adjust(c, id, adjustment)))
+            Command::Adjust(id, adjustment, _) => {
+                let balance = adjust(conn, *id, adjustment)?;
+                self.changes.push(Change::Balance(*id, balance));
+                Ok(Outcome::Credits(balance))
             }
-            Command::SyncGrants(grants, tx) => {
-                Done::Grants(tx, self.savepoint(|c| sync_grants(c, &grants)))
+            Command::SyncGrants(grants, _) => {
+                let report = sync_grants(conn, grants)?;
+                // Rare (at start): read every key again at the commit.
+                self.reload = true;
+                Ok(Outcome::Grants(report))
             }
-            Command::Settle(usage, reserved, tx) => {
-                let result = self.savepoint(|c| settle(c, &usage));
-                if result.is_ok() {
-                    self.releases.push((usage.key_id, reserved));
-                }
-                Done::Credits(tx, result)
+            Command::Settle(usage, reserved, _) => {
+                let balance = settle(conn, usage)?;
+                self.changes.push(Change::Balance(usage.key_id, balance));
+                self.changes.push(Change::Release(usage.key_id, *reserved));
+                Ok(Outcome::Credits(balance))
             }
         }
     }
 
-    /// Runs `f` in a savepoint, so that its failure undoes only its own
-    /// changes.
-    fn savepoint<T>(
-        &self,
-        f: impl FnOnce(&Connection) -> Result<T, StoreError>,
-    ) -> Result<T, StoreError> {
+    /// Carries out `cmd` in a savepoint, so that its failure undoes only
+    /// its own changes.
+    fn savepoint(&mut self, cmd: &Command) -> Result<Outcome, StoreError> {
         self.exec("SAVEPOINT command")?;
-        match f(&self.conn) {
-            Ok(v) => {
-                self.exec("RELEASE command")?;
-                Ok(v)
-            }
-            Err(e) => {
-                if self.exec("ROLLBACK TO command").is_ok() {
-                    let _ = self.exec("RELEASE command");
-                }
-                Err(e)
+        let noted = self.changes.len();
+        let result = self.execute(cmd).and_then(|outcome| {
+            self.exec("RELEASE command")?;
+            Ok(outcome)
+        });
+        if result.is_err() {
+            self.changes.truncate(noted);
+            if self.exec("ROLLBACK TO command").is_ok() {
+                let _ = self.exec("RELEASE command");
             }
         }
+        result
     }
 }
 
@@ -615,7 +810,7 @@ fn record_adjustment(
     Ok(())
 }
 
-fn create_key(conn: &Connection, new: NewKey, now: Millis) -> Result<KeyRecord, StoreError> {
+fn create_key(conn: &Connection, new: &NewKey, now: Millis) -> Result<KeyRecord, StoreError> {
     let inserted = conn
         .prepare_cached(concat!(
             "INSERT INTO api_keys (key_hash, name, role, balance, models, rate_limit_rpm, \
@@ -675,7 +870,7 @@ fn revoke_key(conn: &Connection, id: KeyId, at: Millis) -> Result<KeyRecord, Sto
     .ok_or(StoreError::NoSuchKey(id))
 }
 
-fn adjust(conn: &Connection, id: KeyId, adjustment: Adjustment) -> Result<Credits, StoreError> {
+fn adjust(conn: &Connection, id: KeyId, adjustment: &Adjustment) -> Result<Credits, StoreError> {
     let current: i64 = conn
         .prepare_cached("SELECT balance FROM api_keys WHERE id = ?1")?
         .query_row([id], |r| r.get(0))
@@ -705,7 +900,7 @@ fn sync_grants(conn: &Connection, grants: &[Grant]) -> Result<GrantReport, Store
             None => {
                 let record = create_key(
                     conn,
-                    NewKey {
+                    &NewKey {
                         hash: grant.hash.clone(),
                         name: grant.name.clone(),
                         role: grant.role,
@@ -775,11 +970,16 @@ fn settle(conn: &Connection, usage: &UsageRecord) -> Result<Credits, StoreError>
 #[async_trait]
 impl Store for SqliteStore {
     async fn key_by_hash(&self, hash: &KeyHash) -> Result<Option<KeyRecord>, StoreError> {
-        self.read_now(|c| key_by_hash(c, &hash.0))
+        let cache = self.fresh()?;
+        Ok(cache
+            .by_hash
+            .get(&hash.0)
+            .and_then(|id| cache.keys.get(id))
+            .cloned())
     }
 
     async fn key(&self, id: KeyId) -> Result<Option<KeyRecord>, StoreError> {
-        self.read_now(|c| key_by_id(c, id))
+        Ok(self.fresh()?.keys.get(&id).cloned())
     }
 
     async fn keys(&self) -> Result<Vec<KeyRecord>, StoreError> {
@@ -817,20 +1017,20 @@ impl Store for SqliteStore {
     }
 
     async fn reserve(&self, id: KeyId, amount: Credits) -> Result<Credits, StoreError> {
-        self.read_now(|c| {
-            let mut reserved = lock(&self.reservations);
-            let balance: Option<i64> = c
-                .prepare_cached("SELECT balance FROM api_keys WHERE id = ?1")?
-                .query_row([id], |r| r.get(0))
-                .optional()?;
-            let balance = Credits::from_millis(balance.ok_or(StoreError::NoSuchKey(id))?);
-            let available = balance - reserved.get(&id).copied().unwrap_or(Credits::ZERO);
-            if !balance.is_positive() || available < amount {
-                return Err(StoreError::InsufficientCredits { available });
-            }
-            add_reserved(&mut reserved, id, amount);
-            Ok(available - amount)
-        })
+        // The request was authenticated just before, which brought the
+        // cache up to date.
+        let mut cache = lock(&self.shared);
+        let balance = cache
+            .keys
+            .get(&id)
+            .ok_or(StoreError::NoSuchKey(id))?
+            .balance;
+        let available = balance - cache.reserved.get(&id).copied().unwrap_or(Credits::ZERO);
+        if !balance.is_positive() || available < amount {
+            return Err(StoreError::InsufficientCredits { available });
+        }
+        cache.add_reserved(id, amount);
+        Ok(available - amount)
     }
 
     async fn settle(&self, usage: UsageRecord, reserved: Credits) -> Result<Credits, StoreError> {
