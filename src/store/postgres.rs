@@ -7,9 +7,11 @@
 //! only where `balance > 0 AND balance - reserved >= amount`; the row lock it
 //! takes serializes the reservations of one key (and only of that key), so
 //! gateways sharing the database can never admit more than the balance
-//! covers. A settlement is one transaction: it releases the reservation,
-//! charges the real cost and writes the usage row. It commits before it
-//! returns, so an answered settlement survives `kill -9` of the gateway.
+//! covers. A settlement is one statement too, its own transaction: it
+//! releases the reservation, charges the real cost and writes the usage row,
+//! so the key's row lock is held for that one statement, not across round
+//! trips. It commits before it returns, so an answered settlement survives
+//! `kill -9` of the gateway.
 //! Both run in their own task: a settlement is completed even if its caller
 //! stops waiting, and a reservation whose caller stopped waiting is given
 //! back at once.
@@ -423,62 +425,54 @@ async fn reserve(
     Err(StoreError::InsufficientCredits { available })
 }
 
-/// Locks key `id` and returns how much of `amount` `instance` still holds
-/// on it (its share may have been released already if it was taken for
-/// dead); `None` if there is no such key.
-async fn lock_share(
-    conn: &mut PgConnection,
-    instance: &str,
-    id: KeyId,
-    amount: Credits,
-) -> Result<Option<i64>, StoreError> {
-    // The key row first (lock order), then this instance's share of it.
-    let found: Option<i64> =
-        sqlx::query_scalar("SELECT id FROM api_keys WHERE id = $1 FOR NO KEY UPDATE")
-            .bind(id)
-            .fetch_optional(&mut *conn)
-            .await?;
-    if found.is_none() {
-        return Ok(None);
-    }
-    let share: Option<i64> = sqlx::query_scalar(
-        "SELECT reserved FROM instance_reservations WHERE instance_id = $1 AND key_id = $2",
-    )
-    .bind(instance)
-    .bind(id)
-    .fetch_optional(&mut *conn)
-    .await?;
-    Ok(Some(share.map_or(0, |s| amount.millis().min(s).max(0))))
+/// The first common table expressions of [`settle`] and [`release`]: `k`
+/// locks the key row `$3`, then `held` locks this instance's (`$2`) share
+/// of it and yields `amount`, how much of the reservation `$1` the share
+/// still holds (less if it was released already because the instance was
+/// taken for dead; no row if it holds nothing), and `share` gives that back.
+///
+/// `held` joins `k`, so the share row is locked only after the key row:
+/// the lock order of every path. Both reads are locking reads, which see
+/// the latest committed version of their row (plain reads in the same
+/// statement would see its snapshot, taken before it waited for the lock).
+macro_rules! release_ctes {
+    () => {
+        "WITH k AS ( \
+             SELECT id FROM api_keys WHERE id = $3 FOR NO KEY UPDATE \
+         ), held AS ( \
+             SELECT GREATEST(LEAST(r.reserved, $1), 0) AS amount \
+             FROM k JOIN instance_reservations r \
+                  ON r.key_id = k.id AND r.instance_id = $2 \
+             FOR NO KEY UPDATE OF r \
+         ), share AS ( \
+             UPDATE instance_reservations r SET reserved = r.reserved - held.amount \
+             FROM held WHERE r.instance_id = $2 AND r.key_id = $3 AND held.amount <> 0 \
+         ) "
+    };
 }
 
-/// Gives back a reservation that will never be settled.
+/// Gives back a reservation that will never be settled, in one statement.
 async fn release(
     pool: &PgPool,
     instance: &str,
     id: KeyId,
     amount: Credits,
 ) -> Result<(), StoreError> {
-    let mut tx = pool.begin().await?;
-    let Some(release) = lock_share(&mut tx, instance, id, amount).await? else {
-        return Ok(());
-    };
-    sqlx::query(
-        "WITH share AS ( \
-             UPDATE instance_reservations SET reserved = reserved - $1 \
-             WHERE instance_id = $2 AND key_id = $3 \
-         ) UPDATE api_keys SET reserved = reserved - $1 WHERE id = $3",
-    )
-    .bind(release)
+    sqlx::query(concat!(
+        release_ctes!(),
+        "UPDATE api_keys a SET reserved = a.reserved - held.amount \
+         FROM k, held WHERE a.id = k.id AND held.amount <> 0"
+    ))
+    .bind(amount.millis())
     .bind(instance)
     .bind(id)
-    .execute(&mut *tx)
+    .execute(pool)
     .await?;
-    tx.commit().await?;
     Ok(())
 }
 
 /// Releases `reserved`, charges the usage and records it, in one
-/// transaction; returns the new balance.
+/// statement (its own transaction); returns the new balance.
 async fn settle(
     pool: &PgPool,
     instance: &str,
@@ -486,24 +480,20 @@ async fn settle(
     reserved: Credits,
 ) -> Result<Credits, StoreError> {
     let id = usage.key_id;
-    let mut tx = pool.begin().await?;
-    let release = lock_share(&mut tx, instance, id, reserved)
-        .await?
-        .ok_or(StoreError::NoSuchKey(id))?;
-    let balance: i64 = sqlx::query_scalar(
-        "WITH share AS ( \
-             UPDATE instance_reservations SET reserved = reserved - $1 \
-             WHERE instance_id = $2 AND key_id = $3 AND $1 <> 0 \
-         ), k AS ( \
-             UPDATE api_keys SET reserved = reserved - $1, balance = balance - $4 \
-             WHERE id = $3 RETURNING balance \
+    let balance: Option<i64> = sqlx::query_scalar(concat!(
+        release_ctes!(),
+        ", charged AS ( \
+             UPDATE api_keys a \
+             SET reserved = a.reserved - COALESCE((SELECT amount FROM held), 0), \
+                 balance = a.balance - $4 \
+             FROM k WHERE a.id = k.id RETURNING a.balance \
          ), u AS ( \
              INSERT INTO usage (time, key_id, endpoint, model, status, prompt_tokens, \
                                 completion_tokens, credits, duration_ms) \
-             SELECT $5, $3, $6, $7, $8, $9, $10, $4, $11 FROM k \
-         ) SELECT balance FROM k",
-    )
-    .bind(release)
+             SELECT $5, $3, $6, $7, $8, $9, $10, $4, $11 FROM charged \
+         ) SELECT balance FROM charged"
+    ))
+    .bind(reserved.millis())
     .bind(instance)
     .bind(id)
     .bind(usage.credits.millis())
@@ -514,10 +504,11 @@ async fn settle(
     .bind(i64_of(usage.prompt_tokens))
     .bind(i64_of(usage.completion_tokens))
     .bind(i64_of(usage.duration_ms))
-    .fetch_one(&mut *tx)
+    .fetch_optional(pool)
     .await?;
-    tx.commit().await?;
-    Ok(Credits::from_millis(balance))
+    balance
+        .map(Credits::from_millis)
+        .ok_or(StoreError::NoSuchKey(id))
 }
 
 #[async_trait]
