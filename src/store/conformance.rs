@@ -563,8 +563,10 @@ async fn reserves_racing_settlements_never_overspend(h: &Harness) {
 async fn abandoned_reservations_are_released(h: &Harness) {
     // A caller that stops waiting for its reservation (a client hanging up)
     // either got it, and settles it, or leaves nothing reserved.
+    // The key covers every attempt, so that abandoned reservations not yet
+    // given back cannot get a later one refused.
     let s = &h.store;
-    let k = s.create_key(new_key("k", cr("5"))).await.unwrap().id;
+    let k = s.create_key(new_key("k", cr("20"))).await.unwrap().id;
     for _ in 0..20 {
         let attempt =
             tokio::time::timeout(std::time::Duration::from_micros(1), s.reserve(k, cr("1"))).await;
@@ -575,7 +577,7 @@ async fn abandoned_reservations_are_released(h: &Harness) {
     }
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
     loop {
-        match s.reserve(k, cr("5")).await {
+        match s.reserve(k, cr("20")).await {
             Ok(left) => {
                 assert_eq!(left, Credits::ZERO);
                 break;
@@ -586,7 +588,7 @@ async fn abandoned_reservations_are_released(h: &Harness) {
             Err(e) => panic!("the abandoned reservations were not released: {e}"),
         }
     }
-    assert_eq!(balance(s, k).await, cr("5"));
+    assert_eq!(balance(s, k).await, cr("20"));
 }
 
 async fn concurrent_writes_fail_alone(h: &Harness) {

@@ -511,6 +511,59 @@ async fn settle(
         .ok_or(StoreError::NoSuchKey(id))
 }
 
+async fn release_abandoned(pool: &PgPool, instance: &str, id: KeyId, amount: Credits) {
+    if let Err(e) = release(pool, instance, id, amount).await {
+        tracing::warn!(key = id, "releasing an abandoned reservation failed: {e}");
+    }
+}
+
+/// The caller's end of a reservation running in its own task.
+struct Reservation {
+    /// `None` once the answer was read.
+    rx: Option<oneshot::Receiver<Result<Credits, StoreError>>>,
+    pool: PgPool,
+    instance: Arc<str>,
+    id: KeyId,
+    amount: Credits,
+}
+
+impl Reservation {
+    async fn wait(&mut self) -> Result<Credits, StoreError> {
+        let Some(rx) = self.rx.as_mut() else {
+            return Err(backend("the reservation was already answered"));
+        };
+        let answer = rx.await;
+        self.rx = None;
+        answer.map_err(|_| backend("the reservation task failed"))?
+    }
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        let Some(mut rx) = self.rx.take() else {
+            return;
+        };
+        // The caller stopped waiting. After `close` the task can no longer
+        // send (and releases itself); an answer it sent before is here.
+        rx.close();
+        if let Ok(Ok(_)) = rx.try_recv() {
+            let (pool, instance) = (self.pool.clone(), self.instance.clone());
+            let (id, amount) = (self.id, self.amount);
+            match tokio::runtime::Handle::try_current() {
+                Ok(handle) => {
+                    handle.spawn(async move {
+                        release_abandoned(&pool, &instance, id, amount).await;
+                    });
+                }
+                Err(_) => tracing::error!(
+                    key = id,
+                    "reservation abandoned outside a runtime; it stays open"
+                ),
+            }
+        }
+    }
+}
+
 #[async_trait]
 impl Store for PostgresStore {
     async fn key_by_hash(&self, hash: &KeyHash) -> Result<Option<KeyRecord>, StoreError> {
@@ -691,18 +744,25 @@ impl Store for PostgresStore {
     async fn reserve(&self, id: KeyId, amount: Credits) -> Result<Credits, StoreError> {
         // Run apart from the caller: a caller that stops waiting (a client
         // that hung up) must not leave a reservation nobody will settle.
+        // Exactly one side gives it back: the task, if its answer could not
+        // be sent, or the `Reservation` when dropped, if the answer arrived
+        // but was never read.
         let (tx, rx) = oneshot::channel();
         let (pool, instance) = (self.pool.clone(), self.instance.clone());
         tokio::spawn(async move {
             let result = reserve(&pool, &instance, id, amount).await;
             if let Err(Ok(_)) = tx.send(result) {
-                if let Err(e) = release(&pool, &instance, id, amount).await {
-                    tracing::warn!(key = id, "releasing an abandoned reservation failed: {e}");
-                }
+                release_abandoned(&pool, &instance, id, amount).await;
             }
         });
-        rx.await
-            .map_err(|_| backend("the reservation task failed"))?
+        let mut reservation = Reservation {
+            rx: Some(rx),
+            pool: self.pool.clone(),
+            instance: self.instance.clone(),
+            id,
+            amount,
+        };
+        reservation.wait().await
     }
 
     async fn settle(&self, usage: UsageRecord, reserved: Credits) -> Result<Credits, StoreError> {
