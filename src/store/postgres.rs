@@ -16,6 +16,10 @@
 //! stops waiting, and a reservation whose caller stopped waiting is given
 //! back at once.
 //!
+//! A proxied request thus costs three round trips (key lookup, reservation,
+//! settlement): pooled connections are not pinged before each use, only
+//! after sitting idle for `PING_IF_IDLE_FOR` (5 s).
+//!
 //! # Durability
 //!
 //! The gateway's connections run with `synchronous_commit = off`: a commit
@@ -57,7 +61,7 @@
 
 use super::*;
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, PgRow};
-use sqlx::{PgConnection, Row};
+use sqlx::{Connection, PgConnection, Row};
 use std::str::FromStr;
 use std::time::Duration;
 use tokio::sync::oneshot;
@@ -70,6 +74,8 @@ const HEARTBEAT_EVERY: Duration = Duration::from_secs(10);
 const RELEASE_EVERY_BEATS: u32 = 6;
 /// An instance silent this long is dead.
 const STALE_AFTER_SECS: i64 = 60;
+/// A pooled connection idle this long is pinged before it is used.
+const PING_IF_IDLE_FOR: Duration = Duration::from_secs(5);
 /// Key for the transaction-scoped advisory lock that serializes
 /// `sync_grants` across gateways.
 const GRANTS_LOCK: i64 = 0x746f_6c6c_6761_7465; // "tollgate"
@@ -122,6 +128,19 @@ impl PostgresStore {
         let pool = PgPoolOptions::new()
             .max_connections(16)
             .acquire_timeout(Duration::from_secs(10))
+            // sqlx pings every connection it takes from the pool by default:
+            // a round trip before each statement. Only a connection that sat
+            // idle for a while (the server or the network may have dropped
+            // it) is checked; a busy one has just proved itself.
+            .test_before_acquire(false)
+            .before_acquire(|conn, meta| {
+                Box::pin(async move {
+                    if meta.idle_for >= PING_IF_IDLE_FOR {
+                        conn.ping().await?;
+                    }
+                    Ok(true)
+                })
+            })
             .connect_with(options)
             .await
             .map_err(|e| backend(format!("cannot connect to PostgreSQL: {e}")))?;
