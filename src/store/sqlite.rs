@@ -20,14 +20,26 @@
 //! savepoint, so that one failing command does not undo the others.
 //!
 //! The keys (with their balances) and the open reservations are kept in
-//! process memory, under one mutex: the request path (`key_by_hash`, `key`
-//! and `reserve`) reads them there and runs no SQL. The writer holds that
-//! mutex while it commits a batch and applies the batch's changes to the
-//! keys and releases its settled reservations, so a reservation sees
+//! process memory: the request path (`key_by_hash`, `key` and `reserve`)
+//! reads them there and runs no SQL but one `PRAGMA data_version`. Each key
+//! has its own entry, under its own mutex, holding its record and its open
+//! reservations; the map from ids and hashes to entries is under a
+//! read-write lock that only the writer thread takes for writing (when a
+//! key appears), the request path taking it in shared mode just long
+//! enough to find an entry. A reservation locks only its key's entry.
+//!
+//! Only the writer thread changes the entries. It commits a batch with no
+//! lock of the cache held, and then applies the batch's changes, each
+//! under its key's lock: a settlement sets the key's new balance and
+//! releases its reservation at once. So a reservation sees, for its key,
 //! either the state before a settlement (old balance, reservation held) or
-//! after it (new balance, reservation released), never a mix: it cannot
-//! race a settlement. Hence one gateway serves a given SQLite file: a
-//! second gateway on the same file would not see the first one's
+//! after it (new balance, reservation released), never a mix; between the
+//! commit and the update it sees the state before, which counts the
+//! settlement's reservation as spent, so it is not admitted more than
+//! before the settlement. Admin writes (top-ups, adjustments, revocations,
+//! new keys) reach the entries the same way, after their commit and before
+//! their caller is answered. Hence one gateway serves a given SQLite file:
+//! a second gateway on the same file would not see the first one's
 //! reservations (use PostgreSQL for several). A restart starts with no
 //! reservations, so [`Store::release_stale_reservations`] has nothing to
 //! do.
@@ -35,24 +47,41 @@
 //! Other processes (the `tollgate keys ...` CLI) may open the same file at
 //! the same time: balance changes are relative (`balance = balance - ?`),
 //! so they compose, and `busy_timeout` makes each side wait for the other's
-//! write lock. Their commits reach the cached keys as follows:
-//! `key_by_hash` and `key` first read `PRAGMA data_version` on a dedicated
-//! connection (one read transaction, no table read), and read every key
-//! again when something committed since the cache last matched the file;
-//! the writer notes its own commits there while it holds the mutex. So a
-//! change committed by another process is seen by the next authenticated
-//! request (and `reserve`, which follows authentication, uses the balance
-//! seen then). One narrow race remains: a commit that lands between the
-//! writer's own commit and its noting it is taken for the writer's; the
-//! writer's connection, whose `data_version` changes only on commits of
-//! other connections, catches it at the start of its next batch or, when
-//! idle, within 50 ms. That is the bound on staleness.
+//! write lock. Their commits reach the cache as follows. The writer's
+//! connection's `PRAGMA data_version` changes exactly when another
+//! connection commits; the writer reads it at the start of each batch
+//! (inside its write transaction), after each commit, when asked, and every
+//! 50 ms when idle, and reads every key again when it changed. The request
+//! path cannot use that connection, so `key_by_hash` and `key` read
+//! `data_version` on a "watcher": one of a few read-only connections, one
+//! preferred per thread, each under its own mutex (taken by one request at
+//! a time, or briefly by the writer). A watcher's version changes on any
+//! other connection's commit, the writer's included, so after each commit
+//! the writer re-bases every watcher (reads its version as the new normal)
+//! and only then reads its own connection's version, which catches a
+//! commit of another process hidden by the re-basing. When a watcher sees
+//! a change, the request asks the writer to catch up and waits for it
+//! (so, in practice, only after another process committed), except while
+//! the writer is between a commit and the end of re-basing (`committing` is
+//! odd, set before the commit starts), when the change may be the writer's
+//! own and the writer's own look follows anyway.
+//!
+//! So a change committed by another process is seen by the next
+//! authenticated request (and `reserve`, which follows authentication,
+//! uses the balance seen then), with one narrow race: a request whose
+//! watcher looks while the writer is between a commit and the end of
+//! re-basing the watchers does not wait for the catch-up the writer then
+//! does, and may use the keys as they were before that other process's
+//! commit. That is the bound on staleness: the end of the writer's batch in
+//! flight, which re-bases a handful of watchers and reads the keys again.
+//! A commit that no request looks for (`reserve` alone) is caught by the
+//! writer within 50 ms when idle, at its next batch otherwise.
 //!
 //! Reads other than those (listings, usage, totals) use a small pool of
 //! read connections on the blocking thread pool; WAL readers never block
 //! the writer nor wait for it. The writer commits without checkpointing
 //! (`wal_autocheckpoint=0`) and checkpoints the WAL itself between batches,
-//! so that the mutex is held only for the commit's WAL write.
+//! so that a commit is only the WAL write.
 //!
 //! # Schema
 //!
@@ -63,8 +92,9 @@ use super::*;
 use rusqlite::{params, Connection, OpenFlags, OptionalExtension, Row};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc;
-use std::sync::{Mutex, PoisonError};
+use std::sync::{Mutex, PoisonError, RwLock};
 use std::time::Duration;
 use tokio::sync::oneshot;
 
@@ -99,29 +129,48 @@ macro_rules! usage_columns {
 }
 
 pub struct SqliteStore {
-    writer: mpsc::Sender<Command>,
+    writer: mpsc::Sender<Message>,
     readers: Arc<Readers>,
-    shared: Arc<Shared>,
+    cache: Arc<Cache>,
 }
 
-/// The keys as committed and the open reservations. Its mutex also orders
-/// the request path with the writer's commits (see the module doc).
-type Shared = Mutex<Cache>;
-
+/// The keys as committed, each with its open reservations, and the
+/// watchers that notice commits of other processes (see the module doc).
 struct Cache {
-    keys: HashMap<KeyId, KeyRecord>,
-    by_hash: HashMap<String, KeyId>,
-    /// Open reservations per key.
-    reserved: HashMap<KeyId, Credits>,
-    /// A connection that only reads `PRAGMA data_version`, to notice
-    /// commits made since the cache last matched the file.
-    watcher: Connection,
-    /// `watcher`'s data version when the cache last matched the file.
-    seen: Option<i64>,
+    keys: RwLock<Keys>,
+    watchers: Vec<Mutex<Watcher>>,
+    /// Odd while the writer is between the start of a commit and the end
+    /// of re-basing the watchers on it.
+    committing: AtomicU64,
+}
+
+/// The map from keys to their entries. Only the writer thread changes it
+/// (new keys); the request path takes it in shared mode to find an entry.
+#[derive(Default)]
+struct Keys {
+    by_id: HashMap<KeyId, Arc<KeyEntry>>,
+    by_hash: HashMap<String, Arc<KeyEntry>>,
+}
+
+/// One key's state, under its own lock.
+type KeyEntry = Mutex<KeyState>;
+
+struct KeyState {
+    record: KeyRecord,
+    /// Its open reservations.
+    reserved: Credits,
+}
+
+/// A connection that only reads `PRAGMA data_version`.
+struct Watcher {
+    conn: Connection,
+    /// `conn`'s data version when the cache last matched the file as far
+    /// as this watcher can tell.
+    seen: i64,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    // Every holder leaves the cache consistent before anything can panic.
+    // Every holder leaves the state consistent before anything can panic.
     m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
@@ -131,84 +180,160 @@ fn data_version(conn: &Connection) -> Result<i64, StoreError> {
         .query_row([], |r| r.get(0))?)
 }
 
+/// A watcher per worker thread or so, at least two.
+fn watcher_count() -> usize {
+    std::thread::available_parallelism().map_or(4, |n| n.get().clamp(2, 8))
+}
+
+static NEXT_SLOT: AtomicUsize = AtomicUsize::new(0);
+
+thread_local! {
+    /// This thread's preferred watcher (modulo their number).
+    static SLOT: usize = NEXT_SLOT.fetch_add(1, Ordering::Relaxed);
+}
+
 impl Cache {
-    fn open(path: &Path) -> Result<Cache, StoreError> {
-        let watcher = open_reader(path)?;
-        let mut cache = Cache {
-            keys: HashMap::new(),
-            by_hash: HashMap::new(),
-            reserved: HashMap::new(),
-            watcher,
-            seen: None,
+    fn open(path: &Path, writer: &Connection) -> Result<Cache, StoreError> {
+        let mut watchers = Vec::new();
+        for _ in 0..watcher_count() {
+            let conn = open_reader(path)?;
+            let seen = data_version(&conn)?;
+            watchers.push(Mutex::new(Watcher { conn, seen }));
+        }
+        let cache = Cache {
+            keys: RwLock::new(Keys::default()),
+            watchers,
+            committing: AtomicU64::new(0),
         };
-        cache.reload()?;
+        cache.load(writer)?;
         Ok(cache)
     }
 
-    /// Reads every key again.
-    fn reload(&mut self) -> Result<(), StoreError> {
-        // A commit between the two reads is seen again at the next check.
-        let version = data_version(&self.watcher)?;
-        let mut keys = HashMap::new();
-        let mut by_hash = HashMap::new();
-        let mut stmt = self.watcher.prepare_cached(concat!(
+    fn entry(&self, id: KeyId) -> Option<Arc<KeyEntry>> {
+        let keys = self.keys.read().unwrap_or_else(PoisonError::into_inner);
+        keys.by_id.get(&id).cloned()
+    }
+
+    fn entry_by_hash(&self, hash: &str) -> Option<Arc<KeyEntry>> {
+        let keys = self.keys.read().unwrap_or_else(PoisonError::into_inner);
+        keys.by_hash.get(hash).cloned()
+    }
+
+    /// Reads every key again on `conn` (the writer's) and updates the
+    /// entries, keeping their reservations. Writer thread only.
+    fn load(&self, conn: &Connection) -> Result<(), StoreError> {
+        let mut stmt = conn.prepare_cached(concat!(
             "SELECT ",
             key_columns!(),
             ", key_hash FROM api_keys"
         ))?;
-        let mut rows = stmt.query([])?;
-        while let Some(row) = rows.next()? {
-            let record = key_from_row(row)?;
-            by_hash.insert(row.get(12)?, record.id);
-            keys.insert(record.id, record);
+        let rows = stmt
+            .query_map([], |row| {
+                Ok((key_from_row(row)?, row.get::<_, String>(12)?))
+            })?
+            .collect::<Result<Vec<_>, _>>()?;
+        let mut new = Vec::new();
+        for (record, hash) in rows {
+            match self.entry(record.id) {
+                Some(entry) => lock(&entry).record = record,
+                None => new.push((Some(hash), record)),
+            }
         }
-        drop(rows);
-        drop(stmt);
-        self.keys = keys;
-        self.by_hash = by_hash;
-        self.seen = Some(version);
-        Ok(())
-    }
-
-    /// Reloads the keys if anything committed since the cache matched the
-    /// file.
-    fn refresh(&mut self) -> Result<(), StoreError> {
-        if self.seen != Some(data_version(&self.watcher)?) {
-            self.reload()?;
+        for (hash, record) in new {
+            self.insert(hash, record);
         }
         Ok(())
     }
 
-    /// Notes the writer's own commit, just applied to the cache.
-    fn absorb(&mut self) {
-        self.seen = data_version(&self.watcher).ok();
-    }
-
-    fn add_reserved(&mut self, id: KeyId, change: Credits) {
-        let entry = self.reserved.entry(id).or_insert(Credits::ZERO);
-        *entry += change;
-        if *entry == Credits::ZERO {
-            self.reserved.remove(&id);
+    /// Adds or replaces a key. Writer thread only.
+    fn insert(&self, hash: Option<String>, record: KeyRecord) {
+        if let Some(entry) = self.entry(record.id) {
+            lock(&entry).record = record;
+            return;
         }
+        let Some(hash) = hash else {
+            // Created by another process since the last load: the next
+            // load brings it with its hash.
+            return;
+        };
+        let mut keys = self.keys.write().unwrap_or_else(PoisonError::into_inner);
+        let id = record.id;
+        let entry = Arc::new(Mutex::new(KeyState {
+            record,
+            reserved: Credits::ZERO,
+        }));
+        keys.by_hash.insert(hash, entry.clone());
+        keys.by_id.insert(id, entry);
     }
 
-    fn apply(&mut self, change: Change) {
+    /// Applies a committed change. Returns false when its key is unknown
+    /// (created by another process since the last load). Writer thread
+    /// only.
+    fn apply(&self, change: Change) -> bool {
         match change {
             Change::Key(hash, record) => {
-                if let Some(hash) = hash {
-                    self.by_hash.insert(hash, record.id);
-                }
-                self.keys.insert(record.id, record);
+                let known = hash.is_some() || self.entry(record.id).is_some();
+                self.insert(hash, record);
+                known
             }
-            Change::Balance(id, balance) => {
-                if let Some(record) = self.keys.get_mut(&id) {
-                    record.balance = balance;
-                } else {
-                    // Created by another process since the last reload.
-                    self.seen = None;
+            Change::Balance(id, balance) => match self.entry(id) {
+                Some(entry) => {
+                    lock(&entry).record.balance = balance;
+                    true
                 }
+                None => false,
+            },
+            Change::Settled(id, balance, released) => match self.entry(id) {
+                Some(entry) => {
+                    // Both at once, under the key's lock: a reservation
+                    // sees the settlement whole or not at all.
+                    let mut state = lock(&entry);
+                    state.record.balance = balance;
+                    state.reserved -= released;
+                    true
+                }
+                None => false,
+            },
+        }
+    }
+
+    /// Whether something committed since the cache last matched the file,
+    /// as far as the watcher of this thread can tell: `None` when not, else
+    /// the watcher and the data version it read.
+    fn look(&self) -> Result<Option<(usize, i64)>, StoreError> {
+        let n = self.watchers.len();
+        let start = SLOT.with(|s| *s) % n;
+        // This thread's watcher, or any other that is free, or wait for it.
+        let (i, watcher) = (0..n)
+            .map(|k| (start + k) % n)
+            .find_map(|i| self.watchers[i].try_lock().ok().map(|w| (i, w)))
+            .unwrap_or_else(|| (start, lock(&self.watchers[start])));
+        let version = data_version(&watcher.conn)?;
+        if version == watcher.seen {
+            return Ok(None);
+        }
+        if self.committing.load(Ordering::SeqCst) % 2 == 1 {
+            // The writer is committing: it re-bases the watchers on its
+            // commit and then looks for other writers' commits itself.
+            return Ok(None);
+        }
+        Ok(Some((i, version)))
+    }
+
+    /// Notes that the cache caught up with what watcher `i` read.
+    fn caught_up(&self, i: usize, version: i64) {
+        lock(&self.watchers[i]).seen = version;
+    }
+
+    /// Re-bases every watcher on the current state of the file. Writer
+    /// thread only, after its commit and before it looks for other
+    /// writers' commits.
+    fn rebase(&self) {
+        for watcher in &self.watchers {
+            let mut watcher = lock(watcher);
+            if let Ok(version) = data_version(&watcher.conn) {
+                watcher.seen = version;
             }
-            Change::Release(id, amount) => self.add_reserved(id, -amount),
         }
     }
 }
@@ -226,22 +351,22 @@ impl SqliteStore {
             .spawn(move || {
                 let opened = open_writer(&thread_path).and_then(|conn| {
                     let version = data_version(&conn)?;
-                    let shared = Arc::new(Mutex::new(Cache::open(&thread_path)?));
-                    Ok((conn, version, shared))
+                    let cache = Arc::new(Cache::open(&thread_path, &conn)?);
+                    Ok((conn, version, cache))
                 });
-                let (conn, version, shared) = match opened {
+                let (conn, version, cache) = match opened {
                     Ok(opened) => opened,
                     Err(e) => {
                         let _ = ready_tx.send(Err(e));
                         return;
                     }
                 };
-                if ready_tx.send(Ok(shared.clone())).is_err() {
+                if ready_tx.send(Ok(cache.clone())).is_err() {
                     return;
                 }
                 Writer {
                     conn,
-                    shared,
+                    cache,
                     changes: Vec::new(),
                     data_version: version,
                     reload: false,
@@ -250,7 +375,7 @@ impl SqliteStore {
                 .run(rx);
             })
             .map_err(|e| backend(format!("cannot start the sqlite writer thread: {e}")))?;
-        let shared = ready_rx
+        let cache = ready_rx
             .await
             .map_err(|_| backend("the sqlite writer thread stopped"))??;
 
@@ -262,24 +387,34 @@ impl SqliteStore {
         Ok(SqliteStore {
             writer: tx,
             readers,
-            shared,
+            cache,
         })
     }
 
     async fn write<T>(&self, make: impl FnOnce(Reply<T>) -> Command) -> Result<T, StoreError> {
         let (tx, rx) = oneshot::channel();
         self.writer
-            .send(make(tx))
+            .send(Message::Write(make(tx)))
             .map_err(|_| backend("the sqlite writer thread stopped"))?;
         rx.await
             .map_err(|_| backend("the sqlite writer thread stopped"))?
     }
 
-    /// The cache, brought up to date with commits of other processes.
-    fn fresh(&self) -> Result<std::sync::MutexGuard<'_, Cache>, StoreError> {
-        let mut cache = lock(&self.shared);
-        cache.refresh()?;
-        Ok(cache)
+    /// Brings the cache up to date with commits of other processes, if
+    /// this thread's watcher saw any: the writer thread reads the keys
+    /// again (it alone changes the cache, so its changes stay in order).
+    async fn fresh(&self) -> Result<(), StoreError> {
+        let Some((watcher, version)) = self.cache.look()? else {
+            return Ok(());
+        };
+        let (tx, rx) = oneshot::channel();
+        self.writer
+            .send(Message::CatchUp(tx))
+            .map_err(|_| backend("the sqlite writer thread stopped"))?;
+        rx.await
+            .map_err(|_| backend("the sqlite writer thread stopped"))??;
+        self.cache.caught_up(watcher, version);
+        Ok(())
     }
 
     /// Runs a read on the blocking thread pool.
@@ -558,14 +693,21 @@ impl Command {
     }
 }
 
+/// What the writer thread is asked to do.
+enum Message {
+    Write(Command),
+    /// Look for other processes' commits and read the keys again if any.
+    CatchUp(Reply<()>),
+}
+
 /// A change to the cache, applied when its transaction commits.
 enum Change {
     /// A key created (with its hash) or changed.
     Key(Option<String>, KeyRecord),
     /// A key's new balance.
     Balance(KeyId, Credits),
-    /// A settled reservation.
-    Release(KeyId, Credits),
+    /// A settlement: the key's new balance, and the reservation released.
+    Settled(KeyId, Credits, Credits),
 }
 
 /// How often an idle writer looks for commits of other processes.
@@ -573,7 +715,7 @@ const REFRESH_EVERY: Duration = Duration::from_millis(50);
 
 struct Writer {
     conn: Connection,
-    shared: Arc<Shared>,
+    cache: Arc<Cache>,
     /// The changes of the current batch, applied to the cache at its commit.
     changes: Vec<Change>,
     /// This connection's `PRAGMA data_version`, which changes only when
@@ -586,28 +728,48 @@ struct Writer {
 }
 
 impl Writer {
-    fn run(mut self, rx: mpsc::Receiver<Command>) {
+    fn run(mut self, rx: mpsc::Receiver<Message>) {
         let mut batch = Vec::new();
+        let mut waiting = Vec::new();
         let mut results = Vec::new();
         loop {
             let first = match rx.recv_timeout(REFRESH_EVERY) {
-                Ok(cmd) => cmd,
+                Ok(message) => message,
                 Err(mpsc::RecvTimeoutError::Timeout) => {
-                    self.refresh_when_idle();
+                    let _ = self.catch_up();
                     continue;
                 }
                 Err(mpsc::RecvTimeoutError::Disconnected) => return,
             };
-            batch.push(first);
-            while batch.len() < MAX_BATCH {
-                match rx.try_recv() {
-                    Ok(cmd) => batch.push(cmd),
-                    Err(_) => break,
+            let mut next = Some(first);
+            while let Some(message) = next {
+                match message {
+                    Message::Write(cmd) => batch.push(cmd),
+                    Message::CatchUp(tx) => waiting.push(tx),
                 }
+                next = if batch.len() < MAX_BATCH {
+                    rx.try_recv().ok()
+                } else {
+                    None
+                };
             }
-            let error = self.run_batch(&batch, &mut results);
-            for (cmd, result) in batch.drain(..).zip(results.drain(..)) {
-                cmd.answer(result, error.as_deref());
+            // A batch catches up after its commit; so must a request that
+            // came without one.
+            let caught_up = if batch.is_empty() {
+                self.catch_up().map_err(|e| e.to_string())
+            } else {
+                let error = self.run_batch(&batch, &mut results);
+                for (cmd, result) in batch.drain(..).zip(results.drain(..)) {
+                    cmd.answer(result, error.as_deref());
+                }
+                if self.reload {
+                    Err("cannot read the keys again".to_string())
+                } else {
+                    Ok(())
+                }
+            };
+            for tx in waiting.drain(..) {
+                let _ = tx.send(caught_up.clone().map_err(backend));
             }
             if self.uncheckpointed >= CHECKPOINT_EVERY {
                 self.uncheckpointed = 0;
@@ -621,28 +783,31 @@ impl Writer {
     }
 
     /// Notes commits of other connections since the last look.
-    fn look_for_other_writers(&mut self) -> Result<(), StoreError> {
-        let version = data_version(&self.conn)?;
-        if version != self.data_version {
-            self.data_version = version;
-            self.reload = true;
+    fn look_for_other_writers(&mut self) {
+        match data_version(&self.conn) {
+            Ok(version) if version == self.data_version => {}
+            Ok(version) => {
+                self.data_version = version;
+                self.reload = true;
+            }
+            // Cannot tell: read the keys again.
+            Err(_) => self.reload = true,
+        }
+    }
+
+    /// Reads the keys again if the cache must be.
+    fn reload_if_needed(&mut self) -> Result<(), StoreError> {
+        if self.reload {
+            self.cache.load(&self.conn)?;
+            self.reload = false;
         }
         Ok(())
     }
 
-    fn refresh_when_idle(&mut self) {
-        if self.look_for_other_writers().is_err() {
-            // Cannot tell: read the keys again.
-            self.reload = true;
-        }
-        if self.reload {
-            let mut cache = lock(&self.shared);
-            match cache.reload() {
-                Ok(()) => self.reload = false,
-                // The request path reloads at its next look.
-                Err(_) => cache.seen = None,
-            }
-        }
+    /// Brings the cache up to date with commits of other connections.
+    fn catch_up(&mut self) -> Result<(), StoreError> {
+        self.look_for_other_writers();
+        self.reload_if_needed()
     }
 
     /// Carries out `batch` in one transaction and fills `results`, one per
@@ -676,39 +841,36 @@ impl Writer {
                 results.push(result);
             }
         }
-        // Commit and update the cache under its lock, so a reservation
-        // never sees a settlement's charge without its release.
-        let committed = {
-            let mut cache = lock(&self.shared);
-            let committed = self.exec("COMMIT");
-            if committed.is_ok() {
-                for change in self.changes.drain(..) {
-                    cache.apply(change);
-                }
-                if self.reload {
-                    match cache.reload() {
-                        Ok(()) => self.reload = false,
-                        Err(_) => cache.seen = None,
-                    }
-                } else {
-                    cache.absorb();
+        // Commit with no lock of the cache held. Until its changes are
+        // applied below, the cache shows the state before the batch (see the
+        // module doc); the watchers see the commit, and are told to ignore
+        // it (odd `committing`) until they are re-based on it.
+        self.cache.committing.fetch_add(1, Ordering::SeqCst);
+        let committed = self.exec("COMMIT");
+        if committed.is_ok() {
+            for change in self.changes.drain(..) {
+                if !self.cache.apply(change) {
+                    self.reload = true;
                 }
             }
-            committed
-        };
+        } else {
+            let _ = self.exec("ROLLBACK");
+        }
         self.changes.clear();
+        self.cache.rebase();
+        self.cache.committing.fetch_add(1, Ordering::SeqCst);
+        // A commit of another process since ours is hidden from the
+        // watchers by the re-basing; this connection sees it.
+        let _ = self.catch_up();
         self.uncheckpointed += 1;
         match committed {
             Ok(()) => None,
-            Err(e) => {
-                let _ = self.exec("ROLLBACK");
-                Some(format!("sqlite commit failed: {e}"))
-            }
+            Err(e) => Some(format!("sqlite commit failed: {e}")),
         }
     }
 
-    /// Starts the batch's transaction and looks for other writers' commits
-    /// since the last batch (none can commit until ours ends).
+    /// Starts the batch's transaction and catches up with other writers'
+    /// commits (none can commit until ours ends).
     fn begin(&mut self) -> Result<(), String> {
         if !self.conn.is_autocommit() {
             // A transaction left open by a failed commit and rollback.
@@ -716,9 +878,8 @@ impl Writer {
         }
         self.exec("BEGIN IMMEDIATE")
             .map_err(|e| format!("cannot start an sqlite transaction: {e}"))?;
-        if self.look_for_other_writers().is_err() {
-            self.reload = true;
-        }
+        // On failure, `reload` stays set: tried again after the commit.
+        let _ = self.catch_up();
         Ok(())
     }
 
@@ -761,8 +922,8 @@ impl Writer {
             }
             Command::Settle(usage, reserved, _) => {
                 let balance = settle(conn, usage)?;
-                self.changes.push(Change::Balance(usage.key_id, balance));
-                self.changes.push(Change::Release(usage.key_id, *reserved));
+                self.changes
+                    .push(Change::Settled(usage.key_id, balance, *reserved));
                 Ok(Outcome::Credits(balance))
             }
         }
@@ -970,16 +1131,19 @@ fn settle(conn: &Connection, usage: &UsageRecord) -> Result<Credits, StoreError>
 #[async_trait]
 impl Store for SqliteStore {
     async fn key_by_hash(&self, hash: &KeyHash) -> Result<Option<KeyRecord>, StoreError> {
-        let cache = self.fresh()?;
-        Ok(cache
-            .by_hash
-            .get(&hash.0)
-            .and_then(|id| cache.keys.get(id))
-            .cloned())
+        self.fresh().await?;
+        Ok(self
+            .cache
+            .entry_by_hash(&hash.0)
+            .map(|entry| lock(&entry).record.clone()))
     }
 
     async fn key(&self, id: KeyId) -> Result<Option<KeyRecord>, StoreError> {
-        Ok(self.fresh()?.keys.get(&id).cloned())
+        self.fresh().await?;
+        Ok(self
+            .cache
+            .entry(id)
+            .map(|entry| lock(&entry).record.clone()))
     }
 
     async fn keys(&self) -> Result<Vec<KeyRecord>, StoreError> {
@@ -1018,18 +1182,15 @@ impl Store for SqliteStore {
 
     async fn reserve(&self, id: KeyId, amount: Credits) -> Result<Credits, StoreError> {
         // The request was authenticated just before, which brought the
-        // cache up to date.
-        let mut cache = lock(&self.shared);
-        let balance = cache
-            .keys
-            .get(&id)
-            .ok_or(StoreError::NoSuchKey(id))?
-            .balance;
-        let available = balance - cache.reserved.get(&id).copied().unwrap_or(Credits::ZERO);
+        // cache up to date. Only this key's lock is taken.
+        let entry = self.cache.entry(id).ok_or(StoreError::NoSuchKey(id))?;
+        let mut state = lock(&entry);
+        let balance = state.record.balance;
+        let available = balance - state.reserved;
         if !balance.is_positive() || available < amount {
             return Err(StoreError::InsufficientCredits { available });
         }
-        cache.add_reserved(id, amount);
+        state.reserved += amount;
         Ok(available - amount)
     }
 
