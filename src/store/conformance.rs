@@ -1143,6 +1143,36 @@ async fn sqlite_sees_what_other_processes_commit() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_reserves_while_the_writer_is_stuck() {
+    // The request path does not wait for the writer: with a settlement
+    // stuck behind another connection's write lock, keys are still looked
+    // up and reserved.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("stuck.db");
+    let store: SharedStore = Arc::new(SqliteStore::open(&path).await.unwrap());
+    let a = store.create_key(new_key("a", cr("10"))).await.unwrap().id;
+    let b = store.create_key(new_key("b", cr("10"))).await.unwrap().id;
+    assert_eq!(store.reserve(a, cr("1")).await.unwrap(), cr("9"));
+
+    let blocker = rusqlite::Connection::open(&path).unwrap();
+    blocker.execute_batch("BEGIN IMMEDIATE").unwrap();
+    let settling = {
+        let store = store.clone();
+        tokio::spawn(async move { store.settle(usage(a, cr("1")), cr("1")).await })
+    };
+    for (name, id) in [("a", a), ("b", b)] {
+        let key = store.key_by_hash(&hash(name)).await.unwrap().unwrap();
+        assert_eq!(key.id, id);
+        store.reserve(id, cr("2")).await.unwrap();
+    }
+    assert!(!settling.is_finished(), "the settlement waits for the lock");
+    blocker.execute_batch("ROLLBACK").unwrap();
+    assert_eq!(settling.await.unwrap().unwrap(), cr("9"));
+    assert_eq!(store.reserve(a, cr("7")).await.unwrap(), Credits::ZERO);
+    assert_eq!(store.reserve(b, cr("8")).await.unwrap(), Credits::ZERO);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_releases_reservations_of_dead_gateways() {
     let Some((base, options, schema)) = pg_schema().await else {
         return;
