@@ -190,6 +190,7 @@ conformance_tests!(
     reserves_racing_settlements_never_overspend,
     abandoned_reservations_are_released,
     concurrent_writes_fail_alone,
+    concurrent_settlements_on_two_keys,
     adjust_adds_and_sets,
     ledger_adds_up_to_the_balance,
     sync_grants_creates_keeps_disables_reenables,
@@ -634,6 +635,78 @@ async fn concurrent_writes_fail_alone(h: &Harness) {
     assert_eq!(s.keys().await.unwrap().len(), 12);
     assert_eq!(balance(&s, k).await, cr("95"));
     assert_ledger_adds_up(&s, k).await;
+}
+
+async fn concurrent_settlements_on_two_keys(h: &Harness) {
+    // Settlements arriving together (the PostgreSQL store applies them in
+    // batches): each is charged and recorded exactly once, each reservation
+    // is released, and one for a key that does not exist fails alone.
+    let s = h.store.clone();
+    let a = s.create_key(new_key("a", cr("100"))).await.unwrap().id;
+    let b = s.create_key(new_key("b", cr("100"))).await.unwrap().id;
+    for _ in 0..20 {
+        s.reserve(a, cr("2")).await.unwrap();
+        s.reserve(b, cr("2")).await.unwrap();
+    }
+    let mut tasks = Vec::new();
+    for i in 0..40u64 {
+        let store = s.clone();
+        let key = if i % 2 == 0 { a } else { b };
+        tasks.push(tokio::spawn(async move {
+            let mut record = usage(key, Credits::from_millis(1000 + i as i64));
+            record.prompt_tokens = i;
+            (key, store.settle(record, cr("2")).await)
+        }));
+        if i % 10 == 0 {
+            let s = s.clone();
+            tasks.push(tokio::spawn(async move {
+                (0, s.settle(usage(b + 1000, cr("1")), cr("1")).await)
+            }));
+        }
+    }
+    let mut answered: std::collections::HashMap<KeyId, Vec<Credits>> = Default::default();
+    for task in tasks {
+        match task.await.expect("task") {
+            (0, Err(StoreError::NoSuchKey(_))) => {}
+            (0, other) => panic!("expected NoSuchKey, got {other:?}"),
+            (key, result) => answered
+                .entry(key)
+                .or_default()
+                .push(result.expect("settle")),
+        }
+    }
+    // Key a paid 1.000 + 1.002 + ... + 1.038, key b 1.001 + ... + 1.039.
+    let final_a = cr("100") - Credits::from_millis((0..20).map(|i| 1000 + 2 * i).sum());
+    let final_b = cr("100") - Credits::from_millis((0..20).map(|i| 1001 + 2 * i).sum());
+    for (key, expected) in [(a, final_a), (b, final_b)] {
+        assert_eq!(balance(&s, key).await, expected);
+        // Each answer is the balance just after that settlement, in some
+        // order of them: all distinct, the lowest the final one.
+        let mut seen = answered.remove(&key).expect("answers");
+        seen.sort();
+        seen.dedup();
+        assert_eq!(seen.len(), 20);
+        assert_eq!(seen[0], expected);
+        // All reservations were released.
+        assert_eq!(s.reserve(key, expected).await.unwrap(), Credits::ZERO);
+        assert_ledger_adds_up(&s, key).await;
+    }
+    let mut prompts: Vec<u64> = Vec::new();
+    for key in [a, b] {
+        let rows = s
+            .usage(
+                Some(key),
+                PageRequest {
+                    limit: 100,
+                    before: None,
+                },
+            )
+            .await
+            .unwrap();
+        prompts.extend(rows.iter().map(|r| r.record.prompt_tokens));
+    }
+    prompts.sort();
+    assert_eq!(prompts, (0..40).collect::<Vec<u64>>(), "one usage row each");
 }
 
 async fn adjust_adds_and_sets(h: &Harness) {
@@ -1140,6 +1213,43 @@ async fn sqlite_sees_what_other_processes_commit() {
         refused_with(gateway.reserve(other, cr("0.1")).await),
         Credits::ZERO
     );
+}
+
+/// A settlement the database refuses (a NUL byte in a text column) fails
+/// alone, even when it arrived in one batch with others.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_a_failing_settlement_fails_alone() {
+    let Some(h) = Harness::postgres().await else {
+        return;
+    };
+    let s = h.store.clone();
+    let k = s.create_key(new_key("k", cr("100"))).await.unwrap().id;
+    let mut tasks = Vec::new();
+    for i in 0..30u64 {
+        let s = s.clone();
+        tasks.push(tokio::spawn(async move {
+            s.reserve(k, cr("1")).await.unwrap();
+            let mut record = usage(k, cr("1"));
+            record.prompt_tokens = i;
+            if i % 10 == 5 {
+                record.endpoint = "/api/\0generate".into();
+            }
+            (i, s.settle(record, cr("1")).await)
+        }));
+    }
+    for task in tasks {
+        match task.await.expect("task") {
+            (i, Err(StoreError::Backend(_))) if i % 10 == 5 => {}
+            (i, Ok(_)) if i % 10 != 5 => {}
+            (i, other) => panic!("settlement {i}: unexpected {other:?}"),
+        }
+    }
+    // 27 charged; the three refused left their reservation open.
+    assert_eq!(balance(&s, k).await, cr("73"));
+    assert_eq!(s.usage_totals(k).await.unwrap().requests, 27);
+    assert_eq!(s.reserve(k, cr("70")).await.unwrap(), Credits::ZERO);
+    assert_ledger_adds_up(&s, k).await;
+    h.finish().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

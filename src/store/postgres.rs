@@ -7,18 +7,28 @@
 //! only where `balance > 0 AND balance - reserved >= amount`; the row lock it
 //! takes serializes the reservations of one key (and only of that key), so
 //! gateways sharing the database can never admit more than the balance
-//! covers. A settlement is one statement too, its own transaction: it
-//! releases the reservation, charges the real cost and writes the usage row,
-//! so the key's row lock is held for that one statement, not across round
-//! trips. It commits before it returns, so an answered settlement survives
-//! `kill -9` of the gateway.
-//! Both run in their own task: a settlement is completed even if its caller
-//! stops waiting, and a reservation whose caller stopped waiting is given
-//! back at once.
+//! covers.
 //!
-//! A proxied request thus costs three round trips (key lookup, reservation,
-//! settlement): pooled connections are not pinged before each use, only
-//! after sitting idle for `PING_IF_IDLE_FOR` (5 s).
+//! Settlements are applied in batches: one settlement task per store takes
+//! every settlement queued (up to `SETTLE_BATCH_MAX`, 256) and applies them
+//! in one statement, its own transaction: one usage row per settlement, and
+//! per key one update of the key row (the summed charge, the summed
+//! release) and one of this instance's share. Row locks are thus held for
+//! that one statement, not across round trips. Each settlement is answered
+//! only after that statement committed, so an answered settlement survives
+//! `kill -9` of the gateway. If the server refuses the batch (nothing of it
+//! was applied), its settlements are applied one by one, so that a bad one
+//! fails alone; if the connection fails instead, the batch may have
+//! committed, so each settlement gets the error and none is retried.
+//!
+//! A settlement, once queued, belongs to the task and is completed even if
+//! its caller stops waiting; a reservation runs in its own task, and one
+//! whose caller stopped waiting is given back at once.
+//!
+//! A proxied request thus costs three statements (key lookup, reservation,
+//! and its share of a settlement batch, which under load is one statement
+//! for many requests): pooled connections are not pinged before each use,
+//! only after sitting idle for `PING_IF_IDLE_FOR` (5 s).
 //!
 //! # Durability
 //!
@@ -43,7 +53,15 @@
 //!
 //! Locks are always taken in the order `api_keys` rows (several in id
 //! order), then their `instance_reservations` rows, so these paths cannot
-//! deadlock each other.
+//! deadlock each other. In more detail: every path touches a share row
+//! `(instance, key)` only while holding the lock on row `key` of
+//! `api_keys` (which conflicts with itself), so share locks are never
+//! waited for; and the paths that lock several key rows (a settlement
+//! batch, releasing stale reservations, `sync_grants`) lock them with one
+//! `SELECT ... ORDER BY id FOR NO KEY UPDATE`, which locks in ascending id
+//! order, while the others (reservation, release, adjustment, update,
+//! revocation) lock a single key row. Waits therefore only go from a lower
+//! key id to a higher one, and no cycle can form.
 //!
 //! A gateway that is alive but could not reach the database for over 60 s
 //! may have had its reservations released by another gateway; its later
@@ -64,7 +82,7 @@ use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, PgRow};
 use sqlx::{Connection, PgConnection, Row};
 use std::str::FromStr;
 use std::time::Duration;
-use tokio::sync::oneshot;
+use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 
 /// How often an instance proves it is alive.
@@ -76,6 +94,8 @@ const RELEASE_EVERY_BEATS: u32 = 6;
 const STALE_AFTER_SECS: i64 = 60;
 /// A pooled connection idle this long is pinged before it is used.
 const PING_IF_IDLE_FOR: Duration = Duration::from_secs(5);
+/// The most settlements applied by one statement.
+const SETTLE_BATCH_MAX: usize = 256;
 /// Key for the transaction-scoped advisory lock that serializes
 /// `sync_grants` across gateways.
 const GRANTS_LOCK: i64 = 0x746f_6c6c_6761_7465; // "tollgate"
@@ -98,6 +118,8 @@ pub struct PostgresStore {
     pool: PgPool,
     instance: Arc<str>,
     heartbeat: JoinHandle<()>,
+    /// Queue of the settlement task (see [`settlement_task`]).
+    settlements: mpsc::UnboundedSender<Settlement>,
 }
 
 impl Drop for PostgresStore {
@@ -151,10 +173,13 @@ impl PostgresStore {
         let instance: Arc<str> = format!("{:032x}", rand::random::<u128>()).into();
         beat(&pool, &instance).await?;
         let heartbeat = tokio::spawn(heartbeat_task(pool.clone(), instance.clone()));
+        let (settlements, queue) = mpsc::unbounded_channel();
+        tokio::spawn(settlement_task(pool.clone(), instance.clone(), queue));
         Ok(PostgresStore {
             pool,
             instance,
             heartbeat,
+            settlements,
         })
     }
 
@@ -530,6 +555,164 @@ async fn settle(
         .ok_or(StoreError::NoSuchKey(id))
 }
 
+/// A settlement waiting for the settlement task, and where to answer it.
+struct Settlement {
+    usage: UsageRecord,
+    reserved: Credits,
+    answer: oneshot::Sender<Result<Credits, StoreError>>,
+}
+
+/// Applies the settlements of one store instance: takes every settlement
+/// queued (up to [`SETTLE_BATCH_MAX`]), applies them in one statement
+/// ([`settle_batch`]) and answers each once it has committed. Ends when the
+/// store is dropped and the queue is drained.
+async fn settlement_task(
+    pool: PgPool,
+    instance: Arc<str>,
+    mut queue: mpsc::UnboundedReceiver<Settlement>,
+) {
+    let mut batch = Vec::with_capacity(SETTLE_BATCH_MAX);
+    while queue.recv_many(&mut batch, SETTLE_BATCH_MAX).await > 0 {
+        let items: Vec<(UsageRecord, Credits)> = batch
+            .iter()
+            .map(|s| (s.usage.clone(), s.reserved))
+            .collect();
+        let results = match settle_batch(&pool, &instance, &items).await {
+            Ok(balances) => balances,
+            // The server refused the statement, so nothing of it was
+            // applied: settle one by one, so that one bad settlement fails
+            // alone. Any other failure (the connection broke) may have
+            // happened after the commit; retrying could charge twice.
+            Err(sqlx::Error::Database(e)) => {
+                tracing::warn!("a batch of settlements failed ({e}); settling them one by one");
+                let mut results = Vec::with_capacity(items.len());
+                for (usage, reserved) in &items {
+                    results.push(settle(&pool, &instance, usage, *reserved).await);
+                }
+                results
+            }
+            Err(e) => {
+                let e = e.to_string();
+                items
+                    .iter()
+                    .map(|_| Err(StoreError::Backend(e.clone())))
+                    .collect()
+            }
+        };
+        for (settlement, result) in batch.drain(..).zip(results) {
+            // A caller that stopped waiting is not an error: it is applied.
+            let _ = settlement.answer.send(result);
+        }
+    }
+}
+
+/// Applies `items` (usage, reservation) in one statement, its own
+/// transaction: for each key, one update of the key row (the summed charge,
+/// the summed release) and one of this instance's share of it; one usage
+/// row per item. Returns, per item, the key's balance just after that item
+/// (items applied in order), or [`StoreError::NoSuchKey`].
+///
+/// The key rows are locked in id order before any share row (`held` joins
+/// `k`), the lock order of every path.
+async fn settle_batch(
+    pool: &PgPool,
+    instance: &str,
+    items: &[(UsageRecord, Credits)],
+) -> Result<Vec<Result<Credits, StoreError>>, sqlx::Error> {
+    let n = items.len();
+    let mut key_id = Vec::with_capacity(n);
+    let mut reserved = Vec::with_capacity(n);
+    let mut credits = Vec::with_capacity(n);
+    let mut time = Vec::with_capacity(n);
+    let mut endpoint = Vec::with_capacity(n);
+    let mut model = Vec::with_capacity(n);
+    let mut status = Vec::with_capacity(n);
+    let mut prompt = Vec::with_capacity(n);
+    let mut completion = Vec::with_capacity(n);
+    let mut duration = Vec::with_capacity(n);
+    for (usage, held) in items {
+        key_id.push(usage.key_id);
+        reserved.push(held.millis());
+        credits.push(usage.credits.millis());
+        time.push(usage.time);
+        endpoint.push(usage.endpoint.as_str());
+        model.push(usage.model.as_deref());
+        status.push(i32::from(usage.status));
+        prompt.push(i64_of(usage.prompt_tokens));
+        completion.push(i64_of(usage.completion_tokens));
+        duration.push(i64_of(usage.duration_ms));
+    }
+    let rows: Vec<(KeyId, i64)> = sqlx::query_as(
+        "WITH items AS ( \
+             SELECT * FROM unnest($2::BIGINT[], $3::BIGINT[], $4::BIGINT[], $5::BIGINT[], \
+                                  $6::TEXT[], $7::TEXT[], $8::INTEGER[], $9::BIGINT[], \
+                                  $10::BIGINT[], $11::BIGINT[]) WITH ORDINALITY \
+                 AS t(key_id, reserved, credits, time, endpoint, model, status, \
+                      prompt_tokens, completion_tokens, duration_ms, n) \
+         ), per_key AS ( \
+             SELECT key_id, SUM(reserved)::BIGINT AS reserved, \
+                    SUM(credits)::BIGINT AS credits \
+             FROM items GROUP BY key_id \
+         ), k AS MATERIALIZED ( \
+             SELECT id FROM api_keys WHERE id IN (SELECT key_id FROM per_key) \
+             ORDER BY id FOR NO KEY UPDATE \
+         ), held AS MATERIALIZED ( \
+             SELECT r.key_id, GREATEST(LEAST(r.reserved, p.reserved), 0) AS amount \
+             FROM k JOIN per_key p ON p.key_id = k.id \
+                    JOIN instance_reservations r \
+                         ON r.key_id = k.id AND r.instance_id = $1 \
+             FOR NO KEY UPDATE OF r \
+         ), share AS ( \
+             UPDATE instance_reservations r SET reserved = r.reserved - held.amount \
+             FROM held \
+             WHERE r.instance_id = $1 AND r.key_id = held.key_id AND held.amount <> 0 \
+         ), charged AS ( \
+             UPDATE api_keys a \
+             SET reserved = a.reserved - COALESCE(held.amount, 0), \
+                 balance = a.balance - p.credits \
+             FROM k JOIN per_key p ON p.key_id = k.id \
+                    LEFT JOIN held ON held.key_id = k.id \
+             WHERE a.id = k.id RETURNING a.id, a.balance \
+         ), u AS ( \
+             INSERT INTO usage (time, key_id, endpoint, model, status, prompt_tokens, \
+                                completion_tokens, credits, duration_ms) \
+             SELECT i.time, i.key_id, i.endpoint, i.model, i.status, i.prompt_tokens, \
+                    i.completion_tokens, i.credits, i.duration_ms \
+             FROM items i JOIN charged c ON c.id = i.key_id ORDER BY i.n \
+         ) SELECT id, balance FROM charged",
+    )
+    .bind(instance)
+    .bind(&key_id)
+    .bind(&reserved)
+    .bind(&credits)
+    .bind(&time)
+    .bind(&endpoint)
+    .bind(&model)
+    .bind(&status)
+    .bind(&prompt)
+    .bind(&completion)
+    .bind(&duration)
+    .fetch_all(pool)
+    .await?;
+    // The balance after each item: the final balance plus what the items
+    // after it charged.
+    let mut after: std::collections::HashMap<KeyId, i64> = rows.into_iter().collect();
+    let mut results: Vec<Result<Credits, StoreError>> = items
+        .iter()
+        .rev()
+        .map(|(usage, _)| match after.get_mut(&usage.key_id) {
+            Some(balance) => {
+                let now = *balance;
+                *balance = balance.saturating_add(usage.credits.millis());
+                Ok(Credits::from_millis(now))
+            }
+            None => Err(StoreError::NoSuchKey(usage.key_id)),
+        })
+        .collect();
+    results.reverse();
+    Ok(results)
+}
+
 async fn release_abandoned(pool: &PgPool, instance: &str, id: KeyId, amount: Credits) {
     if let Err(e) = release(pool, instance, id, amount).await {
         tracing::warn!(key = id, "releasing an abandoned reservation failed: {e}");
@@ -785,12 +968,18 @@ impl Store for PostgresStore {
     }
 
     async fn settle(&self, usage: UsageRecord, reserved: Credits) -> Result<Credits, StoreError> {
-        // Run apart from the caller, so that a settlement once started is
-        // completed even if the caller stops waiting.
-        let (pool, instance) = (self.pool.clone(), self.instance.clone());
-        tokio::spawn(async move { settle(&pool, &instance, &usage, reserved).await })
-            .await
-            .map_err(|e| backend(format!("the settlement task failed: {e}")))?
+        // The settlement task owns the settlement once it is queued, so it
+        // is completed even if the caller stops waiting.
+        let (answer, rx) = oneshot::channel();
+        self.settlements
+            .send(Settlement {
+                usage,
+                reserved,
+                answer,
+            })
+            .map_err(|_| backend("the settlement task has stopped"))?;
+        rx.await
+            .map_err(|_| backend("the settlement task failed"))?
     }
 
     async fn usage(
