@@ -22,7 +22,9 @@ pub struct Me {
 
 pub async fn me(State(state): State<AppState>, caller: Caller) -> Result<Json<Me>, ApiError> {
     let usage = state.store.usage_totals(caller.key.id).await?;
-    let key = caller.key;
+    // The key as it is now: the caller's record may come from a cache, and
+    // its balance is what /me is asked for.
+    let key = state.store.key(caller.key.id).await?.unwrap_or(caller.key);
     Ok(Json(Me {
         id: key.id,
         name: key.name,
