@@ -1252,6 +1252,42 @@ async fn postgres_a_failing_settlement_fails_alone() {
     h.finish().await;
 }
 
+/// Key lookups may be answered from a cache: this store's own writes are
+/// seen at once, another gateway's within a second.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_key_lookups_see_writes_in_time() {
+    let Some(h) = Harness::postgres().await else {
+        return;
+    };
+    let s = h.store.clone();
+    let other = h.second_gateway().await;
+    let k = s.create_key(new_key("k", cr("10"))).await.unwrap().id;
+    let lookup = || async { s.key_by_hash(&hash("k")).await.unwrap().unwrap() };
+    assert_eq!(lookup().await.balance, cr("10"));
+    // Its own writes, at once.
+    s.adjust(k, add("1")).await.unwrap();
+    assert_eq!(lookup().await.balance, cr("11"));
+    s.revoke_key(k, 42).await.unwrap();
+    assert_eq!(lookup().await.revoked_at, Some(42));
+    // Another gateway's, within the bound.
+    other
+        .update_key(
+            k,
+            KeyPatch {
+                name: Some("renamed".into()),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
+    assert_eq!(lookup().await.name, "renamed");
+    // `key` is never cached.
+    other.adjust(k, add("1")).await.unwrap();
+    assert_eq!(balance(&s, k).await, cr("12"));
+    h.finish().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sqlite_reserves_while_the_writer_is_stuck() {
     // The request path does not wait for the writer: with a settlement

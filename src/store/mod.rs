@@ -240,8 +240,12 @@ impl From<sqlx::Error> for StoreError {
 
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
-    /// The key with this hash, whatever its state.
+    /// The key with this hash, whatever its state. A store may answer from
+    /// a short-lived cache (PostgreSQL: up to 1 s old, writes made through
+    /// the same store excepted), so its balance may lag: read it with
+    /// [`Store::key`].
     async fn key_by_hash(&self, hash: &KeyHash) -> Result<Option<KeyRecord>, StoreError>;
+    /// The key with this id, as stored now (never cached).
     async fn key(&self, id: KeyId) -> Result<Option<KeyRecord>, StoreError>;
     /// Every key, oldest first.
     async fn keys(&self) -> Result<Vec<KeyRecord>, StoreError>;

@@ -25,10 +25,26 @@
 //! its caller stops waiting; a reservation runs in its own task, and one
 //! whose caller stopped waiting is given back at once.
 //!
-//! A proxied request thus costs three statements (key lookup, reservation,
-//! and its share of a settlement batch, which under load is one statement
-//! for many requests): pooled connections are not pinged before each use,
-//! only after sitting idle for `PING_IF_IDLE_FOR` (5 s).
+//! A proxied request thus costs at most three statements (key lookup, see
+//! below; reservation; and its share of a settlement batch, which under
+//! load is one statement for many requests): pooled connections are not
+//! pinged before each use, only after sitting idle for `PING_IF_IDLE_FOR`
+//! (5 s).
+//!
+//! # Key lookups
+//!
+//! `key_by_hash` (authentication, once per request) answers from memory a
+//! key it found less than `KEY_CACHE_FOR` (1 s) ago, so in the steady state
+//! a request costs two statements of its own (reservation, its share of a
+//! settlement batch). Every write to keys made through this store (create,
+//! update, revoke, adjust, `sync_grants`) empties the cache before it
+//! returns, and a lookup that started before such a write does not fill it,
+//! so this store's own writes are seen at once. Writes made by other
+//! gateways or by the CLI are seen within 1 s. The balance in a cached
+//! record may be up to 1 s old; `key` (used where the balance is shown) is
+//! never cached, and admission is decided by the reservation, never by that
+//! balance. Unknown hashes are not cached, and at most `KEY_CACHE_MAX`
+//! (10,000) keys are kept.
 //!
 //! # Durability
 //!
@@ -81,7 +97,7 @@ use super::*;
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, PgRow};
 use sqlx::{Connection, PgConnection, Row};
 use std::str::FromStr;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 
@@ -94,6 +110,10 @@ const RELEASE_EVERY_BEATS: u32 = 6;
 const STALE_AFTER_SECS: i64 = 60;
 /// A pooled connection idle this long is pinged before it is used.
 const PING_IF_IDLE_FOR: Duration = Duration::from_secs(5);
+/// How long a key found by `key_by_hash` is answered from memory.
+const KEY_CACHE_FOR: Duration = Duration::from_secs(1);
+/// The most keys kept in that cache.
+const KEY_CACHE_MAX: usize = 10_000;
 /// The most settlements applied by one statement.
 const SETTLE_BATCH_MAX: usize = 256;
 /// Key for the transaction-scoped advisory lock that serializes
@@ -120,6 +140,63 @@ pub struct PostgresStore {
     heartbeat: JoinHandle<()>,
     /// Queue of the settlement task (see [`settlement_task`]).
     settlements: mpsc::UnboundedSender<Settlement>,
+    keys: KeyCache,
+}
+
+/// Recent answers of `key_by_hash` (see "Key lookups" in the module doc).
+#[derive(Default)]
+struct KeyCache(std::sync::Mutex<KeyCacheState>);
+
+#[derive(Default)]
+struct KeyCacheState {
+    /// Raised by every write through this store: a lookup that started
+    /// before it does not fill the cache.
+    generation: u64,
+    /// By key hash: when the lookup started, and what it found.
+    entries: std::collections::HashMap<String, (Instant, KeyRecord)>,
+}
+
+impl KeyCache {
+    fn state(&self) -> std::sync::MutexGuard<'_, KeyCacheState> {
+        // The state stays consistent whatever panicked while holding it.
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// A fresh enough record, or the generation to pass to [`KeyCache::fill`].
+    fn get(&self, hash: &str) -> Result<KeyRecord, u64> {
+        let state = self.state();
+        match state.entries.get(hash) {
+            Some((at, record)) if at.elapsed() < KEY_CACHE_FOR => Ok(record.clone()),
+            _ => Err(state.generation),
+        }
+    }
+
+    /// Remembers what a lookup started at `at` found, unless a write
+    /// through this store happened since `generation` was read.
+    fn fill(&self, hash: &str, generation: u64, at: Instant, record: &KeyRecord) {
+        let mut state = self.state();
+        if state.generation != generation {
+            return;
+        }
+        if state.entries.len() >= KEY_CACHE_MAX && !state.entries.contains_key(hash) {
+            state
+                .entries
+                .retain(|_, (at, _)| at.elapsed() < KEY_CACHE_FOR);
+            if state.entries.len() >= KEY_CACHE_MAX {
+                state.entries.clear();
+            }
+        }
+        state.entries.insert(hash.to_owned(), (at, record.clone()));
+    }
+
+    /// Forgets everything; called after every write to keys.
+    fn invalidate(&self) {
+        let mut state = self.state();
+        state.generation = state.generation.wrapping_add(1);
+        state.entries.clear();
+    }
 }
 
 impl Drop for PostgresStore {
@@ -180,12 +257,157 @@ impl PostgresStore {
             instance,
             heartbeat,
             settlements,
+            keys: KeyCache::default(),
         })
     }
 
     /// This gateway's instance id (its row in `instances`).
     pub fn instance_id(&self) -> &str {
         &self.instance
+    }
+
+    async fn create_key_uncached(&self, new: NewKey) -> Result<KeyRecord, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let record = insert_key(&mut tx, &new)
+            .await?
+            .ok_or(StoreError::DuplicateKey)?;
+        tx.commit().await?;
+        Ok(record)
+    }
+
+    async fn update_key_uncached(
+        &self,
+        id: KeyId,
+        patch: KeyPatch,
+    ) -> Result<KeyRecord, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let mut record = Self::key_for_update(&mut tx, id)
+            .await?
+            .ok_or(StoreError::NoSuchKey(id))?;
+        patch.apply(&mut record);
+        sqlx::query(
+            "UPDATE api_keys SET name = $2, models = $3, rate_limit_rpm = $4, \
+             max_concurrent = $5, expires_at = $6 WHERE id = $1",
+        )
+        .bind(id)
+        .bind(&record.name)
+        .bind(models_json(&record.models)?)
+        .bind(record.rate_limit_rpm.map(i64::from))
+        .bind(record.max_concurrent.map(i64::from))
+        .bind(record.expires_at)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(record)
+    }
+
+    async fn revoke_key_uncached(&self, id: KeyId, at: Millis) -> Result<KeyRecord, StoreError> {
+        let row = sqlx::query(concat!(
+            "UPDATE api_keys SET revoked_at = COALESCE(revoked_at, $2) WHERE id = $1 RETURNING ",
+            key_columns!()
+        ))
+        .bind(id)
+        .bind(at)
+        .fetch_optional(&self.pool)
+        .await?
+        .ok_or(StoreError::NoSuchKey(id))?;
+        key_from_row(&row)
+    }
+
+    async fn adjust_uncached(
+        &self,
+        id: KeyId,
+        adjustment: Adjustment,
+    ) -> Result<Credits, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let current: i64 =
+            sqlx::query_scalar("SELECT balance FROM api_keys WHERE id = $1 FOR NO KEY UPDATE")
+                .bind(id)
+                .fetch_optional(&mut *tx)
+                .await?
+                .ok_or(StoreError::NoSuchKey(id))?;
+        let delta = delta_of(&adjustment.change, Credits::from_millis(current));
+        let balance: i64 = sqlx::query_scalar(
+            "UPDATE api_keys SET balance = balance + $2 WHERE id = $1 RETURNING balance",
+        )
+        .bind(id)
+        .bind(delta.millis())
+        .fetch_one(&mut *tx)
+        .await?;
+        record_adjustment(&mut tx, id, delta, &adjustment.actor, &adjustment.reason).await?;
+        tx.commit().await?;
+        Ok(Credits::from_millis(balance))
+    }
+
+    async fn sync_grants_uncached(&self, grants: &[Grant]) -> Result<GrantReport, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        // Gateways starting together take turns.
+        sqlx::query("SELECT pg_advisory_xact_lock($1)")
+            .bind(GRANTS_LOCK)
+            .execute(&mut *tx)
+            .await?;
+        // Lock every row this may change, in id order like every path that
+        // locks several keys.
+        let hashes: Vec<&str> = grants.iter().map(|g| g.hash.0.as_str()).collect();
+        sqlx::query(
+            "SELECT id FROM api_keys WHERE key_hash = ANY($1) OR (granted AND NOT disabled) \
+             ORDER BY id FOR NO KEY UPDATE",
+        )
+        .bind(&hashes)
+        .execute(&mut *tx)
+        .await?;
+        let mut report = GrantReport::default();
+        let mut configured = Vec::with_capacity(grants.len());
+        for grant in grants {
+            let existing: Option<(KeyId, bool)> =
+                sqlx::query_as("SELECT id, disabled FROM api_keys WHERE key_hash = $1")
+                    .bind(&grant.hash.0)
+                    .fetch_optional(&mut *tx)
+                    .await?;
+            match existing {
+                None => {
+                    let new = NewKey {
+                        hash: grant.hash.clone(),
+                        name: grant.name.clone(),
+                        role: grant.role,
+                        credits: grant.credits,
+                        models: None,
+                        rate_limit_rpm: None,
+                        max_concurrent: None,
+                        expires_at: None,
+                        granted: true,
+                        actor: "config".into(),
+                    };
+                    let record = insert_key(&mut tx, &new)
+                        .await?
+                        .ok_or(StoreError::DuplicateKey)?;
+                    report.created.push(record.id);
+                    configured.push(record.id);
+                }
+                Some((id, disabled)) => {
+                    if disabled {
+                        sqlx::query("UPDATE api_keys SET disabled = FALSE WHERE id = $1")
+                            .bind(id)
+                            .execute(&mut *tx)
+                            .await?;
+                        report.reenabled.push(id);
+                    }
+                    configured.push(id);
+                }
+            }
+        }
+        let disabled: Vec<KeyId> = sqlx::query_scalar(
+            "WITH d AS ( \
+                 UPDATE api_keys SET disabled = TRUE \
+                 WHERE granted AND NOT disabled AND NOT (id = ANY($1)) RETURNING id \
+             ) SELECT id FROM d ORDER BY id",
+        )
+        .bind(&configured)
+        .fetch_all(&mut *tx)
+        .await?;
+        report.disabled = disabled;
+        tx.commit().await?;
+        Ok(report)
     }
 
     async fn key_for_update(
@@ -769,7 +991,12 @@ impl Drop for Reservation {
 #[async_trait]
 impl Store for PostgresStore {
     async fn key_by_hash(&self, hash: &KeyHash) -> Result<Option<KeyRecord>, StoreError> {
-        sqlx::query(concat!(
+        let generation = match self.keys.get(&hash.0) {
+            Ok(record) => return Ok(Some(record)),
+            Err(generation) => generation,
+        };
+        let started = Instant::now();
+        let record = sqlx::query(concat!(
             "SELECT ",
             key_columns!(),
             " FROM api_keys WHERE key_hash = $1"
@@ -778,7 +1005,12 @@ impl Store for PostgresStore {
         .fetch_optional(&self.pool)
         .await?
         .map(|r| key_from_row(&r))
-        .transpose()
+        .transpose()?;
+        // Only keys that exist are remembered: unknown hashes are unbounded.
+        if let Some(record) = &record {
+            self.keys.fill(&hash.0, generation, started, record);
+        }
+        Ok(record)
     }
 
     async fn key(&self, id: KeyId) -> Result<Option<KeyRecord>, StoreError> {
@@ -808,139 +1040,33 @@ impl Store for PostgresStore {
     }
 
     async fn create_key(&self, new: NewKey) -> Result<KeyRecord, StoreError> {
-        let mut tx = self.pool.begin().await?;
-        let record = insert_key(&mut tx, &new)
-            .await?
-            .ok_or(StoreError::DuplicateKey)?;
-        tx.commit().await?;
-        Ok(record)
+        let result = self.create_key_uncached(new).await;
+        self.keys.invalidate();
+        result
     }
 
     async fn update_key(&self, id: KeyId, patch: KeyPatch) -> Result<KeyRecord, StoreError> {
-        let mut tx = self.pool.begin().await?;
-        let mut record = Self::key_for_update(&mut tx, id)
-            .await?
-            .ok_or(StoreError::NoSuchKey(id))?;
-        patch.apply(&mut record);
-        sqlx::query(
-            "UPDATE api_keys SET name = $2, models = $3, rate_limit_rpm = $4, \
-             max_concurrent = $5, expires_at = $6 WHERE id = $1",
-        )
-        .bind(id)
-        .bind(&record.name)
-        .bind(models_json(&record.models)?)
-        .bind(record.rate_limit_rpm.map(i64::from))
-        .bind(record.max_concurrent.map(i64::from))
-        .bind(record.expires_at)
-        .execute(&mut *tx)
-        .await?;
-        tx.commit().await?;
-        Ok(record)
+        let result = self.update_key_uncached(id, patch).await;
+        self.keys.invalidate();
+        result
     }
 
     async fn revoke_key(&self, id: KeyId, at: Millis) -> Result<KeyRecord, StoreError> {
-        let row = sqlx::query(concat!(
-            "UPDATE api_keys SET revoked_at = COALESCE(revoked_at, $2) WHERE id = $1 RETURNING ",
-            key_columns!()
-        ))
-        .bind(id)
-        .bind(at)
-        .fetch_optional(&self.pool)
-        .await?
-        .ok_or(StoreError::NoSuchKey(id))?;
-        key_from_row(&row)
+        let result = self.revoke_key_uncached(id, at).await;
+        self.keys.invalidate();
+        result
     }
 
     async fn adjust(&self, id: KeyId, adjustment: Adjustment) -> Result<Credits, StoreError> {
-        let mut tx = self.pool.begin().await?;
-        let current: i64 =
-            sqlx::query_scalar("SELECT balance FROM api_keys WHERE id = $1 FOR NO KEY UPDATE")
-                .bind(id)
-                .fetch_optional(&mut *tx)
-                .await?
-                .ok_or(StoreError::NoSuchKey(id))?;
-        let delta = delta_of(&adjustment.change, Credits::from_millis(current));
-        let balance: i64 = sqlx::query_scalar(
-            "UPDATE api_keys SET balance = balance + $2 WHERE id = $1 RETURNING balance",
-        )
-        .bind(id)
-        .bind(delta.millis())
-        .fetch_one(&mut *tx)
-        .await?;
-        record_adjustment(&mut tx, id, delta, &adjustment.actor, &adjustment.reason).await?;
-        tx.commit().await?;
-        Ok(Credits::from_millis(balance))
+        let result = self.adjust_uncached(id, adjustment).await;
+        self.keys.invalidate();
+        result
     }
 
     async fn sync_grants(&self, grants: &[Grant]) -> Result<GrantReport, StoreError> {
-        let mut tx = self.pool.begin().await?;
-        // Gateways starting together take turns.
-        sqlx::query("SELECT pg_advisory_xact_lock($1)")
-            .bind(GRANTS_LOCK)
-            .execute(&mut *tx)
-            .await?;
-        // Lock every row this may change, in id order like every path that
-        // locks several keys.
-        let hashes: Vec<&str> = grants.iter().map(|g| g.hash.0.as_str()).collect();
-        sqlx::query(
-            "SELECT id FROM api_keys WHERE key_hash = ANY($1) OR (granted AND NOT disabled) \
-             ORDER BY id FOR NO KEY UPDATE",
-        )
-        .bind(&hashes)
-        .execute(&mut *tx)
-        .await?;
-        let mut report = GrantReport::default();
-        let mut configured = Vec::with_capacity(grants.len());
-        for grant in grants {
-            let existing: Option<(KeyId, bool)> =
-                sqlx::query_as("SELECT id, disabled FROM api_keys WHERE key_hash = $1")
-                    .bind(&grant.hash.0)
-                    .fetch_optional(&mut *tx)
-                    .await?;
-            match existing {
-                None => {
-                    let new = NewKey {
-                        hash: grant.hash.clone(),
-                        name: grant.name.clone(),
-                        role: grant.role,
-                        credits: grant.credits,
-                        models: None,
-                        rate_limit_rpm: None,
-                        max_concurrent: None,
-                        expires_at: None,
-                        granted: true,
-                        actor: "config".into(),
-                    };
-                    let record = insert_key(&mut tx, &new)
-                        .await?
-                        .ok_or(StoreError::DuplicateKey)?;
-                    report.created.push(record.id);
-                    configured.push(record.id);
-                }
-                Some((id, disabled)) => {
-                    if disabled {
-                        sqlx::query("UPDATE api_keys SET disabled = FALSE WHERE id = $1")
-                            .bind(id)
-                            .execute(&mut *tx)
-                            .await?;
-                        report.reenabled.push(id);
-                    }
-                    configured.push(id);
-                }
-            }
-        }
-        let disabled: Vec<KeyId> = sqlx::query_scalar(
-            "WITH d AS ( \
-                 UPDATE api_keys SET disabled = TRUE \
-                 WHERE granted AND NOT disabled AND NOT (id = ANY($1)) RETURNING id \
-             ) SELECT id FROM d ORDER BY id",
-        )
-        .bind(&configured)
-        .fetch_all(&mut *tx)
-        .await?;
-        report.disabled = disabled;
-        tx.commit().await?;
-        Ok(report)
+        let result = self.sync_grants_uncached(grants).await;
+        self.keys.invalidate();
+        result
     }
 
     async fn reserve(&self, id: KeyId, amount: Credits) -> Result<Credits, StoreError> {
