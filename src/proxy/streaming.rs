@@ -20,21 +20,14 @@ use crate::credits::Settlement;
 use crate::telemetry::{RequestLog, StreamGauge};
 use axum::body::Body;
 use bytes::{Bytes, BytesMut};
+use futures_util::stream::BoxStream;
+use futures_util::StreamExt;
 use serde_json::json;
 use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Duration;
 use std::time::Instant;
-use tokio::sync::mpsc::{self, error::TryRecvError};
 use tokio::sync::watch;
-
-/// Chunks of Ollama's reply read ahead of the client.
-const READ_AHEAD: usize = 64;
-/// At most this many bytes of chunks that arrived together leave in one
-/// piece.
-const MAX_PIECE: usize = 64 * 1024;
-
-type Chunk = reqwest::Result<Bytes>;
 
 /// The framing of a stream.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -79,18 +72,8 @@ impl Wire {
 }
 
 /// A stream being relayed from Ollama to a client.
-///
-/// Ollama's reply is read by a task of its own ([`read_ahead`]) into a
-/// channel. The relay takes everything that has arrived when it is polled
-/// and hands it on as one piece: when Ollama (or a fast fake) sends chunks
-/// faster than they are written to the client, they leave in one write
-/// instead of one system call each, and since nothing waits for bytes that
-/// have not arrived, no chunk is held back.
 pub struct Relay {
-    upstream: mpsc::Receiver<Chunk>,
-    /// A read error met while taking chunks that had arrived; reported
-    /// after those chunks are relayed.
-    deferred_error: Option<reqwest::Error>,
+    upstream: BoxStream<'static, reqwest::Result<Bytes>>,
     wire: Wire,
     /// Bytes received after the last complete line or event.
     pending: BytesMut,
@@ -122,11 +105,8 @@ impl Relay {
         strip_usage: bool,
         stop: watch::Receiver<bool>,
     ) -> Relay {
-        let (tx, rx) = mpsc::channel(READ_AHEAD);
-        tokio::spawn(read_ahead(upstream, tx));
         Relay {
-            upstream: rx,
-            deferred_error: None,
+            upstream: upstream.bytes_stream().boxed(),
             wire,
             pending: BytesMut::new(),
             settlement,
@@ -167,9 +147,6 @@ impl Relay {
     /// The next bytes for the client, or `None` when the stream is over.
     async fn next_piece(&mut self) -> Option<Bytes> {
         while !self.finished {
-            if let Some(e) = self.deferred_error.take() {
-                return self.end_early(&broken_message(&e)).await;
-            }
             let (stop, upstream) = (&mut self.stop, &mut self.upstream);
             let waiting = Instant::now();
             let stopping = async {
@@ -184,7 +161,7 @@ impl Relay {
             let next = tokio::select! {
                 biased;
                 _ = stopping => None,
-                next = upstream.recv() => Some(Ok(next)),
+                next = upstream.next() => Some(Ok(next)),
                 _ = self.idle_timer.as_mut() => {
                     let deadline = self.last_activity + self.idle;
                     if tokio::time::Instant::now() < deadline {
@@ -203,14 +180,19 @@ impl Relay {
             };
             match next {
                 Ok(Some(Ok(bytes))) => {
-                    let bytes = self.with_arrived(bytes);
                     if let Some(complete) = self.complete_units(bytes) {
                         if let Some(piece) = self.relay_units(complete).await {
                             return Some(piece);
                         }
                     }
                 }
-                Ok(Some(Err(e))) => return self.end_early(&broken_message(&e)).await,
+                Ok(Some(Err(e))) => {
+                    let message = format!(
+                        "the connection to Ollama broke mid-stream: {}",
+                        super::upstream::error_chain(&e)
+                    );
+                    return self.end_early(&message).await;
+                }
                 Ok(None) => {
                     // Ollama ended the stream. A last unit without its
                     // terminator is relayed as it came.
@@ -232,25 +214,6 @@ impl Relay {
             }
         }
         None
-    }
-
-    /// `first` and whatever else has already arrived, as one piece.
-    fn with_arrived(&mut self, first: Bytes) -> Bytes {
-        let mut piece: Option<BytesMut> = None;
-        while piece.as_ref().map_or(first.len(), BytesMut::len) < MAX_PIECE {
-            match self.upstream.try_recv() {
-                Ok(Ok(more)) => piece
-                    .get_or_insert_with(|| BytesMut::from(&first[..]))
-                    .extend_from_slice(&more),
-                Ok(Err(e)) => {
-                    self.deferred_error = Some(e);
-                    break;
-                }
-                // Disconnected: the next `recv` reports the end.
-                Err(TryRecvError::Empty | TryRecvError::Disconnected) => break,
-            }
-        }
-        piece.map_or(first, BytesMut::freeze)
     }
 
     /// Adds received bytes to what is pending and takes out every complete
@@ -347,34 +310,6 @@ impl Relay {
         self.settle().await;
         self.finished = true;
         Some(self.wire.error_unit(message))
-    }
-}
-
-fn broken_message(e: &reqwest::Error) -> String {
-    format!(
-        "the connection to Ollama broke mid-stream: {}",
-        super::upstream::error_chain(e)
-    )
-}
-
-/// Reads Ollama's reply into `tx` as it arrives, until it ends, fails, or
-/// the relay is dropped (the client went away), which drops the reply and
-/// with it the request to Ollama.
-async fn read_ahead(mut response: reqwest::Response, tx: mpsc::Sender<Chunk>) {
-    loop {
-        let next = tokio::select! {
-            biased;
-            _ = tx.closed() => return,
-            next = response.chunk() => next,
-        };
-        let (item, last) = match next {
-            Ok(Some(bytes)) => (Ok(bytes), false),
-            Ok(None) => return,
-            Err(e) => (Err(e), true),
-        };
-        if tx.send(item).await.is_err() || last {
-            return;
-        }
     }
 }
 
