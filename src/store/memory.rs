@@ -161,20 +161,7 @@ impl Store for MemoryStore {
         for grant in grants {
             match self.key_by_hash(&grant.hash).await? {
                 None => {
-                    let record = self
-                        .create_key(NewKey {
-                            hash: grant.hash.clone(),
-                            name: grant.name.clone(),
-                            role: grant.role,
-                            credits: grant.credits,
-                            models: None,
-                            rate_limit_rpm: None,
-                            max_concurrent: None,
-                            expires_at: None,
-                            granted: true,
-                            actor: "config".into(),
-                        })
-                        .await?;
+                    let record = self.create_key(grant.new_key()).await?;
                     report.created.push(record.id);
                 }
                 Some(existing) if existing.disabled => {

@@ -206,6 +206,24 @@ pub struct Grant {
     pub credits: Credits,
 }
 
+impl Grant {
+    /// The key this grant creates the first time it is seen.
+    pub fn new_key(&self) -> NewKey {
+        NewKey {
+            hash: self.hash.clone(),
+            name: self.name.clone(),
+            role: self.role,
+            credits: self.credits,
+            models: None,
+            rate_limit_rpm: None,
+            max_concurrent: None,
+            expires_at: None,
+            granted: true,
+            actor: "config".into(),
+        }
+    }
+}
+
 /// What [`Store::sync_grants`] did.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct GrantReport {

@@ -366,18 +366,7 @@ impl PostgresStore {
                     .await?;
             match existing {
                 None => {
-                    let new = NewKey {
-                        hash: grant.hash.clone(),
-                        name: grant.name.clone(),
-                        role: grant.role,
-                        credits: grant.credits,
-                        models: None,
-                        rate_limit_rpm: None,
-                        max_concurrent: None,
-                        expires_at: None,
-                        granted: true,
-                        actor: "config".into(),
-                    };
+                    let new = grant.new_key();
                     let record = insert_key(&mut tx, &new)
                         .await?
                         .ok_or(StoreError::DuplicateKey)?;

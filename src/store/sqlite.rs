@@ -1059,22 +1059,7 @@ fn sync_grants(conn: &Connection, grants: &[Grant]) -> Result<GrantReport, Store
     for grant in grants {
         match key_by_hash(conn, &grant.hash.0)? {
             None => {
-                let record = create_key(
-                    conn,
-                    &NewKey {
-                        hash: grant.hash.clone(),
-                        name: grant.name.clone(),
-                        role: grant.role,
-                        credits: grant.credits,
-                        models: None,
-                        rate_limit_rpm: None,
-                        max_concurrent: None,
-                        expires_at: None,
-                        granted: true,
-                        actor: "config".into(),
-                    },
-                    now_millis(),
-                )?;
+                let record = create_key(conn, &grant.new_key(), now_millis())?;
                 report.created.push(record.id);
                 configured.push(record.id);
             }
