@@ -108,3 +108,40 @@ async fn health_reports_whether_ollama_answers() {
     assert_eq!(health["ollama"]["reachable"], true);
     assert_eq!(health["ollama"]["url"], app.fake.url());
 }
+
+/// The path and query string reach Ollama exactly as sent, under the path
+/// of `OLLAMA_URL` when it has one (Ollama behind a reverse proxy at a
+/// sub-path), with or without a trailing slash on it.
+#[tokio::test]
+async fn path_and_query_arrive_as_sent_under_the_base_path() {
+    let cases = [
+        (
+            "",
+            "/api/tags?b=2&a=x%20y&empty=",
+            "/api/tags?b=2&a=x%20y&empty=",
+        ),
+        ("/ollama", "/api/tags?x=1", "/ollama/api/tags?x=1"),
+        ("/ollama/", "/api/tags", "/ollama/api/tags"),
+        ("/a/b", "/api/show", "/a/b/api/show"),
+    ];
+    for (base_path, sent, expected) in cases {
+        let fake = crate::support::fake_ollama::FakeOllama::start().await;
+        let base = format!("{}{base_path}", fake.url());
+        let app = crate::support::spawn()
+            .var("OLLAMA_URL", &base)
+            .fake(fake)
+            .start()
+            .await;
+        let request = if sent.starts_with("/api/show") {
+            app.keyed(sent).body(r#"{"model":"mistral"}"#)
+        } else {
+            app.get(sent).header("x-api-key", KEY)
+        };
+        let status = request.send().await.unwrap().status();
+        let seen = app.forwarded();
+        let seen = seen
+            .last()
+            .unwrap_or_else(|| panic!("{sent} under {base}: nothing reached Ollama ({status})"));
+        assert_eq!(seen.path, expected, "{sent} under {base}");
+    }
+}

@@ -183,3 +183,78 @@ async fn two_gateways_on_one_postgres_never_overspend() {
     ledger.assert_adds_up();
     schema.drop_now().await;
 }
+
+/// Changes made through one gateway reach the other: balances at once
+/// (they are read from the database), a revocation once the other's key
+/// cache lets go of the key (at most a second by the README; polled here
+/// with a generous deadline, as a test asserts no durations). The gateway
+/// that made the change sees it at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn changes_made_on_one_gateway_reach_the_other() {
+    let Some(schema) = Schema::create().await else {
+        return;
+    };
+    let fake = FakeOllama::start().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let launch = Launch::new(dir.path())
+        .var("OLLAMA_URL", &fake.url())
+        .var("DATABASE_URL", &schema.url)
+        .var("API_KEYS", &format!("{KEY}=5"))
+        .var("ADMIN_KEY", ADMIN)
+        .var("RUST_LOG", "warn");
+    let a = launch.start().await;
+    let b = launch.start().await;
+
+    // Both gateways have looked the key up (and b has it cached).
+    let (status, me) = a.me(KEY).await;
+    assert_eq!(status, 200, "{me}");
+    assert_eq!(b.generate(KEY, "cached").await, 200);
+    let id = me["id"].as_i64().expect("id");
+
+    // A top-up through a shows on b at once.
+    let topup = a
+        .post(&format!("/admin/keys/{id}/credits"))
+        .header("x-api-key", ADMIN)
+        .json(&serde_json::json!({"add": 10, "reason": "from a"}))
+        .send()
+        .await
+        .expect("top-up");
+    assert_eq!(topup.status(), 200);
+    let (status, me) = b.me(KEY).await;
+    assert_eq!(status, 200, "{me}");
+    assert_eq!(millis(&me["credits"]), 14_000, "{me}");
+
+    // A revocation through a: a refuses the key at once, b soon after.
+    let revoke = a
+        .client
+        .delete(format!("{}/admin/keys/{id}", a.url))
+        .header("x-api-key", ADMIN)
+        .send()
+        .await
+        .expect("revoke");
+    assert_eq!(revoke.status(), 200);
+    assert_eq!(a.generate(KEY, "after revoke").await, 401);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while b.me(KEY).await.0 != 401 {
+        assert!(
+            Instant::now() < deadline,
+            "b still accepts a key revoked through a"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let before = fake.generation_count();
+    assert_eq!(b.generate(KEY, "after revoke").await, 401);
+    assert_eq!(
+        fake.generation_count(),
+        before,
+        "a revoked key reached Ollama"
+    );
+
+    let (out_a, out_b) = tokio::join!(
+        a.terminate(Duration::from_secs(30)),
+        b.terminate(Duration::from_secs(30))
+    );
+    assert_eq!(out_a.status.code(), Some(0), "{}", out_a.stderr);
+    assert_eq!(out_b.status.code(), Some(0), "{}", out_b.stderr);
+    schema.drop_now().await;
+}
