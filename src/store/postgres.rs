@@ -784,11 +784,7 @@ async fn settlement_task(
 ) {
     let mut batch = Vec::with_capacity(SETTLE_BATCH_MAX);
     while queue.recv_many(&mut batch, SETTLE_BATCH_MAX).await > 0 {
-        let items: Vec<(UsageRecord, Credits)> = batch
-            .iter()
-            .map(|s| (s.usage.clone(), s.reserved))
-            .collect();
-        let results = match settle_batch(&pool, &instance, &items).await {
+        let results = match settle_batch(&pool, &instance, &batch).await {
             Ok(balances) => balances,
             // The server refused the statement, so nothing of it was
             // applied: settle one by one, so that one bad settlement fails
@@ -796,15 +792,15 @@ async fn settlement_task(
             // happened after the commit; retrying could charge twice.
             Err(sqlx::Error::Database(e)) => {
                 tracing::warn!("a batch of settlements failed ({e}); settling them one by one");
-                let mut results = Vec::with_capacity(items.len());
-                for (usage, reserved) in &items {
-                    results.push(settle(&pool, &instance, usage, *reserved).await);
+                let mut results = Vec::with_capacity(batch.len());
+                for item in &batch {
+                    results.push(settle(&pool, &instance, &item.usage, item.reserved).await);
                 }
                 results
             }
             Err(e) => {
                 let e = e.to_string();
-                items
+                batch
                     .iter()
                     .map(|_| Err(StoreError::Backend(e.clone())))
                     .collect()
@@ -817,7 +813,7 @@ async fn settlement_task(
     }
 }
 
-/// Applies `items` (usage, reservation) in one statement, its own
+/// Applies `items` (usage and reservation each) in one statement, its own
 /// transaction: for each key, one update of the key row (the summed charge,
 /// the summed release) and one of this instance's share of it; one usage
 /// row per item. Returns, per item, the key's balance just after that item
@@ -828,7 +824,7 @@ async fn settlement_task(
 async fn settle_batch(
     pool: &PgPool,
     instance: &str,
-    items: &[(UsageRecord, Credits)],
+    items: &[Settlement],
 ) -> Result<Vec<Result<Credits, StoreError>>, sqlx::Error> {
     let n = items.len();
     let mut key_id = Vec::with_capacity(n);
@@ -841,7 +837,12 @@ async fn settle_batch(
     let mut prompt = Vec::with_capacity(n);
     let mut completion = Vec::with_capacity(n);
     let mut duration = Vec::with_capacity(n);
-    for (usage, held) in items {
+    for Settlement {
+        usage,
+        reserved: held,
+        ..
+    } in items
+    {
         key_id.push(usage.key_id);
         reserved.push(held.millis());
         credits.push(usage.credits.millis());
@@ -911,13 +912,13 @@ async fn settle_batch(
     let mut results: Vec<Result<Credits, StoreError>> = items
         .iter()
         .rev()
-        .map(|(usage, _)| match after.get_mut(&usage.key_id) {
+        .map(|item| match after.get_mut(&item.usage.key_id) {
             Some(balance) => {
                 let now = *balance;
-                *balance = balance.saturating_add(usage.credits.millis());
+                *balance = balance.saturating_add(item.usage.credits.millis());
                 Ok(Credits::from_millis(now))
             }
-            None => Err(StoreError::NoSuchKey(usage.key_id)),
+            None => Err(StoreError::NoSuchKey(item.usage.key_id)),
         })
         .collect();
     results.reverse();

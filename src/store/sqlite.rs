@@ -232,15 +232,8 @@ impl Cache {
                 Ok((key_from_row(row)?, row.get::<_, String>(12)?))
             })?
             .collect::<Result<Vec<_>, _>>()?;
-        let mut new = Vec::new();
         for (record, hash) in rows {
-            match self.entry(record.id) {
-                Some(entry) => lock(&entry).record = record,
-                None => new.push((Some(hash), record)),
-            }
-        }
-        for (hash, record) in new {
-            self.insert(hash, record);
+            self.insert(Some(hash), record);
         }
         Ok(())
     }
@@ -391,13 +384,18 @@ impl SqliteStore {
         })
     }
 
-    async fn write<T>(&self, make: impl FnOnce(Reply<T>) -> Command) -> Result<T, StoreError> {
+    /// Sends the writer thread a message and waits for its answer.
+    async fn ask<T>(&self, make: impl FnOnce(Reply<T>) -> Message) -> Result<T, StoreError> {
         let (tx, rx) = oneshot::channel();
         self.writer
-            .send(Message::Write(make(tx)))
+            .send(make(tx))
             .map_err(|_| backend("the sqlite writer thread stopped"))?;
         rx.await
             .map_err(|_| backend("the sqlite writer thread stopped"))?
+    }
+
+    async fn write<T>(&self, make: impl FnOnce(Reply<T>) -> Command) -> Result<T, StoreError> {
+        self.ask(|tx| Message::Write(make(tx))).await
     }
 
     /// Brings the cache up to date with commits of other processes, if
@@ -407,12 +405,7 @@ impl SqliteStore {
         let Some((watcher, version)) = self.cache.look()? else {
             return Ok(());
         };
-        let (tx, rx) = oneshot::channel();
-        self.writer
-            .send(Message::CatchUp(tx))
-            .map_err(|_| backend("the sqlite writer thread stopped"))?;
-        rx.await
-            .map_err(|_| backend("the sqlite writer thread stopped"))??;
+        self.ask(Message::CatchUp).await?;
         self.cache.caught_up(watcher, version);
         Ok(())
     }
