@@ -18,7 +18,7 @@ const HOP_BY_HOP: &[HeaderName] = &[
 ];
 
 /// Headers that stay behind on the way to Ollama besides the hop-by-hop
-/// ones: the key, the gateway's host and the page's origin, and the length,
+/// ones and `x-api-key`: the key, the gateway's host and the page's origin, and the length,
 /// which the client side of the proxy sets for what it sends.
 const NOT_TO_UPSTREAM: &[HeaderName] = &[
     header::AUTHORIZATION,
@@ -27,8 +27,9 @@ const NOT_TO_UPSTREAM: &[HeaderName] = &[
     header::CONTENT_LENGTH,
 ];
 
-fn remove_all(headers: &mut HeaderMap, names: &[HeaderName]) {
-    for name in names {
+/// Removes the hop-by-hop headers, `Keep-Alive` among them.
+fn remove_hop_by_hop(headers: &mut HeaderMap) {
+    for name in HOP_BY_HOP {
         headers.remove(name);
     }
     headers.remove("keep-alive");
@@ -37,8 +38,10 @@ fn remove_all(headers: &mut HeaderMap, names: &[HeaderName]) {
 /// The client's headers as they may go to Ollama. They are filtered in
 /// place: cheaper than copying the rest into a new map.
 pub fn to_upstream(mut client: HeaderMap) -> HeaderMap {
-    remove_all(&mut client, HOP_BY_HOP);
-    remove_all(&mut client, NOT_TO_UPSTREAM);
+    remove_hop_by_hop(&mut client);
+    for name in NOT_TO_UPSTREAM {
+        client.remove(name);
+    }
     client.remove("x-api-key");
     client
 }
@@ -46,7 +49,7 @@ pub fn to_upstream(mut client: HeaderMap) -> HeaderMap {
 /// Ollama's response headers as they may go to the client. The body length
 /// is left to the server, which knows what it sends.
 pub fn to_client(mut upstream: HeaderMap) -> HeaderMap {
-    remove_all(&mut upstream, HOP_BY_HOP);
+    remove_hop_by_hop(&mut upstream);
     upstream.remove(header::CONTENT_LENGTH);
     upstream
 }
