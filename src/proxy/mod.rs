@@ -5,6 +5,7 @@
 //! guard settle: before the reply is handed over for a non-streamed reply,
 //! before the final chunk for a streamed one.
 
+pub mod connection;
 pub mod headers;
 pub mod streaming;
 pub mod upstream;
@@ -17,6 +18,7 @@ use axum::body::Body;
 use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
 use axum::response::Response;
 use bytes::Bytes;
+use connection::ReplyBody;
 use futures_util::StreamExt;
 use std::sync::Arc;
 use std::time::Duration;
@@ -89,7 +91,7 @@ pub async fn relay(
     if let (Some(wire), true) = (wire, status.is_success()) {
         let available = settlement.available();
         let body = Relay::new(
-            response,
+            response.into_body(),
             wire,
             settlement,
             upstream.timeouts.stream_idle,
@@ -104,7 +106,7 @@ pub async fn relay(
     // A whole reply: Ollama's error (charged nothing) or a non-streamed
     // result (charged before it is handed over).
     let reading = Instant::now();
-    let body = read_whole(response, upstream.timeouts.stream_idle).await;
+    let body = read_whole(response.into_body(), upstream.timeouts.stream_idle).await;
     if let Some(log) = &options.log {
         log.add_upstream_wait(reading.elapsed());
     }
@@ -152,11 +154,10 @@ async fn settle_quietly(settlement: &mut Settlement) {
     }
 }
 
-async fn read_whole(response: reqwest::Response, idle: Duration) -> Result<Bytes, String> {
-    let mut stream = response.bytes_stream();
+async fn read_whole(mut reply: ReplyBody, idle: Duration) -> Result<Bytes, String> {
     let mut body = Vec::new();
     loop {
-        match tokio::time::timeout(idle, stream.next()).await {
+        match tokio::time::timeout(idle, reply.next()).await {
             Ok(Some(Ok(chunk))) => body.extend_from_slice(&chunk),
             Ok(Some(Err(e))) => return Err(upstream::error_chain(&e)),
             Ok(None) => return Ok(Bytes::from(body)),

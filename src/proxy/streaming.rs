@@ -15,12 +15,12 @@
 //! request to Ollama (which stops generating) and the guard settles what was
 //! relayed.
 
+use super::connection::ReplyBody;
 use super::usage::{classify_ndjson, classify_sse, NdjsonLine, SseEvent};
 use crate::credits::Settlement;
 use crate::telemetry::{RequestLog, StreamGauge};
 use axum::body::Body;
 use bytes::{Bytes, BytesMut};
-use futures_util::stream::BoxStream;
 use futures_util::StreamExt;
 use serde_json::json;
 use std::convert::Infallible;
@@ -73,7 +73,7 @@ impl Wire {
 
 /// A stream being relayed from Ollama to a client.
 pub struct Relay {
-    upstream: BoxStream<'static, reqwest::Result<Bytes>>,
+    upstream: ReplyBody,
     wire: Wire,
     /// Bytes received after the last complete line or event.
     pending: BytesMut,
@@ -98,7 +98,7 @@ pub struct Relay {
 
 impl Relay {
     pub fn new(
-        upstream: reqwest::Response,
+        upstream: ReplyBody,
         wire: Wire,
         settlement: Settlement,
         idle: Duration,
@@ -106,7 +106,7 @@ impl Relay {
         stop: watch::Receiver<bool>,
     ) -> Relay {
         Relay {
-            upstream: upstream.bytes_stream().boxed(),
+            upstream,
             wire,
             pending: BytesMut::new(),
             settlement,

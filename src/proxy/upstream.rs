@@ -1,9 +1,15 @@
-//! The connection to Ollama: one pooled HTTP client, with the time limits of
-//! SPEC §6 on connecting and on waiting for the response head.
+//! Where and how tollgate talks to Ollama, with the time limits of SPEC §6
+//! on connecting and on waiting for the response head.
+//!
+//! Forwarded requests go over the connections of [`super::connection`],
+//! driven by the request's own task. tollgate's own calls (the health
+//! probe, the model list at start) are rare and go through reqwest.
 
+use super::connection::{ExchangeError, Pool, ReplyBody};
 use crate::config::Timeouts;
-use axum::http::{HeaderMap, Method};
-use std::time::Duration;
+use axum::body::Body;
+use axum::http::{header, HeaderMap, HeaderValue, Method, Request, Response, Uri};
+use std::sync::Arc;
 
 #[derive(Debug, thiserror::Error)]
 pub enum UpstreamError {
@@ -13,7 +19,7 @@ pub enum UpstreamError {
     Timeout { url: String, secs: u64 },
     #[error("the connection to Ollama at {url} broke: {reason}")]
     Broken { url: String, reason: String },
-    /// Only at start-up: the HTTP client cannot be set up for this URL.
+    /// Only at start-up: this URL cannot be used to reach Ollama.
     #[error("OLLAMA_URL {url} cannot be used: {reason}")]
     Unusable { url: String, reason: String },
 }
@@ -25,11 +31,16 @@ pub const OWN_USER_AGENT: &str = concat!("tollgate/", env!("CARGO_PKG_VERSION"))
 /// Where and how tollgate talks to Ollama.
 #[derive(Clone)]
 pub struct Upstream {
+    /// For tollgate's own calls.
     client: reqwest::Client,
+    /// Connections for forwarded requests.
+    pool: Arc<Pool>,
     base: String,
-    /// `base` parsed once; each request's URL is a copy with its path and
-    /// query set, which skips parsing the scheme and host again.
-    base_url: reqwest::Url,
+    /// The path every forwarded path goes under, without a trailing `/`
+    /// (empty for most set-ups).
+    prefix: String,
+    /// `Host` of forwarded requests: the host and port of `base`.
+    host: HeaderValue,
     pub timeouts: Timeouts,
 }
 
@@ -40,7 +51,7 @@ pub struct Outbound {
     pub path_and_query: String,
     /// Headers to send: already filtered (see [`super::headers`]).
     pub headers: HeaderMap,
-    pub body: reqwest::Body,
+    pub body: Body,
 }
 
 impl Upstream {
@@ -50,14 +61,30 @@ impl Upstream {
             url: base.clone(),
             reason,
         };
-        let base_url = reqwest::Url::parse(&base).map_err(|e| invalid(e.to_string()))?;
-        if base_url.cannot_be_a_base() || base_url.query().is_some() {
+        let url = reqwest::Url::parse(&base).map_err(|e| invalid(e.to_string()))?;
+        if url.cannot_be_a_base() || url.query().is_some() {
             return Err(invalid("not a base URL".into()));
         }
+        if url.scheme() != "http" {
+            return Err(invalid(
+                "only http:// is supported: Ollama speaks plain HTTP".into(),
+            ));
+        }
+        let (Some(name), Some(port)) = (url.host_str(), url.port_or_known_default()) else {
+            return Err(invalid("no host".into()));
+        };
+        let authority = match url.port() {
+            Some(port) => format!("{name}:{port}"),
+            None => name.to_string(),
+        };
+        // Connecting wants an IPv6 address without its brackets.
+        let host = name
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_string();
+        let host_header = HeaderValue::from_str(&authority).map_err(|e| invalid(e.to_string()))?;
         let client = reqwest::Client::builder()
             .connect_timeout(timeouts.connect)
-            .pool_idle_timeout(Duration::from_secs(90))
-            .pool_max_idle_per_host(1024)
             .tcp_nodelay(true)
             .no_proxy()
             .redirect(reqwest::redirect::Policy::none())
@@ -65,8 +92,10 @@ impl Upstream {
             .map_err(|e| invalid(error_chain(&e)))?;
         Ok(Upstream {
             client,
+            pool: Pool::new(host, port),
+            prefix: url.path().trim_end_matches('/').to_string(),
+            host: host_header,
             base,
-            base_url,
             timeouts,
         })
     }
@@ -76,44 +105,43 @@ impl Upstream {
     }
 
     /// Sends a request; resolves when Ollama's response head has arrived.
-    pub async fn send(&self, out: Outbound) -> Result<reqwest::Response, UpstreamError> {
-        let request = self
-            .client
-            .request(out.method, self.url_of(&out.path_and_query))
-            .headers(out.headers)
-            .body(out.body);
-        match tokio::time::timeout(self.timeouts.first_byte, request.send()).await {
+    pub async fn send(&self, out: Outbound) -> Result<Response<ReplyBody>, UpstreamError> {
+        let broken = |reason: String| UpstreamError::Broken {
+            url: self.base.clone(),
+            reason,
+        };
+        let uri = self.uri_of(&out.path_and_query).map_err(broken)?;
+        let mut request = Request::new(out.body);
+        *request.method_mut() = out.method;
+        *request.uri_mut() = uri;
+        *request.headers_mut() = out.headers;
+        request
+            .headers_mut()
+            .insert(header::HOST, self.host.clone());
+        let exchange = self.pool.exchange(request, self.timeouts.connect);
+        match tokio::time::timeout(self.timeouts.first_byte, exchange).await {
             Err(_) => Err(UpstreamError::Timeout {
                 url: self.base.clone(),
                 secs: self.timeouts.first_byte.as_secs(),
             }),
-            Ok(Err(e)) if e.is_connect() || e.is_timeout() => Err(UpstreamError::Unreachable {
+            Ok(Err(ExchangeError::Connect(e))) => Err(UpstreamError::Unreachable {
                 url: self.base.clone(),
                 reason: error_chain(&e),
             }),
-            Ok(Err(e)) => Err(UpstreamError::Broken {
-                url: self.base.clone(),
-                reason: error_chain(&e),
-            }),
+            Ok(Err(ExchangeError::Http(e))) => Err(broken(error_chain(&e))),
             Ok(Ok(response)) => Ok(response),
         }
     }
 
-    /// The URL of `path_and_query` (which starts with `/`) under the base.
-    fn url_of(&self, path_and_query: &str) -> reqwest::Url {
-        let (path, query) = match path_and_query.split_once('?') {
-            Some((path, query)) => (path, Some(query)),
-            None => (path_and_query, None),
-        };
-        let mut url = self.base_url.clone();
-        let prefix = url.path().trim_end_matches('/');
-        if prefix.is_empty() {
-            url.set_path(path);
+    /// The request target of `path_and_query` (which starts with `/`)
+    /// under the base path.
+    fn uri_of(&self, path_and_query: &str) -> Result<Uri, String> {
+        let target = if self.prefix.is_empty() {
+            Uri::try_from(path_and_query)
         } else {
-            url.set_path(&format!("{prefix}{path}"));
-        }
-        url.set_query(query);
-        url
+            Uri::try_from(format!("{}{path_and_query}", self.prefix))
+        };
+        target.map_err(|e| format!("cannot forward {path_and_query}: {e}"))
     }
 
     /// The names of the models Ollama serves, if it answers.

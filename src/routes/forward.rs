@@ -59,7 +59,7 @@ pub async fn forward_streamed(
         method: request.method,
         path_and_query: request.path_and_query,
         headers: headers::to_upstream(request.headers),
-        body: reqwest::Body::wrap_stream(body.into_data_stream()),
+        body,
     };
     proxy::relay(&state.upstream, out, settlement, options).await
 }

@@ -61,7 +61,7 @@ pub async fn root(
         method,
         path_and_query: "/".into(),
         headers: headers::to_upstream(headers),
-        body: reqwest::Body::from(Vec::new()),
+        body: Body::empty(),
     };
     let options = RelayOptions {
         strip_usage_event: false,

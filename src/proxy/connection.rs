@@ -1,0 +1,480 @@
+//! Connections to Ollama, each driven by the request that is using it.
+//!
+//! A general-purpose client (reqwest, over hyper-util's pool) runs every
+//! connection in a task of its own. A proxied request then crosses two
+//! tasks, often two threads, and a streamed reply is handed over one HTTP
+//! chunk at a time through a one-slot channel, so the relay ends up writing
+//! one line per system call even when Ollama's lines arrived together.
+//!
+//! Here a [`Connection`] is a hyper HTTP/1 connection with no task of its
+//! own: whoever holds it drives its I/O while waiting for it. The request's
+//! own task sends, waits for the head and reads the body; [`ReplyBody`]
+//! drains everything that has already arrived before handing it on, the
+//! way nginx reads what is there and writes it in one go. Idle connections
+//! wait in a [`Pool`] and are checked for a close by Ollama before reuse.
+//! A reply dropped before its end drops its connection, which closes it:
+//! that is how Ollama learns that a client went away, and stops generating.
+
+use axum::body::Body;
+use axum::http::{Request, Response};
+use bytes::{Bytes, BytesMut};
+use futures_util::Stream;
+use http_body::Body as _;
+use hyper::body::Incoming;
+use hyper::client::conn::{http1, TrySendError};
+use hyper_util::rt::TokioIo;
+use std::collections::VecDeque;
+use std::future::{poll_fn, Future};
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll, Waker};
+use std::time::{Duration, Instant};
+use tokio::net::TcpStream;
+
+/// Idle connections kept at most; more are closed when they come back.
+const MAX_IDLE: usize = 1024;
+
+/// How long an idle connection is kept.
+const IDLE_FOR: Duration = Duration::from_secs(90);
+
+/// The most bytes [`ReplyBody`] gathers into one piece.
+const MAX_GATHERED: usize = 64 * 1024;
+
+/// One HTTP/1 connection to Ollama.
+pub struct Connection {
+    sender: http1::SendRequest<Body>,
+    driver: http1::Connection<TokioIo<TcpStream>, Body>,
+    /// The driver has finished: the connection is closed.
+    closed: bool,
+}
+
+impl Connection {
+    /// Connects to `host:port` (a name is resolved on each connect).
+    pub async fn open(host: &str, port: u16) -> std::io::Result<Connection> {
+        let stream = TcpStream::connect((host, port)).await?;
+        stream.set_nodelay(true)?;
+        let (sender, driver) = http1::Builder::new()
+            .handshake(TokioIo::new(stream))
+            .await
+            .map_err(std::io::Error::other)?;
+        Ok(Connection {
+            sender,
+            driver,
+            closed: false,
+        })
+    }
+
+    /// Does the connection's pending I/O, registering `cx` for more.
+    fn drive(&mut self, cx: &mut Context<'_>) {
+        if !self.closed && Pin::new(&mut self.driver).poll(cx).is_ready() {
+            self.closed = true;
+        }
+    }
+
+    /// Whether a request could be sent right now, without waiting. Reads
+    /// what Ollama sent an idle connection, and so notices a close.
+    fn is_ready_now(&mut self) -> bool {
+        let mut cx = Context::from_waker(Waker::noop());
+        self.drive(&mut cx);
+        !self.closed && matches!(self.sender.poll_ready(&mut cx), Poll::Ready(Ok(())))
+    }
+
+    /// Waits until a request can be sent.
+    async fn ready(&mut self) -> hyper::Result<()> {
+        poll_fn(|cx| {
+            self.drive(cx);
+            self.sender.poll_ready(cx)
+        })
+        .await
+    }
+
+    /// Sends `request`; resolves when the response head has arrived. The
+    /// error holds the request if none of it was sent.
+    async fn send(
+        &mut self,
+        request: Request<Body>,
+    ) -> Result<Response<Incoming>, TrySendError<Request<Body>>> {
+        let mut response = std::pin::pin!(self.sender.try_send_request(request));
+        poll_fn(|cx| {
+            self.drive(cx);
+            response.as_mut().poll(cx)
+        })
+        .await
+    }
+}
+
+/// Idle connections to one address, most recently used first.
+pub struct Pool {
+    host: String,
+    port: u16,
+    idle: Mutex<VecDeque<(Connection, Instant)>>,
+}
+
+/// Why an exchange failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ExchangeError {
+    #[error("{0}")]
+    Connect(#[source] std::io::Error),
+    #[error("{0}")]
+    Http(#[source] hyper::Error),
+}
+
+impl Pool {
+    pub fn new(host: String, port: u16) -> Arc<Pool> {
+        Arc::new(Pool {
+            host,
+            port,
+            idle: Mutex::new(VecDeque::new()),
+        })
+    }
+
+    /// Sends `request` on an idle connection, or on a new one when there
+    /// is none or the idle one turned out closed before the request left.
+    /// The connect itself is bounded by `connect_timeout`.
+    pub async fn exchange(
+        self: &Arc<Self>,
+        request: Request<Body>,
+        connect_timeout: Duration,
+    ) -> Result<Response<ReplyBody>, ExchangeError> {
+        let mut request = request;
+        if let Some(mut connection) = self.checkout() {
+            match connection.send(request).await {
+                Ok(response) => return Ok(self.reply(response, connection)),
+                Err(mut e) => match e.take_message() {
+                    Some(unsent) => request = unsent,
+                    None => return Err(ExchangeError::Http(e.into_error())),
+                },
+            }
+        }
+        let opening = Connection::open(&self.host, self.port);
+        let mut connection = match tokio::time::timeout(connect_timeout, opening).await {
+            Ok(Ok(connection)) => connection,
+            Ok(Err(e)) => return Err(ExchangeError::Connect(e)),
+            Err(_) => {
+                return Err(ExchangeError::Connect(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!("no connection within {} s", connect_timeout.as_secs()),
+                )))
+            }
+        };
+        connection.ready().await.map_err(ExchangeError::Http)?;
+        match connection.send(request).await {
+            Ok(response) => Ok(self.reply(response, connection)),
+            Err(e) => Err(ExchangeError::Http(e.into_error())),
+        }
+    }
+
+    fn reply(
+        self: &Arc<Self>,
+        response: Response<Incoming>,
+        connection: Connection,
+    ) -> Response<ReplyBody> {
+        response.map(|incoming| ReplyBody {
+            incoming,
+            connection: Some(connection),
+            pool: Arc::clone(self),
+            error: None,
+            ended: false,
+        })
+    }
+
+    /// The most recently used idle connection that can take a request.
+    fn checkout(&self) -> Option<Connection> {
+        loop {
+            let (mut connection, since) = self.idle.lock().ok()?.pop_back()?;
+            if since.elapsed() < IDLE_FOR && connection.is_ready_now() {
+                return Some(connection);
+            }
+            // Dropped here, outside the lock: closing is a system call.
+        }
+    }
+
+    /// Keeps a connection whose exchange is complete for the next request.
+    fn checkin(&self, mut connection: Connection) {
+        if !connection.is_ready_now() {
+            return;
+        }
+        let mut expired = Vec::new();
+        if let Ok(mut idle) = self.idle.lock() {
+            while idle
+                .front()
+                .is_some_and(|(_, since)| since.elapsed() >= IDLE_FOR)
+            {
+                expired.extend(idle.pop_front());
+            }
+            if idle.len() < MAX_IDLE {
+                idle.push_back((connection, Instant::now()));
+            }
+        }
+        // Whatever was not kept is closed here, outside the lock.
+    }
+
+    /// Idle connections kept now.
+    #[cfg(test)]
+    fn idle_count(&self) -> usize {
+        self.idle.lock().map(|idle| idle.len()).unwrap_or(0)
+    }
+}
+
+/// The body of a reply from Ollama, read by the task that consumes it.
+///
+/// Each piece it yields is everything that had arrived when it was asked
+/// (up to [`MAX_GATHERED`] bytes), never less than one chunk and never
+/// waiting for more. At the end, the connection goes back to the pool.
+pub struct ReplyBody {
+    incoming: Incoming,
+    /// Until the end of the body.
+    connection: Option<Connection>,
+    pool: Arc<Pool>,
+    /// An error that followed data already gathered: reported next time.
+    error: Option<hyper::Error>,
+    ended: bool,
+}
+
+impl Stream for ReplyBody {
+    type Item = Result<Bytes, hyper::Error>;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let this = self.get_mut();
+        if let Some(e) = this.error.take() {
+            return Poll::Ready(Some(Err(e)));
+        }
+        if this.ended {
+            return Poll::Ready(None);
+        }
+        let mut gathered = Gathered::None;
+        while gathered.len() < MAX_GATHERED {
+            // The driver moves what has arrived into the body, one chunk
+            // each time the body has been emptied.
+            if let Some(connection) = this.connection.as_mut() {
+                connection.drive(cx);
+            }
+            match Pin::new(&mut this.incoming).poll_frame(cx) {
+                Poll::Ready(Some(Ok(frame))) => {
+                    if let Ok(data) = frame.into_data() {
+                        gathered.push(data);
+                    }
+                }
+                Poll::Ready(Some(Err(e))) => {
+                    this.ended = true;
+                    this.connection = None;
+                    if gathered.is_empty() {
+                        return Poll::Ready(Some(Err(e)));
+                    }
+                    this.error = Some(e);
+                    break;
+                }
+                Poll::Ready(None) => {
+                    this.ended = true;
+                    if let Some(connection) = this.connection.take() {
+                        this.pool.checkin(connection);
+                    }
+                    if gathered.is_empty() {
+                        return Poll::Ready(None);
+                    }
+                    break;
+                }
+                Poll::Pending if gathered.is_empty() => return Poll::Pending,
+                Poll::Pending => break,
+            }
+        }
+        Poll::Ready(Some(Ok(gathered.into_bytes())))
+    }
+}
+
+/// Pieces of a body gathered for one hand-over: the first one as it came,
+/// copied together only when a second one follows.
+enum Gathered {
+    None,
+    One(Bytes),
+    Many(BytesMut),
+}
+
+impl Gathered {
+    fn push(&mut self, data: Bytes) {
+        if data.is_empty() {
+            return;
+        }
+        *self = match std::mem::replace(self, Gathered::None) {
+            Gathered::None => Gathered::One(data),
+            Gathered::One(first) => {
+                let mut many = BytesMut::with_capacity(first.len() + data.len() * 4);
+                many.extend_from_slice(&first);
+                many.extend_from_slice(&data);
+                Gathered::Many(many)
+            }
+            Gathered::Many(mut many) => {
+                many.extend_from_slice(&data);
+                Gathered::Many(many)
+            }
+        };
+    }
+
+    fn len(&self) -> usize {
+        match self {
+            Gathered::None => 0,
+            Gathered::One(one) => one.len(),
+            Gathered::Many(many) => many.len(),
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn into_bytes(self) -> Bytes {
+        match self {
+            Gathered::None => Bytes::new(),
+            Gathered::One(one) => one,
+            Gathered::Many(many) => many.freeze(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::http::Uri;
+    use futures_util::StreamExt;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpListener;
+
+    /// Reads one request head (the requests here have no body); `false`
+    /// when the client closed the connection instead.
+    async fn read_head(socket: &mut tokio::net::TcpStream) -> bool {
+        let mut head = Vec::new();
+        let mut byte = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") {
+            match socket.read(&mut byte).await {
+                Ok(1) => head.push(byte[0]),
+                _ => return false,
+            }
+        }
+        true
+    }
+
+    /// A chunked reply whose chunks are `lines`, written in one go.
+    fn chunked_reply(lines: &[&str]) -> Vec<u8> {
+        let mut reply = b"HTTP/1.1 200 OK\r\ncontent-type: application/x-ndjson\r\ntransfer-encoding: chunked\r\n\r\n".to_vec();
+        for line in lines {
+            reply.extend(format!("{:x}\r\n{line}\r\n", line.len()).as_bytes());
+        }
+        reply.extend(b"0\r\n\r\n");
+        reply
+    }
+
+    /// A server that answers every request on a connection with `reply`,
+    /// closing each connection after `per_connection` requests; counts
+    /// the connections it accepted.
+    async fn server(reply: Vec<u8>, per_connection: usize) -> (Arc<Pool>, Arc<AtomicUsize>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let counter = Arc::clone(&accepted);
+        tokio::spawn(async move {
+            while let Ok((mut socket, _)) = listener.accept().await {
+                counter.fetch_add(1, Ordering::SeqCst);
+                let reply = reply.clone();
+                tokio::spawn(async move {
+                    for _ in 0..per_connection {
+                        if !read_head(&mut socket).await {
+                            return;
+                        }
+                        socket.write_all(&reply).await.unwrap();
+                    }
+                });
+            }
+        });
+        (Pool::new("127.0.0.1".into(), port), accepted)
+    }
+
+    fn get() -> Request<Body> {
+        let mut request = Request::new(Body::empty());
+        *request.uri_mut() = Uri::from_static("/api/chat");
+        request
+            .headers_mut()
+            .insert(axum::http::header::HOST, "127.0.0.1".parse().unwrap());
+        request
+    }
+
+    async fn exchange(pool: &Arc<Pool>) -> ReplyBody {
+        let response = pool
+            .exchange(get(), Duration::from_secs(5))
+            .await
+            .expect("exchange");
+        assert_eq!(response.status(), 200);
+        response.into_body()
+    }
+
+    #[tokio::test]
+    async fn lines_that_arrived_together_are_handed_on_together() {
+        let lines = ["{\"n\":1}\n", "{\"n\":2}\n", "{\"n\":3,\"done\":true}\n"];
+        let (pool, _) = server(chunked_reply(&lines), 1).await;
+        let mut body = exchange(&pool).await;
+        let mut pieces = Vec::new();
+        while let Some(piece) = body.next().await {
+            pieces.push(piece.expect("piece"));
+        }
+        assert_eq!(pieces, vec![Bytes::from(lines.concat())]);
+    }
+
+    #[tokio::test]
+    async fn a_finished_exchange_leaves_its_connection_for_the_next() {
+        let (pool, accepted) = server(chunked_reply(&["{}\n"]), 10).await;
+        for _ in 0..3 {
+            let mut body = exchange(&pool).await;
+            while body.next().await.is_some() {}
+            assert_eq!(pool.idle_count(), 1);
+        }
+        assert_eq!(accepted.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn a_connection_closed_by_the_server_while_idle_is_replaced() {
+        let (pool, accepted) = server(chunked_reply(&["{}\n"]), 1).await;
+        for round in 1..=3 {
+            let mut body = exchange(&pool).await;
+            while body.next().await.is_some() {}
+            // Let the server's close arrive.
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            assert_eq!(accepted.load(Ordering::SeqCst), round);
+        }
+    }
+
+    #[tokio::test]
+    async fn a_reply_dropped_before_its_end_closes_its_connection() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let (closed_tx, closed_rx) = tokio::sync::oneshot::channel();
+        tokio::spawn(async move {
+            let (mut socket, _) = listener.accept().await.unwrap();
+            assert!(read_head(&mut socket).await);
+            let head = b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n3\r\n{}\n\r\n";
+            socket.write_all(head).await.unwrap();
+            // Nothing more is sent: the next read sees the client close.
+            let mut rest = [0u8; 16];
+            let _ = closed_tx.send(socket.read(&mut rest).await.unwrap_or(0));
+        });
+        let pool = Pool::new("127.0.0.1".into(), port);
+        let mut body = exchange(&pool).await;
+        assert_eq!(body.next().await.unwrap().unwrap(), Bytes::from("{}\n"));
+        drop(body);
+        let read = tokio::time::timeout(Duration::from_secs(5), closed_rx)
+            .await
+            .expect("the server saw the close")
+            .unwrap();
+        assert_eq!(read, 0);
+        assert_eq!(pool.idle_count(), 0);
+    }
+
+    #[tokio::test]
+    async fn no_server_is_a_connect_error() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        drop(listener);
+        let pool = Pool::new("127.0.0.1".into(), port);
+        let result = pool.exchange(get(), Duration::from_secs(5)).await;
+        assert!(matches!(result, Err(ExchangeError::Connect(_))));
+    }
+}
