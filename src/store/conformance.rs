@@ -8,7 +8,7 @@
 
 use super::memory::MemoryStore;
 use super::postgres::PostgresStore;
-use super::sqlite::SqliteStore;
+use super::sqlite::{SqliteStore, LOOK_EVERY};
 use super::*;
 use sqlx::postgres::PgConnectOptions;
 use sqlx::{Connection as _, PgConnection};
@@ -1181,13 +1181,17 @@ async fn sqlite_sees_what_other_processes_commit() {
     let cli: SharedStore = Arc::new(SqliteStore::open(&path).await.unwrap());
     let id = gateway.create_key(new_key("k", cr("10"))).await.unwrap().id;
 
-    // Seen by the next lookup.
+    // Seen by every lookup that starts LOOK_EVERY after the commit.
+    let settle_in = || tokio::time::sleep(LOOK_EVERY + std::time::Duration::from_millis(1));
     assert_eq!(cli.adjust(id, add("5")).await.unwrap(), cr("15"));
+    settle_in().await;
     let key = gateway.key_by_hash(&hash("k")).await.unwrap().unwrap();
     assert_eq!(key.balance, cr("15"));
     cli.revoke_key(id, 42).await.unwrap();
+    settle_in().await;
     assert_eq!(gateway.key(id).await.unwrap().unwrap().revoked_at, Some(42));
     let other = cli.create_key(new_key("other", cr("1"))).await.unwrap().id;
+    settle_in().await;
     let found = gateway.key_by_hash(&hash("other")).await.unwrap();
     assert_eq!(found.map(|k| k.id), Some(other));
     assert_eq!(

@@ -55,7 +55,9 @@
 //! path cannot use that connection, so `key_by_hash` and `key` read
 //! `data_version` on a "watcher": one of a few read-only connections, one
 //! preferred per thread, each under its own mutex (taken by one request at
-//! a time, or briefly by the writer). A watcher's version changes on any
+//! a time, or briefly by the writer). A request looks only when no request
+//! has looked for [`LOOK_EVERY`] (2 ms): the look is a read transaction,
+//! and under load one every 2 ms is enough. A watcher's version changes on any
 //! other connection's commit, the writer's included, so after each commit
 //! the writer re-bases every watcher (reads its version as the new normal)
 //! and only then reads its own connection's version, which catches a
@@ -64,11 +66,13 @@
 //! (so, in practice, only after another process committed), except while
 //! the writer is between a commit and the end of re-basing (`committing` is
 //! odd, set before the commit starts), when the change may be the writer's
-//! own and the writer's own look follows anyway.
+//! own and the writer's own look follows anyway. The writer answers a
+//! batch as soon as its changes are in the cache, and re-bases after that.
 //!
-//! So a change committed by another process is seen by the next
-//! authenticated request (and `reserve`, which follows authentication,
-//! uses the balance seen then), with one narrow race: a request whose
+//! So a change committed by another process is seen by every
+//! authenticated request that starts 2 ms or more after it (and `reserve`,
+//! which follows authentication, uses the balance seen then), with one
+//! narrow race: a request whose
 //! watcher looks while the writer is between a commit and the end of
 //! re-basing the watchers does not wait for the catch-up the writer then
 //! does, and may use the keys as they were before that other process's
@@ -95,7 +99,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc;
 use std::sync::{Mutex, PoisonError, RwLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::sync::oneshot;
 
 /// The schema, in order; entry `i` brings the file to version `i + 1`.
@@ -142,7 +146,16 @@ struct Cache {
     /// Odd while the writer is between the start of a commit and the end
     /// of re-basing the watchers on it.
     committing: AtomicU64,
+    /// When a request last looked, in microseconds since `opened`.
+    looked: AtomicU64,
+    opened: Instant,
 }
+
+/// A request looks for other processes' commits only when no request has
+/// looked for this long: the look is a read transaction (shared-memory
+/// locks, system calls), the dearest part of a request's path through the
+/// cache, and under load one look every so often is enough.
+pub(crate) const LOOK_EVERY: Duration = Duration::from_millis(2);
 
 /// The map from keys to their entries. Only the writer thread changes it
 /// (new keys); the request path takes it in shared mode to find an entry.
@@ -204,6 +217,8 @@ impl Cache {
             keys: RwLock::new(Keys::default()),
             watchers,
             committing: AtomicU64::new(0),
+            looked: AtomicU64::new(0),
+            opened: Instant::now(),
         };
         cache.load(writer)?;
         Ok(cache)
@@ -294,6 +309,12 @@ impl Cache {
     /// as far as the watcher of this thread can tell: `None` when not, else
     /// the watcher and the data version it read.
     fn look(&self) -> Result<Option<(usize, i64)>, StoreError> {
+        let now = u64::try_from(self.opened.elapsed().as_micros()).unwrap_or(u64::MAX);
+        let last = self.looked.load(Ordering::Relaxed);
+        if last != 0 && now.saturating_sub(last) < LOOK_EVERY.as_micros() as u64 {
+            return Ok(None);
+        }
+        self.looked.store(now.max(1), Ordering::Relaxed);
         let n = self.watchers.len();
         let start = SLOT.with(|s| *s) % n;
         // This thread's watcher, or any other that is free, or wait for it.
@@ -752,9 +773,12 @@ impl Writer {
                 self.catch_up().map_err(|e| e.to_string())
             } else {
                 let error = self.run_batch(&batch, &mut results);
+                // Answered as soon as the cache shows the batch; what
+                // follows does not change what they are answered.
                 for (cmd, result) in batch.drain(..).zip(results.drain(..)) {
                     cmd.answer(result, error.as_deref());
                 }
+                self.after_commit();
                 if self.reload {
                     Err("cannot read the keys again".to_string())
                 } else {
@@ -837,7 +861,8 @@ impl Writer {
         // Commit with no lock of the cache held. Until its changes are
         // applied below, the cache shows the state before the batch (see the
         // module doc); the watchers see the commit, and are told to ignore
-        // it (odd `committing`) until they are re-based on it.
+        // it (odd `committing`) until they are re-based on it
+        // (`after_commit`, once the batch has been answered).
         self.cache.committing.fetch_add(1, Ordering::SeqCst);
         let committed = self.exec("COMMIT");
         if committed.is_ok() {
@@ -846,20 +871,31 @@ impl Writer {
                     self.reload = true;
                 }
             }
+            // A change the cache could not take (grants, a key created
+            // elsewhere) is read from the file before the batch is answered.
+            let _ = self.reload_if_needed();
         } else {
             let _ = self.exec("ROLLBACK");
         }
         self.changes.clear();
-        self.cache.rebase();
-        self.cache.committing.fetch_add(1, Ordering::SeqCst);
-        // A commit of another process since ours is hidden from the
-        // watchers by the re-basing; this connection sees it.
-        let _ = self.catch_up();
         self.uncheckpointed += 1;
         match committed {
             Ok(()) => None,
             Err(e) => Some(format!("sqlite commit failed: {e}")),
         }
+    }
+
+    /// Ends a commit that `run_batch` started: re-bases the watchers on it
+    /// and then looks for other processes' commits.
+    fn after_commit(&mut self) {
+        // Odd only if the batch got as far as its commit.
+        if self.cache.committing.load(Ordering::SeqCst) % 2 == 1 {
+            self.cache.rebase();
+            self.cache.committing.fetch_add(1, Ordering::SeqCst);
+        }
+        // A commit of another process since ours is hidden from the
+        // watchers by the re-basing; this connection sees it.
+        let _ = self.catch_up();
     }
 
     /// Starts the batch's transaction and catches up with other writers'
