@@ -8,7 +8,7 @@
 
 use super::memory::MemoryStore;
 use super::postgres::PostgresStore;
-use super::sqlite::{SqliteStore, LOOK_EVERY};
+use super::sqlite::{SqliteStore, CHECKPOINT_EVERY, LOOK_EVERY};
 use super::*;
 use sqlx::postgres::PgConnectOptions;
 use sqlx::{Connection as _, PgConnection};
@@ -1217,6 +1217,34 @@ async fn sqlite_sees_what_other_processes_commit() {
         refused_with(gateway.reserve(other, cr("0.1")).await),
         Credits::ZERO
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_checkpoints_the_wal_while_serving() {
+    // Commits only append to the WAL; the checkpoint thread writes the
+    // pages back to the file itself, which therefore grows.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("wal.db");
+    let store: SharedStore = Arc::new(SqliteStore::open(&path).await.unwrap());
+    let id = store
+        .create_key(new_key("k", cr("100000")))
+        .await
+        .unwrap()
+        .id;
+    let before = std::fs::metadata(&path).unwrap().len();
+    // One batch each: sequential settlements.
+    for _ in 0..2 * CHECKPOINT_EVERY + 10 {
+        store.reserve(id, cr("1")).await.unwrap();
+        store.settle(usage(id, cr("1")), cr("1")).await.unwrap();
+    }
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while std::fs::metadata(&path).unwrap().len() <= before {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the file never grew from {before} bytes: no checkpoint"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
 }
 
 /// A settlement the database refuses (a NUL byte in a text column) fails

@@ -84,8 +84,10 @@
 //! Reads other than those (listings, usage, totals) use a small pool of
 //! read connections on the blocking thread pool; WAL readers never block
 //! the writer nor wait for it. The writer commits without checkpointing
-//! (`wal_autocheckpoint=0`) and checkpoints the WAL itself between batches,
-//! so that a commit is only the WAL write.
+//! (`wal_autocheckpoint=0`), so that a commit is only the WAL write; every
+//! 200 batches it asks a checkpoint thread, with a connection of its own,
+//! to checkpoint the WAL (a passive checkpoint, which runs alongside the
+//! writer's commits), so that no batch waits for a checkpoint's `fsync`.
 //!
 //! # Schema
 //!
@@ -115,8 +117,8 @@ const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 const READERS: usize = 8;
 /// At most this many queued commands share one transaction.
 const MAX_BATCH: usize = 512;
-/// The writer checkpoints the WAL after this many committed batches.
-const CHECKPOINT_EVERY: u32 = 200;
+/// The WAL is checkpointed after this many committed batches.
+pub(crate) const CHECKPOINT_EVERY: u32 = 200;
 
 macro_rules! key_columns {
     () => {
@@ -375,6 +377,13 @@ impl SqliteStore {
                         return;
                     }
                 };
+                let checkpoint = match spawn_checkpointer(&thread_path) {
+                    Ok(checkpoint) => checkpoint,
+                    Err(e) => {
+                        let _ = ready_tx.send(Err(e));
+                        return;
+                    }
+                };
                 if ready_tx.send(Ok(cache.clone())).is_err() {
                     return;
                 }
@@ -385,6 +394,7 @@ impl SqliteStore {
                     data_version: version,
                     reload: false,
                     uncheckpointed: 0,
+                    checkpoint,
                 }
                 .run(rx);
             })
@@ -739,6 +749,31 @@ struct Writer {
     reload: bool,
     /// Batches committed since the last checkpoint.
     uncheckpointed: u32,
+    /// Asks the checkpoint thread for a checkpoint.
+    checkpoint: mpsc::SyncSender<()>,
+}
+
+/// Starts the thread that checkpoints the WAL whenever it is asked, on a
+/// connection of its own; it ends when the writer drops its sender.
+fn spawn_checkpointer(path: &Path) -> Result<mpsc::SyncSender<()>, StoreError> {
+    let conn = Connection::open_with_flags(
+        path,
+        OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )
+    .map_err(|e| backend(format!("cannot open {}: {e}", path.display())))?;
+    configure(&conn)?;
+    let (tx, rx) = mpsc::sync_channel::<()>(1);
+    std::thread::Builder::new()
+        .name("tollgate-sqlite-checkpoint".into())
+        .spawn(move || {
+            while rx.recv().is_ok() {
+                // Best effort: readers may hold part of the WAL; a later
+                // checkpoint gets the rest.
+                let _ = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()));
+            }
+        })
+        .map_err(|e| backend(format!("cannot start the sqlite checkpoint thread: {e}")))?;
+    Ok(tx)
 }
 
 impl Writer {
@@ -790,11 +825,8 @@ impl Writer {
             }
             if self.uncheckpointed >= CHECKPOINT_EVERY {
                 self.uncheckpointed = 0;
-                // Best effort: readers may hold part of the WAL; a later
-                // checkpoint gets the rest.
-                let _ = self
-                    .conn
-                    .query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()));
+                // Full when a checkpoint is still running: that one will do.
+                let _ = self.checkpoint.try_send(());
             }
         }
     }
