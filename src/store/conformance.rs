@@ -687,6 +687,20 @@ async fn concurrent_settlements_on_two_keys(h: &Harness) {
         seen.dedup();
         assert_eq!(seen.len(), 20);
         assert_eq!(seen[0], expected);
+        // From 100 down through the answers, each step is one settlement's
+        // credits, each used once.
+        let mut steps: Vec<Credits> = std::iter::once(cr("100"))
+            .chain(seen.iter().rev().copied())
+            .collect::<Vec<_>>()
+            .windows(2)
+            .map(|w| w[0] - w[1])
+            .collect();
+        steps.sort();
+        let first = if key == a { 1000 } else { 1001 };
+        let paid: Vec<Credits> = (0..20)
+            .map(|i| Credits::from_millis(first + 2 * i))
+            .collect();
+        assert_eq!(steps, paid);
         // All reservations were released.
         assert_eq!(s.reserve(key, expected).await.unwrap(), Credits::ZERO);
         assert_ledger_adds_up(&s, key).await;
@@ -1348,6 +1362,67 @@ async fn sqlite_reserves_while_the_writer_is_stuck() {
     assert_eq!(settling.await.unwrap().unwrap(), cr("9"));
     assert_eq!(store.reserve(a, cr("7")).await.unwrap(), Credits::ZERO);
     assert_eq!(store.reserve(b, cr("8")).await.unwrap(), Credits::ZERO);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_one_batch_answers_each_settlement_the_balance_it_left() {
+    // Settlements queued behind a stuck writer land in one batch (one
+    // transaction): every settlement must still be answered the balance it
+    // left, in queue order, across an adjustment of the same key in between.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("batch.db");
+    let store: SharedStore = Arc::new(SqliteStore::open(&path).await.unwrap());
+    let a = store.create_key(new_key("a", cr("100"))).await.unwrap().id;
+    let b = store.create_key(new_key("b", cr("100"))).await.unwrap().id;
+
+    let blocker = rusqlite::Connection::open(&path).unwrap();
+    blocker.execute_batch("BEGIN IMMEDIATE").unwrap();
+    // The writer takes this one and waits for the lock with it.
+    let first = {
+        let store = store.clone();
+        tokio::spawn(async move { store.settle(usage(a, cr("1")), Credits::ZERO).await })
+    };
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    // These queue up, in this order, for the next batch.
+    let mut queued = Vec::new();
+    for i in 0..12i64 {
+        let store = store.clone();
+        let (key, credits) = if i % 3 == 2 {
+            (b, Credits::from_millis(500 + i))
+        } else {
+            (a, Credits::from_millis(1000 + i))
+        };
+        let task = if i == 6 {
+            tokio::spawn(async move { store.adjust(a, add("10")).await })
+        } else {
+            tokio::spawn(async move { store.settle(usage(key, credits), Credits::ZERO).await })
+        };
+        queued.push((i, key, credits, task));
+        // Each is in the queue before the next is sent.
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+    blocker.execute_batch("ROLLBACK").unwrap();
+    assert_eq!(first.await.unwrap().unwrap(), cr("99"));
+
+    let (mut balance_a, mut balance_b) = (cr("99"), cr("100"));
+    for (i, key, credits, task) in queued {
+        let answer = task.await.unwrap().unwrap();
+        let expected = if i == 6 {
+            balance_a += cr("10");
+            balance_a
+        } else if key == a {
+            balance_a -= credits;
+            balance_a
+        } else {
+            balance_b -= credits;
+            balance_b
+        };
+        assert_eq!(answer, expected, "answer to queued command {i}");
+    }
+    assert_eq!(balance(&store, a).await, balance_a);
+    assert_eq!(balance(&store, b).await, balance_b);
+    assert_ledger_adds_up(&store, a).await;
+    assert_ledger_adds_up(&store, b).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
