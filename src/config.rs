@@ -169,7 +169,7 @@ impl Config {
             .unwrap_or_else(|| "http://127.0.0.1:11434".to_string())
             .trim_end_matches('/')
             .to_string();
-        if !(ollama_url.starts_with("http://") || ollama_url.starts_with("https://")) {
+        if !ollama_url.starts_with("http://") {
             return Err(invalid(
                 "OLLAMA_URL",
                 &ollama_url,
@@ -428,6 +428,7 @@ mod tests {
             ("MAX_BODY_BYTES", "lots"),
             ("LOG_FORMAT", "xml"),
             ("OLLAMA_URL", "127.0.0.1:11434"),
+            ("OLLAMA_URL", "https://127.0.0.1:11434"),
             ("METRICS_REQUIRE_ADMIN", "perhaps"),
             ("RUST_LOG", "tollgate=loud"),
         ] {
@@ -448,7 +449,7 @@ mod tests {
         assert!(looped("127.0.0.1:8000", "http://localhost:8000/"));
         assert!(looped("0.0.0.0:8000", "http://127.0.0.1:8000"));
         assert!(!looped("127.0.0.1:8000", "http://127.0.0.1:11434"));
-        assert!(!looped("127.0.0.1:80", "https://127.0.0.1"));
+        assert!(!looped("127.0.0.1:443", "http://127.0.0.1"));
     }
 
     #[test]

@@ -26,7 +26,7 @@ use hyper_util::rt::TokioIo;
 use std::collections::VecDeque;
 use std::future::{poll_fn, Future};
 use std::pin::Pin;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 use tokio::net::TcpStream;
@@ -43,9 +43,11 @@ const MAX_GATHERED: usize = 64 * 1024;
 /// One HTTP/1 connection to Ollama.
 pub struct Connection {
     sender: http1::SendRequest<Body>,
-    driver: http1::Connection<TokioIo<TcpStream>, Body>,
-    /// The driver has finished: the connection is closed.
-    closed: bool,
+    /// `None` once it has finished: the connection is closed. Dropped at
+    /// once, since a finished driver still holds a request queued after
+    /// the close (sent too late to be noticed), which hyper hands back,
+    /// unsent, only when the driver is dropped.
+    driver: Option<http1::Connection<TokioIo<TcpStream>, Body>>,
 }
 
 impl Connection {
@@ -59,16 +61,21 @@ impl Connection {
             .map_err(std::io::Error::other)?;
         Ok(Connection {
             sender,
-            driver,
-            closed: false,
+            driver: Some(driver),
         })
     }
 
     /// Does the connection's pending I/O, registering `cx` for more.
     fn drive(&mut self, cx: &mut Context<'_>) {
-        if !self.closed && Pin::new(&mut self.driver).poll(cx).is_ready() {
-            self.closed = true;
+        if let Some(driver) = self.driver.as_mut() {
+            if Pin::new(driver).poll(cx).is_ready() {
+                self.driver = None;
+            }
         }
+    }
+
+    fn is_closed(&self) -> bool {
+        self.driver.is_none()
     }
 
     /// Whether a request could be sent right now, without waiting. Reads
@@ -76,7 +83,7 @@ impl Connection {
     fn is_ready_now(&mut self) -> bool {
         let mut cx = Context::from_waker(Waker::noop());
         self.drive(&mut cx);
-        !self.closed && matches!(self.sender.poll_ready(&mut cx), Poll::Ready(Ok(())))
+        !self.is_closed() && matches!(self.sender.poll_ready(&mut cx), Poll::Ready(Ok(())))
     }
 
     /// Waits until a request can be sent.
@@ -153,7 +160,7 @@ impl Pool {
             Err(_) => {
                 return Err(ExchangeError::Connect(std::io::Error::new(
                     std::io::ErrorKind::TimedOut,
-                    format!("no connection within {} s", connect_timeout.as_secs()),
+                    format!("no connection within {connect_timeout:?}"),
                 )))
             }
         };
@@ -178,10 +185,16 @@ impl Pool {
         })
     }
 
+    /// The host connections go to (an IPv6 address without brackets).
+    #[cfg(test)]
+    pub fn host(&self) -> &str {
+        &self.host
+    }
+
     /// The most recently used idle connection that can take a request.
     fn checkout(&self) -> Option<Connection> {
         loop {
-            let (mut connection, since) = self.idle.lock().ok()?.pop_back()?;
+            let (mut connection, since) = self.idle_connections().pop_back()?;
             if since.elapsed() < IDLE_FOR && connection.is_ready_now() {
                 return Some(connection);
             }
@@ -195,24 +208,30 @@ impl Pool {
             return;
         }
         let mut expired = Vec::new();
-        if let Ok(mut idle) = self.idle.lock() {
-            while idle
-                .front()
-                .is_some_and(|(_, since)| since.elapsed() >= IDLE_FOR)
-            {
-                expired.extend(idle.pop_front());
-            }
-            if idle.len() < MAX_IDLE {
-                idle.push_back((connection, Instant::now()));
-            }
+        let mut idle = self.idle_connections();
+        while idle
+            .front()
+            .is_some_and(|(_, since)| since.elapsed() >= IDLE_FOR)
+        {
+            expired.extend(idle.pop_front());
         }
+        if idle.len() < MAX_IDLE {
+            idle.push_back((connection, Instant::now()));
+        }
+        drop(idle);
         // Whatever was not kept is closed here, outside the lock.
+    }
+
+    /// The idle connections, locked. Nothing panics while holding them,
+    /// and the deque is consistent at every step anyway.
+    fn idle_connections(&self) -> MutexGuard<'_, VecDeque<(Connection, Instant)>> {
+        self.idle.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     /// Idle connections kept now.
     #[cfg(test)]
     fn idle_count(&self) -> usize {
-        self.idle.lock().map(|idle| idle.len()).unwrap_or(0)
+        self.idle_connections().len()
     }
 }
 
@@ -466,6 +485,92 @@ mod tests {
             .unwrap();
         assert_eq!(read, 0);
         assert_eq!(pool.idle_count(), 0);
+    }
+
+    /// A server that answers one request with `reply`, then waits for
+    /// `close` (if given) before closing the connection.
+    async fn one_reply_server(
+        reply: &'static [u8],
+        close: Option<tokio::sync::oneshot::Receiver<()>>,
+    ) -> Arc<Pool> {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        tokio::spawn(async move {
+            let (mut socket, _) = listener.accept().await.unwrap();
+            assert!(read_head(&mut socket).await);
+            socket.write_all(reply).await.unwrap();
+            match close {
+                Some(close) => {
+                    let _ = close.await;
+                    drop(socket);
+                }
+                // Held open: only tollgate may close it.
+                None => tokio::time::sleep(Duration::from_secs(60)).await,
+            }
+        });
+        Pool::new("127.0.0.1".into(), port)
+    }
+
+    #[tokio::test]
+    async fn a_request_sent_as_the_server_closes_comes_back_unsent() {
+        // Ollama's close arrives after the connection was found ready and
+        // before the request left: the request must come back (to be sent
+        // on a new connection), not wait for a reply that never comes.
+        let (close_tx, close_rx) = tokio::sync::oneshot::channel();
+        let pool = one_reply_server(
+            b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok",
+            Some(close_rx),
+        )
+        .await;
+        let mut body = exchange(&pool).await;
+        while body.next().await.is_some() {}
+        let mut connection = pool.checkout().expect("the connection was kept");
+        close_tx.send(()).unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let sent = tokio::time::timeout(Duration::from_secs(5), connection.send(get()))
+            .await
+            .expect("the send resolves");
+        match sent {
+            Err(mut e) => assert!(e.take_message().is_some(), "{}", e.into_error()),
+            Ok(_) => panic!("a reply from a closed connection"),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_connection_the_server_will_close_is_not_kept() {
+        let pool = one_reply_server(
+            b"HTTP/1.1 200 OK\r\nconnection: close\r\ncontent-length: 2\r\n\r\nok",
+            None,
+        )
+        .await;
+        let mut body = exchange(&pool).await;
+        while body.next().await.is_some() {}
+        assert_eq!(pool.idle_count(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_reply_that_comes_before_the_upload_ends_does_not_keep_the_connection() {
+        let pool = one_reply_server(
+            b"HTTP/1.1 400 Bad Request\r\ncontent-length: 2\r\n\r\nno",
+            None,
+        )
+        .await;
+        // A request body that never ends.
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(1);
+        tx.send(Ok(Bytes::from_static(b"partial"))).await.unwrap();
+        let mut request = get();
+        *request.method_mut() = axum::http::Method::POST;
+        *request.body_mut() =
+            Body::from_stream(futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx)));
+        let response = pool
+            .exchange(request, Duration::from_secs(5))
+            .await
+            .expect("exchange");
+        assert_eq!(response.status(), 400);
+        let mut body = response.into_body();
+        while body.next().await.is_some() {}
+        assert_eq!(pool.idle_count(), 0);
+        drop(tx);
     }
 
     #[tokio::test]

@@ -65,6 +65,14 @@ impl Upstream {
         if url.cannot_be_a_base() || url.query().is_some() {
             return Err(invalid("not a base URL".into()));
         }
+        if !url.username().is_empty() || url.password().is_some() {
+            return Err(invalid(
+                "credentials in the URL are not supported: Ollama takes none".into(),
+            ));
+        }
+        if url.fragment().is_some() {
+            return Err(invalid("not a base URL".into()));
+        }
         if url.scheme() != "http" {
             return Err(invalid(
                 "only http:// is supported: Ollama speaks plain HTTP".into(),
@@ -192,4 +200,50 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
         source = cause.source();
     }
     text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    fn upstream(url: &str) -> Result<Upstream, UpstreamError> {
+        let timeouts = Timeouts {
+            connect: Duration::from_secs(1),
+            first_byte: Duration::from_secs(1),
+            stream_idle: Duration::from_secs(1),
+        };
+        Upstream::new(url, timeouts)
+    }
+
+    #[test]
+    fn refuses_urls_it_cannot_forward_to() {
+        for url in [
+            "https://127.0.0.1:11434",
+            "http://user:secret@127.0.0.1:11434",
+            "http://user@127.0.0.1:11434",
+            "http://127.0.0.1:11434/#part",
+            "http://127.0.0.1:11434/?a=b",
+            "mailto:ollama@example.com",
+            "not a url",
+        ] {
+            assert!(
+                matches!(upstream(url), Err(UpstreamError::Unusable { .. })),
+                "{url} was accepted"
+            );
+        }
+    }
+
+    #[test]
+    fn forwards_under_the_base_path_with_the_base_host() {
+        let plain = upstream("http://127.0.0.1:11434").unwrap();
+        assert_eq!(plain.uri_of("/api/chat?x=1").unwrap(), "/api/chat?x=1");
+        assert_eq!(plain.host, "127.0.0.1:11434");
+        let nested = upstream("http://ollama.internal/llm/").unwrap();
+        assert_eq!(nested.uri_of("/api/tags").unwrap(), "/llm/api/tags");
+        assert_eq!(nested.host, "ollama.internal");
+        let v6 = upstream("http://[::1]:11434").unwrap();
+        assert_eq!(v6.host, "[::1]:11434");
+        assert_eq!(v6.pool.host(), "::1");
+    }
 }
