@@ -203,6 +203,15 @@ impl App {
                 tokio::time::sleep(Duration::from_secs(60)).await;
             }
         });
+        let upstream = state.upstream.clone();
+        let sweeper = tokio::spawn(async move {
+            // Idle connections that Ollama closed, or that waited too
+            // long, are closed on tollgate's side too, traffic or not.
+            loop {
+                tokio::time::sleep(Duration::from_secs(15)).await;
+                upstream.close_stale_connections();
+            }
+        });
         let stop_tx = self.stop_tx;
         let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
         tokio::spawn(async move {
@@ -234,6 +243,7 @@ impl App {
         })
         .await;
         refresher.abort();
+        sweeper.abort();
         served
     }
 }

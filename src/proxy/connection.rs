@@ -222,6 +222,24 @@ impl Pool {
         // Whatever was not kept is closed here, outside the lock.
     }
 
+    /// Closes the idle connections that Ollama closed or that waited
+    /// longer than [`IDLE_FOR`]; checkout and checkin only look at the ends
+    /// of the queue, so without traffic nothing else would.
+    pub fn close_stale(&self) {
+        let mut idle = self.idle_connections();
+        let before = std::mem::take(&mut *idle);
+        let mut stale = Vec::new();
+        for (mut connection, since) in before {
+            if since.elapsed() < IDLE_FOR && connection.is_ready_now() {
+                idle.push_back((connection, since));
+            } else {
+                stale.push(connection);
+            }
+        }
+        drop(idle);
+        // `stale` is closed here, outside the lock.
+    }
+
     /// The idle connections, locked. Nothing panics while holding them,
     /// and the deque is consistent at every step anyway.
     fn idle_connections(&self) -> MutexGuard<'_, VecDeque<(Connection, Instant)>> {
@@ -447,6 +465,24 @@ mod tests {
             assert_eq!(pool.idle_count(), 1);
         }
         assert_eq!(accepted.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn idle_connections_that_the_server_closed_are_swept() {
+        let (close_tx, close_rx) = tokio::sync::oneshot::channel();
+        let pool = one_reply_server(
+            b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok",
+            Some(close_rx),
+        )
+        .await;
+        let mut body = exchange(&pool).await;
+        while body.next().await.is_some() {}
+        pool.close_stale();
+        assert_eq!(pool.idle_count(), 1, "a live idle connection is kept");
+        close_tx.send(()).unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        pool.close_stale();
+        assert_eq!(pool.idle_count(), 0);
     }
 
     #[tokio::test]

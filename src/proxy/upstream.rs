@@ -141,6 +141,11 @@ impl Upstream {
         }
     }
 
+    /// Closes idle connections that Ollama closed or that waited too long.
+    pub fn close_stale_connections(&self) {
+        self.pool.close_stale();
+    }
+
     /// The request target of `path_and_query` (which starts with `/`)
     /// under the base path.
     fn uri_of(&self, path_and_query: &str) -> Result<Uri, String> {
