@@ -469,14 +469,7 @@ mod tests {
 
     #[tokio::test]
     async fn idle_connections_that_the_server_closed_are_swept() {
-        let (close_tx, close_rx) = tokio::sync::oneshot::channel();
-        let pool = one_reply_server(
-            b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok",
-            Some(close_rx),
-        )
-        .await;
-        let mut body = exchange(&pool).await;
-        while body.next().await.is_some() {}
+        let (pool, close_tx) = after_one_exchange().await;
         pool.close_stale();
         assert_eq!(pool.idle_count(), 1, "a live idle connection is kept");
         close_tx.send(()).unwrap();
@@ -547,11 +540,9 @@ mod tests {
         Pool::new("127.0.0.1".into(), port)
     }
 
-    #[tokio::test]
-    async fn a_request_sent_as_the_server_closes_comes_back_unsent() {
-        // Ollama's close arrives after the connection was found ready and
-        // before the request left: the request must come back (to be sent
-        // on a new connection), not wait for a reply that never comes.
+    /// A pool holding one idle connection after a finished exchange, and
+    /// the trigger that makes the server close that connection.
+    async fn after_one_exchange() -> (Arc<Pool>, tokio::sync::oneshot::Sender<()>) {
         let (close_tx, close_rx) = tokio::sync::oneshot::channel();
         let pool = one_reply_server(
             b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok",
@@ -560,6 +551,15 @@ mod tests {
         .await;
         let mut body = exchange(&pool).await;
         while body.next().await.is_some() {}
+        (pool, close_tx)
+    }
+
+    #[tokio::test]
+    async fn a_request_sent_as_the_server_closes_comes_back_unsent() {
+        // Ollama's close arrives after the connection was found ready and
+        // before the request left: the request must come back (to be sent
+        // on a new connection), not wait for a reply that never comes.
+        let (pool, close_tx) = after_one_exchange().await;
         let mut connection = pool.checkout().expect("the connection was kept");
         close_tx.send(()).unwrap();
         tokio::time::sleep(Duration::from_millis(100)).await;
