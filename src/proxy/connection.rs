@@ -11,7 +11,8 @@
 //! own task sends, waits for the head and reads the body; [`ReplyBody`]
 //! drains everything that has already arrived before handing it on, the
 //! way nginx reads what is there and writes it in one go. Idle connections
-//! wait in a [`Pool`] and are checked for a close by Ollama before reuse.
+//! wait in a [`Pool`] and are checked for a close by Ollama before reuse
+//! (and every 15 s by the server, which closes the stale ones).
 //! A reply dropped before its end drops its connection, which closes it:
 //! that is how Ollama learns that a client went away, and stops generating.
 
@@ -84,6 +85,11 @@ impl Connection {
         let mut cx = Context::from_waker(Waker::noop());
         self.drive(&mut cx);
         !self.is_closed() && matches!(self.sender.poll_ready(&mut cx), Poll::Ready(Ok(())))
+    }
+
+    /// Whether a connection idle since `since` may take a request now.
+    fn is_reusable(&mut self, since: Instant) -> bool {
+        since.elapsed() < IDLE_FOR && self.is_ready_now()
     }
 
     /// Waits until a request can be sent.
@@ -195,7 +201,7 @@ impl Pool {
     fn checkout(&self) -> Option<Connection> {
         loop {
             let (mut connection, since) = self.idle_connections().pop_back()?;
-            if since.elapsed() < IDLE_FOR && connection.is_ready_now() {
+            if connection.is_reusable(since) {
                 return Some(connection);
             }
             // Dropped here, outside the lock: closing is a system call.
@@ -207,30 +213,22 @@ impl Pool {
         if !connection.is_ready_now() {
             return;
         }
-        let mut expired = Vec::new();
         let mut idle = self.idle_connections();
-        while idle
-            .front()
-            .is_some_and(|(_, since)| since.elapsed() >= IDLE_FOR)
-        {
-            expired.extend(idle.pop_front());
-        }
         if idle.len() < MAX_IDLE {
             idle.push_back((connection, Instant::now()));
         }
-        drop(idle);
-        // Whatever was not kept is closed here, outside the lock.
+        // One not kept is closed here, once the lock is released.
     }
 
     /// Closes the idle connections that Ollama closed or that waited
-    /// longer than [`IDLE_FOR`]; checkout and checkin only look at the ends
-    /// of the queue, so without traffic nothing else would.
+    /// longer than [`IDLE_FOR`]; checkout looks only at the end of the
+    /// queue, so without traffic nothing else would.
     pub fn close_stale(&self) {
         let mut idle = self.idle_connections();
         let before = std::mem::take(&mut *idle);
         let mut stale = Vec::new();
         for (mut connection, since) in before {
-            if since.elapsed() < IDLE_FOR && connection.is_ready_now() {
+            if connection.is_reusable(since) {
                 idle.push_back((connection, since));
             } else {
                 stale.push(connection);
