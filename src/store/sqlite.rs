@@ -524,13 +524,19 @@ fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
 // ---------------------------------------------------------------------------
 // Reads
 
-fn open_reader(path: &Path) -> Result<Connection, StoreError> {
+/// A connection to the file besides the writer's, configured like it.
+fn open_connection(path: &Path) -> Result<Connection, StoreError> {
     let conn = Connection::open_with_flags(
         path,
         OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
     )
     .map_err(|e| backend(format!("cannot open {}: {e}", path.display())))?;
     configure(&conn)?;
+    Ok(conn)
+}
+
+fn open_reader(path: &Path) -> Result<Connection, StoreError> {
+    let conn = open_connection(path)?;
     conn.pragma_update(None, "query_only", true)?;
     Ok(conn)
 }
@@ -756,12 +762,7 @@ struct Writer {
 /// Starts the thread that checkpoints the WAL whenever it is asked, on a
 /// connection of its own; it ends when the writer drops its sender.
 fn spawn_checkpointer(path: &Path) -> Result<mpsc::SyncSender<()>, StoreError> {
-    let conn = Connection::open_with_flags(
-        path,
-        OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
-    )
-    .map_err(|e| backend(format!("cannot open {}: {e}", path.display())))?;
-    configure(&conn)?;
+    let conn = open_connection(path)?;
     let (tx, rx) = mpsc::sync_channel::<()>(1);
     std::thread::Builder::new()
         .name("tollgate-sqlite-checkpoint".into())
