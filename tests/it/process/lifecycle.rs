@@ -332,6 +332,9 @@ async fn bad_configuration_stops_start_up() {
         ("API_KEYS", "k1=ten"),
         ("SHUTDOWN_GRACE_SECS", "-1"),
         ("LOG_FORMAT", "xml"),
+        ("OLLAMA_URL", "https://127.0.0.1:11434"),
+        ("OLLAMA_URL", "http://user:secret@127.0.0.1:11434"),
+        ("OLLAMA_URL", "http://127.0.0.1:11434/#part"),
     ];
     for (var, value) in cases {
         let launch = Launch::new(dir.path())
