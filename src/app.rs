@@ -188,8 +188,6 @@ impl App {
     where
         L: Listener<Addr = SocketAddr>,
         L::Io: Send,
-        for<'a> SocketAddr:
-            axum::extract::connect_info::Connected<axum::serve::IncomingStream<'a, L>>,
     {
         let router = self.router();
         let state = self.state.clone();
@@ -234,17 +232,13 @@ impl App {
             tokio::time::sleep(Duration::from_millis(50)).await;
             let _ = done_tx.send(());
         });
-        let served = axum::serve(
-            listener,
-            router.into_make_service_with_connect_info::<SocketAddr>(),
-        )
-        .with_graceful_shutdown(async {
+        crate::server::serve(listener, router, async {
             let _ = done_rx.await;
         })
         .await;
         refresher.abort();
         sweeper.abort();
-        served
+        Ok(())
     }
 }
 

@@ -11,7 +11,7 @@
 //!   reporting usage to the settlement guard;
 //! - [`admin`] is key management, for the admin API and the CLI;
 //! - [`error`] maps every error tollgate answers to one response shape;
-//! - [`app`] ties it together and serves.
+//! - [`app`] ties it together; [`server`] serves its HTTP/1.1 connections.
 
 pub mod admin;
 pub mod app;
@@ -24,6 +24,7 @@ pub mod limits;
 pub mod policy;
 pub mod proxy;
 pub mod routes;
+pub mod server;
 pub mod store;
 pub mod telemetry;
 pub mod tls;
