@@ -1181,6 +1181,8 @@ async fn sqlite_two_handles_on_one_file_compose() {
     for t in tasks {
         t.await.unwrap();
     }
+    // Each handle sees the other's commits once they are LOOK_EVERY old.
+    tokio::time::sleep(LOOK_EVERY + std::time::Duration::from_millis(1)).await;
     assert_eq!(balance(&cli, id).await, cr("95"));
     assert_ledger_adds_up(&gateway, id).await;
 }
@@ -1336,9 +1338,10 @@ async fn postgres_key_lookups_see_writes_in_time() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sqlite_reserves_while_the_writer_is_stuck() {
-    // The request path does not wait for the writer: with a settlement
-    // stuck behind another connection's write lock, keys are still looked
-    // up and reserved.
+    // With a settlement stuck behind another connection's write lock,
+    // reservations go on (they run no SQL); a lookup that must look for
+    // other processes' commits waits for that connection's transaction and
+    // then sees what it committed.
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("stuck.db");
     let store: SharedStore = Arc::new(SqliteStore::open(&path).await.unwrap());
@@ -1352,16 +1355,69 @@ async fn sqlite_reserves_while_the_writer_is_stuck() {
         let store = store.clone();
         tokio::spawn(async move { store.settle(usage(a, cr("1")), cr("1")).await })
     };
-    for (name, id) in [("a", a), ("b", b)] {
-        let key = store.key_by_hash(&hash(name)).await.unwrap().unwrap();
-        assert_eq!(key.id, id);
+    for id in [a, b] {
         store.reserve(id, cr("2")).await.unwrap();
     }
+    // Past LOOK_EVERY since the last look: this lookup must look.
+    tokio::time::sleep(LOOK_EVERY + std::time::Duration::from_millis(1)).await;
+    let looking = {
+        let store = store.clone();
+        tokio::spawn(async move { store.key_by_hash(&hash("b")).await })
+    };
+    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     assert!(!settling.is_finished(), "the settlement waits for the lock");
-    blocker.execute_batch("ROLLBACK").unwrap();
+    assert!(!looking.is_finished(), "the look waits for the lock");
+    blocker
+        .execute(
+            "UPDATE api_keys SET balance = balance + 5000 WHERE id = ?1",
+            [b],
+        )
+        .unwrap();
+    blocker.execute_batch("COMMIT").unwrap();
     assert_eq!(settling.await.unwrap().unwrap(), cr("9"));
+    let looked = looking.await.unwrap().unwrap().unwrap();
+    assert_eq!((looked.id, looked.balance), (b, cr("15")));
     assert_eq!(store.reserve(a, cr("7")).await.unwrap(), Credits::ZERO);
-    assert_eq!(store.reserve(b, cr("8")).await.unwrap(), Credits::ZERO);
+    assert_eq!(store.reserve(b, cr("13")).await.unwrap(), Credits::ZERO);
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn sqlite_a_locked_file_never_blocks_the_requests_thread() {
+    // A settlement is carried out on the task that asks for it, unless
+    // another connection holds the write lock: then it waits on the
+    // blocking pool, never on the runtime's thread. On this runtime's one
+    // thread, a settlement that waited there would keep the test from
+    // releasing the lock until `busy_timeout` gave up, and would fail.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("locked.db");
+    let store: SharedStore = Arc::new(SqliteStore::open(&path).await.unwrap());
+    let a = store.create_key(new_key("a", cr("10"))).await.unwrap().id;
+    store.reserve(a, cr("2")).await.unwrap();
+    // Unlocked: answered on this thread, nothing else involved.
+    assert_eq!(
+        store.settle(usage(a, cr("1")), cr("1")).await.unwrap(),
+        cr("9")
+    );
+
+    let blocker = rusqlite::Connection::open(&path).unwrap();
+    blocker.execute_batch("BEGIN IMMEDIATE").unwrap();
+    let settling = {
+        let store = store.clone();
+        tokio::spawn(async move { store.settle(usage(a, cr("1")), cr("1")).await })
+    };
+    // The settlement starts, finds the lock taken, and is handed over;
+    // meanwhile this thread goes on: reservations, timers.
+    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    assert!(!settling.is_finished(), "the settlement waits for the lock");
+    assert_eq!(store.reserve(a, cr("1")).await.unwrap(), cr("7"));
+    blocker.execute_batch("ROLLBACK").unwrap();
+    assert_eq!(settling.await.unwrap().unwrap(), cr("8"));
+    // And the writer is back on the requests' tasks.
+    assert_eq!(
+        store.settle(usage(a, cr("1")), cr("1")).await.unwrap(),
+        cr("7")
+    );
+    assert_ledger_adds_up(&store, a).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
