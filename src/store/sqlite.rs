@@ -1054,8 +1054,10 @@ impl Writer {
             // A transaction left open by a failed commit and rollback.
             let _ = self.exec("ROLLBACK");
         }
+        // A cached statement: `execute_batch` would prepare it every time.
         self.conn
-            .execute_batch("BEGIN IMMEDIATE")
+            .prepare_cached("BEGIN IMMEDIATE")
+            .and_then(|mut begin| begin.execute([]))
             .map_err(|e| NotStarted::new(e, "cannot start an sqlite transaction"))?;
         // On failure, `reload` stays set: tried again after the commit.
         let _ = self.catch_up();
