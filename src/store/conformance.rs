@@ -1383,9 +1383,9 @@ async fn sqlite_reserves_while_the_writer_is_stuck() {
 
 #[tokio::test(flavor = "current_thread")]
 async fn sqlite_a_locked_file_never_blocks_the_requests_thread() {
-    // A settlement is carried out on the task that asks for it, unless
-    // another connection holds the write lock: then it waits on the
-    // blocking pool, never on the runtime's thread. On this runtime's one
+    // A settlement may be carried out on the task that asks for it; when
+    // another connection holds the write lock, it waits on the writer
+    // thread, never on the runtime's thread. On this runtime's one
     // thread, a settlement that waited there would keep the test from
     // releasing the lock until `busy_timeout` gave up, and would fail.
     let dir = tempfile::tempdir().unwrap();

@@ -19,7 +19,9 @@
 //! just wait for their answer. Who that is depends on the load. A task that
 //! queues a write when the writer has been idle for [`INLINE_AFTER_IDLE`]
 //! carries it out itself, at once and on its own thread: at a moderate rate
-//! a settlement costs no hand-off to another thread and back. Otherwise the
+//! a settlement costs no hand-off to another thread and back (inside
+//! `block_in_place`, so that the worker's other tasks go on elsewhere should
+//! the file system stall the commit's write). Otherwise the
 //! turn goes to the writer thread, and the settlements that arrive while it
 //! wakes share its transaction: under load, fewer and larger transactions.
 //! A request's task carries out at most [`INLINE_BATCHES`] batches before
@@ -763,7 +765,18 @@ impl WriteQueue {
     fn start(self: &Arc<Self>) {
         let idle_since = self.idle_since.load(Ordering::Acquire);
         if self.now().saturating_sub(idle_since) >= INLINE_AFTER_IDLE.as_micros() as u64 {
-            self.carry_out(Place::RequestTask);
+            // A commit is a write to the WAL, which the file system may
+            // stall (a checkpoint's fsync, writeback): on a multi-threaded
+            // runtime, this worker's other tasks move to another thread
+            // meanwhile, so that a stall holds up this request alone.
+            let multi_thread = tokio::runtime::Handle::try_current().is_ok_and(|runtime| {
+                runtime.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread
+            });
+            if multi_thread {
+                tokio::task::block_in_place(|| self.carry_out(Place::RequestTask));
+            } else {
+                self.carry_out(Place::RequestTask);
+            }
         } else {
             self.hand_over();
         }
