@@ -1421,6 +1421,49 @@ async fn sqlite_a_locked_file_never_blocks_the_requests_thread() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_a_settlement_that_fails_gives_its_reservation_back() {
+    // Another connection keeps the write lock longer than the writer waits
+    // for it (5 s, twice): the settlements fail, charge nothing, and give
+    // their reservations back; a lookup that lands in the same batch as the
+    // second one is still answered (a look needs no lock).
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("failing.db");
+    let store: SharedStore = Arc::new(SqliteStore::open(&path).await.unwrap());
+    let a = store.create_key(new_key("a", cr("10"))).await.unwrap().id;
+    store.reserve(a, cr("4")).await.unwrap();
+    assert_eq!(store.reserve(a, cr("6")).await.unwrap(), Credits::ZERO);
+
+    let blocker = rusqlite::Connection::open(&path).unwrap();
+    blocker.execute_batch("BEGIN IMMEDIATE").unwrap();
+    let settle = |reserved: &str| {
+        let (store, reserved) = (store.clone(), cr(reserved));
+        tokio::spawn(async move { store.settle(usage(a, cr("1")), reserved).await })
+    };
+    // The writer takes the first and waits for the lock with it; the
+    // second and the lookup queue up for its next batch.
+    let first = settle("4");
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    let second = settle("6");
+    let looking = {
+        let store = store.clone();
+        tokio::spawn(async move { store.key_by_hash(&hash("a")).await })
+    };
+    for settling in [first, second] {
+        assert!(matches!(
+            settling.await.unwrap(),
+            Err(StoreError::Backend(_))
+        ));
+    }
+    let looked = looking.await.unwrap().unwrap().unwrap();
+    assert_eq!((looked.id, looked.balance), (a, cr("10")));
+    blocker.execute_batch("ROLLBACK").unwrap();
+    // Nothing charged, nothing held: the whole balance can be reserved.
+    assert_eq!(store.reserve(a, cr("10")).await.unwrap(), Credits::ZERO);
+    assert_eq!(store.usage_totals(a).await.unwrap().requests, 0);
+    assert_ledger_adds_up(&store, a).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sqlite_one_batch_answers_each_settlement_the_balance_it_left() {
     // Settlements queued behind a stuck writer land in one batch (one
     // transaction): every settlement must still be answered the balance it

@@ -92,6 +92,7 @@
 use super::*;
 use rusqlite::{params, Connection, OpenFlags, OptionalExtension, Row};
 use std::collections::HashMap;
+use std::panic::AssertUnwindSafe;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc;
@@ -194,6 +195,13 @@ impl Cache {
         u64::try_from(self.opened.elapsed().as_micros())
             .unwrap_or(u64::MAX)
             .max(1)
+    }
+
+    /// Gives back a reservation that no settlement will release.
+    fn release(&self, id: KeyId, amount: Credits) {
+        if let Some(entry) = self.entry(id) {
+            lock(&entry).reserved -= amount;
+        }
     }
 
     /// Whether a request must ask for a look (see [`LOOK_EVERY`]).
@@ -607,6 +615,14 @@ enum Outcome {
 }
 
 impl Command {
+    /// For a settlement: its key and the reservation it was to release.
+    fn reservation(&self) -> Option<(KeyId, Credits)> {
+        match self {
+            Command::Settle(usage, reserved, _) => Some((usage.key_id, *reserved)),
+            _ => None,
+        }
+    }
+
     /// Answers the command with `result`, or with `error` when its
     /// transaction did not commit.
     fn answer(self, result: Result<Outcome, StoreError>, error: Option<&str>) {
@@ -785,7 +801,8 @@ impl WriteQueue {
     /// Hands the turn to the writer thread (the queue stays busy).
     fn hand_over(self: &Arc<Self>) {
         if lock(&self.wake).send(()).is_err() {
-            // No writer thread (the store is being dropped): carry on here.
+            // Not while the store lives (the writer thread ends only after
+            // its drop); should it happen all the same, carry on here.
             self.carry_out(Place::MayWait);
         }
     }
@@ -826,13 +843,17 @@ fn spawn_writer_thread(
             let Some(queue) = queue.upgrade() else {
                 return;
             };
+            // A panic ends the turn (see `Turn`), never this thread: the
+            // messages of the batch that panicked are answered with an
+            // error (their senders are dropped), the rest go on.
+            let carry_out = || queue.carry_out(Place::MayWait);
             match turn {
-                Ok(()) => queue.carry_out(Place::MayWait),
+                Ok(()) => drop(std::panic::catch_unwind(AssertUnwindSafe(carry_out))),
                 Err(mpsc::RecvTimeoutError::Timeout) => {
                     // Nobody waits for this answer.
                     let (tx, _) = oneshot::channel();
                     if queue.queue(Message::CatchUp(tx)) {
-                        queue.carry_out(Place::MayWait);
+                        drop(std::panic::catch_unwind(AssertUnwindSafe(carry_out)));
                     }
                 }
                 Err(mpsc::RecvTimeoutError::Disconnected) => return,
@@ -909,6 +930,11 @@ impl Writer {
     /// [`Busy`], `messages` untouched, when another connection holds the
     /// lock that the batch needs to start.
     fn carry_out(&mut self, messages: &mut Vec<Message>, may_wait: bool) -> Result<(), Busy> {
+        if !self.conn.is_autocommit() {
+            // A transaction left open by a failed commit and rollback, or
+            // by a panic in the middle of a batch.
+            let _ = self.exec("ROLLBACK");
+        }
         let writes = messages.iter().any(|m| matches!(m, Message::Write(_)));
         self.wait_for_locks(may_wait);
         let started = if writes {
@@ -916,7 +942,10 @@ impl Writer {
         } else {
             self.catch_up()
         };
-        // Once started, nothing should have to wait; if it must, it may.
+        // Once started, nothing should have to wait; if it must (a batch
+        // carried out again after a failing command starts a transaction
+        // anew), it may: on a request's task, that is inside
+        // `block_in_place` on a multi-threaded runtime.
         self.wait_for_locks(true);
         if matches!(&started, Err(e) if e.busy && !may_wait) {
             return Err(Busy);
@@ -932,16 +961,22 @@ impl Writer {
         let caught_up = match started {
             Err(e) => {
                 for cmd in batch {
-                    cmd.answer(Err(backend(e.message.clone())), None);
+                    self.answer(cmd, Err(backend(e.message.clone())), None);
                 }
-                Err(e.message)
+                if writes && !waiting.is_empty() {
+                    // The write transaction did not start; a look needs no
+                    // lock, so the catch-ups get one of their own.
+                    self.catch_up().map_err(|e| e.message)
+                } else {
+                    Err(e.message)
+                }
             }
             Ok(()) if batch.is_empty() => Ok(()),
             Ok(()) => {
                 let mut results = Vec::with_capacity(batch.len());
                 let error = self.run_batch(&batch, &mut results);
                 for (cmd, result) in batch.into_iter().zip(results) {
-                    cmd.answer(result, error.as_deref());
+                    self.answer(cmd, result, error.as_deref());
                 }
                 if self.reload {
                     Err("cannot read the keys again".to_string())
@@ -959,6 +994,17 @@ impl Writer {
             let _ = self.checkpoint.try_send(());
         }
         Ok(())
+    }
+
+    /// Answers `cmd` (see [`Command::answer`]). A settlement that failed
+    /// charged nothing, and gives its reservation back, so that the key
+    /// is not held for a request that will not be settled again.
+    fn answer(&self, cmd: Command, result: Result<Outcome, StoreError>, error: Option<&str>) {
+        let failed = result.is_err() || error.is_some();
+        if let (true, Some((id, reserved))) = (failed, cmd.reservation()) {
+            self.cache.release(id, reserved);
+        }
+        cmd.answer(result, error);
     }
 
     /// Makes the connection wait for other connections' locks, or not.
@@ -994,7 +1040,12 @@ impl Writer {
                 self.data_version = version;
                 self.reload = true;
             }
-            Err(e) if !self.waits => return Err(NotStarted::new(e, "cannot read the keys")),
+            Err(e) if !self.waits => {
+                // Tried again where it may wait; until then, `reload` says
+                // the cache may be behind.
+                self.reload = true;
+                return Err(NotStarted::new(e, "cannot read the keys"));
+            }
             // Cannot tell: read the keys again.
             Err(_) => self.reload = true,
         }
