@@ -174,10 +174,9 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
-fn data_version(conn: &Connection) -> Result<i64, StoreError> {
-    Ok(conn
-        .prepare_cached("PRAGMA data_version")?
-        .query_row([], |r| r.get(0))?)
+fn data_version(conn: &Connection) -> rusqlite::Result<i64> {
+    conn.prepare_cached("PRAGMA data_version")?
+        .query_row([], |r| r.get(0))
 }
 
 impl Cache {
@@ -191,6 +190,7 @@ impl Cache {
         Ok(cache)
     }
 
+    /// Microseconds since the cache was opened (at least 1).
     fn now(&self) -> u64 {
         u64::try_from(self.opened.elapsed().as_micros())
             .unwrap_or(u64::MAX)
@@ -321,7 +321,7 @@ impl SqliteStore {
             pending: Mutex::new(Pending::default()),
             writer: Mutex::new(writer),
             idle_since: AtomicU64::new(0),
-            made: Instant::now(),
+            cache: cache.clone(),
             wake: Mutex::new(wake),
         });
         spawn_writer_thread(Arc::downgrade(&writer), handed_over)?;
@@ -691,9 +691,9 @@ struct WriteQueue {
     pending: Mutex<Pending>,
     /// Taken only by whoever set [`Pending::busy`].
     writer: Mutex<Writer>,
-    /// When the last turn ended, in microseconds since `made`.
+    /// When the last turn ended, by the cache's clock ([`Cache::now`]).
     idle_since: AtomicU64,
-    made: Instant,
+    cache: Arc<Cache>,
     /// Hands a turn to the writer thread.
     wake: Mutex<mpsc::Sender<()>>,
 }
@@ -729,7 +729,7 @@ impl WriteQueue {
         let mut pending = lock(&self.pending);
         if pending.messages.is_empty() {
             pending.busy = false;
-            self.idle_since.store(self.now(), Ordering::Release);
+            self.idle_since.store(self.cache.now(), Ordering::Release);
             return false;
         }
         let n = pending.messages.len().min(MAX_BATCH);
@@ -780,7 +780,7 @@ impl WriteQueue {
     /// gathers what arrives until that thread runs.
     fn start(self: &Arc<Self>) {
         let idle_since = self.idle_since.load(Ordering::Acquire);
-        if self.now().saturating_sub(idle_since) >= INLINE_AFTER_IDLE.as_micros() as u64 {
+        if self.cache.now().saturating_sub(idle_since) >= INLINE_AFTER_IDLE.as_micros() as u64 {
             // A commit is a write to the WAL, which the file system may
             // stall (a checkpoint's fsync, writeback): on a multi-threaded
             // runtime, this worker's other tasks move to another thread
@@ -805,11 +805,6 @@ impl WriteQueue {
             // its drop); should it happen all the same, carry on here.
             self.carry_out(Place::MayWait);
         }
-    }
-
-    /// Microseconds since the queue was made.
-    fn now(&self) -> u64 {
-        u64::try_from(self.made.elapsed().as_micros()).unwrap_or(u64::MAX)
     }
 }
 
@@ -1030,11 +1025,7 @@ impl Writer {
     /// notes when this look began once it is done.
     fn catch_up(&mut self) -> Result<(), NotStarted> {
         let began = self.cache.now();
-        let version = self
-            .conn
-            .prepare_cached("PRAGMA data_version")
-            .and_then(|mut stmt| stmt.query_row([], |r| r.get::<_, i64>(0)));
-        match version {
+        match data_version(&self.conn) {
             Ok(version) if version == self.data_version => {}
             Ok(version) => {
                 self.data_version = version;
@@ -1114,10 +1105,6 @@ impl Writer {
     /// Starts the batch's transaction and catches up with other writers'
     /// commits (none can commit until ours ends).
     fn begin(&mut self) -> Result<(), NotStarted> {
-        if !self.conn.is_autocommit() {
-            // A transaction left open by a failed commit and rollback.
-            let _ = self.exec("ROLLBACK");
-        }
         // A cached statement: `execute_batch` would prepare it every time.
         self.conn
             .prepare_cached("BEGIN IMMEDIATE")
