@@ -1154,6 +1154,70 @@ async fn sqlite_data_survives_reopening() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_a_version_1_file_is_migrated_with_its_ledger() {
+    // A file as the first release left it: schema version 1, with
+    // AUTOINCREMENT ledger tables holding rows.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("v1.db");
+    {
+        let conn = rusqlite::Connection::open(&path).unwrap();
+        conn.execute_batch(include_str!("../../migrations/sqlite/0001_init.sql"))
+            .unwrap();
+        conn.execute_batch(
+            "PRAGMA user_version = 1;
+             INSERT INTO api_keys (id, key_hash, name, role, balance, created_at)
+                 VALUES (7, 'h', 'old', 'user', 9000, 1);
+             INSERT INTO adjustments (time, key_id, delta, actor, reason)
+                 VALUES (1, 7, 10000, 'cli', 'create');
+             INSERT INTO usage (time, key_id, endpoint, model, status, prompt_tokens,
+                                completion_tokens, credits, duration_ms)
+                 VALUES (2, 7, '/api/chat', 'm', 200, 1, 2, 400, 3),
+                        (3, 7, '/api/chat', 'm', 200, 1, 2, 600, 3);
+             DELETE FROM usage WHERE id = 1;",
+        )
+        .unwrap();
+    }
+    let s: SharedStore = Arc::new(SqliteStore::open(&path).await.unwrap());
+    let page = PageRequest {
+        limit: 10,
+        before: None,
+    };
+    let rows = s.usage(Some(7), page).await.unwrap();
+    assert_eq!(rows.iter().map(|r| r.id).collect::<Vec<_>>(), [2]);
+    assert_eq!(rows[0].record.credits, cr("0.6"));
+    assert_eq!(s.adjustments(7).await.unwrap()[0].delta, cr("10"));
+    // New rows go after the old ones.
+    s.settle(usage(7, cr("1")), Credits::ZERO).await.unwrap();
+    let rows = s.usage(Some(7), page).await.unwrap();
+    assert_eq!(rows.iter().map(|r| r.id).collect::<Vec<_>>(), [3, 2]);
+    assert_eq!(balance(&s, 7).await, cr("8"));
+    drop(s);
+
+    let conn = rusqlite::Connection::open(&path).unwrap();
+    let version: i64 = conn
+        .query_row("PRAGMA user_version", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(version, 2);
+    let sql: String = conn
+        .query_row(
+            "SELECT group_concat(sql, ';') FROM sqlite_master WHERE name IN ('usage', 'adjustments')",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert!(!sql.contains("AUTOINCREMENT"), "{sql}");
+    let indexes: i64 = conn
+        .query_row(
+            "SELECT COUNT(*) FROM sqlite_master WHERE type = 'index' \
+             AND name IN ('usage_key_id_id', 'adjustments_key_id_id')",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(indexes, 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sqlite_two_handles_on_one_file_compose() {
     // The CLI opens the file while the gateway runs: relative balance
     // changes from both compose.

@@ -104,10 +104,16 @@ use std::time::{Duration, Instant};
 use tokio::sync::oneshot;
 
 /// The schema, in order; entry `i` brings the file to version `i + 1`.
-const MIGRATIONS: &[(&str, &str)] = &[(
-    "0001_init",
-    include_str!("../../migrations/sqlite/0001_init.sql"),
-)];
+const MIGRATIONS: &[(&str, &str)] = &[
+    (
+        "0001_init",
+        include_str!("../../migrations/sqlite/0001_init.sql"),
+    ),
+    (
+        "0002_ledger_without_autoincrement",
+        include_str!("../../migrations/sqlite/0002_ledger_without_autoincrement.sql"),
+    ),
+];
 
 /// How long a connection waits for another one's lock before failing.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
