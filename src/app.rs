@@ -232,7 +232,8 @@ impl App {
             tokio::time::sleep(Duration::from_millis(50)).await;
             let _ = done_tx.send(());
         });
-        crate::server::serve(listener, router, async {
+        let header_timeout = self.state.config.client_header_timeout;
+        crate::server::serve(listener, router, header_timeout, async {
             let _ = done_rx.await;
         })
         .await;

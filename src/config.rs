@@ -127,6 +127,9 @@ pub struct Config {
     pub tls_cert: Option<PathBuf>,
     pub tls_key: Option<PathBuf>,
     pub shutdown_grace: Duration,
+    /// How long a client connection may take to send a request's head,
+    /// from connecting or from the previous response; `None`: no limit.
+    pub client_header_timeout: Option<Duration>,
     pub metrics_require_admin: bool,
     pub cors_origins: Vec<String>,
     pub log_format: LogFormat,
@@ -213,6 +216,8 @@ impl Config {
             tls_cert: get("TLS_CERT").map(PathBuf::from),
             tls_key: get("TLS_KEY").map(PathBuf::from),
             shutdown_grace: secs("SHUTDOWN_GRACE_SECS", 30)?,
+            client_header_timeout: Some(secs("CLIENT_HEADER_TIMEOUT_SECS", 60)?)
+                .filter(|limit| !limit.is_zero()),
             metrics_require_admin: vars.parse_or("METRICS_REQUIRE_ADMIN", false)?,
             cors_origins: get("CORS_ORIGINS")
                 .map(|v| {
@@ -392,6 +397,7 @@ mod tests {
         assert_eq!(c.pricing.per_request, Credits::whole(1));
         assert_eq!(c.max_body_bytes, 32 * 1024 * 1024);
         assert_eq!(c.timeouts.first_byte, Duration::from_secs(600));
+        assert_eq!(c.client_header_timeout, Some(Duration::from_secs(60)));
         assert!(c.grants.is_empty());
     }
 

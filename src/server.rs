@@ -8,6 +8,13 @@
 //! upgrades. Each request gets the client's address as
 //! [`ConnectInfo`] (failed-auth throttling reads it).
 //!
+//! A connection must send each request's head within the header timeout
+//! (`CLIENT_HEADER_TIMEOUT_SECS`), counted from when it connects or from
+//! the end of the previous response: a client that connects and sends
+//! nothing, or a head byte by byte, cannot hold a connection for ever, and
+//! neither can an idle keep-alive connection. The connection is closed
+//! without a response (there is no request to answer).
+//!
 //! Shutdown: once `until` resolves, no connection is accepted any more;
 //! every connection finishes the request it is serving (its response body
 //! included) and then closes, idle ones at once; [`serve`] returns when
@@ -19,19 +26,27 @@ use axum::Router;
 use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper::Request;
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
 use std::future::Future;
 use std::net::SocketAddr;
+use std::time::Duration;
 use tower::Service;
 
 /// Serves `router` on the connections `listener` accepts until `until`
 /// resolves, then lets the open connections finish (see the module doc).
-pub async fn serve<L>(mut listener: L, router: Router, until: impl Future<Output = ()>)
-where
+pub async fn serve<L>(
+    mut listener: L,
+    router: Router,
+    header_timeout: Option<Duration>,
+    until: impl Future<Output = ()>,
+) where
     L: Listener<Addr = SocketAddr>,
     L::Io: Send,
 {
+    let mut http = http1::Builder::new();
+    http.timer(TokioTimer::new())
+        .header_read_timeout(header_timeout);
     let graceful = GracefulShutdown::new();
     let mut until = std::pin::pin!(until);
     loop {
@@ -44,7 +59,7 @@ where
             request.extensions_mut().insert(ConnectInfo(peer));
             router.clone().call(request)
         });
-        let connection = http1::Builder::new().serve_connection(TokioIo::new(io), service);
+        let connection = http.serve_connection(TokioIo::new(io), service);
         let connection = graceful.watch(connection);
         tokio::spawn(async move {
             if let Err(e) = connection.await {

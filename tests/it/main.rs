@@ -9,6 +9,7 @@ mod auth;
 mod bad_input;
 mod browser;
 mod clients;
+mod connections;
 mod credits;
 mod fake_selftest;
 mod fidelity;
