@@ -351,10 +351,8 @@ impl SqliteStore {
     /// out the queue itself when nobody else is (see the module doc).
     async fn ask<T>(&self, make: impl FnOnce(Reply<T>) -> Message) -> Result<T, StoreError> {
         let (tx, rx) = oneshot::channel();
-        match self.writer.queue(make(tx)) {
-            Next::Queued => {}
-            next => self.writer.start(next),
-        }
+        let next = self.writer.queue(make(tx));
+        self.writer.start(next);
         rx.await
             .map_err(|_| backend("the sqlite writer failed before answering"))?
     }
@@ -853,25 +851,29 @@ impl WriteQueue {
         self.hand_over();
     }
 
-    /// Starts the turn of a caller to whom [`WriteQueue::queue`] gave it:
-    /// on its own task ([`Next::Caller`]), else on the writer thread, where
-    /// the batch gathers what arrives until that thread runs.
+    /// Does what [`WriteQueue::queue`] said: nothing when the queue was
+    /// busy already; else starts the caller's turn, on its own task
+    /// ([`Next::Caller`]) or on the writer thread, where the batch gathers
+    /// what arrives until that thread runs.
     fn start(self: &Arc<Self>, next: Next) {
-        if next == Next::Caller {
-            // A commit is a write to the WAL, which the file system may
-            // stall (a checkpoint's fsync, writeback): on a multi-threaded
-            // runtime, this worker's other tasks move to another thread
-            // meanwhile, so that a stall holds up this request alone.
-            let multi_thread = tokio::runtime::Handle::try_current().is_ok_and(|runtime| {
-                runtime.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread
-            });
-            if multi_thread {
-                tokio::task::block_in_place(|| self.carry_out(Place::RequestTask));
-            } else {
-                self.carry_out(Place::RequestTask);
+        match next {
+            Next::Queued => {}
+            Next::Caller => {
+                // A commit is a write to the WAL, which the file system may
+                // stall (a checkpoint's fsync, writeback): on a
+                // multi-threaded runtime, this worker's other tasks move to
+                // another thread meanwhile, so that a stall holds up this
+                // request alone.
+                let multi_thread = tokio::runtime::Handle::try_current().is_ok_and(|runtime| {
+                    runtime.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread
+                });
+                if multi_thread {
+                    tokio::task::block_in_place(|| self.carry_out(Place::RequestTask));
+                } else {
+                    self.carry_out(Place::RequestTask);
+                }
             }
-        } else {
-            self.hand_over();
+            Next::WriterThread => self.hand_over(),
         }
     }
 
