@@ -1112,6 +1112,33 @@ async fn usage_totals_add_up(h: &Harness) {
 // ---------------------------------------------------------------------------
 // Store-specific behaviour
 
+/// A new SQLite file with a store open on it: the directory (removed when
+/// dropped), the file's path and the store.
+async fn sqlite_file(name: &str) -> (tempfile::TempDir, std::path::PathBuf, SharedStore) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join(name);
+    let store: SharedStore = Arc::new(SqliteStore::open(&path).await.unwrap());
+    (dir, path, store)
+}
+
+/// Another connection to `path` holding its write lock, as the CLI does
+/// during its transaction, until it commits or rolls back.
+fn hold_write_lock(path: &std::path::Path) -> rusqlite::Connection {
+    let blocker = rusqlite::Connection::open(path).unwrap();
+    blocker.execute_batch("BEGIN IMMEDIATE").unwrap();
+    blocker
+}
+
+/// Settles `usage`, releasing `reserved`, on a task of its own.
+fn spawn_settle(
+    store: &SharedStore,
+    usage: UsageRecord,
+    reserved: Credits,
+) -> tokio::task::JoinHandle<Result<Credits, StoreError>> {
+    let store = store.clone();
+    tokio::spawn(async move { store.settle(usage, reserved).await })
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sqlite_data_survives_reopening() {
     let dir = tempfile::tempdir().unwrap();
@@ -1303,9 +1330,7 @@ async fn sqlite_sees_what_other_processes_commit() {
 async fn sqlite_checkpoints_the_wal_while_serving() {
     // Commits only append to the WAL; the checkpoint thread writes the
     // pages back to the file itself, which therefore grows.
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("wal.db");
-    let store: SharedStore = Arc::new(SqliteStore::open(&path).await.unwrap());
+    let (_dir, path, store) = sqlite_file("wal.db").await;
     let id = store
         .create_key(new_key("k", cr("100000")))
         .await
@@ -1406,19 +1431,13 @@ async fn sqlite_reserves_while_the_writer_is_stuck() {
     // reservations go on (they run no SQL); a lookup that must look for
     // other processes' commits waits for that connection's transaction and
     // then sees what it committed.
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("stuck.db");
-    let store: SharedStore = Arc::new(SqliteStore::open(&path).await.unwrap());
+    let (_dir, path, store) = sqlite_file("stuck.db").await;
     let a = store.create_key(new_key("a", cr("10"))).await.unwrap().id;
     let b = store.create_key(new_key("b", cr("10"))).await.unwrap().id;
     assert_eq!(store.reserve(a, cr("1")).await.unwrap(), cr("9"));
 
-    let blocker = rusqlite::Connection::open(&path).unwrap();
-    blocker.execute_batch("BEGIN IMMEDIATE").unwrap();
-    let settling = {
-        let store = store.clone();
-        tokio::spawn(async move { store.settle(usage(a, cr("1")), cr("1")).await })
-    };
+    let blocker = hold_write_lock(&path);
+    let settling = spawn_settle(&store, usage(a, cr("1")), cr("1"));
     for id in [a, b] {
         store.reserve(id, cr("2")).await.unwrap();
     }
@@ -1452,9 +1471,7 @@ async fn sqlite_a_locked_file_never_blocks_the_requests_thread() {
     // thread, never on the runtime's thread. On this runtime's one
     // thread, a settlement that waited there would keep the test from
     // releasing the lock until `busy_timeout` gave up, and would fail.
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("locked.db");
-    let store: SharedStore = Arc::new(SqliteStore::open(&path).await.unwrap());
+    let (_dir, path, store) = sqlite_file("locked.db").await;
     let a = store.create_key(new_key("a", cr("10"))).await.unwrap().id;
     store.reserve(a, cr("2")).await.unwrap();
     // Unlocked: answered on this thread, nothing else involved.
@@ -1463,12 +1480,8 @@ async fn sqlite_a_locked_file_never_blocks_the_requests_thread() {
         cr("9")
     );
 
-    let blocker = rusqlite::Connection::open(&path).unwrap();
-    blocker.execute_batch("BEGIN IMMEDIATE").unwrap();
-    let settling = {
-        let store = store.clone();
-        tokio::spawn(async move { store.settle(usage(a, cr("1")), cr("1")).await })
-    };
+    let blocker = hold_write_lock(&path);
+    let settling = spawn_settle(&store, usage(a, cr("1")), cr("1"));
     // The settlement starts, finds the lock taken, and is handed over;
     // meanwhile this thread goes on: reservations, timers.
     tokio::time::sleep(std::time::Duration::from_millis(50)).await;
@@ -1490,19 +1503,13 @@ async fn sqlite_a_settlement_that_fails_gives_its_reservation_back() {
     // for it (5 s, twice): the settlements fail, charge nothing, and give
     // their reservations back; a lookup that lands in the same batch as the
     // second one is still answered (a look needs no lock).
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("failing.db");
-    let store: SharedStore = Arc::new(SqliteStore::open(&path).await.unwrap());
+    let (_dir, path, store) = sqlite_file("failing.db").await;
     let a = store.create_key(new_key("a", cr("10"))).await.unwrap().id;
     store.reserve(a, cr("4")).await.unwrap();
     assert_eq!(store.reserve(a, cr("6")).await.unwrap(), Credits::ZERO);
 
-    let blocker = rusqlite::Connection::open(&path).unwrap();
-    blocker.execute_batch("BEGIN IMMEDIATE").unwrap();
-    let settle = |reserved: &str| {
-        let (store, reserved) = (store.clone(), cr(reserved));
-        tokio::spawn(async move { store.settle(usage(a, cr("1")), reserved).await })
-    };
+    let blocker = hold_write_lock(&path);
+    let settle = |reserved: &str| spawn_settle(&store, usage(a, cr("1")), cr(reserved));
     // The writer takes the first and waits for the lock with it; the
     // second and the lookup queue up for its next batch.
     let first = settle("4");
@@ -1532,19 +1539,13 @@ async fn sqlite_one_batch_answers_each_settlement_the_balance_it_left() {
     // Settlements queued behind a stuck writer land in one batch (one
     // transaction): every settlement must still be answered the balance it
     // left, in queue order, across an adjustment of the same key in between.
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("batch.db");
-    let store: SharedStore = Arc::new(SqliteStore::open(&path).await.unwrap());
+    let (_dir, path, store) = sqlite_file("batch.db").await;
     let a = store.create_key(new_key("a", cr("100"))).await.unwrap().id;
     let b = store.create_key(new_key("b", cr("100"))).await.unwrap().id;
 
-    let blocker = rusqlite::Connection::open(&path).unwrap();
-    blocker.execute_batch("BEGIN IMMEDIATE").unwrap();
+    let blocker = hold_write_lock(&path);
     // The writer takes this one and waits for the lock with it.
-    let first = {
-        let store = store.clone();
-        tokio::spawn(async move { store.settle(usage(a, cr("1")), Credits::ZERO).await })
-    };
+    let first = spawn_settle(&store, usage(a, cr("1")), Credits::ZERO);
     tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     // These queue up, in this order, for the next batch.
     let mut queued = Vec::new();
