@@ -14,6 +14,8 @@ use sqlx::postgres::PgConnectOptions;
 use sqlx::{Connection as _, PgConnection};
 use std::str::FromStr;
 
+mod outages;
+
 const DEFAULT_PG_URL: &str = "postgres://postgres@127.0.0.1:5432/test";
 
 // ---------------------------------------------------------------------------
@@ -197,6 +199,7 @@ conformance_tests!(
     revoke_keeps_the_first_time,
     update_key_patches,
     usage_pages_newest_first,
+    any_model_name_is_recorded,
     usage_totals_add_up,
 );
 
@@ -270,6 +273,20 @@ fn refused_with(r: Result<Credits, StoreError>) -> Credits {
         Err(StoreError::InsufficientCredits { available }) => available,
         other => panic!("expected InsufficientCredits, got {other:?}"),
     }
+}
+
+/// A key's ten newest usage rows.
+async fn newest_usage(store: &SharedStore, id: KeyId) -> Vec<UsageEntry> {
+    store
+        .usage(
+            Some(id),
+            PageRequest {
+                limit: 10,
+                before: None,
+            },
+        )
+        .await
+        .expect("usage")
 }
 
 async fn balance(store: &SharedStore, id: KeyId) -> Credits {
@@ -433,16 +450,7 @@ async fn settle_charges_releases_and_records(h: &Harness) {
     );
     assert_eq!(balance(s, k).await, cr("-1.125"));
 
-    let rows = s
-        .usage(
-            Some(k),
-            PageRequest {
-                limit: 10,
-                before: None,
-            },
-        )
-        .await
-        .unwrap();
+    let rows = newest_usage(s, k).await;
     assert_eq!(rows.len(), 1);
     assert_eq!(rows[0].record, record);
 
@@ -1076,6 +1084,27 @@ async fn usage_pages_newest_first(h: &Harness) {
         .is_empty());
 }
 
+/// A model name is the client's: whatever it holds (here a NUL, valid in
+/// JSON and not storable in PostgreSQL's text), the request is charged and
+/// recorded and its reservation released. PostgreSQL records U+FFFD for NUL.
+async fn any_model_name_is_recorded(h: &Harness) {
+    let s = &h.store;
+    let k = s.create_key(new_key("k", cr("10"))).await.unwrap().id;
+    s.reserve(k, cr("3")).await.unwrap();
+    let mut record = usage(k, cr("1"));
+    record.model = Some("evil\0model".into());
+    assert_eq!(s.settle(record, cr("3")).await.unwrap(), cr("9"));
+    let page = newest_usage(s, k).await;
+    let recorded = match h.backend {
+        Backend::Postgres { .. } => "evil\u{FFFD}model",
+        _ => "evil\0model",
+    };
+    assert_eq!(page.len(), 1);
+    assert_eq!(page[0].record.model.as_deref(), Some(recorded));
+    assert_eq!(s.reserve(k, cr("9")).await.unwrap(), Credits::ZERO);
+    assert_ledger_adds_up(s, k).await;
+}
+
 async fn usage_totals_add_up(h: &Harness) {
     let s = &h.store;
     let a = s.create_key(new_key("a", cr("100"))).await.unwrap().id;
@@ -1352,26 +1381,34 @@ async fn sqlite_checkpoints_the_wal_while_serving() {
     }
 }
 
-/// A settlement the database refuses (a NUL byte in a text column) fails
-/// alone, even when it arrived in one batch with others.
+/// A settlement the database refuses fails alone, even when it arrived in
+/// one batch with others, and gives its reservation back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn postgres_a_failing_settlement_fails_alone() {
+async fn postgres_a_refused_settlement_fails_alone() {
     let Some(h) = Harness::postgres().await else {
         return;
     };
+    let Backend::Postgres { options, .. } = &h.backend else {
+        unreachable!("a postgres harness");
+    };
+    // What the server will refuse: a usage row with 5 in the last digit of
+    // its prompt tokens.
+    let mut admin = PgConnection::connect_with(options).await.unwrap();
+    sqlx::query("ALTER TABLE usage ADD CONSTRAINT refuse_fives CHECK (prompt_tokens % 10 <> 5)")
+        .execute(&mut admin)
+        .await
+        .unwrap();
+    let _ = admin.close().await;
     let s = h.store.clone();
     let k = s.create_key(new_key("k", cr("100"))).await.unwrap().id;
     let mut tasks = Vec::new();
     for i in 0..30u64 {
         let s = s.clone();
         tasks.push(tokio::spawn(async move {
-            s.reserve(k, cr("1")).await.unwrap();
+            s.reserve(k, cr("2")).await.unwrap();
             let mut record = usage(k, cr("1"));
             record.prompt_tokens = i;
-            if i % 10 == 5 {
-                record.endpoint = "/api/\0generate".into();
-            }
-            (i, s.settle(record, cr("1")).await)
+            (i, s.settle(record, cr("2")).await)
         }));
     }
     for task in tasks {
@@ -1381,10 +1418,10 @@ async fn postgres_a_failing_settlement_fails_alone() {
             (i, other) => panic!("settlement {i}: unexpected {other:?}"),
         }
     }
-    // 27 charged; the three refused left their reservation open.
+    // 27 charged; the three refused held nothing afterwards.
     assert_eq!(balance(&s, k).await, cr("73"));
     assert_eq!(s.usage_totals(k).await.unwrap().requests, 27);
-    assert_eq!(s.reserve(k, cr("70")).await.unwrap(), Credits::ZERO);
+    assert_eq!(s.reserve(k, cr("73")).await.unwrap(), Credits::ZERO);
     assert_ledger_adds_up(&s, k).await;
     h.finish().await;
 }

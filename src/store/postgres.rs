@@ -18,8 +18,12 @@
 //! only after that statement committed, so an answered settlement survives
 //! `kill -9` of the gateway. If the server refuses the batch (nothing of it
 //! was applied), its settlements are applied one by one, so that a bad one
-//! fails alone; if the connection fails instead, the batch may have
-//! committed, so each settlement gets the error and none is retried.
+//! fails alone (and gives its reservation back). If the connection fails
+//! instead, the batch may or may not have committed: each batch carries a
+//! number, recorded in `settlement_batches` by the same statement, which
+//! applies nothing if its number is recorded already; so the batch is sent
+//! again until the server answers, and applied exactly once. Its callers
+//! wait meanwhile.
 //!
 //! A settlement, once queued, belongs to the task and is completed even if
 //! its caller stops waiting; a reservation runs in its own task, and one
@@ -77,7 +81,10 @@
 //! `SELECT ... ORDER BY id FOR NO KEY UPDATE`, which locks in ascending id
 //! order, while the others (reservation, release, adjustment, update,
 //! revocation) lock a single key row. Waits therefore only go from a lower
-//! key id to a higher one, and no cycle can form.
+//! key id to a higher one, and no cycle can form. A settlement batch first
+//! locks its instance's row of `settlement_batches`, which only that
+//! instance's settlement task writes (and, a day after its last batch,
+//! the clean-up, holding no other lock).
 //!
 //! A gateway that is alive but could not reach the database for over 60 s
 //! may have had its reservations released by another gateway; its later
@@ -455,6 +462,12 @@ async fn heartbeat_task(pool: PgPool, instance: Arc<str>) {
 /// Drops the reservations of instances whose heartbeat is stale (and of
 /// instances that no longer have a row at all).
 async fn release_stale(pool: &PgPool) -> Result<(), StoreError> {
+    // The batch numbers of instances that settled nothing for a day: no
+    // retry of theirs can still be waiting (its own statement, so that it
+    // locks no row while holding key rows).
+    sqlx::query("DELETE FROM settlement_batches WHERE updated_at < now() - interval '1 day'")
+        .execute(pool)
+        .await?;
     let mut tx = pool.begin().await?;
     let mut stale: Vec<String> = sqlx::query_scalar(
         "DELETE FROM instances \
@@ -680,18 +693,24 @@ async fn reserve(
     Err(StoreError::InsufficientCredits { available })
 }
 
-/// The first common table expressions of [`settle`] and [`release`]: `k`
-/// locks the key row `$3`, then `held` locks this instance's (`$2`) share
-/// of it and yields `amount`, how much of the reservation `$1` the share
-/// still holds (less if it was released already because the instance was
-/// taken for dead; no row if it holds nothing), and `share` gives that back.
+/// Gives back a reservation that will never be settled, in one statement:
+/// `k` locks the key row `$3`, then `held` locks this instance's (`$2`)
+/// share of it and yields how much of the reservation `$1` the share still
+/// holds (less if it was released already because the instance was taken
+/// for dead; no row if it holds nothing); `share` and the final update give
+/// that back.
 ///
 /// `held` joins `k`, so the share row is locked only after the key row:
 /// the lock order of every path. Both reads are locking reads, which see
 /// the latest committed version of their row (plain reads in the same
 /// statement would see its snapshot, taken before it waited for the lock).
-macro_rules! release_ctes {
-    () => {
+async fn release(
+    pool: &PgPool,
+    instance: &str,
+    id: KeyId,
+    amount: Credits,
+) -> Result<(), StoreError> {
+    sqlx::query(
         "WITH k AS ( \
              SELECT id FROM api_keys WHERE id = $3 FOR NO KEY UPDATE \
          ), held AS ( \
@@ -702,68 +721,15 @@ macro_rules! release_ctes {
          ), share AS ( \
              UPDATE instance_reservations r SET reserved = r.reserved - held.amount \
              FROM held WHERE r.instance_id = $2 AND r.key_id = $3 AND held.amount <> 0 \
-         ) "
-    };
-}
-
-/// Gives back a reservation that will never be settled, in one statement.
-async fn release(
-    pool: &PgPool,
-    instance: &str,
-    id: KeyId,
-    amount: Credits,
-) -> Result<(), StoreError> {
-    sqlx::query(concat!(
-        release_ctes!(),
-        "UPDATE api_keys a SET reserved = a.reserved - held.amount \
-         FROM k, held WHERE a.id = k.id AND held.amount <> 0"
-    ))
+         ) UPDATE api_keys a SET reserved = a.reserved - held.amount \
+           FROM k, held WHERE a.id = k.id AND held.amount <> 0",
+    )
     .bind(amount.millis())
     .bind(instance)
     .bind(id)
     .execute(pool)
     .await?;
     Ok(())
-}
-
-/// Releases `reserved`, charges the usage and records it, in one
-/// statement (its own transaction); returns the new balance.
-async fn settle(
-    pool: &PgPool,
-    instance: &str,
-    usage: &UsageRecord,
-    reserved: Credits,
-) -> Result<Credits, StoreError> {
-    let id = usage.key_id;
-    let balance: Option<i64> = sqlx::query_scalar(concat!(
-        release_ctes!(),
-        ", charged AS ( \
-             UPDATE api_keys a \
-             SET reserved = a.reserved - COALESCE((SELECT amount FROM held), 0), \
-                 balance = a.balance - $4 \
-             FROM k WHERE a.id = k.id RETURNING a.balance \
-         ), u AS ( \
-             INSERT INTO usage (time, key_id, endpoint, model, status, prompt_tokens, \
-                                completion_tokens, credits, duration_ms) \
-             SELECT $5, $3, $6, $7, $8, $9, $10, $4, $11 FROM charged \
-         ) SELECT balance FROM charged"
-    ))
-    .bind(reserved.millis())
-    .bind(instance)
-    .bind(id)
-    .bind(usage.credits.millis())
-    .bind(usage.time)
-    .bind(&usage.endpoint)
-    .bind(&usage.model)
-    .bind(i32::from(usage.status))
-    .bind(i64_of(usage.prompt_tokens))
-    .bind(i64_of(usage.completion_tokens))
-    .bind(i64_of(usage.duration_ms))
-    .fetch_optional(pool)
-    .await?;
-    balance
-        .map(Credits::from_millis)
-        .ok_or(StoreError::NoSuchKey(id))
 }
 
 /// A settlement waiting for the settlement task, and where to answer it.
@@ -783,27 +749,20 @@ async fn settlement_task(
     mut queue: mpsc::UnboundedReceiver<Settlement>,
 ) {
     let mut batch = Vec::with_capacity(SETTLE_BATCH_MAX);
+    let mut numbers = BatchNumbers::default();
     while queue.recv_many(&mut batch, SETTLE_BATCH_MAX).await > 0 {
-        let results = match settle_batch(&pool, &instance, &batch).await {
-            Ok(balances) => balances,
+        let results = match apply_once(&pool, &instance, numbers.next(), &batch).await {
+            Ok(results) => results,
             // The server refused the statement, so nothing of it was
             // applied: settle one by one, so that one bad settlement fails
-            // alone. Any other failure (the connection broke) may have
-            // happened after the commit; retrying could charge twice.
-            Err(sqlx::Error::Database(e)) => {
+            // alone.
+            Err(e) => {
                 tracing::warn!("a batch of settlements failed ({e}); settling them one by one");
                 let mut results = Vec::with_capacity(batch.len());
                 for item in &batch {
-                    results.push(settle(&pool, &instance, &item.usage, item.reserved).await);
+                    results.push(settle_alone(&pool, &instance, numbers.next(), item).await);
                 }
                 results
-            }
-            Err(e) => {
-                let e = e.to_string();
-                batch
-                    .iter()
-                    .map(|_| Err(StoreError::Backend(e.clone())))
-                    .collect()
             }
         };
         for (settlement, result) in batch.drain(..).zip(results) {
@@ -813,26 +772,167 @@ async fn settlement_task(
     }
 }
 
-/// Applies `items` (usage and reservation each) in one statement, its own
-/// transaction: for each key, one update of the key row (the summed charge,
-/// the summed release) and one of this instance's share of it; one usage
-/// row per item. Returns, per item, the key's balance just after that item
-/// (items applied in order), or [`StoreError::NoSuchKey`].
+/// The numbers of one instance's settlement batches: 1, 2, 3, ...
+#[derive(Default)]
+struct BatchNumbers(i64);
+
+impl BatchNumbers {
+    fn next(&mut self) -> i64 {
+        self.0 += 1;
+        self.0
+    }
+}
+
+/// Applies one settlement as a batch of its own (number `number`); if the
+/// server refuses it too, gives its reservation back and reports why.
+async fn settle_alone(
+    pool: &PgPool,
+    instance: &str,
+    number: i64,
+    item: &Settlement,
+) -> Result<Credits, StoreError> {
+    match apply_once(pool, instance, number, std::slice::from_ref(item)).await {
+        Ok(mut results) => results
+            .pop()
+            .unwrap_or_else(|| Err(backend("a settlement got no answer"))),
+        Err(refused) => {
+            // Nothing of it was applied: at least its credits must not stay
+            // held until this gateway stops.
+            let id = item.usage.key_id;
+            if item.reserved > Credits::ZERO {
+                release_abandoned(pool, instance, id, item.reserved).await;
+            }
+            tracing::error!(key = id, "a settlement was refused: {refused}");
+            Err(StoreError::Backend(refused.to_string()))
+        }
+    }
+}
+
+/// First wait before a batch whose outcome is unknown is sent again;
+/// each later wait doubles, up to [`RETRY_WAIT_MAX`].
+const RETRY_WAIT_FIRST: Duration = Duration::from_millis(50);
+const RETRY_WAIT_MAX: Duration = Duration::from_secs(2);
+
+/// Applies batch number `number` exactly once: returns each item's result,
+/// or the server's refusal of the statement (nothing of it applied).
 ///
-/// The key rows are locked in id order before any share row (`held` joins
-/// `k`), the lock order of every path.
+/// When the connection fails (or the server reports a transient failure),
+/// the batch may or may not have committed. It is then sent again, after a
+/// pause, as long as it takes: the statement records `number` as the
+/// instance's last batch in the same transaction and applies nothing if
+/// that number was recorded already, so a batch that had committed is
+/// answered with the balances as they are, never charged twice. Its
+/// callers wait meanwhile; a charge is never dropped and a reservation
+/// never left held because the database was briefly out of reach.
+async fn apply_once(
+    pool: &PgPool,
+    instance: &str,
+    number: i64,
+    items: &[Settlement],
+) -> Result<Vec<Result<Credits, StoreError>>, sqlx::Error> {
+    let mut wait = RETRY_WAIT_FIRST;
+    loop {
+        let failure = match settle_batch(pool, instance, number, items).await {
+            Ok(Some(results)) => return Ok(results),
+            // An earlier attempt committed, its answer was lost.
+            Ok(None) => match balances_now(pool, items).await {
+                Ok(results) => return Ok(results),
+                Err(e) => e,
+            },
+            Err(e) if !is_transient(&e) => return Err(e),
+            Err(e) => e,
+        };
+        tracing::warn!(
+            batch = number,
+            settlements = items.len(),
+            "settlements not confirmed by PostgreSQL ({failure}); trying again in {wait:?}"
+        );
+        tokio::time::sleep(wait).await;
+        wait = (wait * 2).min(RETRY_WAIT_MAX);
+    }
+}
+
+/// Whether `e` may go away by itself: the connection failed (the statement
+/// may have committed) or the server gave up on the statement for a reason
+/// that is not in it (restarting, out of resources, a deadlock or
+/// serialization failure, a cancelled query).
+fn is_transient(e: &sqlx::Error) -> bool {
+    match e {
+        sqlx::Error::Database(d) => d.code().is_some_and(|code| {
+            ["08", "40", "53", "57", "58"]
+                .iter()
+                .any(|class| code.starts_with(class))
+                || code == "55P03"
+        }),
+        sqlx::Error::Io(_)
+        | sqlx::Error::Tls(_)
+        | sqlx::Error::Protocol(_)
+        | sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::WorkerCrashed => true,
+        _ => false,
+    }
+}
+
+/// Each item's key balance now: the answer for a batch that had committed.
+async fn balances_now(
+    pool: &PgPool,
+    items: &[Settlement],
+) -> Result<Vec<Result<Credits, StoreError>>, sqlx::Error> {
+    let ids: Vec<KeyId> = items.iter().map(|item| item.usage.key_id).collect();
+    let rows: Vec<(KeyId, i64)> =
+        sqlx::query_as("SELECT id, balance FROM api_keys WHERE id = ANY($1)")
+            .bind(&ids)
+            .fetch_all(pool)
+            .await?;
+    let balances: std::collections::HashMap<KeyId, i64> = rows.into_iter().collect();
+    Ok(ids
+        .iter()
+        .map(|id| {
+            balances
+                .get(id)
+                .map(|b| Credits::from_millis(*b))
+                .ok_or(StoreError::NoSuchKey(*id))
+        })
+        .collect())
+}
+
+/// Text as PostgreSQL can store it: its `TEXT` cannot hold NUL, which a
+/// client may put in a model name (`"\u0000"` is valid JSON). Replaced by
+/// U+FFFD, so that the request is still recorded and charged.
+fn storable(text: &str) -> std::borrow::Cow<'_, str> {
+    if text.contains('\0') {
+        text.replace('\0', "\u{FFFD}").into()
+    } else {
+        text.into()
+    }
+}
+
+/// Applies `items` (usage and reservation each) as batch number `number`,
+/// in one statement, its own transaction: for each key, one update of the
+/// key row (the summed charge, the summed release) and one of this
+/// instance's share of it; one usage row per item; and `number` recorded
+/// as this instance's last batch. Returns, per item, the key's balance just
+/// after that item (items applied in order), or [`StoreError::NoSuchKey`];
+/// `None`, with nothing applied, if batch `number` was applied already.
+///
+/// The instance's row in `settlement_batches` is locked first, then the key
+/// rows in id order, then share rows (`held` joins `k`): the lock order of
+/// every path. An earlier attempt at the same batch still in flight holds
+/// that row, so this one waits for its outcome.
 async fn settle_batch(
     pool: &PgPool,
     instance: &str,
+    number: i64,
     items: &[Settlement],
-) -> Result<Vec<Result<Credits, StoreError>>, sqlx::Error> {
+) -> Result<Option<Vec<Result<Credits, StoreError>>>, sqlx::Error> {
     let n = items.len();
     let mut key_id = Vec::with_capacity(n);
     let mut reserved = Vec::with_capacity(n);
     let mut credits = Vec::with_capacity(n);
     let mut time = Vec::with_capacity(n);
-    let mut endpoint = Vec::with_capacity(n);
-    let mut model = Vec::with_capacity(n);
+    let mut endpoints = Vec::with_capacity(n);
+    let mut models = Vec::with_capacity(n);
     let mut status = Vec::with_capacity(n);
     let mut prompt = Vec::with_capacity(n);
     let mut completion = Vec::with_capacity(n);
@@ -847,14 +947,16 @@ async fn settle_batch(
         reserved.push(held.millis());
         credits.push(usage.credits.millis());
         time.push(usage.time);
-        endpoint.push(usage.endpoint.as_str());
-        model.push(usage.model.as_deref());
+        endpoints.push(storable(&usage.endpoint));
+        models.push(usage.model.as_deref().map(storable));
         status.push(i32::from(usage.status));
         prompt.push(i64_of(usage.prompt_tokens));
         completion.push(i64_of(usage.completion_tokens));
         duration.push(i64_of(usage.duration_ms));
     }
-    let rows: Vec<(KeyId, i64)> = sqlx::query_as(
+    let endpoint: Vec<&str> = endpoints.iter().map(|e| e.as_ref()).collect();
+    let model: Vec<Option<&str>> = models.iter().map(|m| m.as_deref()).collect();
+    let rows: Vec<(bool, Option<KeyId>, Option<i64>)> = sqlx::query_as(
         "WITH items AS ( \
              SELECT * FROM unnest($2::BIGINT[], $3::BIGINT[], $4::BIGINT[], $5::BIGINT[], \
                                   $6::TEXT[], $7::TEXT[], $8::INTEGER[], $9::BIGINT[], \
@@ -865,8 +967,15 @@ async fn settle_batch(
              SELECT key_id, SUM(reserved)::BIGINT AS reserved, \
                     SUM(credits)::BIGINT AS credits \
              FROM items GROUP BY key_id \
+         ), mark AS ( \
+             INSERT INTO settlement_batches (instance_id, last_batch) VALUES ($1, $12) \
+             ON CONFLICT (instance_id) DO UPDATE \
+             SET last_batch = EXCLUDED.last_batch, updated_at = now() \
+             WHERE settlement_batches.last_batch < EXCLUDED.last_batch \
+             RETURNING 1 \
          ), k AS MATERIALIZED ( \
-             SELECT id FROM api_keys WHERE id IN (SELECT key_id FROM per_key) \
+             SELECT id FROM api_keys \
+             WHERE id IN (SELECT key_id FROM per_key) AND EXISTS (SELECT 1 FROM mark) \
              ORDER BY id FOR NO KEY UPDATE \
          ), held AS MATERIALIZED ( \
              SELECT r.key_id, GREATEST(LEAST(r.reserved, p.reserved), 0) AS amount \
@@ -891,7 +1000,8 @@ async fn settle_batch(
              SELECT i.time, i.key_id, i.endpoint, i.model, i.status, i.prompt_tokens, \
                     i.completion_tokens, i.credits, i.duration_ms \
              FROM items i JOIN charged c ON c.id = i.key_id ORDER BY i.n \
-         ) SELECT id, balance FROM charged",
+         ) SELECT EXISTS (SELECT 1 FROM mark), c.id, c.balance \
+           FROM (SELECT 1) AS one LEFT JOIN charged c ON TRUE",
     )
     .bind(instance)
     .bind(&key_id)
@@ -904,11 +1014,18 @@ async fn settle_batch(
     .bind(&prompt)
     .bind(&completion)
     .bind(&duration)
+    .bind(number)
     .fetch_all(pool)
     .await?;
+    if !rows.first().is_some_and(|(applied, ..)| *applied) {
+        return Ok(None);
+    }
     // The balance after each item: the final balance plus what the items
     // after it charged.
-    let mut after: std::collections::HashMap<KeyId, i64> = rows.into_iter().collect();
+    let mut after: std::collections::HashMap<KeyId, i64> = rows
+        .into_iter()
+        .filter_map(|(_, id, balance)| Some((id?, balance?)))
+        .collect();
     let mut results: Vec<Result<Credits, StoreError>> = items
         .iter()
         .rev()
@@ -922,7 +1039,7 @@ async fn settle_batch(
         })
         .collect();
     results.reverse();
-    Ok(results)
+    Ok(Some(results))
 }
 
 async fn release_abandoned(pool: &PgPool, instance: &str, id: KeyId, amount: Credits) {

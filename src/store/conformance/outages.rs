@@ -1,0 +1,198 @@
+//! The PostgreSQL store when its connection breaks under a settlement.
+//!
+//! The store talks to the server through [`Cutter`], a TCP relay that can
+//! break the connection that carries the settlement statement at the moment
+//! a test chooses: before the server sees the statement (nothing applied),
+//! or after the server has committed it and before its answer reaches the
+//! gateway (applied, but the gateway cannot know). Either way, the
+//! settlement must be applied exactly once and its reservation released.
+
+use super::*;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Mutex;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+/// Text that only the settlement batch statement sends (when a connection
+/// prepares it, i.e. the first time each connection runs it).
+const SETTLEMENT_SQL: &[u8] = b"INSERT INTO settlement_batches";
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Cut {
+    /// Relay everything.
+    Never,
+    /// Break the connection that sends the settlement statement, before
+    /// the server receives it.
+    BeforeTheServer,
+    /// Relay the settlement statement, and break its connection once the
+    /// server has answered its execution, before the answer is relayed.
+    AfterTheCommit,
+}
+
+/// A TCP relay to the PostgreSQL server that breaks one connection on cue.
+struct Cutter {
+    port: u16,
+    plan: Arc<Mutex<Cut>>,
+    /// Connections broken so far.
+    cuts: Arc<AtomicUsize>,
+}
+
+impl Cutter {
+    async fn start(server: (String, u16)) -> Cutter {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind relay");
+        let port = listener.local_addr().expect("relay address").port();
+        let plan = Arc::new(Mutex::new(Cut::Never));
+        let cuts = Arc::new(AtomicUsize::new(0));
+        let (p, c) = (plan.clone(), cuts.clone());
+        tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let Ok(upstream) = TcpStream::connect((server.0.as_str(), server.1)).await else {
+                    continue;
+                };
+                tokio::spawn(relay(client, upstream, p.clone(), c.clone()));
+            }
+        });
+        Cutter { port, plan, cuts }
+    }
+
+    /// Arms the next cut (one connection only).
+    fn arm(&self, cut: Cut) {
+        *self.plan.lock().expect("plan") = cut;
+    }
+
+    fn cuts(&self) -> usize {
+        self.cuts.load(Ordering::SeqCst)
+    }
+}
+
+/// Relays one connection until either side closes it or the plan breaks it.
+async fn relay(
+    mut client: TcpStream,
+    mut server: TcpStream,
+    plan: Arc<Mutex<Cut>>,
+    cuts: Arc<AtomicUsize>,
+) {
+    let (mut from_client, mut to_client) = client.split();
+    let (mut from_server, mut to_server) = server.split();
+    // This connection carries the settlement and is to be broken once the
+    // server has answered its execution.
+    let doomed = AtomicBool::new(false);
+    let upward = async {
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            let n = from_client.read(&mut buf).await.unwrap_or(0);
+            if n == 0 {
+                return;
+            }
+            let chunk = &buf[..n];
+            if contains(chunk, SETTLEMENT_SQL) {
+                let cut = std::mem::replace(&mut *plan.lock().expect("plan"), Cut::Never);
+                match cut {
+                    Cut::Never => {}
+                    Cut::BeforeTheServer => {
+                        cuts.fetch_add(1, Ordering::SeqCst);
+                        return;
+                    }
+                    Cut::AfterTheCommit => doomed.store(true, Ordering::SeqCst),
+                }
+            }
+            if to_server.write_all(chunk).await.is_err() {
+                return;
+            }
+        }
+    };
+    let downward = async {
+        let mut buf = vec![0u8; 64 * 1024];
+        // What the server sent since the connection was doomed.
+        let mut held = Vec::new();
+        loop {
+            let n = from_server.read(&mut buf).await.unwrap_or(0);
+            if n == 0 {
+                return;
+            }
+            let chunk = &buf[..n];
+            // From the execution's CommandComplete ("SELECT n"; preparing
+            // the statement sends none) on, nothing is relayed; once
+            // ReadyForQuery (idle) follows, the implicit transaction has
+            // committed, and the connection is broken.
+            if doomed.load(Ordering::SeqCst) && (!held.is_empty() || contains(chunk, b"SELECT ")) {
+                held.extend_from_slice(chunk);
+                if held.ends_with(b"Z\0\0\0\x05I") {
+                    cuts.fetch_add(1, Ordering::SeqCst);
+                    return;
+                }
+                continue;
+            }
+            if to_client.write_all(chunk).await.is_err() {
+                return;
+            }
+        }
+    };
+    tokio::select! {
+        _ = upward => {}
+        _ = downward => {}
+    }
+}
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.windows(needle.len()).any(|w| w == needle)
+}
+
+/// A store on a fresh schema whose connections go through a [`Cutter`].
+async fn store_behind_a_cutter() -> Option<(Cutter, SharedStore, PgConnectOptions, String)> {
+    let (base, options, schema) = pg_schema().await?;
+    let server = (base.get_host().to_string(), base.get_port());
+    let cutter = Cutter::start(server).await;
+    let relayed = options.clone().host("127.0.0.1").port(cutter.port);
+    let store = PostgresStore::connect_with(relayed)
+        .await
+        .expect("connect through the relay");
+    Some((cutter, Arc::new(store), base, schema))
+}
+
+/// Ten settlements of one credit each on a key of 100, with the
+/// connection of the first batch broken as `cut` says: each settlement is
+/// answered with a balance, charged once, and every reservation released.
+async fn settlements_survive(cut: Cut) {
+    let Some((cutter, s, base, schema)) = store_behind_a_cutter().await else {
+        return;
+    };
+    let k = s.create_key(new_key("k", cr("100"))).await.unwrap().id;
+    for _ in 0..10 {
+        s.reserve(k, cr("2")).await.unwrap();
+    }
+    cutter.arm(cut);
+    let settling: Vec<_> = (0..10)
+        .map(|_| {
+            let s = s.clone();
+            tokio::spawn(async move { s.settle(usage(k, cr("1")), cr("2")).await })
+        })
+        .collect();
+    let mut answers = Vec::new();
+    for task in settling {
+        answers.push(task.await.expect("settle task").expect("settled"));
+    }
+    assert_eq!(cutter.cuts(), 1, "the relay broke no connection");
+    assert!(
+        answers.iter().all(|b| *b >= cr("90") && *b < cr("100")),
+        "{answers:?}"
+    );
+    assert!(answers.contains(&cr("90")), "{answers:?}");
+    assert_eq!(balance(&s, k).await, cr("90"));
+    assert_eq!(s.usage_totals(k).await.unwrap().requests, 10);
+    // Nothing is still held: all 90 can be reserved.
+    assert_eq!(s.reserve(k, cr("90")).await.unwrap(), Credits::ZERO);
+    assert_ledger_adds_up(&s, k).await;
+    drop(s);
+    drop_schema(&base, &schema).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_a_batch_cut_off_before_the_server_is_sent_again() {
+    settlements_survive(Cut::BeforeTheServer).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_a_batch_whose_answer_is_lost_is_applied_once() {
+    settlements_survive(Cut::AfterTheCommit).await;
+}
