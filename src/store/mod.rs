@@ -9,6 +9,22 @@
 //! (grants, top-ups, sets) minus the credits of its usage rows equals its
 //! balance, exactly.
 
+/// The columns of a key row, in the order the SQL stores read them.
+macro_rules! key_columns {
+    () => {
+        "id, name, role, balance, models, rate_limit_rpm, max_concurrent, \
+         created_at, revoked_at, expires_at, granted, disabled"
+    };
+}
+
+/// The columns of a usage row, in the order the SQL stores read them.
+macro_rules! usage_columns {
+    () => {
+        "id, time, key_id, endpoint, model, status, prompt_tokens, \
+         completion_tokens, credits, duration_ms"
+    };
+}
+
 #[cfg(test)]
 mod conformance;
 pub mod memory;
@@ -20,6 +36,25 @@ use crate::credits::Credits;
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 use std::sync::Arc;
+
+/// The error of a store's backend (the database or its files).
+fn backend(msg: impl Into<String>) -> StoreError {
+    StoreError::Backend(msg.into())
+}
+
+/// Counts that do not fit a 64-bit SQL integer are stored as the largest one.
+fn i64_of(n: u64) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
+}
+
+/// Allowed models as the SQL stores keep them: a JSON array, or NULL for all.
+fn models_json(models: &Option<Vec<String>>) -> Result<Option<String>, StoreError> {
+    models
+        .as_ref()
+        .map(serde_json::to_string)
+        .transpose()
+        .map_err(|e| backend(e.to_string()))
+}
 
 pub type KeyId = i64;
 

@@ -125,20 +125,6 @@ const MAX_BATCH: usize = 512;
 /// The WAL is checkpointed after this many committed batches.
 pub(crate) const CHECKPOINT_EVERY: u32 = 200;
 
-macro_rules! key_columns {
-    () => {
-        "id, name, role, balance, models, rate_limit_rpm, max_concurrent, \
-         created_at, revoked_at, expires_at, granted, disabled"
-    };
-}
-
-macro_rules! usage_columns {
-    () => {
-        "id, time, key_id, endpoint, model, status, prompt_tokens, \
-         completion_tokens, credits, duration_ms"
-    };
-}
-
 pub struct SqliteStore {
     writer: Arc<WriteQueue>,
     readers: Arc<Readers>,
@@ -394,10 +380,6 @@ impl SqliteStore {
     }
 }
 
-fn backend(msg: impl Into<String>) -> StoreError {
-    StoreError::Backend(msg.into())
-}
-
 fn configure(conn: &Connection) -> Result<(), StoreError> {
     conn.busy_timeout(BUSY_TIMEOUT)?;
     conn.pragma_update(None, "synchronous", "NORMAL")?;
@@ -586,19 +568,6 @@ fn key_by_hash(conn: &Connection, hash: &str) -> Result<Option<KeyRecord>, Store
         ))?
         .query_row([hash], key_from_row)
         .optional()?)
-}
-
-fn models_json(models: &Option<Vec<String>>) -> Result<Option<String>, StoreError> {
-    models
-        .as_ref()
-        .map(serde_json::to_string)
-        .transpose()
-        .map_err(|e| backend(e.to_string()))
-}
-
-/// Stores counts that do not fit an SQLite integer as the largest one.
-fn i64_of(n: u64) -> i64 {
-    i64::try_from(n).unwrap_or(i64::MAX)
 }
 
 // ---------------------------------------------------------------------------

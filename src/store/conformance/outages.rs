@@ -1,11 +1,13 @@
-//! The PostgreSQL store when its connection breaks under a settlement.
+//! The PostgreSQL store when its connection breaks, or when another
+//! gateway takes it for dead.
 //!
 //! The store talks to the server through [`Cutter`], a TCP relay that can
-//! break the connection that carries the settlement statement at the moment
-//! a test chooses: before the server sees the statement (nothing applied),
+//! break the connection that carries a chosen statement at the moment a
+//! test chooses: before the server sees the statement (nothing applied),
 //! or after the server has committed it and before its answer reaches the
-//! gateway (applied, but the gateway cannot know). Either way, the
-//! settlement must be applied exactly once and its reservation released.
+//! gateway (applied, but the gateway cannot know). Either way, a settlement
+//! must be applied exactly once and its reservation released, and a
+//! reservation reported failed must not stay held.
 
 use super::*;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -16,23 +18,26 @@ use tokio::net::{TcpListener, TcpStream};
 /// Text that only the settlement batch statement sends (when a connection
 /// prepares it, i.e. the first time each connection runs it).
 const SETTLEMENT_SQL: &[u8] = b"INSERT INTO settlement_batches";
+/// Text that only the reservation statement sends (the same way).
+const RESERVATION_SQL: &[u8] = b"SET reserved = reserved + $1";
 
 #[derive(Clone, Copy, Debug, PartialEq)]
 enum Cut {
     /// Relay everything.
     Never,
-    /// Break the connection that sends the settlement statement, before
-    /// the server receives it.
+    /// Break the connection that sends the statement, before the server
+    /// receives it.
     BeforeTheServer,
-    /// Relay the settlement statement, and break its connection once the
-    /// server has answered its execution, before the answer is relayed.
+    /// Relay the statement, and break its connection once the server has
+    /// answered its execution, before the answer is relayed.
     AfterTheCommit,
 }
 
 /// A TCP relay to the PostgreSQL server that breaks one connection on cue.
 struct Cutter {
     port: u16,
-    plan: Arc<Mutex<Cut>>,
+    /// The next cut, and the text of the statement it is for.
+    plan: Arc<Mutex<(Cut, &'static [u8])>>,
     /// Connections broken so far.
     cuts: Arc<AtomicUsize>,
 }
@@ -41,7 +46,7 @@ impl Cutter {
     async fn start(server: (String, u16)) -> Cutter {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind relay");
         let port = listener.local_addr().expect("relay address").port();
-        let plan = Arc::new(Mutex::new(Cut::Never));
+        let plan = Arc::new(Mutex::new((Cut::Never, &b""[..])));
         let cuts = Arc::new(AtomicUsize::new(0));
         let (p, c) = (plan.clone(), cuts.clone());
         tokio::spawn(async move {
@@ -55,9 +60,10 @@ impl Cutter {
         Cutter { port, plan, cuts }
     }
 
-    /// Arms the next cut (one connection only).
-    fn arm(&self, cut: Cut) {
-        *self.plan.lock().expect("plan") = cut;
+    /// Arms the next cut (one connection only), for the statement that
+    /// contains `sql`.
+    fn arm(&self, cut: Cut, sql: &'static [u8]) {
+        *self.plan.lock().expect("plan") = (cut, sql);
     }
 
     fn cuts(&self) -> usize {
@@ -69,7 +75,7 @@ impl Cutter {
 async fn relay(
     mut client: TcpStream,
     mut server: TcpStream,
-    plan: Arc<Mutex<Cut>>,
+    plan: Arc<Mutex<(Cut, &'static [u8])>>,
     cuts: Arc<AtomicUsize>,
 ) {
     let (mut from_client, mut to_client) = client.split();
@@ -85,8 +91,18 @@ async fn relay(
                 return;
             }
             let chunk = &buf[..n];
-            if contains(chunk, SETTLEMENT_SQL) {
-                let cut = std::mem::replace(&mut *plan.lock().expect("plan"), Cut::Never);
+            let cut = {
+                let mut plan = plan.lock().expect("plan");
+                match *plan {
+                    (Cut::Never, _) => Cut::Never,
+                    (cut, sql) if contains(chunk, sql) => {
+                        *plan = (Cut::Never, b"");
+                        cut
+                    }
+                    _ => Cut::Never,
+                }
+            };
+            {
                 match cut {
                     Cut::Never => {}
                     Cut::BeforeTheServer => {
@@ -139,7 +155,7 @@ fn contains(haystack: &[u8], needle: &[u8]) -> bool {
 }
 
 /// A store on a fresh schema whose connections go through a [`Cutter`].
-async fn store_behind_a_cutter() -> Option<(Cutter, SharedStore, PgConnectOptions, String)> {
+async fn store_behind_a_cutter() -> Option<(Cutter, Arc<PostgresStore>, PgConnectOptions, String)> {
     let (base, options, schema) = pg_schema().await?;
     let server = (base.get_host().to_string(), base.get_port());
     let cutter = Cutter::start(server).await;
@@ -157,11 +173,12 @@ async fn settlements_survive(cut: Cut) {
     let Some((cutter, s, base, schema)) = store_behind_a_cutter().await else {
         return;
     };
+    let s: SharedStore = s;
     let k = s.create_key(new_key("k", cr("100"))).await.unwrap().id;
     for _ in 0..10 {
         s.reserve(k, cr("2")).await.unwrap();
     }
-    cutter.arm(cut);
+    cutter.arm(cut, SETTLEMENT_SQL);
     let settling: Vec<_> = (0..10)
         .map(|_| {
             let s = s.clone();
@@ -195,4 +212,94 @@ async fn postgres_a_batch_cut_off_before_the_server_is_sent_again() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_a_batch_whose_answer_is_lost_is_applied_once() {
     settlements_survive(Cut::AfterTheCommit).await;
+}
+
+/// What the key's row and this instance's share row hold reserved.
+async fn reserved_in_rows(options: &PgConnectOptions, instance: &str, id: KeyId) -> (i64, i64) {
+    let mut admin = PgConnection::connect_with(options).await.unwrap();
+    let rows = sqlx::query_as(
+        "SELECT k.reserved, COALESCE(r.reserved, 0) FROM api_keys k \
+         LEFT JOIN instance_reservations r ON r.key_id = k.id AND r.instance_id = $1 \
+         WHERE k.id = $2",
+    )
+    .bind(instance)
+    .bind(id)
+    .fetch_one(&mut admin)
+    .await
+    .unwrap();
+    let _ = admin.close().await;
+    rows
+}
+
+/// A reservation the server made but whose answer was lost is reported
+/// failed, so it must not stay held: the next heartbeat gives it back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_a_reservation_whose_answer_is_lost_is_given_back() {
+    let Some((cutter, s, base, schema)) = store_behind_a_cutter().await else {
+        return;
+    };
+    let options = base.clone().options([("search_path", schema.as_str())]);
+    let k = s.create_key(new_key("k", cr("10"))).await.unwrap().id;
+    let other = s.create_key(new_key("o", cr("10"))).await.unwrap().id;
+    assert_eq!(s.reserve(other, cr("3")).await.unwrap(), cr("7"));
+    cutter.arm(Cut::AfterTheCommit, RESERVATION_SQL);
+    assert!(matches!(
+        s.reserve(k, cr("4")).await,
+        Err(StoreError::Backend(_))
+    ));
+    assert_eq!(cutter.cuts(), 1, "the relay broke no connection");
+    // The server holds it; the gateway told its caller it failed.
+    let instance = s.instance_id().to_string();
+    assert_eq!(
+        reserved_in_rows(&options, &instance, k).await,
+        (4_000, 4_000)
+    );
+    s.heartbeat_now().await.unwrap();
+    assert_eq!(reserved_in_rows(&options, &instance, k).await, (0, 0));
+    // What the gateway does hold stays held.
+    assert_eq!(
+        reserved_in_rows(&options, &instance, other).await,
+        (3_000, 3_000)
+    );
+    assert_eq!(s.reserve(k, cr("10")).await.unwrap(), Credits::ZERO);
+    drop(s);
+    drop_schema(&base, &schema).await;
+}
+
+/// A gateway that could not reach the database for a minute is taken for
+/// dead and its reservations released by another; when it is back, its
+/// next heartbeat holds again what its requests in flight hold.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_a_gateway_taken_for_dead_holds_its_reservations_again() {
+    let Some((base, options, schema)) = pg_schema().await else {
+        return;
+    };
+    {
+        let a = PostgresStore::connect_with(options.clone()).await.unwrap();
+        let b = PostgresStore::connect_with(options.clone()).await.unwrap();
+        let k = a.create_key(new_key("k", cr("10"))).await.unwrap().id;
+        assert_eq!(a.reserve(k, cr("4")).await.unwrap(), cr("6"));
+        let mut admin = PgConnection::connect_with(&options).await.unwrap();
+        sqlx::query(
+            "UPDATE instances SET heartbeat_at = now() - interval '5 minutes' WHERE id = $1",
+        )
+        .bind(a.instance_id())
+        .execute(&mut admin)
+        .await
+        .unwrap();
+        let _ = admin.close().await;
+        b.release_stale_reservations().await.unwrap();
+        assert_eq!(reserved_in_rows(&options, a.instance_id(), k).await, (0, 0));
+
+        a.heartbeat_now().await.unwrap();
+        assert_eq!(
+            reserved_in_rows(&options, a.instance_id(), k).await,
+            (4_000, 4_000)
+        );
+        assert_eq!(refused_with(b.reserve(k, cr("7")).await), cr("6"));
+        a.settle(usage(k, cr("1")), cr("4")).await.unwrap();
+        assert_eq!(reserved_in_rows(&options, a.instance_id(), k).await, (0, 0));
+        assert_eq!(b.reserve(k, cr("9")).await.unwrap(), Credits::ZERO);
+    }
+    drop_schema(&base, &schema).await;
 }

@@ -90,7 +90,19 @@
 //! may have had its reservations released by another gateway; its later
 //! settlements release only what its share still holds (never driving
 //! `reserved` below what the live instances hold), and its next heartbeat
-//! registers it again.
+//! registers it again and reconciles its shares (below), so that what its
+//! requests in flight hold is held again.
+//!
+//! # Unknown outcomes
+//!
+//! A statement whose connection broke may or may not have been applied.
+//! Settlement batches are numbered and sent again until the server answers
+//! (see above). For reservations and releases, each instance keeps its own
+//! account of what it holds per key ([`shares`]): a reservation whose
+//! answer was lost counts as not made (its caller got an error), a release
+//! as made; the heartbeat after such a failure sets the instance's share
+//! rows, and `api_keys.reserved` with them, to that account, in one
+//! transaction that waits for no statement of the instance to be running.
 //!
 //! # Schema
 //!
@@ -107,6 +119,9 @@ use std::str::FromStr;
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
+
+mod shares;
+use shares::Shares;
 
 /// How often an instance proves it is alive.
 const HEARTBEAT_EVERY: Duration = Duration::from_secs(10);
@@ -127,27 +142,21 @@ const SETTLE_BATCH_MAX: usize = 256;
 /// `sync_grants` across gateways.
 const GRANTS_LOCK: i64 = 0x746f_6c6c_6761_7465; // "tollgate"
 
-macro_rules! key_columns {
-    () => {
-        "id, name, role, balance, models, rate_limit_rpm, max_concurrent, \
-         created_at, revoked_at, expires_at, granted, disabled"
-    };
-}
-
-macro_rules! usage_columns {
-    () => {
-        "id, time, key_id, endpoint, model, status, prompt_tokens, \
-         completion_tokens, credits, duration_ms"
-    };
-}
-
 pub struct PostgresStore {
     pool: PgPool,
-    instance: Arc<str>,
+    link: Arc<Link>,
     heartbeat: JoinHandle<()>,
     /// Queue of the settlement task (see [`settlement_task`]).
     settlements: mpsc::UnboundedSender<Settlement>,
     keys: KeyCache,
+}
+
+/// What the statements that change this instance's shares of reservations
+/// need: the pool, the instance id and its own account of its shares.
+struct Link {
+    pool: PgPool,
+    instance: Arc<str>,
+    shares: Shares,
 }
 
 /// Recent answers of `key_by_hash` (see "Key lookups" in the module doc).
@@ -254,23 +263,33 @@ impl PostgresStore {
             .run(&pool)
             .await
             .map_err(|e| backend(format!("PostgreSQL migration failed: {e}")))?;
-        let instance: Arc<str> = format!("{:032x}", rand::random::<u128>()).into();
-        beat(&pool, &instance).await?;
-        let heartbeat = tokio::spawn(heartbeat_task(pool.clone(), instance.clone()));
+        let link = Arc::new(Link {
+            pool: pool.clone(),
+            instance: format!("{:032x}", rand::random::<u128>()).into(),
+            shares: Shares::default(),
+        });
+        beat(&pool, &link.instance).await?;
+        let heartbeat = tokio::spawn(heartbeat_task(link.clone()));
         let (settlements, queue) = mpsc::unbounded_channel();
-        tokio::spawn(settlement_task(pool.clone(), instance.clone(), queue));
+        tokio::spawn(settlement_task(link.clone(), queue));
         Ok(PostgresStore {
             pool,
-            instance,
+            link,
             heartbeat,
             settlements,
             keys: KeyCache::default(),
         })
     }
 
+    /// One heartbeat now, as the heartbeat task does every 10 s.
+    #[cfg(test)]
+    pub(crate) async fn heartbeat_now(&self) -> Result<(), StoreError> {
+        heartbeat(&self.link).await
+    }
+
     /// This gateway's instance id (its row in `instances`).
     pub fn instance_id(&self) -> &str {
-        &self.instance
+        &self.link.instance
     }
 
     async fn create_key_uncached(&self, new: NewKey) -> Result<KeyRecord, StoreError> {
@@ -423,36 +442,53 @@ impl PostgresStore {
     }
 }
 
-fn backend(msg: impl Into<String>) -> StoreError {
-    StoreError::Backend(msg.into())
+/// Records that `instance` is alive, creating its row if it is not there
+/// (at start, or because another gateway took this one for dead and
+/// released its reservations); returns whether it had to.
+async fn beat(pool: &PgPool, instance: &str) -> Result<bool, StoreError> {
+    let beaten = sqlx::query("UPDATE instances SET heartbeat_at = now() WHERE id = $1")
+        .bind(instance)
+        .execute(pool)
+        .await?;
+    if beaten.rows_affected() > 0 {
+        return Ok(false);
+    }
+    sqlx::query("INSERT INTO instances (id) VALUES ($1) ON CONFLICT (id) DO NOTHING")
+        .bind(instance)
+        .execute(pool)
+        .await?;
+    Ok(true)
 }
 
-/// Records that `instance` is alive (creating its row if it was removed).
-async fn beat(pool: &PgPool, instance: &str) -> Result<(), StoreError> {
-    sqlx::query(
-        "INSERT INTO instances (id) VALUES ($1) \
-         ON CONFLICT (id) DO UPDATE SET heartbeat_at = now()",
-    )
-    .bind(instance)
-    .execute(pool)
-    .await?;
+/// The heartbeat; then, if this instance's shares may be wrong, their
+/// reconciliation.
+async fn heartbeat(link: &Link) -> Result<(), StoreError> {
+    if beat(&link.pool, &link.instance).await? {
+        // Its shares may have been released by another gateway.
+        link.shares.unsure();
+    }
+    if link.shares.reconcile(&link.pool, &link.instance).await? {
+        tracing::info!("this gateway's reservations were reconciled");
+    }
     Ok(())
 }
 
-async fn heartbeat_task(pool: PgPool, instance: Arc<str>) {
+/// Every [`HEARTBEAT_EVERY`], [`heartbeat`]; every [`RELEASE_EVERY_BEATS`],
+/// the release of stopped gateways' reservations too.
+async fn heartbeat_task(link: Arc<Link>) {
     let mut ticks = tokio::time::interval(HEARTBEAT_EVERY);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     ticks.tick().await; // the first tick is immediate; connect just beat
     let mut beats = 0u32;
     loop {
         ticks.tick().await;
-        if let Err(e) = beat(&pool, &instance).await {
+        if let Err(e) = heartbeat(&link).await {
             tracing::warn!("PostgreSQL heartbeat failed: {e}");
             continue;
         }
         beats = beats.wrapping_add(1);
         if beats.is_multiple_of(RELEASE_EVERY_BEATS) {
-            if let Err(e) = release_stale(&pool).await {
+            if let Err(e) = release_stale(&link.pool).await {
                 tracing::warn!("releasing stale reservations failed: {e}");
             }
         }
@@ -535,11 +571,6 @@ fn u64_of(row: &PgRow, column: &str) -> Result<u64, StoreError> {
     u64::try_from(v).map_err(|_| backend(format!("{column} out of range: {v}")))
 }
 
-/// Counts that do not fit a BIGINT are stored as the largest one.
-fn i64_of(n: u64) -> i64 {
-    i64::try_from(n).unwrap_or(i64::MAX)
-}
-
 fn key_from_row(row: &PgRow) -> Result<KeyRecord, StoreError> {
     let role: String = decode(row.try_get("role"))?;
     let models: Option<String> = decode(row.try_get("models"))?;
@@ -579,14 +610,6 @@ fn usage_from_row(row: &PgRow) -> Result<UsageEntry, StoreError> {
             duration_ms: u64_of(row, "duration_ms")?,
         },
     })
-}
-
-fn models_json(models: &Option<Vec<String>>) -> Result<Option<String>, StoreError> {
-    models
-        .as_ref()
-        .map(serde_json::to_string)
-        .transpose()
-        .map_err(|e| backend(e.to_string()))
 }
 
 fn is_unique_violation(e: &sqlx::Error) -> bool {
@@ -647,13 +670,9 @@ async fn insert_key(
     Ok(Some(record))
 }
 
-/// Reserves `amount` on key `id` for `instance` in one statement.
-async fn reserve(
-    pool: &PgPool,
-    instance: &str,
-    id: KeyId,
-    amount: Credits,
-) -> Result<Credits, StoreError> {
+/// Reserves `amount` on key `id` for this instance in one statement.
+async fn reserve(link: &Link, id: KeyId, amount: Credits) -> Result<Credits, StoreError> {
+    let _entered = link.shares.enter().await;
     // A refusal is re-checked a few times: a settlement may have freed
     // credits between the attempt and the read of what is available.
     let mut available = Credits::ZERO;
@@ -672,16 +691,23 @@ async fn reserve(
         )
         .bind(amount.millis())
         .bind(id)
-        .bind(instance)
-        .fetch_optional(pool)
-        .await?;
+        .bind(&*link.instance)
+        .fetch_optional(&link.pool)
+        .await
+        .inspect_err(|e| {
+            // Made or not: counted as not made, the rows set to match.
+            if shares::outcome_unknown(e) {
+                link.shares.unsure();
+            }
+        })?;
         if let Some(left) = admitted {
+            link.shares.reserved(id, amount.millis());
             return Ok(Credits::from_millis(left));
         }
         let state: Option<(i64, i64)> =
             sqlx::query_as("SELECT balance, reserved FROM api_keys WHERE id = $1")
                 .bind(id)
-                .fetch_optional(pool)
+                .fetch_optional(&link.pool)
                 .await?;
         let (balance, reserved) = state.ok_or(StoreError::NoSuchKey(id))?;
         available = Credits::from_millis(balance) - Credits::from_millis(reserved);
@@ -704,13 +730,12 @@ async fn reserve(
 /// the lock order of every path. Both reads are locking reads, which see
 /// the latest committed version of their row (plain reads in the same
 /// statement would see its snapshot, taken before it waited for the lock).
-async fn release(
-    pool: &PgPool,
-    instance: &str,
-    id: KeyId,
-    amount: Credits,
-) -> Result<(), StoreError> {
-    sqlx::query(
+///
+/// If it fails, the reservation counts as released all the same: this
+/// instance's shares are reconciled once the server answers again.
+async fn release(link: &Link, id: KeyId, amount: Credits) -> Result<(), StoreError> {
+    let _entered = link.shares.enter().await;
+    let result = sqlx::query(
         "WITH k AS ( \
              SELECT id FROM api_keys WHERE id = $3 FOR NO KEY UPDATE \
          ), held AS ( \
@@ -725,10 +750,15 @@ async fn release(
            FROM k, held WHERE a.id = k.id AND held.amount <> 0",
     )
     .bind(amount.millis())
-    .bind(instance)
+    .bind(&*link.instance)
     .bind(id)
-    .execute(pool)
-    .await?;
+    .execute(&link.pool)
+    .await;
+    link.shares.released(id, amount.millis());
+    if result.is_err() {
+        link.shares.unsure();
+    }
+    result?;
     Ok(())
 }
 
@@ -743,15 +773,11 @@ struct Settlement {
 /// queued (up to [`SETTLE_BATCH_MAX`]), applies them in one statement
 /// ([`settle_batch`]) and answers each once it has committed. Ends when the
 /// store is dropped and the queue is drained.
-async fn settlement_task(
-    pool: PgPool,
-    instance: Arc<str>,
-    mut queue: mpsc::UnboundedReceiver<Settlement>,
-) {
+async fn settlement_task(link: Arc<Link>, mut queue: mpsc::UnboundedReceiver<Settlement>) {
     let mut batch = Vec::with_capacity(SETTLE_BATCH_MAX);
     let mut numbers = BatchNumbers::default();
     while queue.recv_many(&mut batch, SETTLE_BATCH_MAX).await > 0 {
-        let results = match apply_once(&pool, &instance, numbers.next(), &batch).await {
+        let results = match apply_once(&link, numbers.next(), &batch).await {
             Ok(results) => results,
             // The server refused the statement, so nothing of it was
             // applied: settle one by one, so that one bad settlement fails
@@ -760,7 +786,7 @@ async fn settlement_task(
                 tracing::warn!("a batch of settlements failed ({e}); settling them one by one");
                 let mut results = Vec::with_capacity(batch.len());
                 for item in &batch {
-                    results.push(settle_alone(&pool, &instance, numbers.next(), item).await);
+                    results.push(settle_alone(&link, numbers.next(), item).await);
                 }
                 results
             }
@@ -785,13 +811,8 @@ impl BatchNumbers {
 
 /// Applies one settlement as a batch of its own (number `number`); if the
 /// server refuses it too, gives its reservation back and reports why.
-async fn settle_alone(
-    pool: &PgPool,
-    instance: &str,
-    number: i64,
-    item: &Settlement,
-) -> Result<Credits, StoreError> {
-    match apply_once(pool, instance, number, std::slice::from_ref(item)).await {
+async fn settle_alone(link: &Link, number: i64, item: &Settlement) -> Result<Credits, StoreError> {
+    match apply_once(link, number, std::slice::from_ref(item)).await {
         Ok(mut results) => results
             .pop()
             .unwrap_or_else(|| Err(backend("a settlement got no answer"))),
@@ -800,7 +821,7 @@ async fn settle_alone(
             // held until this gateway stops.
             let id = item.usage.key_id;
             if item.reserved > Credits::ZERO {
-                release_abandoned(pool, instance, id, item.reserved).await;
+                release_abandoned(link, id, item.reserved).await;
             }
             tracing::error!(key = id, "a settlement was refused: {refused}");
             Err(StoreError::Backend(refused.to_string()))
@@ -825,18 +846,18 @@ const RETRY_WAIT_MAX: Duration = Duration::from_secs(2);
 /// callers wait meanwhile; a charge is never dropped and a reservation
 /// never left held because the database was briefly out of reach.
 async fn apply_once(
-    pool: &PgPool,
-    instance: &str,
+    link: &Link,
     number: i64,
     items: &[Settlement],
 ) -> Result<Vec<Result<Credits, StoreError>>, sqlx::Error> {
+    let _entered = link.shares.enter().await;
     let mut wait = RETRY_WAIT_FIRST;
-    loop {
-        let failure = match settle_batch(pool, instance, number, items).await {
-            Ok(Some(results)) => return Ok(results),
+    let results = loop {
+        let failure = match settle_batch(link, number, items).await {
+            Ok(Some(results)) => break results,
             // An earlier attempt committed, its answer was lost.
-            Ok(None) => match balances_now(pool, items).await {
-                Ok(results) => return Ok(results),
+            Ok(None) => match balances_now(&link.pool, items).await {
+                Ok(results) => break results,
                 Err(e) => e,
             },
             Err(e) if !is_transient(&e) => return Err(e),
@@ -849,7 +870,12 @@ async fn apply_once(
         );
         tokio::time::sleep(wait).await;
         wait = (wait * 2).min(RETRY_WAIT_MAX);
+    };
+    for item in items {
+        link.shares
+            .released(item.usage.key_id, item.reserved.millis());
     }
+    Ok(results)
 }
 
 /// Whether `e` may go away by itself: the connection failed (the statement
@@ -921,8 +947,7 @@ fn storable(text: &str) -> std::borrow::Cow<'_, str> {
 /// every path. An earlier attempt at the same batch still in flight holds
 /// that row, so this one waits for its outcome.
 async fn settle_batch(
-    pool: &PgPool,
-    instance: &str,
+    link: &Link,
     number: i64,
     items: &[Settlement],
 ) -> Result<Option<Vec<Result<Credits, StoreError>>>, sqlx::Error> {
@@ -1003,7 +1028,7 @@ async fn settle_batch(
          ) SELECT EXISTS (SELECT 1 FROM mark), c.id, c.balance \
            FROM (SELECT 1) AS one LEFT JOIN charged c ON TRUE",
     )
-    .bind(instance)
+    .bind(&*link.instance)
     .bind(&key_id)
     .bind(&reserved)
     .bind(&credits)
@@ -1015,7 +1040,7 @@ async fn settle_batch(
     .bind(&completion)
     .bind(&duration)
     .bind(number)
-    .fetch_all(pool)
+    .fetch_all(&link.pool)
     .await?;
     if !rows.first().is_some_and(|(applied, ..)| *applied) {
         return Ok(None);
@@ -1042,8 +1067,8 @@ async fn settle_batch(
     Ok(Some(results))
 }
 
-async fn release_abandoned(pool: &PgPool, instance: &str, id: KeyId, amount: Credits) {
-    if let Err(e) = release(pool, instance, id, amount).await {
+async fn release_abandoned(link: &Link, id: KeyId, amount: Credits) {
+    if let Err(e) = release(link, id, amount).await {
         tracing::warn!(key = id, "releasing an abandoned reservation failed: {e}");
     }
 }
@@ -1052,8 +1077,7 @@ async fn release_abandoned(pool: &PgPool, instance: &str, id: KeyId, amount: Cre
 struct Reservation {
     /// `None` once the answer was read.
     rx: Option<oneshot::Receiver<Result<Credits, StoreError>>>,
-    pool: PgPool,
-    instance: Arc<str>,
+    link: Arc<Link>,
     id: KeyId,
     amount: Credits,
 }
@@ -1078,12 +1102,12 @@ impl Drop for Reservation {
         // send (and releases itself); an answer it sent before is here.
         rx.close();
         if let Ok(Ok(_)) = rx.try_recv() {
-            let (pool, instance) = (self.pool.clone(), self.instance.clone());
+            let link = self.link.clone();
             let (id, amount) = (self.id, self.amount);
             match tokio::runtime::Handle::try_current() {
                 Ok(handle) => {
                     handle.spawn(async move {
-                        release_abandoned(&pool, &instance, id, amount).await;
+                        release_abandoned(&link, id, amount).await;
                     });
                 }
                 Err(_) => tracing::error!(
@@ -1183,17 +1207,16 @@ impl Store for PostgresStore {
         // be sent, or the `Reservation` when dropped, if the answer arrived
         // but was never read.
         let (tx, rx) = oneshot::channel();
-        let (pool, instance) = (self.pool.clone(), self.instance.clone());
+        let link = self.link.clone();
         tokio::spawn(async move {
-            let result = reserve(&pool, &instance, id, amount).await;
+            let result = reserve(&link, id, amount).await;
             if let Err(Ok(_)) = tx.send(result) {
-                release_abandoned(&pool, &instance, id, amount).await;
+                release_abandoned(&link, id, amount).await;
             }
         });
         let mut reservation = Reservation {
             rx: Some(rx),
-            pool: self.pool.clone(),
-            instance: self.instance.clone(),
+            link: self.link.clone(),
             id,
             amount,
         };
