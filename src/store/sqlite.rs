@@ -24,9 +24,11 @@
 //! and back (inside `block_in_place`, so that the worker's other tasks go
 //! on elsewhere should the file system stall the commit's write).
 //! Otherwise the turn goes to the writer thread, and the settlements that
-//! arrive while it wakes share its transaction; under load it also waits
-//! [`COMMIT_DELAY`] before it takes the batch (as PostgreSQL's
-//! `commit_delay`): fewer and larger transactions.
+//! arrive while it wakes, and while it commits, share its next
+//! transaction. It takes a batch as soon as it runs: waiting for more to
+//! arrive (as PostgreSQL's `commit_delay`) made larger batches but held
+//! every waiting request for the delay, and cost a sixth of the throughput
+//! at saturation (see BENCHMARKS.md).
 //! A request's task carries out at most [`INLINE_BATCHES`] batches before
 //! it hands the rest to the writer thread, and never waits for a lock: when
 //! another connection (the CLI) holds the write lock, the batch goes to the
@@ -671,12 +673,6 @@ const INLINE_AFTER_IDLE: Duration = Duration::from_micros(200);
 /// 2,000 messages a second).
 const INLINE_BELOW_GAP: Duration = Duration::from_micros(500);
 
-/// When messages arrive faster than [`INLINE_BELOW_GAP`], the writer thread
-/// waits this long after it was handed a turn before it takes the batch
-/// (as PostgreSQL's `commit_delay`): the settlements that arrive meanwhile
-/// share the transaction, so that a busy gateway commits less often.
-const COMMIT_DELAY: Duration = Duration::from_micros(250);
-
 /// A gap between two queued messages counts as at most this long in their
 /// average, so that after one long pause a busy queue is seen as busy
 /// again within a few messages.
@@ -846,11 +842,6 @@ impl WriteQueue {
         }
     }
 
-    /// Whether messages arrive too fast for a task to carry them out.
-    fn under_load(&self) -> bool {
-        lock(&self.pending).arrivals.busy()
-    }
-
     /// Hands the turn to the writer thread (the queue stays busy).
     fn hand_over(self: &Arc<Self>) {
         if lock(&self.wake).send(()).is_err() {
@@ -896,12 +887,7 @@ fn spawn_writer_thread(
             // error (their senders are dropped), the rest go on.
             let carry_out = || queue.carry_out(Place::MayWait);
             match turn {
-                Ok(()) => {
-                    if queue.under_load() {
-                        std::thread::sleep(COMMIT_DELAY);
-                    }
-                    drop(std::panic::catch_unwind(AssertUnwindSafe(carry_out)))
-                }
+                Ok(()) => drop(std::panic::catch_unwind(AssertUnwindSafe(carry_out))),
                 Err(mpsc::RecvTimeoutError::Timeout) => {
                     // Nobody waits for this answer.
                     let (tx, _) = oneshot::channel();
