@@ -129,7 +129,12 @@ async fn pg_schema() -> Option<(PgConnectOptions, PgConnectOptions, String)> {
             return None;
         }
     };
-    let schema = format!("tg_test_{:016x}", rand::random::<u64>());
+    drop_stale_schemas(&mut admin).await;
+    let schema = format!(
+        "{SCHEMA_PREFIX}{:x}_{:08x}",
+        unix_secs(),
+        rand::random::<u32>()
+    );
     sqlx::query(&format!("CREATE SCHEMA {schema}"))
         .execute(&mut admin)
         .await
@@ -137,6 +142,41 @@ async fn pg_schema() -> Option<(PgConnectOptions, PgConnectOptions, String)> {
     let _ = admin.close().await;
     let options = base.clone().options([("search_path", schema.as_str())]);
     Some((base, options, schema))
+}
+
+/// Test schemas are named `tg_test_<unix seconds, hex>_<random>`.
+const SCHEMA_PREFIX: &str = "tg_test_";
+/// A test schema this old was left by a test that panicked or was killed.
+const SCHEMA_STALE_AFTER_SECS: u64 = 3600;
+
+fn unix_secs() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// Drops the test schemas that tests which failed (and so never reached
+/// their clean-up) left over an hour ago.
+async fn drop_stale_schemas(admin: &mut PgConnection) {
+    let names: Vec<String> =
+        sqlx::query_scalar("SELECT nspname::text FROM pg_namespace WHERE starts_with(nspname, $1)")
+            .bind(SCHEMA_PREFIX)
+            .fetch_all(&mut *admin)
+            .await
+            .unwrap_or_default();
+    let now = unix_secs();
+    for name in names {
+        let made = name
+            .strip_prefix(SCHEMA_PREFIX)
+            .and_then(|rest| rest.split_once('_'))
+            .and_then(|(secs, _)| u64::from_str_radix(secs, 16).ok());
+        // Names without a time are from older test code: stale too.
+        if made.is_none_or(|made| now.saturating_sub(made) > SCHEMA_STALE_AFTER_SECS) {
+            let _ = sqlx::query(&format!("DROP SCHEMA IF EXISTS {name} CASCADE"))
+                .execute(&mut *admin)
+                .await;
+        }
+    }
 }
 
 async fn drop_schema(base: &PgConnectOptions, schema: &str) {

@@ -49,7 +49,12 @@ impl Schema {
                 return None;
             }
         };
-        let name = format!("tg_{:016x}", rand::random::<u64>());
+        // The store tests' naming (`tg_test_<unix seconds>_<random>`), so
+        // that they drop this schema should this test fail to.
+        let secs = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let name = format!("tg_test_{secs:x}_{:08x}", rand::random::<u32>());
         sqlx::query(&format!("CREATE SCHEMA {name}"))
             .execute(&mut admin)
             .await
