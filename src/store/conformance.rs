@@ -8,7 +8,7 @@
 
 use super::memory::MemoryStore;
 use super::postgres::PostgresStore;
-use super::sqlite::{SqliteStore, CHECKPOINT_EVERY, LOOK_EVERY};
+use super::sqlite::{PanicAt, SqliteStore, CHECKPOINT_EVERY, LOOK_EVERY};
 use super::*;
 use sqlx::postgres::PgConnectOptions;
 use sqlx::{Connection as _, PgConnection};
@@ -1188,6 +1188,43 @@ async fn sqlite_file(name: &str) -> (tempfile::TempDir, std::path::PathBuf, Shar
     let path = dir.path().join(name);
     let store: SharedStore = Arc::new(SqliteStore::open(&path).await.unwrap());
     (dir, path, store)
+}
+
+/// A batch that panics (a bug) leaves no reservation held and the store
+/// working: panicking before its commit, it charged nothing; after it, its
+/// charge stands and the cache reads it from the file.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_a_panicking_batch_leaves_nothing_held() {
+    for (at, left) in [(PanicAt::Settlement, "10"), (PanicAt::Commit, "9")] {
+        let dir = tempfile::tempdir().unwrap();
+        let sqlite = Arc::new(
+            SqliteStore::open(&dir.path().join("panic.db"))
+                .await
+                .unwrap(),
+        );
+        let store: SharedStore = sqlite.clone();
+        let k = store.create_key(new_key("k", cr("10"))).await.unwrap().id;
+        let other = store.create_key(new_key("o", cr("10"))).await.unwrap().id;
+        store.reserve(k, cr("4")).await.unwrap();
+        sqlite.panic_in_next_batch(at);
+        // The panic reaches whoever carried out the batch: this task, or
+        // the writer thread (then the answer is an error).
+        let settling = spawn_settle(&store, usage(k, cr("1")), cr("4"));
+        match settling.await {
+            Err(e) => assert!(e.is_panic(), "{at:?}: {e}"),
+            Ok(answer) => assert!(answer.is_err(), "{at:?}: {answer:?}"),
+        }
+        // The next write (of another key) finds the batch that panicked
+        // and cleans up.
+        store.adjust(other, add("1")).await.unwrap();
+        assert_eq!(balance(&store, k).await, cr(left), "{at:?}");
+        assert_eq!(
+            store.reserve(k, cr(left)).await.unwrap(),
+            Credits::ZERO,
+            "{at:?}: credits still held"
+        );
+        assert_ledger_adds_up(&store, k).await;
+    }
 }
 
 /// Another connection to `path` holding its write lock, as the CLI does

@@ -99,7 +99,7 @@ use rusqlite::{params, Connection, OpenFlags, OptionalExtension, Row};
 use std::collections::HashMap;
 use std::panic::AssertUnwindSafe;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::sync::{Mutex, PoisonError, RwLock};
 use std::time::{Duration, Instant};
@@ -274,13 +274,15 @@ impl Cache {
                 }
                 None => false,
             },
-            Change::Settled(id, balance, released) => match self.entry(id) {
+            Change::Settled(id, balance, hold) => match self.entry(id) {
                 Some(entry) => {
                     // Both at once, under the key's lock: a reservation
                     // sees the settlement whole or not at all.
                     let mut state = lock(&entry);
                     state.record.balance = balance;
-                    state.reserved -= released;
+                    if let Some(released) = hold.close() {
+                        state.reserved -= released;
+                    }
                     true
                 }
                 None => false,
@@ -308,6 +310,9 @@ impl SqliteStore {
                 uncheckpointed: 0,
                 checkpoint: spawn_checkpointer(&writer_path)?,
                 waits: true,
+                in_batch: false,
+                #[cfg(test)]
+                panic_at: None,
             })
         })
         .await
@@ -343,6 +348,12 @@ impl SqliteStore {
         self.writer.start(next);
         rx.await
             .map_err(|_| backend("the sqlite writer failed before answering"))?
+    }
+
+    /// Makes the writer panic at `at` in its next batch.
+    #[cfg(test)]
+    pub(crate) fn panic_in_next_batch(&self, at: PanicAt) {
+        lock(&self.writer.writer).panic_at = Some(at);
     }
 
     async fn write<T>(&self, make: impl FnOnce(Reply<T>) -> Command) -> Result<T, StoreError> {
@@ -583,7 +594,50 @@ enum Command {
     RevokeKey(KeyId, Millis, Reply<KeyRecord>),
     Adjust(KeyId, Adjustment, Reply<Credits>),
     SyncGrants(Vec<Grant>, Reply<GrantReport>),
-    Settle(Box<UsageRecord>, Credits, Reply<Credits>),
+    Settle(Box<UsageRecord>, Arc<Hold>, Reply<Credits>),
+}
+
+/// A settlement's reservation, given back in the cache exactly once: by
+/// the settlement's commit ([`Cache::apply`]), by [`Writer::answer`] when
+/// the settlement failed, or, should neither happen (its batch panicked),
+/// when the last handle on it is dropped (the command's, or its change's,
+/// which the writer drops at its next batch).
+struct Hold {
+    cache: Arc<Cache>,
+    id: KeyId,
+    amount: Credits,
+    open: AtomicBool,
+}
+
+impl Hold {
+    fn new(cache: Arc<Cache>, id: KeyId, amount: Credits) -> Arc<Hold> {
+        Arc::new(Hold {
+            cache,
+            id,
+            amount,
+            open: AtomicBool::new(true),
+        })
+    }
+
+    /// The amount to give back, the first time only.
+    fn close(&self) -> Option<Credits> {
+        self.open
+            .swap(false, Ordering::AcqRel)
+            .then_some(self.amount)
+    }
+
+    /// Gives the reservation back, unless that was done already.
+    fn give_back(&self) {
+        if let Some(amount) = self.close() {
+            self.cache.release(self.id, amount);
+        }
+    }
+}
+
+impl Drop for Hold {
+    fn drop(&mut self) {
+        self.give_back();
+    }
 }
 
 /// What a command carried out returns.
@@ -594,10 +648,10 @@ enum Outcome {
 }
 
 impl Command {
-    /// For a settlement: its key and the reservation it was to release.
-    fn reservation(&self) -> Option<(KeyId, Credits)> {
+    /// For a settlement: the reservation it is to release.
+    fn hold(&self) -> Option<&Hold> {
         match self {
-            Command::Settle(usage, reserved, _) => Some((usage.key_id, *reserved)),
+            Command::Settle(_, hold, _) => Some(hold),
             _ => None,
         }
     }
@@ -646,7 +700,7 @@ enum Change {
     /// A key's new balance.
     Balance(KeyId, Credits),
     /// A settlement: the key's new balance, and the reservation released.
-    Settled(KeyId, Credits, Credits),
+    Settled(KeyId, Credits, Arc<Hold>),
 }
 
 /// How often the writer looks for commits of other processes when nothing
@@ -919,6 +973,22 @@ struct Writer {
     /// Whether the connection waits for other connections' locks
     /// (`busy_timeout`) or fails at once.
     waits: bool,
+    /// A batch is being carried out; still set when the next one starts,
+    /// it means that one panicked.
+    in_batch: bool,
+    /// Where the next batch panics (tests of what a panic leaves).
+    #[cfg(test)]
+    panic_at: Option<PanicAt>,
+}
+
+/// Where a test makes the writer panic.
+#[cfg(test)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum PanicAt {
+    /// Carrying out a settlement, before the commit.
+    Settlement,
+    /// After the commit, before the cache takes the batch's changes.
+    Commit,
 }
 
 /// Another connection holds the lock a batch needs.
@@ -969,6 +1039,14 @@ impl Writer {
     /// [`Busy`], `messages` untouched, when another connection holds the
     /// lock that the batch needs to start.
     fn carry_out(&mut self, messages: &mut Vec<Message>, may_wait: bool) -> Result<(), Busy> {
+        if std::mem::take(&mut self.in_batch) {
+            // The last batch panicked. Its changes never reach the cache
+            // (dropping them gives their settlements' reservations back),
+            // and the cache is read again from the file, in case it had
+            // committed.
+            self.changes.clear();
+            self.reload = true;
+        }
         if !self.conn.is_autocommit() {
             // A transaction left open by a failed commit and rollback, or
             // by a panic in the middle of a batch.
@@ -1013,7 +1091,9 @@ impl Writer {
             Ok(()) if batch.is_empty() => Ok(()),
             Ok(()) => {
                 let mut results = Vec::with_capacity(batch.len());
+                self.in_batch = true;
                 let error = self.run_batch(&batch, &mut results);
+                self.in_batch = false;
                 for (cmd, result) in batch.into_iter().zip(results) {
                     self.answer(cmd, result, error.as_deref());
                 }
@@ -1040,8 +1120,10 @@ impl Writer {
     /// is not held for a request that will not be settled again.
     fn answer(&self, cmd: Command, result: Result<Outcome, StoreError>, error: Option<&str>) {
         let failed = result.is_err() || error.is_some();
-        if let (true, Some((id, reserved))) = (failed, cmd.reservation()) {
-            self.cache.release(id, reserved);
+        if let (true, Some(hold)) = (failed, cmd.hold()) {
+            // Before the answer: a caller that reserves again at once
+            // finds the credits free.
+            hold.give_back();
         }
         cmd.answer(result, error);
     }
@@ -1126,6 +1208,11 @@ impl Writer {
         // applied below, the cache shows the state before the batch (see
         // the module doc).
         let committed = self.exec("COMMIT");
+        #[cfg(test)]
+        if committed.is_ok() && self.panic_at == Some(PanicAt::Commit) {
+            self.panic_at = None;
+            panic!("a batch panics after its commit (test)");
+        }
         if committed.is_ok() {
             for change in self.changes.drain(..) {
                 if !self.cache.apply(change) {
@@ -1196,10 +1283,15 @@ impl Writer {
                 self.reload = true;
                 Ok(Outcome::Grants(report))
             }
-            Command::Settle(usage, reserved, _) => {
+            Command::Settle(usage, hold, _) => {
+                #[cfg(test)]
+                if self.panic_at == Some(PanicAt::Settlement) {
+                    self.panic_at = None;
+                    panic!("a settlement panics (test)");
+                }
                 let balance = settle(conn, usage)?;
                 self.changes
-                    .push(Change::Settled(usage.key_id, balance, *reserved));
+                    .push(Change::Settled(usage.key_id, balance, hold.clone()));
                 Ok(Outcome::Credits(balance))
             }
         }
@@ -1456,7 +1548,8 @@ impl Store for SqliteStore {
     }
 
     async fn settle(&self, usage: UsageRecord, reserved: Credits) -> Result<Credits, StoreError> {
-        self.write(|tx| Command::Settle(Box::new(usage), reserved, tx))
+        let hold = Hold::new(self.cache.clone(), usage.key_id, reserved);
+        self.write(|tx| Command::Settle(Box::new(usage), hold, tx))
             .await
     }
 
