@@ -240,6 +240,7 @@ conformance_tests!(
     update_key_patches,
     usage_pages_newest_first,
     any_model_name_is_recorded,
+    any_key_name_is_kept,
     usage_totals_add_up,
 );
 
@@ -1143,6 +1144,42 @@ async fn any_model_name_is_recorded(h: &Harness) {
     assert_eq!(page[0].record.model.as_deref(), Some(recorded));
     assert_eq!(s.reserve(k, cr("9")).await.unwrap(), Credits::ZERO);
     assert_ledger_adds_up(s, k).await;
+}
+
+/// Key names and adjustment reasons are the admin's: a NUL in them is
+/// kept (PostgreSQL: U+FFFD), and what a write answers is what is stored.
+async fn any_key_name_is_kept(h: &Harness) {
+    let s = &h.store;
+    let nul = |text: &str| match h.backend {
+        Backend::Postgres { .. } => text.replace('\0', "\u{FFFD}"),
+        _ => text.to_string(),
+    };
+    let mut new = new_key("k", cr("10"));
+    new.name = "a\0b".into();
+    let created = s.create_key(new).await.unwrap();
+    assert_eq!(created.name, nul("a\0b"));
+    let renamed = s
+        .update_key(
+            created.id,
+            KeyPatch {
+                name: Some("c\0d".into()),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(renamed.name, nul("c\0d"));
+    let stored = s.key(created.id).await.unwrap().unwrap();
+    assert_eq!(stored.name, renamed.name);
+    let mut topup = add("1");
+    topup.actor = "ad\0min".into();
+    topup.reason = "because\0".into();
+    assert_eq!(s.adjust(created.id, topup).await.unwrap(), cr("11"));
+    let adjustments = s.adjustments(created.id).await.unwrap();
+    assert_eq!(adjustments.len(), 2);
+    assert_eq!(adjustments[1].actor, nul("ad\0min"));
+    assert_eq!(adjustments[1].reason, nul("because\0"));
+    assert_ledger_adds_up(s, created.id).await;
 }
 
 async fn usage_totals_add_up(h: &Harness) {

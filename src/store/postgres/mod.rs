@@ -311,6 +311,7 @@ impl PostgresStore {
             .await?
             .ok_or(StoreError::NoSuchKey(id))?;
         patch.apply(&mut record);
+        record.name = storable(&record.name).into_owned();
         sqlx::query(
             "UPDATE api_keys SET name = $2, models = $3, rate_limit_rpm = $4, \
              max_concurrent = $5, expires_at = $6 WHERE id = $1",
@@ -629,8 +630,8 @@ async fn record_adjustment(
     .bind(now_millis())
     .bind(id)
     .bind(delta.millis())
-    .bind(actor)
-    .bind(reason)
+    .bind(storable(actor))
+    .bind(storable(reason))
     .execute(&mut *conn)
     .await?;
     Ok(())
@@ -649,7 +650,7 @@ async fn insert_key(
         key_columns!()
     ))
     .bind(&new.hash.0)
-    .bind(&new.name)
+    .bind(storable(&new.name))
     .bind(new.role.as_str())
     .bind(new.credits.millis())
     .bind(models_json(&new.models)?)
@@ -924,8 +925,9 @@ async fn balances_now(
 }
 
 /// Text as PostgreSQL can store it: its `TEXT` cannot hold NUL, which a
-/// client may put in a model name (`"\u0000"` is valid JSON). Replaced by
-/// U+FFFD, so that the request is still recorded and charged.
+/// client may put in a model name, or an admin in a key's name or an
+/// adjustment's reason (`"\u0000"` is valid JSON). Replaced by U+FFFD, so
+/// that the request is still recorded and charged, the key still made.
 fn storable(text: &str) -> std::borrow::Cow<'_, str> {
     if text.contains('\0') {
         text.replace('\0', "\u{FFFD}").into()
