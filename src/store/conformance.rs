@@ -1229,7 +1229,8 @@ async fn sqlite_file(name: &str) -> (tempfile::TempDir, std::path::PathBuf, Shar
 
 /// A batch that panics (a bug) leaves no reservation held and the store
 /// working: panicking before its commit, it charged nothing; after it, its
-/// charge stands and the cache reads it from the file.
+/// charge stands and the cache reads it from the file. Then a write of
+/// another key works.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sqlite_a_panicking_batch_leaves_nothing_held() {
     for (at, left) in [(PanicAt::Settlement, "10"), (PanicAt::Commit, "9")] {
@@ -1251,9 +1252,10 @@ async fn sqlite_a_panicking_batch_leaves_nothing_held() {
             Err(e) => assert!(e.is_panic(), "{at:?}: {e}"),
             Ok(answer) => assert!(answer.is_err(), "{at:?}: {answer:?}"),
         }
-        // The next write (of another key) finds the batch that panicked
-        // and cleans up.
-        store.adjust(other, add("1")).await.unwrap();
+        // The writer's next turn finds the batch that panicked and cleans
+        // up: here a look for other processes' commits, no write at all.
+        tokio::time::sleep(LOOK_EVERY * 2).await;
+        store.key_by_hash(&hash("o")).await.unwrap();
         assert_eq!(balance(&store, k).await, cr(left), "{at:?}");
         assert_eq!(
             store.reserve(k, cr(left)).await.unwrap(),
@@ -1261,6 +1263,7 @@ async fn sqlite_a_panicking_batch_leaves_nothing_held() {
             "{at:?}: credits still held"
         );
         assert_ledger_adds_up(&store, k).await;
+        assert_eq!(store.adjust(other, add("1")).await.unwrap(), cr("11"));
     }
 }
 
@@ -1515,16 +1518,30 @@ async fn postgres_a_refused_settlement_fails_alone() {
     let _ = admin.close().await;
     let s = h.store.clone();
     let k = s.create_key(new_key("k", cr("100"))).await.unwrap().id;
+    for _ in 0..30 {
+        s.reserve(k, cr("2")).await.unwrap();
+    }
+    // The key's row locked elsewhere: the first batch waits for it, and the
+    // other settlements pile up behind it into one batch.
+    let mut blocker = PgConnection::connect_with(options).await.unwrap();
+    sqlx::query("BEGIN").execute(&mut blocker).await.unwrap();
+    sqlx::query("SELECT 1 FROM api_keys WHERE id = $1 FOR UPDATE")
+        .bind(k)
+        .execute(&mut blocker)
+        .await
+        .unwrap();
     let mut tasks = Vec::new();
     for i in 0..30u64 {
         let s = s.clone();
         tasks.push(tokio::spawn(async move {
-            s.reserve(k, cr("2")).await.unwrap();
             let mut record = usage(k, cr("1"));
             record.prompt_tokens = i;
             (i, s.settle(record, cr("2")).await)
         }));
     }
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    sqlx::query("COMMIT").execute(&mut blocker).await.unwrap();
+    let _ = blocker.close().await;
     for task in tasks {
         match task.await.expect("task") {
             (i, Err(StoreError::Backend(_))) if i % 10 == 5 => {}

@@ -303,3 +303,49 @@ async fn postgres_a_gateway_taken_for_dead_holds_its_reservations_again() {
     }
     drop_schema(&base, &schema).await;
 }
+
+/// A batch committed, its answer lost, and the attempt sent again refused
+/// by the server (for a reason not in the batch: here a trigger refusing
+/// once, as a permission change or a read-only server would): the batch
+/// was applied, so it must be answered as applied, not settled again item
+/// by item, and no other request's reservation given back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_a_refused_retry_of_a_committed_batch_is_not_applied_again() {
+    let Some((cutter, s, base, schema)) = store_behind_a_cutter().await else {
+        return;
+    };
+    let options = base.clone().options([("search_path", schema.as_str())]);
+    let mut admin = PgConnection::connect_with(&options).await.unwrap();
+    sqlx::raw_sql(
+        "CREATE SEQUENCE marks; \
+         CREATE FUNCTION refuse_the_second() RETURNS trigger AS $$ BEGIN \
+             IF nextval('marks') = 2 THEN \
+                 RAISE EXCEPTION 'refused once' USING ERRCODE = '42501'; \
+             END IF; \
+             RETURN NEW; \
+         END $$ LANGUAGE plpgsql; \
+         CREATE TRIGGER refuse_the_second BEFORE INSERT ON settlement_batches \
+             FOR EACH ROW EXECUTE FUNCTION refuse_the_second();",
+    )
+    .execute(&mut admin)
+    .await
+    .unwrap();
+    let _ = admin.close().await;
+    let k = s.create_key(new_key("k", cr("100"))).await.unwrap().id;
+    s.reserve(k, cr("2")).await.unwrap();
+    // Another request's reservation on the same key, still open.
+    s.reserve(k, cr("3")).await.unwrap();
+    cutter.arm(Cut::AfterTheCommit, SETTLEMENT_SQL);
+    let answer = s.settle(usage(k, cr("1")), cr("2")).await.unwrap();
+    assert_eq!(cutter.cuts(), 1, "the relay broke no connection");
+    assert_eq!(answer, cr("99"));
+    assert_eq!(balance(&(s.clone() as SharedStore), k).await, cr("99"));
+    assert_eq!(s.usage_totals(k).await.unwrap().requests, 1);
+    let instance = s.instance_id().to_string();
+    assert_eq!(
+        reserved_in_rows(&options, &instance, k).await,
+        (3_000, 3_000)
+    );
+    drop(s);
+    drop_schema(&base, &schema).await;
+}

@@ -22,8 +22,10 @@
 //! instead, the batch may or may not have committed: each batch carries a
 //! number, recorded in `settlement_batches` by the same statement, which
 //! applies nothing if its number is recorded already; so the batch is sent
-//! again until the server answers, and applied exactly once. Its callers
-//! wait meanwhile.
+//! again until the server answers, and applied exactly once (a refusal of
+//! a later attempt counts only once the batch is seen unrecorded). Its
+//! callers wait meanwhile; should the gateway stop first, each charge of
+//! the batch is logged at error level.
 //!
 //! A settlement, once queued, belongs to the task and is completed even if
 //! its caller stops waiting; a reservation runs in its own task, and one
@@ -269,6 +271,16 @@ impl PostgresStore {
             shares: Shares::default(),
         });
         beat(&pool, &link.instance).await?;
+        // The row that settlement batches lock first exists from the
+        // start, so that a look at it waits for a batch still in flight
+        // (see `apply_once`).
+        sqlx::query(
+            "INSERT INTO settlement_batches (instance_id, last_batch) VALUES ($1, 0) \
+             ON CONFLICT (instance_id) DO NOTHING",
+        )
+        .bind(&*link.instance)
+        .execute(&pool)
+        .await?;
         let heartbeat = tokio::spawn(heartbeat_task(link.clone()));
         let (settlements, queue) = mpsc::unbounded_channel();
         tokio::spawn(settlement_task(link.clone(), queue));
@@ -767,7 +779,37 @@ async fn release(link: &Link, id: KeyId, amount: Credits) -> Result<(), StoreErr
 struct Settlement {
     usage: UsageRecord,
     reserved: Credits,
-    answer: oneshot::Sender<Result<Credits, StoreError>>,
+    /// `None` once answered.
+    answer: Option<oneshot::Sender<Result<Credits, StoreError>>>,
+}
+
+impl Settlement {
+    fn answer(mut self, result: Result<Credits, StoreError>) {
+        if let Some(answer) = self.answer.take() {
+            // A caller that stopped waiting is not an error: it is applied.
+            let _ = answer.send(result);
+        }
+    }
+}
+
+impl Drop for Settlement {
+    fn drop(&mut self) {
+        if self.answer.is_some() {
+            // The settlement task was dropped (the gateway stopped) before
+            // PostgreSQL confirmed this charge: say what it was, so that it
+            // can be put right by hand.
+            let u = &self.usage;
+            tracing::error!(
+                key = u.key_id,
+                credits = %u.credits,
+                time = u.time,
+                endpoint = %u.endpoint,
+                prompt_tokens = u.prompt_tokens,
+                completion_tokens = u.completion_tokens,
+                "a charge was not recorded: the gateway stopped before PostgreSQL confirmed it"
+            );
+        }
+    }
 }
 
 /// Applies the settlements of one store instance: takes every settlement
@@ -793,8 +835,7 @@ async fn settlement_task(link: Arc<Link>, mut queue: mpsc::UnboundedReceiver<Set
             }
         };
         for (settlement, result) in batch.drain(..).zip(results) {
-            // A caller that stopped waiting is not an error: it is applied.
-            let _ = settlement.answer.send(result);
+            settlement.answer(result);
         }
     }
 }
@@ -836,16 +877,22 @@ const RETRY_WAIT_FIRST: Duration = Duration::from_millis(50);
 const RETRY_WAIT_MAX: Duration = Duration::from_secs(2);
 
 /// Applies batch number `number` exactly once: returns each item's result,
-/// or the server's refusal of the statement (nothing of it applied).
+/// or the server's refusal of the statement when no attempt at it can
+/// have been applied.
 ///
 /// When the connection fails (or the server reports a transient failure),
 /// the batch may or may not have committed. It is then sent again, after a
 /// pause, as long as it takes: the statement records `number` as the
 /// instance's last batch in the same transaction and applies nothing if
-/// that number was recorded already, so a batch that had committed is
-/// answered with the balances as they are, never charged twice. Its
-/// callers wait meanwhile; a charge is never dropped and a reservation
-/// never left held because the database was briefly out of reach.
+/// that number (or a later one) was recorded already, so a batch that had
+/// committed is answered with the balances as they are, never charged
+/// twice. Should a later attempt be refused, the refusal is passed on only
+/// once a look at the instance's row (which waits for an attempt still in
+/// flight there) shows the batch unrecorded: the items are then applied
+/// one by one under new, higher numbers, which an earlier attempt arriving
+/// even later cannot pass. Callers wait meanwhile; a charge is never
+/// dropped and a reservation never left held because the database was
+/// briefly out of reach.
 async fn apply_once(
     link: &Link,
     number: i64,
@@ -853,6 +900,8 @@ async fn apply_once(
 ) -> Result<Vec<Result<Credits, StoreError>>, sqlx::Error> {
     let _entered = link.shares.enter().await;
     let mut wait = RETRY_WAIT_FIRST;
+    // Some attempt's outcome is unknown: it may have committed.
+    let mut maybe_applied = false;
     let results = loop {
         let failure = match settle_batch(link, number, items).await {
             Ok(Some(results)) => break results,
@@ -861,8 +910,19 @@ async fn apply_once(
                 Ok(results) => break results,
                 Err(e) => e,
             },
-            Err(e) if !is_transient(&e) => return Err(e),
-            Err(e) => e,
+            Err(e) if is_transient(&e) => {
+                maybe_applied |= shares::outcome_unknown(&e);
+                e
+            }
+            Err(refused) if !maybe_applied => return Err(refused),
+            Err(refused) => match recorded(link, number).await {
+                Ok(true) => match balances_now(&link.pool, items).await {
+                    Ok(results) => break results,
+                    Err(e) => e,
+                },
+                Ok(false) => return Err(refused),
+                Err(e) => e,
+            },
         };
         tracing::warn!(
             batch = number,
@@ -877,6 +937,18 @@ async fn apply_once(
             .released(item.usage.key_id, item.reserved.millis());
     }
     Ok(results)
+}
+
+/// Whether batch `number` (or a later one) of this instance has committed,
+/// once any attempt still holding the instance's row has finished.
+async fn recorded(link: &Link, number: i64) -> Result<bool, sqlx::Error> {
+    let last: Option<i64> = sqlx::query_scalar(
+        "SELECT last_batch FROM settlement_batches WHERE instance_id = $1 FOR UPDATE",
+    )
+    .bind(&*link.instance)
+    .fetch_optional(&link.pool)
+    .await?;
+    Ok(last.is_some_and(|last| last >= number))
 }
 
 /// Whether `e` may go away by itself: the connection failed (the statement
@@ -895,7 +967,6 @@ fn is_transient(e: &sqlx::Error) -> bool {
         | sqlx::Error::Tls(_)
         | sqlx::Error::Protocol(_)
         | sqlx::Error::PoolTimedOut
-        | sqlx::Error::PoolClosed
         | sqlx::Error::WorkerCrashed => true,
         _ => false,
     }
@@ -1233,7 +1304,7 @@ impl Store for PostgresStore {
             .send(Settlement {
                 usage,
                 reserved,
-                answer,
+                answer: Some(answer),
             })
             .map_err(|_| backend("the settlement task has stopped"))?;
         rx.await

@@ -25,7 +25,7 @@ use tokio::sync::{RwLock, RwLockReadGuard};
 /// How long a reconciliation waits for the statements in flight; it gives
 /// up (and tries at the next heartbeat) rather than hold up new requests,
 /// which queue behind a waiting reconciliation.
-const RECONCILE_WAIT: Duration = Duration::from_secs(1);
+const RECONCILE_WAIT: Duration = Duration::from_millis(250);
 
 #[derive(Default)]
 pub(super) struct Shares {
@@ -120,6 +120,12 @@ async fn set_shares(
     amounts: &[i64],
 ) -> Result<(), StoreError> {
     let mut tx = pool.begin().await?;
+    // Every statement of this instance that changes its shares waits for
+    // this one: it waits briefly for other gateways' locks, or gives up and
+    // is tried again at the next heartbeat.
+    sqlx::query("SET LOCAL lock_timeout = '200ms'")
+        .execute(&mut *tx)
+        .await?;
     sqlx::query(
         "SELECT id FROM api_keys WHERE id = ANY($2) OR id IN \
          (SELECT key_id FROM instance_reservations WHERE instance_id = $1) \
