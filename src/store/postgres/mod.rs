@@ -91,9 +91,11 @@
 //! A gateway that is alive but could not reach the database for over 60 s
 //! may have had its reservations released by another gateway; its later
 //! settlements release only what its share still holds (never driving
-//! `reserved` below what the live instances hold), and its next heartbeat
-//! registers it again and reconciles its shares (below), so that what its
-//! requests in flight hold is held again.
+//! `reserved` below what its share rows and the other gateways' hold),
+//! and its next heartbeat registers it again and reconciles its shares
+//! (below), so that what its requests in flight hold is held again. Until
+//! that heartbeat (at most 10 s), a settlement of a reservation made
+//! before may release part of a newer one of the same gateway and key.
 //!
 //! # Unknown outcomes
 //!

@@ -164,15 +164,37 @@ async fn set_shares(
     Ok(())
 }
 
-/// Whether the statement that failed with `e` may have been applied: the
-/// connection broke after it may have been sent. (An error from the server
-/// means it was not; a pool time-out, that it was never sent.)
+/// Whether the statement that failed with `e` may have been applied: it
+/// may have reached the server, and the server did not say that it failed.
+/// Known not applied: never sent (no connection from the pool, a value
+/// that could not be encoded), or refused by the server; but a server that
+/// ends the session (classes 08, 57, 58, XX) may do so after the commit.
 pub(super) fn outcome_unknown(e: &sqlx::Error) -> bool {
-    matches!(
-        e,
-        sqlx::Error::Io(_)
-            | sqlx::Error::Tls(_)
-            | sqlx::Error::Protocol(_)
-            | sqlx::Error::WorkerCrashed
-    )
+    match e {
+        sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::Configuration(_)
+        | sqlx::Error::Encode(_) => false,
+        sqlx::Error::Database(d) => d.code().is_some_and(|code| {
+            ["08", "57", "58", "XX"]
+                .iter()
+                .any(|class| code.starts_with(class))
+        }),
+        _ => true,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::outcome_unknown;
+
+    #[test]
+    fn only_errors_before_sending_are_known_not_applied() {
+        let broken = std::io::Error::from(std::io::ErrorKind::ConnectionReset);
+        assert!(outcome_unknown(&sqlx::Error::Io(broken)));
+        assert!(outcome_unknown(&sqlx::Error::Protocol("cut".into())));
+        assert!(outcome_unknown(&sqlx::Error::WorkerCrashed));
+        assert!(!outcome_unknown(&sqlx::Error::PoolTimedOut));
+        assert!(!outcome_unknown(&sqlx::Error::PoolClosed));
+    }
 }
