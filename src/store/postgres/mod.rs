@@ -912,19 +912,24 @@ async fn apply_once(
                 Ok(results) => break results,
                 Err(e) => e,
             },
-            Err(e) if is_transient(&e) => {
+            Err(e) => {
                 maybe_applied |= shares::outcome_unknown(&e);
-                e
+                if is_transient(&e) {
+                    e
+                } else if !maybe_applied {
+                    // Refused, and no attempt can have been applied.
+                    return Err(e);
+                } else {
+                    match recorded(link, number).await {
+                        Ok(true) => match balances_now(&link.pool, items).await {
+                            Ok(results) => break results,
+                            Err(e) => e,
+                        },
+                        Ok(false) => return Err(e),
+                        Err(e) => e,
+                    }
+                }
             }
-            Err(refused) if !maybe_applied => return Err(refused),
-            Err(refused) => match recorded(link, number).await {
-                Ok(true) => match balances_now(&link.pool, items).await {
-                    Ok(results) => break results,
-                    Err(e) => e,
-                },
-                Ok(false) => return Err(refused),
-                Err(e) => e,
-            },
         };
         tracing::warn!(
             batch = number,
