@@ -179,6 +179,25 @@ async fn drop_stale_schemas(admin: &mut PgConnection) {
     }
 }
 
+/// A connection in a transaction that holds key `id`'s row lock, as
+/// another gateway's or the CLI's transaction may; see [`unlock`].
+async fn lock_key_row(options: &PgConnectOptions, id: KeyId) -> PgConnection {
+    let mut blocker = PgConnection::connect_with(options).await.unwrap();
+    sqlx::query("BEGIN").execute(&mut blocker).await.unwrap();
+    sqlx::query("SELECT 1 FROM api_keys WHERE id = $1 FOR UPDATE")
+        .bind(id)
+        .execute(&mut blocker)
+        .await
+        .unwrap();
+    blocker
+}
+
+/// Ends the transaction of [`lock_key_row`].
+async fn unlock(mut blocker: PgConnection) {
+    sqlx::query("COMMIT").execute(&mut blocker).await.unwrap();
+    let _ = blocker.close().await;
+}
+
 async fn drop_schema(base: &PgConnectOptions, schema: &str) {
     if let Ok(mut admin) = PgConnection::connect_with(base).await {
         let _ = sqlx::query(&format!("DROP SCHEMA {schema} CASCADE"))
@@ -1523,13 +1542,7 @@ async fn postgres_a_refused_settlement_fails_alone() {
     }
     // The key's row locked elsewhere: the first batch waits for it, and the
     // other settlements pile up behind it into one batch.
-    let mut blocker = PgConnection::connect_with(options).await.unwrap();
-    sqlx::query("BEGIN").execute(&mut blocker).await.unwrap();
-    sqlx::query("SELECT 1 FROM api_keys WHERE id = $1 FOR UPDATE")
-        .bind(k)
-        .execute(&mut blocker)
-        .await
-        .unwrap();
+    let blocker = lock_key_row(options, k).await;
     let mut tasks = Vec::new();
     for i in 0..30u64 {
         let s = s.clone();
@@ -1540,8 +1553,7 @@ async fn postgres_a_refused_settlement_fails_alone() {
         }));
     }
     tokio::time::sleep(std::time::Duration::from_millis(300)).await;
-    sqlx::query("COMMIT").execute(&mut blocker).await.unwrap();
-    let _ = blocker.close().await;
+    unlock(blocker).await;
     for task in tasks {
         match task.await.expect("task") {
             (i, Err(StoreError::Backend(_))) if i % 10 == 5 => {}

@@ -31,6 +31,9 @@ enum Cut {
     /// Relay the statement, and break its connection once the server has
     /// answered its execution, before the answer is relayed.
     AfterTheCommit,
+    /// Relay the statement and the request to execute it, then break the
+    /// connection at once: the server runs it with its client gone.
+    AfterTheExecute,
 }
 
 /// A TCP relay to the PostgreSQL server that breaks one connection on cue.
@@ -83,6 +86,8 @@ async fn relay(
     // This connection carries the settlement and is to be broken once the
     // server has answered its execution.
     let doomed = AtomicBool::new(false);
+    // Break the connection right after relaying the client's next chunk.
+    let mut cut_after_next = false;
     let upward = async {
         let mut buf = vec![0u8; 64 * 1024];
         loop {
@@ -110,9 +115,20 @@ async fn relay(
                         return;
                     }
                     Cut::AfterTheCommit => doomed.store(true, Ordering::SeqCst),
+                    Cut::AfterTheExecute => {
+                        if to_server.write_all(chunk).await.is_err() {
+                            return;
+                        }
+                        cut_after_next = true;
+                        continue;
+                    }
                 }
             }
             if to_server.write_all(chunk).await.is_err() {
+                return;
+            }
+            if cut_after_next {
+                cuts.fetch_add(1, Ordering::SeqCst);
                 return;
             }
         }
@@ -346,6 +362,45 @@ async fn postgres_a_refused_retry_of_a_committed_batch_is_not_applied_again() {
         reserved_in_rows(&options, &instance, k).await,
         (3_000, 3_000)
     );
+    drop(s);
+    drop_schema(&base, &schema).await;
+}
+
+/// A reservation whose connection broke while it waited at the server for
+/// the key's lock (held here by another connection): the server still runs
+/// it once the lock is free, after the gateway has told its caller that it
+/// failed. The heartbeat's reconciliation waits for it (it locks the key
+/// too) and then gives its credits back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_a_reservation_still_queued_at_the_server_is_given_back() {
+    let Some((cutter, s, base, schema)) = store_behind_a_cutter().await else {
+        return;
+    };
+    let options = base.clone().options([("search_path", schema.as_str())]);
+    let k = s.create_key(new_key("k", cr("10"))).await.unwrap().id;
+    let blocker = lock_key_row(&options, k).await;
+    cutter.arm(Cut::AfterTheExecute, RESERVATION_SQL);
+    assert!(matches!(
+        s.reserve(k, cr("4")).await,
+        Err(StoreError::Backend(_))
+    ));
+    assert_eq!(cutter.cuts(), 1, "the relay broke no connection");
+    // The reconciliation queues for the key's lock behind the orphaned
+    // reservation; the blocker lets both go.
+    let reconciling = {
+        let s = s.clone();
+        tokio::spawn(async move { s.heartbeat_now().await })
+    };
+    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    unlock(blocker).await;
+    if reconciling.await.expect("heartbeat task").is_err() {
+        // Its lock wait outlasted its lock_timeout (a slow host): the
+        // next heartbeat tries again, the key still suspect.
+        s.heartbeat_now().await.unwrap();
+    }
+    let instance = s.instance_id().to_string();
+    assert_eq!(reserved_in_rows(&options, &instance, k).await, (0, 0));
+    assert_eq!(s.reserve(k, cr("10")).await.unwrap(), Credits::ZERO);
     drop(s);
     drop_schema(&base, &schema).await;
 }

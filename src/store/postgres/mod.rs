@@ -106,7 +106,9 @@
 //! answer was lost counts as not made (its caller got an error), a release
 //! as made; the heartbeat after such a failure sets the instance's share
 //! rows, and `api_keys.reserved` with them, to that account, in one
-//! transaction that waits for no statement of the instance to be running.
+//! transaction that waits for no statement of the instance to be running
+//! and locks the keys of those failures too, so that it also waits for
+//! such a statement still queued at the server for its key's lock.
 //!
 //! # Schema
 //!
@@ -712,7 +714,7 @@ async fn reserve(link: &Link, id: KeyId, amount: Credits) -> Result<Credits, Sto
         .inspect_err(|e| {
             // Made or not: counted as not made, the rows set to match.
             if shares::outcome_unknown(e) {
-                link.shares.unsure();
+                link.shares.unsure_of(id);
             }
         })?;
         if let Some(left) = admitted {
@@ -771,7 +773,7 @@ async fn release(link: &Link, id: KeyId, amount: Credits) -> Result<(), StoreErr
     .await;
     link.shares.released(id, amount.millis());
     if result.is_err() {
-        link.shares.unsure();
+        link.shares.unsure_of(id);
     }
     result?;
     Ok(())

@@ -38,6 +38,12 @@ pub(super) struct Shares {
     /// Some statement's outcome is unknown: the share rows may differ from
     /// `held`.
     unsure: AtomicBool,
+    /// The keys of the statements whose outcome is unknown. Their rows are
+    /// locked by the reconciliation even when this instance holds nothing
+    /// of them, so that it waits for such a statement still queued for
+    /// the key's lock at the server (the server does not notice that its
+    /// client is gone while the statement waits).
+    suspects: Mutex<std::collections::HashSet<KeyId>>,
 }
 
 impl Shares {
@@ -76,6 +82,15 @@ impl Shares {
         self.unsure.store(true, Ordering::SeqCst);
     }
 
+    /// A statement on key `id` may or may not have been applied.
+    pub(super) fn unsure_of(&self, id: KeyId) {
+        self.suspects
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .insert(id);
+        self.unsure();
+    }
+
     pub(super) fn is_unsure(&self) -> bool {
         self.unsure.load(Ordering::SeqCst)
     }
@@ -96,13 +111,32 @@ impl Shares {
         // No statement runs now: clear first, so that a failure below (or
         // a later unknown outcome) leaves it set.
         self.unsure.store(false, Ordering::SeqCst);
-        let (ids, amounts): (Vec<KeyId>, Vec<i64>) = self
+        let suspects = std::mem::take(
+            &mut *self
+                .suspects
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner()),
+        );
+        let (mut ids, mut amounts): (Vec<KeyId>, Vec<i64>) = self
             .held()
             .iter()
             .map(|(id, amount)| (*id, *amount))
             .unzip();
+        for id in &suspects {
+            if !ids.contains(id) {
+                ids.push(*id);
+                amounts.push(0);
+            }
+        }
         let result = set_shares(pool, instance, &ids, &amounts).await;
         if result.is_err() {
+            // Tried again, suspects and all, at the next heartbeat.
+            let mut kept = self
+                .suspects
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            kept.extend(suspects);
+            drop(kept);
             self.unsure();
         }
         result.map(|()| true)
