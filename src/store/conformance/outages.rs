@@ -404,3 +404,33 @@ async fn postgres_a_reservation_still_queued_at_the_server_is_given_back() {
     drop(s);
     drop_schema(&base, &schema).await;
 }
+
+/// A database that cannot hold any Unicode text would refuse charges
+/// (a model name in another script): the store refuses it at connect.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_a_database_not_in_utf8_is_refused() {
+    let Some((base, _, schema)) = pg_schema().await else {
+        return;
+    };
+    let name = format!("{schema}_latin1");
+    let mut admin = PgConnection::connect_with(&base).await.unwrap();
+    sqlx::query(&format!(
+        "CREATE DATABASE {name} ENCODING 'LATIN1' TEMPLATE template0 \
+         LC_COLLATE 'C' LC_CTYPE 'C'"
+    ))
+    .execute(&mut admin)
+    .await
+    .unwrap();
+    let refused = PostgresStore::connect_with(base.clone().database(&name)).await;
+    sqlx::query(&format!("DROP DATABASE {name} WITH (FORCE)"))
+        .execute(&mut admin)
+        .await
+        .unwrap();
+    let _ = admin.close().await;
+    drop_schema(&base, &schema).await;
+    match refused {
+        Err(StoreError::Backend(message)) => assert!(message.contains("UTF8"), "{message}"),
+        Err(other) => panic!("refused for another reason: {other:?}"),
+        Ok(_) => panic!("a LATIN1 database was accepted"),
+    }
+}

@@ -265,6 +265,17 @@ impl PostgresStore {
             .connect_with(options)
             .await
             .map_err(|e| backend(format!("cannot connect to PostgreSQL: {e}")))?;
+        // Keys' names, models and endpoints are any Unicode text: a
+        // database that cannot hold it would refuse charges.
+        let encoding: String = sqlx::query_scalar("SHOW server_encoding")
+            .fetch_one(&pool)
+            .await?;
+        if encoding != "UTF8" {
+            return Err(backend(format!(
+                "the PostgreSQL database uses the {encoding} encoding; tollgate needs UTF8 \
+                 (CREATE DATABASE ... ENCODING 'UTF8')"
+            )));
+        }
         sqlx::migrate!("migrations/postgres")
             .run(&pool)
             .await
