@@ -7,7 +7,7 @@
 
 use super::*;
 use std::collections::HashMap;
-use std::sync::{Mutex, MutexGuard, PoisonError, RwLock};
+use std::sync::{Mutex, PoisonError, RwLock};
 
 #[derive(Default)]
 pub struct MemoryStore {
@@ -31,12 +31,6 @@ struct KeyState {
 struct Ledger {
     usage: Vec<UsageEntry>,
     adjustments: Vec<AdjustmentEntry>,
-}
-
-/// A poisoned lock only means another request panicked while holding it;
-/// every update below leaves the state consistent before it can panic.
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 impl MemoryStore {

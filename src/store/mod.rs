@@ -37,6 +37,13 @@ use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 use std::sync::Arc;
 
+/// Locks `m`. A poisoned lock only means that a task panicked while holding
+/// it; every holder in the stores leaves its state consistent before it
+/// can panic, so the state is used as it is.
+fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 /// The error of a store's backend (the database or its files).
 fn backend(msg: impl Into<String>) -> StoreError {
     StoreError::Backend(msg.into())

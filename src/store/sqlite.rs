@@ -166,11 +166,6 @@ struct KeyState {
     reserved: Credits,
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    // Every holder leaves the state consistent before anything can panic.
-    m.lock().unwrap_or_else(PoisonError::into_inner)
-}
-
 fn data_version(conn: &Connection) -> rusqlite::Result<i64> {
     conn.prepare_cached("PRAGMA data_version")?
         .query_row([], |r| r.get(0))

@@ -180,10 +180,7 @@ struct KeyCacheState {
 
 impl KeyCache {
     fn state(&self) -> std::sync::MutexGuard<'_, KeyCacheState> {
-        // The state stays consistent whatever panicked while holding it.
-        self.0
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+        lock(&self.0)
     }
 
     /// A fresh enough record, or the generation to pass to [`KeyCache::fill`].

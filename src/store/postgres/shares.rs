@@ -14,7 +14,7 @@
 //! nor released while a request of this instance still holds them (as
 //! after another gateway took this one for dead).
 
-use super::{KeyId, StoreError};
+use super::{lock, KeyId, StoreError};
 use sqlx::PgPool;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -53,22 +53,15 @@ impl Shares {
         self.gate.read().await
     }
 
-    fn held(&self) -> std::sync::MutexGuard<'_, HashMap<KeyId, i64>> {
-        // A map of integers stays consistent whatever panicked holding it.
-        self.held
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-    }
-
     /// A reservation of `millis` on key `id` was applied.
     pub(super) fn reserved(&self, id: KeyId, millis: i64) {
-        *self.held().entry(id).or_insert(0) += millis;
+        *lock(&self.held).entry(id).or_insert(0) += millis;
     }
 
     /// `millis` of key `id` were released (settled or given back), or are
     /// to be, whatever the server holds.
     pub(super) fn released(&self, id: KeyId, millis: i64) {
-        let mut held = self.held();
+        let mut held = lock(&self.held);
         if let Some(amount) = held.get_mut(&id) {
             *amount -= millis;
             if *amount <= 0 {
@@ -84,10 +77,7 @@ impl Shares {
 
     /// A statement on key `id` may or may not have been applied.
     pub(super) fn unsure_of(&self, id: KeyId) {
-        self.suspects
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .insert(id);
+        lock(&self.suspects).insert(id);
         self.unsure();
     }
 
@@ -111,14 +101,8 @@ impl Shares {
         // No statement runs now: clear first, so that a failure below (or
         // a later unknown outcome) leaves it set.
         self.unsure.store(false, Ordering::SeqCst);
-        let suspects = std::mem::take(
-            &mut *self
-                .suspects
-                .lock()
-                .unwrap_or_else(|poisoned| poisoned.into_inner()),
-        );
-        let (mut ids, mut amounts): (Vec<KeyId>, Vec<i64>) = self
-            .held()
+        let suspects = std::mem::take(&mut *lock(&self.suspects));
+        let (mut ids, mut amounts): (Vec<KeyId>, Vec<i64>) = lock(&self.held)
             .iter()
             .map(|(id, amount)| (*id, *amount))
             .unzip();
@@ -131,12 +115,7 @@ impl Shares {
         let result = set_shares(pool, instance, &ids, &amounts).await;
         if result.is_err() {
             // Tried again, suspects and all, at the next heartbeat.
-            let mut kept = self
-                .suspects
-                .lock()
-                .unwrap_or_else(|poisoned| poisoned.into_inner());
-            kept.extend(suspects);
-            drop(kept);
+            lock(&self.suspects).extend(suspects);
             self.unsure();
         }
         result.map(|()| true)
