@@ -192,6 +192,16 @@ async fn lock_key_row(options: &PgConnectOptions, id: KeyId) -> PgConnection {
     blocker
 }
 
+/// Makes `instance`'s last heartbeat five minutes old, as if it had died
+/// (or lost the database) then.
+async fn stop_heartbeat(admin: &mut PgConnection, instance: &str) {
+    sqlx::query("UPDATE instances SET heartbeat_at = now() - interval '5 minutes' WHERE id = $1")
+        .bind(instance)
+        .execute(admin)
+        .await
+        .unwrap();
+}
+
 /// Ends the transaction of [`lock_key_row`].
 async fn unlock(mut blocker: PgConnection) {
     sqlx::query("COMMIT").execute(&mut blocker).await.unwrap();
@@ -1795,13 +1805,7 @@ async fn postgres_releases_reservations_of_dead_gateways() {
         assert_eq!(reserved(k).fetch_one(&mut admin).await.unwrap(), 7_000);
 
         // The first one stops beating (as after kill -9).
-        sqlx::query(
-            "UPDATE instances SET heartbeat_at = now() - interval '5 minutes' WHERE id = $1",
-        )
-        .bind(&dead_id)
-        .execute(&mut admin)
-        .await
-        .unwrap();
+        stop_heartbeat(&mut admin, &dead_id).await;
         live.release_stale_reservations().await.unwrap();
         assert_eq!(reserved(k).fetch_one(&mut admin).await.unwrap(), 3_000);
         assert_eq!(reserved(other).fetch_one(&mut admin).await.unwrap(), 0);

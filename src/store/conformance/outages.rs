@@ -171,7 +171,17 @@ fn contains(haystack: &[u8], needle: &[u8]) -> bool {
 }
 
 /// A store on a fresh schema whose connections go through a [`Cutter`].
-async fn store_behind_a_cutter() -> Option<(Cutter, Arc<PostgresStore>, PgConnectOptions, String)> {
+struct Relayed {
+    cutter: Cutter,
+    store: Arc<PostgresStore>,
+    /// Connections to the schema that bypass the relay.
+    options: PgConnectOptions,
+    /// The server's options and the schema, for [`drop_schema`].
+    base: PgConnectOptions,
+    schema: String,
+}
+
+async fn store_behind_a_cutter() -> Option<Relayed> {
     let (base, options, schema) = pg_schema().await?;
     let server = (base.get_host().to_string(), base.get_port());
     let cutter = Cutter::start(server).await;
@@ -179,17 +189,30 @@ async fn store_behind_a_cutter() -> Option<(Cutter, Arc<PostgresStore>, PgConnec
     let store = PostgresStore::connect_with(relayed)
         .await
         .expect("connect through the relay");
-    Some((cutter, Arc::new(store), base, schema))
+    Some(Relayed {
+        cutter,
+        store: Arc::new(store),
+        options,
+        base,
+        schema,
+    })
 }
 
 /// Ten settlements of one credit each on a key of 100, with the
 /// connection of the first batch broken as `cut` says: each settlement is
 /// answered with a balance, charged once, and every reservation released.
 async fn settlements_survive(cut: Cut) {
-    let Some((cutter, s, base, schema)) = store_behind_a_cutter().await else {
+    let Some(Relayed {
+        cutter,
+        store,
+        base,
+        schema,
+        ..
+    }) = store_behind_a_cutter().await
+    else {
         return;
     };
-    let s: SharedStore = s;
+    let s: SharedStore = store;
     let k = s.create_key(new_key("k", cr("100"))).await.unwrap().id;
     for _ in 0..10 {
         s.reserve(k, cr("2")).await.unwrap();
@@ -251,10 +274,16 @@ async fn reserved_in_rows(options: &PgConnectOptions, instance: &str, id: KeyId)
 /// failed, so it must not stay held: the next heartbeat gives it back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_a_reservation_whose_answer_is_lost_is_given_back() {
-    let Some((cutter, s, base, schema)) = store_behind_a_cutter().await else {
+    let Some(Relayed {
+        cutter,
+        store: s,
+        options,
+        base,
+        schema,
+    }) = store_behind_a_cutter().await
+    else {
         return;
     };
-    let options = base.clone().options([("search_path", schema.as_str())]);
     let k = s.create_key(new_key("k", cr("10"))).await.unwrap().id;
     let other = s.create_key(new_key("o", cr("10"))).await.unwrap().id;
     assert_eq!(s.reserve(other, cr("3")).await.unwrap(), cr("7"));
@@ -296,13 +325,7 @@ async fn postgres_a_gateway_taken_for_dead_holds_its_reservations_again() {
         let k = a.create_key(new_key("k", cr("10"))).await.unwrap().id;
         assert_eq!(a.reserve(k, cr("4")).await.unwrap(), cr("6"));
         let mut admin = PgConnection::connect_with(&options).await.unwrap();
-        sqlx::query(
-            "UPDATE instances SET heartbeat_at = now() - interval '5 minutes' WHERE id = $1",
-        )
-        .bind(a.instance_id())
-        .execute(&mut admin)
-        .await
-        .unwrap();
+        stop_heartbeat(&mut admin, a.instance_id()).await;
         let _ = admin.close().await;
         b.release_stale_reservations().await.unwrap();
         assert_eq!(reserved_in_rows(&options, a.instance_id(), k).await, (0, 0));
@@ -327,10 +350,16 @@ async fn postgres_a_gateway_taken_for_dead_holds_its_reservations_again() {
 /// by item, and no other request's reservation given back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_a_refused_retry_of_a_committed_batch_is_not_applied_again() {
-    let Some((cutter, s, base, schema)) = store_behind_a_cutter().await else {
+    let Some(Relayed {
+        cutter,
+        store: s,
+        options,
+        base,
+        schema,
+    }) = store_behind_a_cutter().await
+    else {
         return;
     };
-    let options = base.clone().options([("search_path", schema.as_str())]);
     let mut admin = PgConnection::connect_with(&options).await.unwrap();
     sqlx::raw_sql(
         "CREATE SEQUENCE marks; \
@@ -373,10 +402,16 @@ async fn postgres_a_refused_retry_of_a_committed_batch_is_not_applied_again() {
 /// too) and then gives its credits back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_a_reservation_still_queued_at_the_server_is_given_back() {
-    let Some((cutter, s, base, schema)) = store_behind_a_cutter().await else {
+    let Some(Relayed {
+        cutter,
+        store: s,
+        options,
+        base,
+        schema,
+    }) = store_behind_a_cutter().await
+    else {
         return;
     };
-    let options = base.clone().options([("search_path", schema.as_str())]);
     let k = s.create_key(new_key("k", cr("10"))).await.unwrap().id;
     let blocker = lock_key_row(&options, k).await;
     cutter.arm(Cut::AfterTheExecute, RESERVATION_SQL);
