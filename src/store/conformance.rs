@@ -1779,6 +1779,58 @@ async fn sqlite_one_batch_answers_each_settlement_the_balance_it_left() {
     assert_ledger_adds_up(&store, b).await;
 }
 
+/// Settlements queued while another process (the CLI) holds the write
+/// lock, then commits a change of the same key and a new key: the batch
+/// that follows starts from what that process committed, for the balances
+/// it answers and for the file.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_a_batch_starts_from_what_another_process_committed() {
+    let (_dir, path, store) = sqlite_file("behind.db").await;
+    let a = store.create_key(new_key("a", cr("100"))).await.unwrap().id;
+
+    let blocker = hold_write_lock(&path);
+    blocker
+        .execute(
+            "UPDATE api_keys SET balance = balance + 7000 WHERE id = ?1",
+            [a],
+        )
+        .unwrap();
+    blocker
+        .execute(
+            "INSERT INTO api_keys (key_hash, name, role, balance, created_at) \
+             VALUES ('elsewhere', 'e', 'user', 3000, 0)",
+            [],
+        )
+        .unwrap();
+    let e: KeyId = blocker.last_insert_rowid();
+    let mut queued = Vec::new();
+    for (key, credits) in [(a, "1"), (e, "0.5"), (a, "2"), (e, "0.25")] {
+        queued.push((
+            key,
+            cr(credits),
+            spawn_settle(&store, usage(key, cr(credits)), Credits::ZERO),
+        ));
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+    blocker.execute_batch("COMMIT").unwrap();
+
+    let (mut balance_a, mut balance_e) = (cr("107"), cr("3"));
+    for (key, credits, task) in queued {
+        let left = if key == a {
+            &mut balance_a
+        } else {
+            &mut balance_e
+        };
+        *left -= credits;
+        assert_eq!(task.await.unwrap().unwrap(), *left, "key {key}");
+    }
+    assert_eq!(balance(&store, a).await, cr("104"));
+    assert_eq!(balance(&store, e).await, cr("2.25"));
+    let reopened: SharedStore = Arc::new(SqliteStore::open(&path).await.unwrap());
+    assert_eq!(balance(&reopened, a).await, cr("104"));
+    assert_eq!(balance(&reopened, e).await, cr("2.25"));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_releases_reservations_of_dead_gateways() {
     let Some((base, options, schema)) = pg_schema().await else {

@@ -1284,12 +1284,37 @@ impl Writer {
                     self.panic_at = None;
                     panic!("a settlement panics (test)");
                 }
-                let balance = settle(conn, usage)?;
+                let before = self.balance_in_batch(usage.key_id);
+                let balance = settle(&self.conn, usage, before)?;
                 self.changes
                     .push(Change::Settled(usage.key_id, balance, hold.clone()));
                 Ok(Outcome::Credits(balance))
             }
         }
+    }
+
+    /// Key `id`'s balance in the open transaction, as this batch has left
+    /// it so far, when the writer can tell without asking SQLite: the
+    /// cache holds every committed balance once [`Writer::begin`] has
+    /// caught up (no other connection can commit until the batch does),
+    /// and the batch's own changes say what it changed since. `None` while
+    /// the cache may be behind (`reload`), and for a key it does not hold.
+    fn balance_in_batch(&self, id: KeyId) -> Option<Credits> {
+        if self.reload {
+            return None;
+        }
+        let changed = self.changes.iter().rev().find_map(|change| match change {
+            Change::Settled(key, balance, _) | Change::Balance(key, balance) if *key == id => {
+                Some(*balance)
+            }
+            Change::Key(_, record) if record.id == id => Some(record.balance),
+            _ => None,
+        });
+        changed.or_else(|| {
+            self.cache
+                .entry(id)
+                .map(|entry| lock(&entry).record.balance)
+        })
     }
 
     /// Carries out `cmd` in a savepoint, so that its failure undoes only
@@ -1448,14 +1473,37 @@ fn sync_grants(conn: &Connection, grants: &[Grant]) -> Result<GrantReport, Store
     Ok(report)
 }
 
-fn settle(conn: &Connection, usage: &UsageRecord) -> Result<Credits, StoreError> {
-    let balance: i64 = conn
-        .prepare_cached(
-            "UPDATE api_keys SET balance = balance - ?2 WHERE id = ?1 RETURNING balance",
-        )?
-        .query_row(params![usage.key_id, usage.credits.millis()], |r| r.get(0))
-        .optional()?
-        .ok_or(StoreError::NoSuchKey(usage.key_id))?;
+/// Charges `usage` to its key and records it; returns the key's new
+/// balance. `before` is the key's balance in the open transaction when
+/// the writer knows it (see [`Writer::balance_in_batch`]): the `UPDATE` then
+/// needs no `RETURNING`, which costs SQLite an ephemeral table and nearly
+/// as many instructions as the rest of a settlement (measured with
+/// callgrind: ~40k instructions per settlement with it, ~22k without).
+fn settle(
+    conn: &Connection,
+    usage: &UsageRecord,
+    before: Option<Credits>,
+) -> Result<Credits, StoreError> {
+    let (id, credits) = (usage.key_id, usage.credits.millis());
+    let balance = match before {
+        Some(before) => {
+            let updated = conn
+                .prepare_cached("UPDATE api_keys SET balance = balance - ?2 WHERE id = ?1")?
+                .execute(params![id, credits])?;
+            if updated == 0 {
+                return Err(StoreError::NoSuchKey(id));
+            }
+            before - usage.credits
+        }
+        None => Credits::from_millis(
+            conn.prepare_cached(
+                "UPDATE api_keys SET balance = balance - ?2 WHERE id = ?1 RETURNING balance",
+            )?
+            .query_row(params![id, credits], |r| r.get(0))
+            .optional()?
+            .ok_or(StoreError::NoSuchKey(id))?,
+        ),
+    };
     conn.prepare_cached(
         "INSERT INTO usage (time, key_id, endpoint, model, status, prompt_tokens, \
          completion_tokens, credits, duration_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
@@ -1471,7 +1519,7 @@ fn settle(conn: &Connection, usage: &UsageRecord) -> Result<Credits, StoreError>
         usage.credits.millis(),
         i64_of(usage.duration_ms),
     ])?;
-    Ok(Credits::from_millis(balance))
+    Ok(balance)
 }
 
 // ---------------------------------------------------------------------------
@@ -1643,6 +1691,61 @@ impl Store for SqliteStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn charge(key_id: KeyId, millis: i64) -> UsageRecord {
+        UsageRecord {
+            time: 1,
+            key_id,
+            endpoint: "/api/chat".into(),
+            model: None,
+            status: 200,
+            prompt_tokens: 1,
+            completion_tokens: 2,
+            credits: Credits::from_millis(millis),
+            duration_ms: 3,
+        }
+    }
+
+    #[test]
+    fn a_settlement_charges_the_file_with_or_without_the_balance_known() {
+        let dir = tempfile::tempdir().unwrap();
+        let conn = open_writer(&dir.path().join("settle.db")).unwrap();
+        conn.execute(
+            "INSERT INTO api_keys (id, key_hash, name, role, balance, created_at) \
+             VALUES (7, 'h', 'k', 'user', 10000, 0)",
+            [],
+        )
+        .unwrap();
+        let in_file = || -> i64 {
+            conn.query_row("SELECT balance FROM api_keys WHERE id = 7", [], |r| {
+                r.get(0)
+            })
+            .unwrap()
+        };
+        // Not known: the new balance is read back from the file.
+        let left = settle(&conn, &charge(7, 1500), None).unwrap();
+        assert_eq!((left, in_file()), (Credits::from_millis(8500), 8500));
+        // Known: the same charge in the file, the answer computed from it.
+        let left = settle(&conn, &charge(7, 250), Some(left)).unwrap();
+        assert_eq!((left, in_file()), (Credits::from_millis(8250), 8250));
+        let rows: i64 = conn
+            .query_row("SELECT COUNT(*) FROM usage WHERE key_id = 7", [], |r| {
+                r.get(0)
+            })
+            .unwrap();
+        assert_eq!(rows, 2);
+        // A key that is not in the file, either way: nothing recorded.
+        for before in [None, Some(Credits::from_millis(5))] {
+            assert!(matches!(
+                settle(&conn, &charge(8, 1), before),
+                Err(StoreError::NoSuchKey(8))
+            ));
+        }
+        let rows: i64 = conn
+            .query_row("SELECT COUNT(*) FROM usage", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(rows, 2);
+    }
 
     #[test]
     fn arrivals_tell_a_busy_queue_from_a_quiet_one() {
