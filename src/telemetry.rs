@@ -13,11 +13,12 @@
 use crate::config::LogFormat;
 use crate::credits::Credits;
 use crate::store::KeyId;
-use metrics::{counter, gauge, histogram};
+use metrics::{counter, gauge, histogram, Counter, Histogram};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
+use std::hash::Hash;
 use std::io::IsTerminal;
-use std::sync::{Mutex, OnceLock, PoisonError, RwLock};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError, RwLock};
 use std::time::{Duration, Instant};
 use tracing_subscriber::EnvFilter;
 
@@ -213,34 +214,94 @@ impl Drop for RequestLog {
         );
 
         let model = model_label(f.model.as_deref());
-        let status_label = status.to_string();
-        let route = self.route;
-        counter!("tollgate_requests_total", "route" => route, "status" => status_label.clone(), "model" => model.clone()).increment(1);
+        let metrics = RequestMetrics::of(self.route, status, model);
+        metrics.requests.increment(1);
         if matches!(status, 401 | 402 | 403 | 429) {
-            counter!("tollgate_rejections_total", "reason" => status_label).increment(1);
+            counter!("tollgate_rejections_total", "reason" => status.to_string()).increment(1);
         }
         if let Some(key_id) = f.key_id {
             if let Some(credits) = f.credits.filter(|c| c.is_positive()) {
-                counter!("tollgate_credits_charged_millis_total", "key_id" => key_id.to_string())
-                    .increment(credits.millis() as u64);
+                charged_to(key_id).increment(credits.millis() as u64);
             }
         }
         if f.tokens.is_some() {
-            counter!("tollgate_tokens_total", "kind" => "prompt", "model" => model.clone())
-                .increment(prompt_tokens);
-            counter!("tollgate_tokens_total", "kind" => "completion", "model" => model)
-                .increment(completion_tokens);
+            metrics.prompt_tokens.increment(prompt_tokens);
+            metrics.completion_tokens.increment(completion_tokens);
         }
-        histogram!("tollgate_request_duration_seconds", "route" => route)
-            .record(total.as_secs_f64());
+        metrics.duration.record(total.as_secs_f64());
         if let Some(first) = f.upstream_first_byte {
-            histogram!("tollgate_upstream_first_byte_seconds", "route" => route)
-                .record(first.as_secs_f64());
+            metrics.first_byte.record(first.as_secs_f64());
             let overhead = total.saturating_sub(f.upstream_wait);
-            histogram!("tollgate_overhead_seconds", "route" => route)
-                .record(overhead.as_secs_f64());
+            metrics.overhead.record(overhead.as_secs_f64());
         }
     }
+}
+
+/// Handles registered once per label set and kept, in `cache`: the
+/// `counter!`/`histogram!` macros build, hash and look up their labels in
+/// the registry at every call, which was most of what a request's
+/// record cost. Every label set is bounded (routes, statuses, the models
+/// Ollama lists, key ids), and so is the cache.
+fn registered<K: Hash + Eq, V: Clone>(
+    cache: &RwLock<HashMap<K, V>>,
+    key: K,
+    register: impl FnOnce(&K) -> V,
+) -> V {
+    if let Some(found) = cache
+        .read()
+        .unwrap_or_else(PoisonError::into_inner)
+        .get(&key)
+    {
+        return found.clone();
+    }
+    // Registered with the recorder in place, never with the no-op one
+    // that a handle taken before it would keep.
+    metrics_handle();
+    let mut cache = cache.write().unwrap_or_else(PoisonError::into_inner);
+    cache.entry(key).or_insert_with_key(register).clone()
+}
+
+/// The metrics a finished request updates, for one route, status and
+/// model label.
+struct RequestMetrics {
+    requests: Counter,
+    prompt_tokens: Counter,
+    completion_tokens: Counter,
+    duration: Histogram,
+    first_byte: Histogram,
+    overhead: Histogram,
+}
+
+type RequestLabels = (&'static str, u16, String);
+
+impl RequestMetrics {
+    fn of(route: &'static str, status: u16, model: String) -> Arc<RequestMetrics> {
+        static CACHE: OnceLock<RwLock<HashMap<RequestLabels, Arc<RequestMetrics>>>> =
+            OnceLock::new();
+        let cache = CACHE.get_or_init(Default::default);
+        registered(cache, (route, status, model), |(route, status, model)| {
+            let (route, status, model) = (*route, status.to_string(), model.clone());
+            Arc::new(RequestMetrics {
+                requests: counter!("tollgate_requests_total", "route" => route, "status" => status, "model" => model.clone()),
+                prompt_tokens: counter!("tollgate_tokens_total", "kind" => "prompt", "model" => model.clone()),
+                completion_tokens: counter!("tollgate_tokens_total", "kind" => "completion", "model" => model),
+                duration: histogram!("tollgate_request_duration_seconds", "route" => route),
+                first_byte: histogram!("tollgate_upstream_first_byte_seconds", "route" => route),
+                overhead: histogram!("tollgate_overhead_seconds", "route" => route),
+            })
+        })
+    }
+}
+
+/// The counter of credits charged to `key_id`.
+fn charged_to(key_id: KeyId) -> Counter {
+    static CACHE: OnceLock<RwLock<HashMap<KeyId, Counter>>> = OnceLock::new();
+    let cache = CACHE.get_or_init(Default::default);
+    registered(
+        cache,
+        key_id,
+        |id| counter!("tollgate_credits_charged_millis_total", "key_id" => id.to_string()),
+    )
 }
 
 /// Counts streams being relayed.
@@ -271,6 +332,43 @@ mod tests {
         assert!(!sane_request_id("has space"));
         assert!(!sane_request_id("new\nline"));
         assert_eq!(new_request_id().len(), 16);
+    }
+
+    /// The value of the one sample of `name` whose line holds `labels`.
+    fn sample(name: &str, labels: &str) -> Option<f64> {
+        let text = metrics_handle().render();
+        let line = text
+            .lines()
+            .find(|l| l.starts_with(name) && l.contains(labels))?;
+        line.rsplit(' ').next()?.parse().ok()
+    }
+
+    #[test]
+    fn every_request_counts_through_the_kept_handles() {
+        let finished = |credits: &str| {
+            let log = RequestLog::new("r".into(), axum::http::Method::POST, "/unit/kept");
+            log.set_status(299);
+            log.set_key(987_654);
+            log.set_usage(3, 4, credits.parse().unwrap());
+            log.set_upstream_first_byte(Duration::from_millis(1));
+        };
+        for credits in ["1", "0.5", "2"] {
+            finished(credits);
+        }
+        let route = r#"route="/unit/kept""#;
+        assert_eq!(sample("tollgate_requests_total", route), Some(3.0));
+        assert_eq!(
+            sample("tollgate_request_duration_seconds_count", route),
+            Some(3.0)
+        );
+        assert_eq!(sample("tollgate_overhead_seconds_count", route), Some(3.0));
+        assert_eq!(
+            sample(
+                "tollgate_credits_charged_millis_total",
+                r#"key_id="987654""#
+            ),
+            Some(3500.0)
+        );
     }
 
     #[test]
