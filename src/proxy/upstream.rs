@@ -1,5 +1,9 @@
 //! Where and how tollgate talks to Ollama, with the time limits of SPEC §6
-//! on connecting and on waiting for the response head.
+//! on connecting and on waiting for the response head. The wait for the
+//! head starts when the request has been sent: for a body of unknown
+//! length or over [`SENT_AT_ONCE`] (a blob upload, streamed through at the
+//! client's pace), once its last byte has left; the upload itself has no
+//! time limit here.
 //!
 //! Forwarded requests go over the connections of [`super::connection`],
 //! driven by the request's own task. tollgate's own calls (the health
@@ -9,7 +13,17 @@ use super::connection::{ExchangeError, Pool, ReplyBody};
 use crate::config::Timeouts;
 use axum::body::Body;
 use axum::http::{header, HeaderMap, HeaderValue, Method, Request, Response, Uri};
+use bytes::Bytes;
+use http_body::{Frame, SizeHint};
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
+use tokio::sync::oneshot;
+
+/// A request body of at most this many bytes, whose length is known, is
+/// taken to leave at once: the wait for Ollama's head starts with the
+/// request. A larger one, or one of unknown length, is watched.
+pub const SENT_AT_ONCE: u64 = 1 << 20;
 
 #[derive(Debug, thiserror::Error)]
 pub enum UpstreamError {
@@ -52,6 +66,59 @@ pub struct Outbound {
     /// Headers to send: already filtered (see [`super::headers`]).
     pub headers: HeaderMap,
     pub body: Body,
+}
+
+/// A request body that says when its last frame has been taken (or when
+/// it is dropped before that).
+struct Upload {
+    body: Body,
+    sent: Option<oneshot::Sender<()>>,
+}
+
+impl Upload {
+    /// `body` as it is when it leaves at once (see [`SENT_AT_ONCE`]);
+    /// otherwise wrapped, with the receiver that hears when it has been
+    /// sent.
+    fn watch(body: Body) -> (Body, Option<oneshot::Receiver<()>>) {
+        let small = http_body::Body::size_hint(&body)
+            .exact()
+            .is_some_and(|n| n <= SENT_AT_ONCE);
+        if small {
+            return (body, None);
+        }
+        let (tx, rx) = oneshot::channel();
+        let upload = Upload {
+            body,
+            sent: Some(tx),
+        };
+        (Body::new(upload), Some(rx))
+    }
+}
+
+impl http_body::Body for Upload {
+    type Data = Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, axum::Error>>> {
+        let polled = Pin::new(&mut self.body).poll_frame(cx);
+        if let Poll::Ready(None) = polled {
+            if let Some(sent) = self.sent.take() {
+                let _ = sent.send(());
+            }
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
+    }
 }
 
 impl Upstream {
@@ -119,7 +186,8 @@ impl Upstream {
             reason,
         };
         let uri = self.uri_of(&out.path_and_query).map_err(broken)?;
-        let mut request = Request::new(out.body);
+        let (body, sent) = Upload::watch(out.body);
+        let mut request = Request::new(body);
         *request.method_mut() = out.method;
         *request.uri_mut() = uri;
         *request.headers_mut() = out.headers;
@@ -127,8 +195,20 @@ impl Upstream {
             .headers_mut()
             .insert(header::HOST, self.host.clone());
         let exchange = self.pool.exchange(request, self.timeouts.connect);
-        match tokio::time::timeout(self.timeouts.first_byte, exchange).await {
-            Err(_) => Err(UpstreamError::Timeout {
+        let first_byte = self.timeouts.first_byte;
+        let waited_too_long = async move {
+            if let Some(sent) = sent {
+                // Sent whole, or dropped (the exchange ends by itself then).
+                let _ = sent.await;
+            }
+            tokio::time::sleep(first_byte).await;
+        };
+        let answered = tokio::select! {
+            answered = exchange => Ok(answered),
+            () = waited_too_long => Err(()),
+        };
+        match answered {
+            Err(()) => Err(UpstreamError::Timeout {
                 url: self.base.clone(),
                 secs: self.timeouts.first_byte.as_secs(),
             }),

@@ -227,6 +227,63 @@ async fn ollama_too_slow_is_504_and_costs_nothing() {
     assert_eq!(app.balance_of(KEY).await, Credits::whole(10));
 }
 
+/// A blob upload streamed at the client's pace takes longer than the
+/// first-byte limit: the limit starts once the body has been sent whole,
+/// and still applies to Ollama's answer after that.
+#[tokio::test]
+async fn the_first_byte_limit_starts_after_a_slow_upload() {
+    use sha2::Digest;
+    let app = spawn()
+        .var("OLLAMA_FIRST_BYTE_TIMEOUT_SECS", "1")
+        .start()
+        .await;
+    let piece = vec![7u8; 4096];
+    let pieces = 8;
+    let blob = piece.repeat(pieces);
+    let path = format!(
+        "/api/blobs/sha256:{}",
+        hex::encode(sha2::Sha256::digest(&blob))
+    );
+    // 8 pieces 250 ms apart: the last leaves after 1.75 s.
+    let slowly = || {
+        let piece = bytes::Bytes::from(piece.clone());
+        let stream = futures_util::stream::iter(0..pieces).then(move |i| {
+            let piece = piece.clone();
+            async move {
+                if i > 0 {
+                    tokio::time::sleep(Duration::from_millis(250)).await;
+                }
+                Ok::<_, std::io::Error>(piece)
+            }
+        });
+        reqwest::Body::wrap_stream(stream)
+    };
+    let uploaded = app
+        .admin(reqwest::Method::POST, &path)
+        .body(slowly())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(uploaded.status(), 201);
+    assert_eq!(app.forwarded().pop().unwrap().body.len(), blob.len());
+
+    app.fake.set(Behavior {
+        head_delay: Duration::from_secs(3),
+        ..Behavior::default()
+    });
+    let started = std::time::Instant::now();
+    let stalled = app
+        .admin(reqwest::Method::POST, &path)
+        .body(slowly())
+        .send()
+        .await
+        .unwrap();
+    let message = ollama_error(stalled, 504).await;
+    assert!(message.contains("did not answer"), "{message}");
+    // Not before the body was sent whole (1.75 s) and waited for (1 s).
+    assert!(started.elapsed() >= Duration::from_millis(2700));
+}
+
 #[tokio::test]
 async fn ollamas_own_errors_pass_through_unchanged_and_cost_nothing() {
     let app = TestApp::new().await;

@@ -133,7 +133,8 @@ pub struct Behavior {
     pub prompt_eval_count: u64,
     /// Pause before every streamed item after the first.
     pub chunk_delay: Duration,
-    /// Pause before a generation request is answered at all.
+    /// Pause before a generation request or a blob upload is answered at
+    /// all (after the whole body was read).
     pub head_delay: Duration,
     /// Generation requests wait, after being counted, for
     /// [`FakeOllama::release`].
@@ -645,7 +646,14 @@ async fn handle(State(shared): State<Arc<Shared>>, req: Request) -> Response {
         Route::Create => create(&shared, &body),
         Route::Copy => copy(&shared, &body),
         Route::Delete => delete(&shared, &body),
-        Route::Blob(digest) => blob(&shared, &digest, head),
+        Route::Blob(digest) => {
+            // Ollama answers once the whole blob is written to disk.
+            let delay = shared.behavior().head_delay;
+            if !delay.is_zero() {
+                tokio::time::sleep(delay).await;
+            }
+            blob(&shared, &digest, head)
+        }
         Route::V1Models => v1_models(&shared),
         Route::V1Model(model) => v1_model(&shared, &model),
         Route::Gen(g) => generation(&shared, g, &body).await,
