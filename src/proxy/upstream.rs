@@ -1,9 +1,11 @@
 //! Where and how tollgate talks to Ollama, with the time limits of SPEC §6
 //! on connecting and on waiting for the response head. The wait for the
-//! head starts when the request has been sent: for a body of unknown
-//! length or over [`SENT_AT_ONCE`] (a blob upload, streamed through at the
-//! client's pace), once its last byte has left; the upload itself has no
-//! time limit here.
+//! head starts when the request has been sent. A body of unknown length or
+//! over [`SENT_AT_ONCE`] (a blob upload, streamed through at the client's
+//! pace) is watched: every piece of it that leaves starts the wait anew,
+//! and its last one starts the wait for the head. So an upload is never
+//! cut while it moves, and one that stalls (the client stops sending,
+//! Ollama stops reading) ends like a late head.
 //!
 //! Forwarded requests go over the connections of [`super::connection`],
 //! driven by the request's own task. tollgate's own calls (the health
@@ -18,7 +20,8 @@ use http_body::{Frame, SizeHint};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use tokio::sync::oneshot;
+use std::time::Duration;
+use tokio::sync::watch;
 
 /// A request body of at most this many bytes, whose length is known, is
 /// taken to leave at once: the wait for Ollama's head starts with the
@@ -68,30 +71,26 @@ pub struct Outbound {
     pub body: Body,
 }
 
-/// A request body that says when its last frame has been taken (or when
-/// it is dropped before that).
+/// A request body that tells, through `progress`, of every piece taken
+/// from it (`false`) and of its end (`true`); dropped before its end, it
+/// closes the channel.
 struct Upload {
     body: Body,
-    sent: Option<oneshot::Sender<()>>,
+    progress: watch::Sender<bool>,
 }
 
 impl Upload {
     /// `body` as it is when it leaves at once (see [`SENT_AT_ONCE`]);
-    /// otherwise wrapped, with the receiver that hears when it has been
-    /// sent.
-    fn watch(body: Body) -> (Body, Option<oneshot::Receiver<()>>) {
+    /// otherwise wrapped, with the receiver that hears of its progress.
+    fn watch(body: Body) -> (Body, Option<watch::Receiver<bool>>) {
         let small = http_body::Body::size_hint(&body)
             .exact()
             .is_some_and(|n| n <= SENT_AT_ONCE);
         if small {
             return (body, None);
         }
-        let (tx, rx) = oneshot::channel();
-        let upload = Upload {
-            body,
-            sent: Some(tx),
-        };
-        (Body::new(upload), Some(rx))
+        let (progress, heard) = watch::channel(false);
+        (Body::new(Upload { body, progress }), Some(heard))
     }
 }
 
@@ -104,10 +103,14 @@ impl http_body::Body for Upload {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, axum::Error>>> {
         let polled = Pin::new(&mut self.body).poll_frame(cx);
-        if let Poll::Ready(None) = polled {
-            if let Some(sent) = self.sent.take() {
-                let _ = sent.send(());
+        match &polled {
+            Poll::Ready(Some(Ok(_))) => {
+                self.progress.send_replace(false);
             }
+            Poll::Ready(None) => {
+                self.progress.send_replace(true);
+            }
+            Poll::Ready(Some(Err(_))) | Poll::Pending => {}
         }
         polled
     }
@@ -119,6 +122,25 @@ impl http_body::Body for Upload {
     fn size_hint(&self) -> SizeHint {
         self.body.size_hint()
     }
+}
+
+/// Resolves when Ollama has taken longer than `limit` to answer: `limit`
+/// after the request was sent whole, or after the last progress of an
+/// upload that stalled.
+async fn too_late(upload: Option<watch::Receiver<bool>>, limit: Duration) {
+    if let Some(mut upload) = upload {
+        while !*upload.borrow_and_update() {
+            match tokio::time::timeout(limit, upload.changed()).await {
+                // A piece left: wait anew.
+                Ok(Ok(())) => {}
+                // The body is gone; the exchange ends by itself.
+                Ok(Err(_)) => break,
+                // Stalled for the whole limit.
+                Err(_) => return,
+            }
+        }
+    }
+    tokio::time::sleep(limit).await;
 }
 
 impl Upstream {
@@ -186,7 +208,7 @@ impl Upstream {
             reason,
         };
         let uri = self.uri_of(&out.path_and_query).map_err(broken)?;
-        let (body, sent) = Upload::watch(out.body);
+        let (body, upload) = Upload::watch(out.body);
         let mut request = Request::new(body);
         *request.method_mut() = out.method;
         *request.uri_mut() = uri;
@@ -195,17 +217,10 @@ impl Upstream {
             .headers_mut()
             .insert(header::HOST, self.host.clone());
         let exchange = self.pool.exchange(request, self.timeouts.connect);
-        let first_byte = self.timeouts.first_byte;
-        let waited_too_long = async move {
-            if let Some(sent) = sent {
-                // Sent whole, or dropped (the exchange ends by itself then).
-                let _ = sent.await;
-            }
-            tokio::time::sleep(first_byte).await;
-        };
         let answered = tokio::select! {
+            biased;
             answered = exchange => Ok(answered),
-            () = waited_too_long => Err(()),
+            () = too_late(upload, self.timeouts.first_byte) => Err(()),
         };
         match answered {
             Err(()) => Err(UpstreamError::Timeout {

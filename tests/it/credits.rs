@@ -228,8 +228,9 @@ async fn ollama_too_slow_is_504_and_costs_nothing() {
 }
 
 /// A blob upload streamed at the client's pace takes longer than the
-/// first-byte limit: the limit starts once the body has been sent whole,
-/// and still applies to Ollama's answer after that.
+/// first-byte limit: the limit starts anew with every piece that leaves,
+/// still applies to Ollama's answer after the last one, and ends an
+/// upload that stalls for longer than it.
 #[tokio::test]
 async fn the_first_byte_limit_starts_after_a_slow_upload() {
     use sha2::Digest;
@@ -244,20 +245,25 @@ async fn the_first_byte_limit_starts_after_a_slow_upload() {
         "/api/blobs/sha256:{}",
         hex::encode(sha2::Sha256::digest(&blob))
     );
-    // 8 pieces 250 ms apart: the last leaves after 1.75 s.
-    let slowly = || {
+    // 8 pieces 250 ms apart (the last leaves after 1.75 s), or with a
+    // pause of 2.5 s before the fifth.
+    let sent_in_pieces = |stall_before: Option<usize>| {
         let piece = bytes::Bytes::from(piece.clone());
         let stream = futures_util::stream::iter(0..pieces).then(move |i| {
             let piece = piece.clone();
             async move {
-                if i > 0 {
-                    tokio::time::sleep(Duration::from_millis(250)).await;
-                }
+                let pause = match i {
+                    0 => 0,
+                    i if Some(i) == stall_before => 2500,
+                    _ => 250,
+                };
+                tokio::time::sleep(Duration::from_millis(pause)).await;
                 Ok::<_, std::io::Error>(piece)
             }
         });
         reqwest::Body::wrap_stream(stream)
     };
+    let slowly = || sent_in_pieces(None);
     let uploaded = app
         .admin(reqwest::Method::POST, &path)
         .body(slowly())
@@ -282,6 +288,21 @@ async fn the_first_byte_limit_starts_after_a_slow_upload() {
     assert!(message.contains("did not answer"), "{message}");
     // Not before the body was sent whole (1.75 s) and waited for (1 s).
     assert!(started.elapsed() >= Duration::from_millis(2700));
+
+    app.fake.set(Behavior::default());
+    let forwarded = app.forwarded().len();
+    let stalled = app
+        .admin(reqwest::Method::POST, &path)
+        .body(sent_in_pieces(Some(4)))
+        .send()
+        .await
+        .unwrap();
+    let message = ollama_error(stalled, 504).await;
+    assert!(message.contains("did not answer"), "{message}");
+    // Ollama never got the whole blob.
+    assert!(app.forwarded()[forwarded..]
+        .iter()
+        .all(|seen| seen.body.len() < blob.len()));
 }
 
 #[tokio::test]
