@@ -1330,6 +1330,11 @@ impl Writer {
             self.changes.truncate(noted);
             if self.exec("ROLLBACK TO command").is_ok() {
                 let _ = self.exec("RELEASE command");
+            } else {
+                // What the command wrote may stay in the transaction:
+                // the cache no longer knows the file's balances (see
+                // `balance_in_batch`) until it reads them again.
+                self.reload = true;
             }
         }
         result
@@ -1485,15 +1490,18 @@ fn settle(
     before: Option<Credits>,
 ) -> Result<Credits, StoreError> {
     let (id, credits) = (usage.key_id, usage.credits.millis());
-    let balance = match before {
-        Some(before) => {
+    // A charge beyond i64 (absurd token counts) would turn SQLite's
+    // `balance - ?2` into a REAL: the RETURNING form refuses it, as before.
+    let known_after = before.and_then(|b| b.millis().checked_sub(credits));
+    let balance = match known_after {
+        Some(after) => {
             let updated = conn
                 .prepare_cached("UPDATE api_keys SET balance = balance - ?2 WHERE id = ?1")?
                 .execute(params![id, credits])?;
             if updated == 0 {
                 return Err(StoreError::NoSuchKey(id));
             }
-            before - usage.credits
+            Credits::from_millis(after)
         }
         None => Credits::from_millis(
             conn.prepare_cached(
@@ -1734,6 +1742,14 @@ mod tests {
             })
             .unwrap();
         assert_eq!(rows, 2);
+        // A charge the balance cannot take (beyond i64): refused as the
+        // RETURNING form refuses it, the balance left an integer.
+        conn.execute_batch("BEGIN; UPDATE api_keys SET balance = -10 WHERE id = 7")
+            .unwrap();
+        let refused = settle(&conn, &charge(7, i64::MAX), Some(Credits::from_millis(-10)));
+        conn.execute_batch("ROLLBACK").unwrap();
+        assert!(refused.is_err(), "{refused:?}");
+        assert_eq!(in_file(), 8250);
         // A key that is not in the file, either way: nothing recorded.
         for before in [None, Some(Credits::from_millis(5))] {
             assert!(matches!(
