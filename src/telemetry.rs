@@ -225,14 +225,16 @@ impl Drop for RequestLog {
             }
         }
         if f.tokens.is_some() {
-            metrics.prompt_tokens.increment(prompt_tokens);
-            metrics.completion_tokens.increment(completion_tokens);
+            let (prompt, completion) = metrics.tokens();
+            prompt.increment(prompt_tokens);
+            completion.increment(completion_tokens);
         }
         metrics.duration.record(total.as_secs_f64());
         if let Some(first) = f.upstream_first_byte {
-            metrics.first_byte.record(first.as_secs_f64());
-            let overhead = total.saturating_sub(f.upstream_wait);
-            metrics.overhead.record(overhead.as_secs_f64());
+            let (first_byte, overhead) = metrics.upstream();
+            first_byte.record(first.as_secs_f64());
+            let overhead_took = total.saturating_sub(f.upstream_wait);
+            overhead.record(overhead_took.as_secs_f64());
         }
     }
 }
@@ -262,14 +264,17 @@ fn registered<K: Hash + Eq, V: Clone>(
 }
 
 /// The metrics a finished request updates, for one route, status and
-/// model label.
+/// model label. The token counters and the upstream histograms are
+/// registered the first time a request has something to put in them, as
+/// the macros did, so that no empty series appears for routes that never
+/// reach Ollama.
 struct RequestMetrics {
+    route: &'static str,
+    model: String,
     requests: Counter,
-    prompt_tokens: Counter,
-    completion_tokens: Counter,
     duration: Histogram,
-    first_byte: Histogram,
-    overhead: Histogram,
+    tokens: OnceLock<(Counter, Counter)>,
+    upstream: OnceLock<(Histogram, Histogram)>,
 }
 
 type RequestLabels = (&'static str, u16, String);
@@ -280,15 +285,38 @@ impl RequestMetrics {
             OnceLock::new();
         let cache = CACHE.get_or_init(Default::default);
         registered(cache, (route, status, model), |(route, status, model)| {
-            let (route, status, model) = (*route, status.to_string(), model.clone());
+            let (route, status) = (*route, status.to_string());
             Arc::new(RequestMetrics {
+                route,
+                model: model.clone(),
                 requests: counter!("tollgate_requests_total", "route" => route, "status" => status, "model" => model.clone()),
-                prompt_tokens: counter!("tollgate_tokens_total", "kind" => "prompt", "model" => model.clone()),
-                completion_tokens: counter!("tollgate_tokens_total", "kind" => "completion", "model" => model),
                 duration: histogram!("tollgate_request_duration_seconds", "route" => route),
-                first_byte: histogram!("tollgate_upstream_first_byte_seconds", "route" => route),
-                overhead: histogram!("tollgate_overhead_seconds", "route" => route),
+                tokens: OnceLock::new(),
+                upstream: OnceLock::new(),
             })
+        })
+    }
+
+    /// The prompt and completion token counters of the model.
+    fn tokens(&self) -> &(Counter, Counter) {
+        self.tokens.get_or_init(|| {
+            let model = self.model.clone();
+            (
+                counter!("tollgate_tokens_total", "kind" => "prompt", "model" => model.clone()),
+                counter!("tollgate_tokens_total", "kind" => "completion", "model" => model),
+            )
+        })
+    }
+
+    /// The histograms of Ollama's time to first byte and of tollgate's
+    /// overhead on the route.
+    fn upstream(&self) -> &(Histogram, Histogram) {
+        self.upstream.get_or_init(|| {
+            let route = self.route;
+            (
+                histogram!("tollgate_upstream_first_byte_seconds", "route" => route),
+                histogram!("tollgate_overhead_seconds", "route" => route),
+            )
         })
     }
 }
@@ -368,6 +396,24 @@ mod tests {
                 r#"key_id="987654""#
             ),
             Some(3500.0)
+        );
+    }
+
+    #[test]
+    fn a_request_that_never_reached_ollama_adds_no_empty_series() {
+        let log = RequestLog::new("r".into(), axum::http::Method::GET, "/unit/local");
+        log.set_status(298);
+        drop(log);
+        let route = r#"route="/unit/local""#;
+        assert_eq!(sample("tollgate_requests_total", route), Some(1.0));
+        let text = metrics_handle().render();
+        let series: Vec<&str> = text.lines().filter(|l| l.contains(route)).collect();
+        assert!(
+            series
+                .iter()
+                .all(|l| !l.starts_with("tollgate_upstream_first_byte")
+                    && !l.starts_with("tollgate_overhead")),
+            "{series:?}"
         );
     }
 
