@@ -1,9 +1,10 @@
 #!/usr/bin/env python3
 """Instructions per proxied request, counted by valgrind's callgrind.
 
-A count of instructions does not depend on what else the machine is doing,
-so it tells two builds apart where this host's timings cannot (their noise
-is larger than a change of a few per cent). It does not replace the timed
+A count of instructions depends far less on what else the machine is doing
+than a timing (runs of one build agree within ~0.5% on a quiet host, ~3% on
+a busy one: polls and wake-ups still follow timing), so it tells two builds
+apart where this host's timings cannot; alternate the builds and repeat. It does not replace the timed
 benchmark: a count says nothing of system calls, waits, cache misses or
 thread hand-offs, and valgrind counts each byte of a `rep movsb` copy as an
 instruction, so large copies look dearer than they are.
