@@ -52,6 +52,7 @@ impl From<UpstreamError> for ApiError {
     fn from(e: UpstreamError) -> Self {
         match e {
             UpstreamError::Timeout { .. } => ApiError::GatewayTimeout(e.to_string()),
+            UpstreamError::Upload { .. } => ApiError::BadRequest(e.to_string()),
             UpstreamError::Unreachable { .. }
             | UpstreamError::Broken { .. }
             | UpstreamError::Unusable { .. } => ApiError::BadGateway(e.to_string()),

@@ -36,6 +36,9 @@ pub enum UpstreamError {
     Timeout { url: String, secs: u64 },
     #[error("the connection to Ollama at {url} broke: {reason}")]
     Broken { url: String, reason: String },
+    /// The client's request body failed (it went away mid-upload).
+    #[error("the request body broke off before it was sent whole: {reason}")]
+    Upload { reason: String },
     /// Only at start-up: this URL cannot be used to reach Ollama.
     #[error("OLLAMA_URL {url} cannot be used: {reason}")]
     Unusable { url: String, reason: String },
@@ -71,25 +74,36 @@ pub struct Outbound {
     pub body: Body,
 }
 
+/// How far a watched request body has gone.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Progress {
+    /// A piece of it has just left (or none yet).
+    Moving,
+    /// All of it has left.
+    Sent,
+    /// Reading it from the client failed.
+    Broke(String),
+}
+
 /// A request body that tells, through `progress`, of every piece taken
-/// from it (`false`) and of its end (`true`); dropped before its end, it
+/// from it, of its end, and of its failure; dropped before its end, it
 /// closes the channel.
 struct Upload {
     body: Body,
-    progress: watch::Sender<bool>,
+    progress: watch::Sender<Progress>,
 }
 
 impl Upload {
     /// `body` as it is when it leaves at once (see [`SENT_AT_ONCE`]);
     /// otherwise wrapped, with the receiver that hears of its progress.
-    fn watch(body: Body) -> (Body, Option<watch::Receiver<bool>>) {
+    fn watch(body: Body) -> (Body, Option<watch::Receiver<Progress>>) {
         let small = http_body::Body::size_hint(&body)
             .exact()
             .is_some_and(|n| n <= SENT_AT_ONCE);
         if small {
             return (body, None);
         }
-        let (progress, heard) = watch::channel(false);
+        let (progress, heard) = watch::channel(Progress::Moving);
         (Body::new(Upload { body, progress }), Some(heard))
     }
 }
@@ -103,15 +117,13 @@ impl http_body::Body for Upload {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, axum::Error>>> {
         let polled = Pin::new(&mut self.body).poll_frame(cx);
-        match &polled {
-            Poll::Ready(Some(Ok(_))) => {
-                self.progress.send_replace(false);
-            }
-            Poll::Ready(None) => {
-                self.progress.send_replace(true);
-            }
-            Poll::Ready(Some(Err(_))) | Poll::Pending => {}
-        }
+        let progress = match &polled {
+            Poll::Ready(Some(Ok(_))) => Progress::Moving,
+            Poll::Ready(None) => Progress::Sent,
+            Poll::Ready(Some(Err(e))) => Progress::Broke(e.to_string()),
+            Poll::Pending => return polled,
+        };
+        self.progress.send_replace(progress);
         polled
     }
 
@@ -127,9 +139,11 @@ impl http_body::Body for Upload {
 /// Resolves when Ollama has taken longer than `limit` to answer: `limit`
 /// after the request was sent whole, or after the last progress of an
 /// upload that stalled.
-async fn too_late(upload: Option<watch::Receiver<bool>>, limit: Duration) {
+async fn too_late(upload: Option<watch::Receiver<Progress>>, limit: Duration) {
     if let Some(mut upload) = upload {
-        while !*upload.borrow_and_update() {
+        // Once sent (or broken: the exchange fails by itself), the wait
+        // for the head.
+        while *upload.borrow_and_update() == Progress::Moving {
             match tokio::time::timeout(limit, upload.changed()).await {
                 // A piece left: wait anew.
                 Ok(Ok(())) => {}
@@ -217,11 +231,20 @@ impl Upstream {
             .headers_mut()
             .insert(header::HOST, self.host.clone());
         let exchange = self.pool.exchange(request, self.timeouts.connect);
+        let watched = upload.clone();
         let answered = tokio::select! {
             biased;
             answered = exchange => Ok(answered),
             () = too_late(upload, self.timeouts.first_byte) => Err(()),
         };
+        if let (Ok(Err(_)), Some(watched)) = (&answered, watched) {
+            // The exchange failed because the client's body did, not Ollama.
+            if let Progress::Broke(reason) = &*watched.borrow() {
+                return Err(UpstreamError::Upload {
+                    reason: reason.clone(),
+                });
+            }
+        }
         match answered {
             Err(()) => Err(UpstreamError::Timeout {
                 url: self.base.clone(),

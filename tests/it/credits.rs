@@ -1,7 +1,7 @@
 //! SPEC §4: atomic reservations, and settlement on every path.
 
 use crate::support::fake_ollama::Behavior;
-use crate::support::{ollama_error, panicking_hook, spawn, TestApp, KEY};
+use crate::support::{ollama_error, panicking_hook, spawn, TestApp, ADMIN, KEY};
 use futures_util::StreamExt;
 use serde_json::{json, Value};
 use std::time::Duration;
@@ -303,6 +303,32 @@ async fn the_first_byte_limit_starts_after_a_slow_upload() {
     assert!(app.forwarded()[forwarded..]
         .iter()
         .all(|seen| seen.body.len() < blob.len()));
+}
+
+/// A client that goes away in the middle of a streamed upload: the
+/// request is recorded as the client's failure (400), not Ollama's (502).
+#[tokio::test]
+async fn an_upload_the_client_breaks_off_is_recorded_as_its_failure() {
+    let app = TestApp::new().await;
+    let path = format!("/api/blobs/sha256:{}", "ab".repeat(32));
+    let pieces = futures_util::stream::iter(0..3).then(|i| async move {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        if i < 2 {
+            Ok(bytes::Bytes::from(vec![1u8; 4096]))
+        } else {
+            Err(std::io::Error::other("the client gave up"))
+        }
+    });
+    let sent = app
+        .admin(reqwest::Method::POST, &path)
+        .body(reqwest::Body::wrap_stream(pieces))
+        .send()
+        .await;
+    assert!(sent.is_err() || sent.is_ok_and(|r| r.status() == 400));
+    let rows = app.wait_ledger(ADMIN, 1).await;
+    assert_eq!(rows[0].record.endpoint, path);
+    assert_eq!(rows[0].record.status, 400);
+    assert_eq!(rows[0].record.credits, Credits::ZERO);
 }
 
 #[tokio::test]
