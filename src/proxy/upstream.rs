@@ -26,7 +26,7 @@ use tokio::sync::watch;
 /// A request body of at most this many bytes, whose length is known, is
 /// taken to leave at once: the wait for Ollama's head starts with the
 /// request. A larger one, or one of unknown length, is watched.
-pub const SENT_AT_ONCE: u64 = 1 << 20;
+const SENT_AT_ONCE: u64 = 1 << 20;
 
 #[derive(Debug, thiserror::Error)]
 pub enum UpstreamError {
@@ -139,8 +139,8 @@ impl http_body::Body for Upload {
 /// Resolves when Ollama has taken longer than `limit` to answer: `limit`
 /// after the request was sent whole, or after the last progress of an
 /// upload that stalled.
-async fn too_late(upload: Option<watch::Receiver<Progress>>, limit: Duration) {
-    if let Some(mut upload) = upload {
+async fn too_late(upload: Option<&mut watch::Receiver<Progress>>, limit: Duration) {
+    if let Some(upload) = upload {
         // Once sent (or broken: the exchange fails by itself), the wait
         // for the head.
         while *upload.borrow_and_update() == Progress::Moving {
@@ -222,7 +222,7 @@ impl Upstream {
             reason,
         };
         let uri = self.uri_of(&out.path_and_query).map_err(broken)?;
-        let (body, upload) = Upload::watch(out.body);
+        let (body, mut upload) = Upload::watch(out.body);
         let mut request = Request::new(body);
         *request.method_mut() = out.method;
         *request.uri_mut() = uri;
@@ -231,15 +231,14 @@ impl Upstream {
             .headers_mut()
             .insert(header::HOST, self.host.clone());
         let exchange = self.pool.exchange(request, self.timeouts.connect);
-        let watched = upload.clone();
         let answered = tokio::select! {
             biased;
             answered = exchange => Ok(answered),
-            () = too_late(upload, self.timeouts.first_byte) => Err(()),
+            () = too_late(upload.as_mut(), self.timeouts.first_byte) => Err(()),
         };
-        if let (Ok(Err(_)), Some(watched)) = (&answered, watched) {
+        if let (Ok(Err(_)), Some(upload)) = (&answered, &upload) {
             // The exchange failed because the client's body did, not Ollama.
-            if let Progress::Broke(reason) = &*watched.borrow() {
+            if let Progress::Broke(reason) = &*upload.borrow() {
                 return Err(UpstreamError::Upload {
                     reason: reason.clone(),
                 });

@@ -1,7 +1,7 @@
 //! SPEC §7: every bad input gets its status and a JSON error; nothing is
 //! forwarded or charged; the process keeps serving.
 
-use crate::support::{ollama_error, spawn, TestApp, KEY};
+use crate::support::{blob_path, ollama_error, spawn, TestApp, KEY};
 use tollgate::credits::Credits;
 
 #[tokio::test]
@@ -101,12 +101,8 @@ async fn a_body_over_the_limit_is_413() {
 #[tokio::test]
 async fn admin_blob_uploads_are_exempt_from_the_body_limit() {
     let app = spawn().var("MAX_BODY_BYTES", "1024").start().await;
-    use sha2::Digest;
     let blob = vec![7u8; 64 * 1024];
-    let path = format!(
-        "/api/blobs/sha256:{}",
-        hex::encode(sha2::Sha256::digest(&blob))
-    );
+    let path = blob_path(&blob);
     let response = app
         .admin(reqwest::Method::POST, &path)
         .body(blob.clone())

@@ -1,7 +1,7 @@
 //! SPEC §4: atomic reservations, and settlement on every path.
 
 use crate::support::fake_ollama::Behavior;
-use crate::support::{ollama_error, panicking_hook, spawn, TestApp, ADMIN, KEY};
+use crate::support::{blob_path, ollama_error, panicking_hook, spawn, TestApp, ADMIN, KEY};
 use futures_util::StreamExt;
 use serde_json::{json, Value};
 use std::time::Duration;
@@ -233,7 +233,6 @@ async fn ollama_too_slow_is_504_and_costs_nothing() {
 /// upload that stalls for longer than it.
 #[tokio::test]
 async fn the_first_byte_limit_starts_after_a_slow_upload() {
-    use sha2::Digest;
     let app = spawn()
         .var("OLLAMA_FIRST_BYTE_TIMEOUT_SECS", "1")
         .start()
@@ -241,10 +240,7 @@ async fn the_first_byte_limit_starts_after_a_slow_upload() {
     let piece = vec![7u8; 4096];
     let pieces = 8;
     let blob = piece.repeat(pieces);
-    let path = format!(
-        "/api/blobs/sha256:{}",
-        hex::encode(sha2::Sha256::digest(&blob))
-    );
+    let path = blob_path(&blob);
     // 8 pieces 250 ms apart (the last leaves after 1.75 s), or with a
     // pause of 2.5 s before the fifth.
     let sent_in_pieces = |stall_before: Option<usize>| {

@@ -206,6 +206,15 @@ impl TestApp {
     }
 }
 
+/// The `/api/blobs/:digest` path of `blob`, under its real SHA-256.
+pub fn blob_path(blob: &[u8]) -> String {
+    use sha2::Digest;
+    format!(
+        "/api/blobs/sha256:{}",
+        hex::encode(sha2::Sha256::digest(blob))
+    )
+}
+
 /// A hook that panics when a request reaches it.
 pub fn panicking_hook() -> Hooks {
     Hooks {
