@@ -41,6 +41,18 @@ const IDLE_FOR: Duration = Duration::from_secs(90);
 /// The most bytes [`ReplyBody`] gathers into one piece.
 const MAX_GATHERED: usize = 64 * 1024;
 
+/// How much of a reply one read takes off a connection's socket.
+///
+/// hyper's own default starts at 8 KiB and grows. Each connection keeps its
+/// buffer for as long as it lives, and an 8 KiB buffer has a page of its
+/// own resident even when it holds one line of a stream: with 1,000 open
+/// streams that is 4 MiB. Ollama streams lines of a few hundred bytes, one
+/// by one, and most replies fit in 2 KiB; two such buffers share a page,
+/// which saves 2 MiB per 1,000 open streams, at the price of more reads for
+/// a large reply (see BENCHMARKS.md: ~2% more CPU for a 64-line stream
+/// that arrives at once; 1 KiB saved another megabyte but cost ~10%).
+const READ_SIZE: usize = 2048;
+
 /// One HTTP/1 connection to Ollama.
 pub struct Connection {
     sender: http1::SendRequest<Body>,
@@ -57,6 +69,7 @@ impl Connection {
         let stream = TcpStream::connect((host, port)).await?;
         stream.set_nodelay(true)?;
         let (sender, driver) = http1::Builder::new()
+            .read_buf_exact_size(Some(READ_SIZE))
             .handshake(TokioIo::new(stream))
             .await
             .map_err(std::io::Error::other)?;
@@ -452,6 +465,35 @@ mod tests {
             pieces.push(piece.expect("piece"));
         }
         assert_eq!(pieces, vec![Bytes::from(lines.concat())]);
+    }
+
+    #[tokio::test]
+    async fn a_reply_many_reads_long_arrives_whole() {
+        // Lines longer than one read, and a reply of many reads, chunked
+        // and with a content-length.
+        let long: Vec<String> = (0..40)
+            .map(|n| {
+                format!(
+                    "{{\"n\":{n},\"text\":\"{}\"}}\n",
+                    "x".repeat(READ_SIZE * 3 / 2 + n)
+                )
+            })
+            .collect();
+        let lines: Vec<&str> = long.iter().map(String::as_str).collect();
+        let all = lines.concat();
+        let sized = format!(
+            "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{all}",
+            all.len()
+        );
+        for reply in [chunked_reply(&lines), sized.into_bytes()] {
+            let (pool, _) = server(reply, 1).await;
+            let mut body = exchange(&pool).await;
+            let mut received = Vec::new();
+            while let Some(piece) = body.next().await {
+                received.extend_from_slice(&piece.expect("piece"));
+            }
+            assert_eq!(received, all.as_bytes());
+        }
     }
 
     #[tokio::test]

@@ -298,7 +298,9 @@ impl Relay {
     }
 
     async fn settle(&mut self) {
-        if let Err(e) = self.settlement.finish().await {
+        // Boxed: a stream settles once, and the store's future inline would
+        // more than double what every open stream keeps allocated.
+        if let Err(e) = Box::pin(self.settlement.finish()).await {
             tracing::error!(error = %e, "settling a stream failed");
         }
     }
