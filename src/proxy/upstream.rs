@@ -8,14 +8,16 @@
 //! Ollama stops reading) ends like a late head.
 //!
 //! Forwarded requests go over the connections of [`super::connection`],
-//! driven by the request's own task. tollgate's own calls (the health
-//! probe, the model list at start) are rare and go through reqwest.
+//! driven by the request's own task; so do tollgate's own calls (the
+//! health probe, the model list), each bounded as a whole by the connect
+//! limit.
 
 use super::connection::{ExchangeError, Pool, ReplyBody};
 use crate::config::Timeouts;
 use axum::body::Body;
 use axum::http::{header, HeaderMap, HeaderValue, Method, Request, Response, Uri};
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
+use futures_util::StreamExt;
 use http_body::{Frame, SizeHint};
 use std::pin::Pin;
 use std::sync::Arc;
@@ -44,6 +46,9 @@ pub enum UpstreamError {
     Unusable { url: String, reason: String },
 }
 
+/// The longest reply to one of tollgate's own requests that it reads.
+const OWN_REPLY_LIMIT: usize = 16 << 20;
+
 /// The user agent of tollgate's own requests to Ollama (health checks and
 /// the model list), as opposed to the requests it forwards.
 pub const OWN_USER_AGENT: &str = concat!("tollgate/", env!("CARGO_PKG_VERSION"));
@@ -51,9 +56,7 @@ pub const OWN_USER_AGENT: &str = concat!("tollgate/", env!("CARGO_PKG_VERSION"))
 /// Where and how tollgate talks to Ollama.
 #[derive(Clone)]
 pub struct Upstream {
-    /// For tollgate's own calls.
-    client: reqwest::Client,
-    /// Connections for forwarded requests.
+    /// Connections to Ollama.
     pool: Arc<Pool>,
     base: String,
     /// The path every forwarded path goes under, without a trailing `/`
@@ -164,7 +167,7 @@ impl Upstream {
             url: base.clone(),
             reason,
         };
-        let url = reqwest::Url::parse(&base).map_err(|e| invalid(e.to_string()))?;
+        let url = url::Url::parse(&base).map_err(|e| invalid(e.to_string()))?;
         if url.cannot_be_a_base() || url.query().is_some() {
             return Err(invalid("not a base URL".into()));
         }
@@ -194,15 +197,7 @@ impl Upstream {
             .trim_end_matches(']')
             .to_string();
         let host_header = HeaderValue::from_str(&authority).map_err(|e| invalid(e.to_string()))?;
-        let client = reqwest::Client::builder()
-            .connect_timeout(timeouts.connect)
-            .tcp_nodelay(true)
-            .no_proxy()
-            .redirect(reqwest::redirect::Policy::none())
-            .build()
-            .map_err(|e| invalid(error_chain(&e)))?;
         Ok(Upstream {
-            client,
             pool: Pool::new(host, port),
             prefix: url.path().trim_end_matches('/').to_string(),
             host: host_header,
@@ -276,15 +271,8 @@ impl Upstream {
 
     /// The names of the models Ollama serves, if it answers.
     pub async fn list_models(&self) -> Option<Vec<String>> {
-        let response = self
-            .client
-            .get(format!("{}/api/tags", self.base))
-            .header(reqwest::header::USER_AGENT, OWN_USER_AGENT)
-            .timeout(self.timeouts.connect)
-            .send()
-            .await
-            .ok()?;
-        let tags: serde_json::Value = serde_json::from_slice(&response.bytes().await.ok()?).ok()?;
+        let tags: serde_json::Value =
+            serde_json::from_slice(&self.own_get("/api/tags").await?).ok()?;
         Some(
             tags.get("models")?
                 .as_array()?
@@ -296,14 +284,41 @@ impl Upstream {
 
     /// Whether Ollama answers its version endpoint.
     pub async fn is_reachable(&self) -> bool {
-        let probe = self
-            .client
-            .get(format!("{}/api/version", self.base))
-            .header(reqwest::header::USER_AGENT, OWN_USER_AGENT)
-            .timeout(self.timeouts.connect)
-            .send()
-            .await;
-        probe.is_ok_and(|r| r.status().is_success())
+        self.own_get("/api/version").await.is_some()
+    }
+
+    /// tollgate's own `GET` of `path`: the body of a success, or `None`
+    /// when Ollama fails, answers otherwise or takes longer than the
+    /// connect limit for the whole exchange.
+    async fn own_get(&self, path: &str) -> Option<Bytes> {
+        let mut request = Request::new(Body::empty());
+        *request.uri_mut() = self.uri_of(path).ok()?;
+        let headers = request.headers_mut();
+        headers.insert(header::HOST, self.host.clone());
+        headers.insert(header::USER_AGENT, HeaderValue::from_static(OWN_USER_AGENT));
+        let exchange = async {
+            let response = self
+                .pool
+                .exchange(request, self.timeouts.connect)
+                .await
+                .ok()?;
+            if !response.status().is_success() {
+                return None;
+            }
+            let mut body = response.into_body();
+            let mut read = BytesMut::new();
+            while let Some(piece) = body.next().await {
+                read.extend_from_slice(&piece.ok()?);
+                if read.len() > OWN_REPLY_LIMIT {
+                    return None;
+                }
+            }
+            Some(read.freeze())
+        };
+        tokio::time::timeout(self.timeouts.connect, exchange)
+            .await
+            .ok()
+            .flatten()
     }
 }
 

@@ -109,6 +109,69 @@ async fn health_reports_whether_ollama_answers() {
     assert_eq!(health["ollama"]["url"], app.fake.url());
 }
 
+/// `/health` asks Ollama itself, as tollgate (its own user agent), under
+/// the base path; a reply other than a success, or no reply, is "not
+/// reachable".
+#[tokio::test]
+async fn health_asks_ollama_under_the_base_path_and_says_when_it_fails() {
+    let app = TestApp::new().await;
+    let health: Value = app.get("/health").fetch_json().await;
+    assert_eq!(health["ollama"]["reachable"], true);
+    let probe = app.fake.last_request().expect("the probe reached Ollama");
+    assert_eq!(
+        (probe.method.as_str(), probe.path.as_str()),
+        ("GET", "/api/version")
+    );
+    assert_eq!(
+        probe.header("user-agent"),
+        Some(tollgate::proxy::upstream::OWN_USER_AGENT)
+    );
+    assert_eq!(
+        probe.header("host"),
+        Some(&app.fake.url()["http://".len()..])
+    );
+
+    // Under a path the fake does not serve: it answers 404.
+    let app = under_base_path("/elsewhere").await;
+    let health: Value = app.get("/health").fetch_json().await;
+    assert_eq!(health["ollama"]["reachable"], false);
+    let probe = version_probe(&app).expect("the probe reached Ollama");
+    assert_eq!(probe.path, "/elsewhere/api/version");
+
+    // Nobody listening.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let gone = format!("http://{}", closed.local_addr().unwrap());
+    drop(closed);
+    let app = crate::support::spawn()
+        .var("OLLAMA_URL", &gone)
+        .start()
+        .await;
+    let health: Value = app.get("/health").fetch_json().await;
+    assert_eq!(health["ollama"]["reachable"], false);
+    assert_eq!(health["ollama"]["url"], gone.as_str());
+}
+
+/// tollgate in front of a fake Ollama reached under `base_path`.
+async fn under_base_path(base_path: &str) -> TestApp {
+    let fake = crate::support::fake_ollama::FakeOllama::start().await;
+    let base = format!("{}{base_path}", fake.url());
+    crate::support::spawn()
+        .var("OLLAMA_URL", &base)
+        .fake(fake)
+        .start()
+        .await
+}
+
+/// The last request for Ollama's version that reached the fake (the model
+/// list at start goes there too).
+fn version_probe(app: &TestApp) -> Option<crate::support::fake_ollama::Recorded> {
+    let requests = app.fake.requests();
+    requests
+        .into_iter()
+        .rev()
+        .find(|r| r.path.ends_with("/api/version"))
+}
+
 /// The path and query string reach Ollama exactly as sent, under the path
 /// of `OLLAMA_URL` when it has one (Ollama behind a reverse proxy at a
 /// sub-path), with or without a trailing slash on it.
@@ -125,13 +188,8 @@ async fn path_and_query_arrive_as_sent_under_the_base_path() {
         ("/a/b", "/api/show", "/a/b/api/show"),
     ];
     for (base_path, sent, expected) in cases {
-        let fake = crate::support::fake_ollama::FakeOllama::start().await;
-        let base = format!("{}{base_path}", fake.url());
-        let app = crate::support::spawn()
-            .var("OLLAMA_URL", &base)
-            .fake(fake)
-            .start()
-            .await;
+        let app = under_base_path(base_path).await;
+        let base = app.fake.url() + base_path;
         let request = if sent.starts_with("/api/show") {
             app.keyed(sent).body(r#"{"model":"mistral"}"#)
         } else {
