@@ -117,7 +117,7 @@ async fn health_asks_ollama_under_the_base_path_and_says_when_it_fails() {
     let app = TestApp::new().await;
     let health: Value = app.get("/health").fetch_json().await;
     assert_eq!(health["ollama"]["reachable"], true);
-    let probe = app.fake.last_request().expect("the probe reached Ollama");
+    let probe = version_probe(&app).expect("the probe reached Ollama");
     assert_eq!(
         (probe.method.as_str(), probe.path.as_str()),
         ("GET", "/api/version")
