@@ -216,15 +216,10 @@ impl Upstream {
             url: self.base.clone(),
             reason,
         };
-        let uri = self.uri_of(&out.path_and_query).map_err(broken)?;
         let (body, mut upload) = Upload::watch(out.body);
-        let mut request = Request::new(body);
-        *request.method_mut() = out.method;
-        *request.uri_mut() = uri;
-        *request.headers_mut() = out.headers;
-        request
-            .headers_mut()
-            .insert(header::HOST, self.host.clone());
+        let request = self
+            .request(out.method, &out.path_and_query, out.headers, body)
+            .map_err(broken)?;
         let exchange = self.pool.exchange(request, self.timeouts.connect);
         let answered = tokio::select! {
             biased;
@@ -258,15 +253,27 @@ impl Upstream {
         self.pool.close_stale();
     }
 
-    /// The request target of `path_and_query` (which starts with `/`)
-    /// under the base path.
-    fn uri_of(&self, path_and_query: &str) -> Result<Uri, String> {
+    /// A request for Ollama: `path_and_query` (which starts with `/`) under
+    /// the base path, with `headers` and the `Host` of the base URL.
+    fn request(
+        &self,
+        method: Method,
+        path_and_query: &str,
+        mut headers: HeaderMap,
+        body: Body,
+    ) -> Result<Request<Body>, String> {
         let target = if self.prefix.is_empty() {
             Uri::try_from(path_and_query)
         } else {
             Uri::try_from(format!("{}{path_and_query}", self.prefix))
         };
-        target.map_err(|e| format!("cannot forward {path_and_query}: {e}"))
+        let uri = target.map_err(|e| format!("cannot forward {path_and_query}: {e}"))?;
+        headers.insert(header::HOST, self.host.clone());
+        let mut request = Request::new(body);
+        *request.method_mut() = method;
+        *request.uri_mut() = uri;
+        *request.headers_mut() = headers;
+        Ok(request)
     }
 
     /// The names of the models Ollama serves, if it answers.
@@ -291,11 +298,11 @@ impl Upstream {
     /// when Ollama fails, answers otherwise or takes longer than the
     /// connect limit for the whole exchange.
     async fn own_get(&self, path: &str) -> Option<Bytes> {
-        let mut request = Request::new(Body::empty());
-        *request.uri_mut() = self.uri_of(path).ok()?;
-        let headers = request.headers_mut();
-        headers.insert(header::HOST, self.host.clone());
+        let mut headers = HeaderMap::new();
         headers.insert(header::USER_AGENT, HeaderValue::from_static(OWN_USER_AGENT));
+        let request = self
+            .request(Method::GET, path, headers, Body::empty())
+            .ok()?;
         let exchange = async {
             let response = self
                 .pool
@@ -371,16 +378,39 @@ mod tests {
         }
     }
 
+    /// The target and `Host` of a request built for `path` by `upstream`.
+    fn target_and_host(upstream: &Upstream, path: &str) -> (String, String) {
+        let mut headers = HeaderMap::new();
+        headers.insert(header::ACCEPT, HeaderValue::from_static("*/*"));
+        let request = upstream
+            .request(Method::POST, path, headers, Body::empty())
+            .unwrap();
+        assert_eq!(request.method(), Method::POST);
+        assert_eq!(request.headers()[header::ACCEPT], "*/*");
+        let host = request.headers()[header::HOST]
+            .to_str()
+            .unwrap()
+            .to_string();
+        (request.uri().to_string(), host)
+    }
+
     #[test]
     fn forwards_under_the_base_path_with_the_base_host() {
         let plain = upstream("http://127.0.0.1:11434").unwrap();
-        assert_eq!(plain.uri_of("/api/chat?x=1").unwrap(), "/api/chat?x=1");
-        assert_eq!(plain.host, "127.0.0.1:11434");
+        assert_eq!(
+            target_and_host(&plain, "/api/chat?x=1"),
+            ("/api/chat?x=1".into(), "127.0.0.1:11434".into())
+        );
         let nested = upstream("http://ollama.internal/llm/").unwrap();
-        assert_eq!(nested.uri_of("/api/tags").unwrap(), "/llm/api/tags");
-        assert_eq!(nested.host, "ollama.internal");
+        assert_eq!(
+            target_and_host(&nested, "/api/tags"),
+            ("/llm/api/tags".into(), "ollama.internal".into())
+        );
         let v6 = upstream("http://[::1]:11434").unwrap();
-        assert_eq!(v6.host, "[::1]:11434");
+        assert_eq!(target_and_host(&v6, "/api/ps").1, "[::1]:11434");
         assert_eq!(v6.pool.host(), "::1");
+        assert!(plain
+            .request(Method::GET, "/a b", HeaderMap::new(), Body::empty())
+            .is_err());
     }
 }
