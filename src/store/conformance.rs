@@ -1831,6 +1831,157 @@ async fn sqlite_a_batch_starts_from_what_another_process_committed() {
     assert_eq!(balance(&reopened, e).await, cr("2.25"));
 }
 
+/// `api_keys.reserved` of key `id`, polled until it is `want` (or 3 s).
+async fn reserved_becomes(admin: &mut PgConnection, id: KeyId, want: i64) -> i64 {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(3);
+    loop {
+        let now: i64 = sqlx::query_scalar("SELECT reserved FROM api_keys WHERE id = $1")
+            .bind(id)
+            .fetch_one(&mut *admin)
+            .await
+            .unwrap();
+        if now == want || std::time::Instant::now() > deadline {
+            return now;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_leases_serve_reservations_without_the_server() {
+    let Some((base, options, schema)) = pg_schema().await else {
+        return;
+    };
+    {
+        let gateway = PostgresStore::connect_with(options.clone()).await.unwrap();
+        let mut admin = PgConnection::connect_with(&options).await.unwrap();
+        let rich = gateway
+            .create_key(new_key("rich", cr("1000000")))
+            .await
+            .unwrap()
+            .id;
+
+        // The first reservation goes to the server and starts a fill: a
+        // block of 64 such reservations, reserved at the server too.
+        assert_eq!(gateway.reserve(rich, cr("1")).await.unwrap(), cr("999999"));
+        assert_eq!(gateway.leased_becomes(rich, cr("64")).await, cr("64"));
+        assert_eq!(reserved_becomes(&mut admin, rich, 65_000).await, 65_000);
+        // The next ones are handed out from it: the server's figure stays.
+        for n in 1..=10 {
+            let available = gateway.reserve(rich, cr("1")).await.unwrap();
+            assert_eq!(
+                available,
+                cr("999935") + cr("64") - Credits::from_millis(n * 1_000)
+            );
+        }
+        assert_eq!(reserved_becomes(&mut admin, rich, 65_000).await, 65_000);
+        // Settling them moves their part of the block to charged.
+        for _ in 0..11 {
+            gateway.settle(usage(rich, cr("1")), cr("1")).await.unwrap();
+        }
+        assert_eq!(reserved_becomes(&mut admin, rich, 54_000).await, 54_000);
+        // What is left of the block is given back once the lease expires.
+        assert_eq!(reserved_becomes(&mut admin, rich, 0).await, 0);
+        assert_eq!(
+            gateway.leased_becomes(rich, Credits::ZERO).await,
+            Credits::ZERO
+        );
+        assert_eq!(
+            gateway.key(rich).await.unwrap().unwrap().balance,
+            cr("999989")
+        );
+
+        // A write to keys ends the leases at once, before it returns.
+        gateway.reserve(rich, cr("2")).await.unwrap();
+        assert_eq!(gateway.leased_becomes(rich, cr("128")).await, cr("128"));
+        assert_eq!(reserved_becomes(&mut admin, rich, 130_000).await, 130_000);
+        gateway.adjust(rich, add("1")).await.unwrap();
+        let now: i64 = sqlx::query_scalar("SELECT reserved FROM api_keys WHERE id = $1")
+            .bind(rich)
+            .fetch_one(&mut admin)
+            .await
+            .unwrap();
+        assert_eq!(now, 2_000, "only the open reservation is left");
+        gateway.settle(usage(rich, cr("2")), cr("2")).await.unwrap();
+        let shared: SharedStore = Arc::new(gateway);
+        assert_eq!(balance(&shared, rich).await, cr("999988"));
+        assert_ledger_adds_up(&shared, rich).await;
+
+        // A key without the headroom is never leased: each reservation is
+        // the server's, as without leases.
+        let poor = shared
+            .create_key(new_key("poor", cr("1000")))
+            .await
+            .unwrap()
+            .id;
+        shared.reserve(poor, cr("1")).await.unwrap();
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        assert_eq!(reserved_becomes(&mut admin, poor, 1_000).await, 1_000);
+        assert_eq!(
+            shared.reserve(poor, cr("999")).await.unwrap(),
+            Credits::ZERO
+        );
+        assert_eq!(
+            refused_with(shared.reserve(poor, cr("0.001")).await),
+            Credits::ZERO
+        );
+        let _ = admin.close().await;
+    }
+    drop_schema(&base, &schema).await;
+}
+
+/// Two gateways spend one key from leases down to its last credit: each
+/// credit is admitted exactly once, and nothing stays reserved.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_two_gateways_spend_a_leased_key_exactly() {
+    let Some((base, options, schema)) = pg_schema().await else {
+        return;
+    };
+    {
+        let a: SharedStore = Arc::new(PostgresStore::connect_with(options.clone()).await.unwrap());
+        let b: SharedStore = Arc::new(PostgresStore::connect_with(options.clone()).await.unwrap());
+        // 1,100 credits: leased (64 at a time) until fewer than 1,024 are
+        // available, then reserved one by one at the server.
+        let k = a.create_key(new_key("k", cr("1100"))).await.unwrap().id;
+        let admitted = Arc::new(std::sync::atomic::AtomicI64::new(0));
+        let mut tasks = Vec::new();
+        for n in 0..16 {
+            let store = if n % 2 == 0 { a.clone() } else { b.clone() };
+            let admitted = admitted.clone();
+            tasks.push(tokio::spawn(async move {
+                loop {
+                    match store.reserve(k, cr("1")).await {
+                        Ok(_) => {
+                            admitted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                            store.settle(usage(k, cr("1")), cr("1")).await.unwrap();
+                        }
+                        Err(StoreError::InsufficientCredits { .. }) => {
+                            // Another gateway's lease may hold the rest for
+                            // a moment; done once nothing is left at all.
+                            let left = store.key(k).await.unwrap().unwrap().balance;
+                            if left <= Credits::ZERO {
+                                return;
+                            }
+                            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                        }
+                        Err(e) => panic!("reserve failed: {e}"),
+                    }
+                }
+            }));
+        }
+        for task in tasks {
+            task.await.unwrap();
+        }
+        assert_eq!(admitted.load(std::sync::atomic::Ordering::SeqCst), 1_100);
+        assert_eq!(balance(&a, k).await, Credits::ZERO);
+        assert_ledger_adds_up(&a, k).await;
+        let mut admin = PgConnection::connect_with(&options).await.unwrap();
+        assert_eq!(reserved_becomes(&mut admin, k, 0).await, 0);
+        let _ = admin.close().await;
+    }
+    drop_schema(&base, &schema).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_releases_reservations_of_dead_gateways() {
     let Some((base, options, schema)) = pg_schema().await else {

@@ -37,12 +37,25 @@
 //! pinged before each use, only after sitting idle for `PING_IF_IDLE_FOR`
 //! (5 s).
 //!
+//! # Leases
+//!
+//! A key with plenty of credits is *leased*: after a reservation that left
+//! it enough, a block of 64 such reservations is reserved for this
+//! instance in one more statement, and the key's next requests are admitted
+//! from it in memory, with no statement at all ([`leases`] has the rules).
+//! The block is an ordinary reservation of this instance, so everything
+//! above holds for it: other gateways see it as reserved, each request
+//! taken from it is settled or released like one reserved alone, and what
+//! is left is released when the lease ends (a second after its last fill,
+//! or at once when a key is written through this store). Keys without that
+//! headroom are never leased.
+//!
 //! # Key lookups
 //!
 //! `key_by_hash` (authentication, once per request) answers from memory a
 //! key it found less than `KEY_CACHE_FOR` (1 s) ago, so in the steady state
 //! a request costs two statements of its own (reservation, its share of a
-//! settlement batch). Every write to keys made through this store (create,
+//! settlement batch), or only its share of a batch when its key is leased. Every write to keys made through this store (create,
 //! update, revoke, adjust, `sync_grants`) empties the cache before it
 //! returns, and a lookup that started before such a write does not fill it,
 //! so this store's own writes are seen at once. Writes made by other
@@ -126,7 +139,9 @@ use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 
+mod leases;
 mod shares;
+use leases::{Fill, Leases};
 use shares::Shares;
 
 /// How often an instance proves it is alive.
@@ -163,6 +178,8 @@ struct Link {
     pool: PgPool,
     instance: Arc<str>,
     shares: Shares,
+    /// Credits reserved in advance for this instance's requests.
+    leases: Leases,
 }
 
 /// Recent answers of `key_by_hash` (see "Key lookups" in the module doc).
@@ -289,6 +306,7 @@ impl PostgresStore {
             pool: pool.clone(),
             instance: format!("{:032x}", rand::random::<u128>()).into(),
             shares: Shares::default(),
+            leases: Leases::default(),
         });
         beat(&pool, &link.instance).await?;
         // The row that settlement batches lock first exists from the
@@ -317,6 +335,27 @@ impl PostgresStore {
     #[cfg(test)]
     pub(crate) async fn heartbeat_now(&self) -> Result<(), StoreError> {
         heartbeat(&self.link).await
+    }
+
+    /// Gives back what every lease holds (after a write to keys).
+    async fn end_leases(&self) {
+        for (id, left) in self.link.leases.end_all() {
+            release_abandoned(&self.link, id, Credits::from_millis(left)).await;
+        }
+    }
+
+    /// What key `id`'s lease holds in this instance now, polled until it
+    /// is `want` (or 3 s).
+    #[cfg(test)]
+    pub(crate) async fn leased_becomes(&self, id: KeyId, want: Credits) -> Credits {
+        let deadline = Instant::now() + Duration::from_secs(3);
+        loop {
+            let now = Credits::from_millis(self.link.leases.left(id));
+            if now == want || Instant::now() > deadline {
+                return now;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
     }
 
     /// This gateway's instance id (its row in `instances`).
@@ -1165,6 +1204,29 @@ async fn settle_batch(
     Ok(Some(results))
 }
 
+/// Makes `fill`'s reservation and, if the server admits it, holds it as
+/// the key's lease until it expires; then gives back what is left.
+async fn run_lease(link: Arc<Link>, fill: Fill) {
+    let (id, block) = (fill.id, Credits::from_millis(fill.block));
+    let expiry = match reserve(&link, id, block).await {
+        Ok(available) => link.leases.filled(fill, available.millis(), Instant::now()),
+        Err(_) => {
+            link.leases.fill_failed(fill);
+            return;
+        }
+    };
+    let left = match expiry {
+        Ok(expiry) => {
+            tokio::time::sleep_until(expiry.at.into()).await;
+            link.leases.expire(&expiry)
+        }
+        Err(block) => block,
+    };
+    if left > 0 {
+        release_abandoned(&link, id, Credits::from_millis(left)).await;
+    }
+}
+
 async fn release_abandoned(link: &Link, id: KeyId, amount: Credits) {
     if let Err(e) = release(link, id, amount).await {
         tracing::warn!(key = id, "releasing an abandoned reservation failed: {e}");
@@ -1271,30 +1333,35 @@ impl Store for PostgresStore {
     async fn create_key(&self, new: NewKey) -> Result<KeyRecord, StoreError> {
         let result = self.create_key_uncached(new).await;
         self.keys.invalidate();
+        self.end_leases().await;
         result
     }
 
     async fn update_key(&self, id: KeyId, patch: KeyPatch) -> Result<KeyRecord, StoreError> {
         let result = self.update_key_uncached(id, patch).await;
         self.keys.invalidate();
+        self.end_leases().await;
         result
     }
 
     async fn revoke_key(&self, id: KeyId, at: Millis) -> Result<KeyRecord, StoreError> {
         let result = self.revoke_key_uncached(id, at).await;
         self.keys.invalidate();
+        self.end_leases().await;
         result
     }
 
     async fn adjust(&self, id: KeyId, adjustment: Adjustment) -> Result<Credits, StoreError> {
         let result = self.adjust_uncached(id, adjustment).await;
         self.keys.invalidate();
+        self.end_leases().await;
         result
     }
 
     async fn sync_grants(&self, grants: &[Grant]) -> Result<GrantReport, StoreError> {
         let result = self.sync_grants_uncached(grants).await;
         self.keys.invalidate();
+        self.end_leases().await;
         result
     }
 
@@ -1304,6 +1371,9 @@ impl Store for PostgresStore {
         // Exactly one side gives it back: the task, if its answer could not
         // be sent, or the `Reservation` when dropped, if the answer arrived
         // but was never read.
+        if let Some(available) = self.link.leases.take(id, amount.millis(), Instant::now()) {
+            return Ok(Credits::from_millis(available));
+        }
         let (tx, rx) = oneshot::channel();
         let link = self.link.clone();
         tokio::spawn(async move {
@@ -1318,7 +1388,15 @@ impl Store for PostgresStore {
             id,
             amount,
         };
-        reservation.wait().await
+        let available = reservation.wait().await?;
+        let fill =
+            self.link
+                .leases
+                .fill_for(id, amount.millis(), available.millis(), Instant::now());
+        if let Some(fill) = fill {
+            tokio::spawn(run_lease(self.link.clone(), fill));
+        }
+        Ok(available)
     }
 
     async fn settle(&self, usage: UsageRecord, reserved: Credits) -> Result<Credits, StoreError> {
