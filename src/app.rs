@@ -230,6 +230,7 @@ impl App {
             }
             // Let settlements of dropped requests land.
             tokio::time::sleep(Duration::from_millis(50)).await;
+            state.store.close().await;
             let _ = done_tx.send(());
         });
         let header_timeout = self.state.config.client_header_timeout;

@@ -1903,8 +1903,20 @@ async fn postgres_leases_serve_reservations_without_the_server() {
             .unwrap();
         assert_eq!(now, 2_000, "only the open reservation is left");
         gateway.settle(usage(rich, cr("2")), cr("2")).await.unwrap();
+
+        // So does closing the store (a gateway that has drained).
+        gateway.reserve(rich, cr("1")).await.unwrap();
+        assert_eq!(gateway.leased_becomes(rich, cr("64")).await, cr("64"));
+        gateway.close().await;
+        let now: i64 = sqlx::query_scalar("SELECT reserved FROM api_keys WHERE id = $1")
+            .bind(rich)
+            .fetch_one(&mut admin)
+            .await
+            .unwrap();
+        assert_eq!(now, 1_000, "only the open reservation is left");
+        gateway.settle(usage(rich, cr("1")), cr("1")).await.unwrap();
         let shared: SharedStore = Arc::new(gateway);
-        assert_eq!(balance(&shared, rich).await, cr("999988"));
+        assert_eq!(balance(&shared, rich).await, cr("999987"));
         assert_ledger_adds_up(&shared, rich).await;
 
         // A key without the headroom is never leased: each reservation is

@@ -338,6 +338,10 @@ pub trait Store: Send + Sync + 'static {
     /// Drops reservations left by a gateway that stopped without settling
     /// them. Called by a gateway at start.
     async fn release_stale_reservations(&self) -> Result<(), StoreError>;
+    /// Gives back what the store holds in advance for requests to come
+    /// (PostgreSQL's credit leases). Called by a gateway once it has
+    /// drained, before it exits; the store stays usable.
+    async fn close(&self) {}
 }
 
 pub type SharedStore = Arc<dyn Store>;

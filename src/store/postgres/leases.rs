@@ -14,8 +14,9 @@
 //! its size, which moves that part of the block from reserved to charged.
 //!
 //! What is left of a lease is given back [`LEASE_FOR`] after its last fill,
-//! and at once when a key is written through the store (a top-up, a set, a
-//! revocation...), so that the write governs the next request. Keys with
+//! at once when a key is written through the store (a top-up, a set, a
+//! revocation...), so that the write governs the next request, and when
+//! the store is closed (the gateway has drained and stops). Keys with
 //! less than the headroom available are never leased: every reservation on
 //! them goes to the server, exactly as without leases, so a nearly spent
 //! key is shared between gateways to the last thousandth of a credit.

@@ -47,8 +47,8 @@
 //! above holds for it: other gateways see it as reserved, each request
 //! taken from it is settled or released like one reserved alone, and what
 //! is left is released when the lease ends (a second after its last fill,
-//! or at once when a key is written through this store). Keys without that
-//! headroom are never leased.
+//! at once when a key is written through this store, and when the store is
+//! closed at shutdown). Keys without that headroom are never leased.
 //!
 //! # Key lookups
 //!
@@ -1509,5 +1509,9 @@ impl Store for PostgresStore {
 
     async fn release_stale_reservations(&self) -> Result<(), StoreError> {
         release_stale(&self.pool).await
+    }
+
+    async fn close(&self) {
+        self.end_leases().await;
     }
 }

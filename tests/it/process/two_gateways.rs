@@ -263,3 +263,50 @@ async fn changes_made_on_one_gateway_reach_the_other() {
     assert_eq!(out_b.status.code(), Some(0), "{}", out_b.stderr);
     schema.drop_now().await;
 }
+
+/// A gateway that stops gives back the credits it leased in advance: a
+/// key with plenty of credits is leased by its first request, and after
+/// SIGTERM nothing of it stays reserved in the database.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateway_that_stops_gives_back_its_lease() {
+    let Some(schema) = Schema::create().await else {
+        return;
+    };
+    let fake = FakeOllama::start().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let launch = Launch::new(dir.path())
+        .var("OLLAMA_URL", &fake.url())
+        .var("DATABASE_URL", &schema.url)
+        .var("API_KEYS", &format!("{KEY}=1000000"))
+        .var("RUST_LOG", "warn");
+    let gateway = launch.start().await;
+    let reserved = || async {
+        let mut conn = PgConnection::connect_with(
+            &schema
+                .base
+                .clone()
+                .options([("search_path", schema.name.as_str())]),
+        )
+        .await
+        .expect("connect");
+        let total: i64 =
+            sqlx::query_scalar("SELECT COALESCE(SUM(reserved), 0)::BIGINT FROM api_keys")
+                .fetch_one(&mut conn)
+                .await
+                .expect("reserved");
+        let _ = conn.close().await;
+        total
+    };
+    assert_eq!(gateway.generate(KEY, "leased").await, 200);
+    // The first request's reservation started a lease, which the database
+    // holds as reserved.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while reserved().await == 0 {
+        assert!(Instant::now() < deadline, "no lease was taken");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let out = gateway.terminate(Duration::from_secs(30)).await;
+    assert_eq!(out.status.code(), Some(0), "{}", out.stderr);
+    assert_eq!(reserved().await, 0, "a stopped gateway still holds credits");
+    schema.drop_now().await;
+}
