@@ -65,6 +65,17 @@ impl Schema {
         Some(Schema { base, name, url })
     }
 
+    /// Gateways on this schema in front of `fake`, with the key [`KEY`]
+    /// granted `credits` and the admin key [`ADMIN`].
+    fn launch(&self, dir: &std::path::Path, fake: &FakeOllama, credits: &str) -> Launch {
+        Launch::new(dir)
+            .var("OLLAMA_URL", &fake.url())
+            .var("DATABASE_URL", &self.url)
+            .var("API_KEYS", &format!("{KEY}={credits}"))
+            .var("ADMIN_KEY", ADMIN)
+            .var("RUST_LOG", "warn")
+    }
+
     /// The tables the gateways created in the schema.
     async fn tables(&self) -> Vec<String> {
         let mut conn = PgConnection::connect_with(&self.base)
@@ -106,12 +117,7 @@ async fn two_gateways_on_one_postgres_never_overspend() {
     })
     .await;
     let dir = tempfile::tempdir().expect("tempdir");
-    let launch = Launch::new(dir.path())
-        .var("OLLAMA_URL", &fake.url())
-        .var("DATABASE_URL", &schema.url)
-        .var("API_KEYS", &format!("{KEY}=50"))
-        .var("ADMIN_KEY", ADMIN)
-        .var("RUST_LOG", "warn");
+    let launch = schema.launch(dir.path(), &fake, "50");
     // Both start at once: migrations and grants race on one fresh schema.
     let (a, b) = tokio::join!(launch.start(), launch.start());
 
@@ -201,12 +207,7 @@ async fn changes_made_on_one_gateway_reach_the_other() {
     };
     let fake = FakeOllama::start().await;
     let dir = tempfile::tempdir().expect("tempdir");
-    let launch = Launch::new(dir.path())
-        .var("OLLAMA_URL", &fake.url())
-        .var("DATABASE_URL", &schema.url)
-        .var("API_KEYS", &format!("{KEY}=5"))
-        .var("ADMIN_KEY", ADMIN)
-        .var("RUST_LOG", "warn");
+    let launch = schema.launch(dir.path(), &fake, "5");
     let a = launch.start().await;
     let b = launch.start().await;
 
@@ -274,11 +275,7 @@ async fn a_gateway_that_stops_gives_back_its_lease() {
     };
     let fake = FakeOllama::start().await;
     let dir = tempfile::tempdir().expect("tempdir");
-    let launch = Launch::new(dir.path())
-        .var("OLLAMA_URL", &fake.url())
-        .var("DATABASE_URL", &schema.url)
-        .var("API_KEYS", &format!("{KEY}=1000000"))
-        .var("RUST_LOG", "warn");
+    let launch = schema.launch(dir.path(), &fake, "1000000");
     let gateway = launch.start().await;
     let reserved = || async {
         let mut conn = PgConnection::connect_with(
