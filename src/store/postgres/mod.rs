@@ -55,8 +55,9 @@
 //! `key_by_hash` (authentication, once per request) answers from memory a
 //! key it found less than `KEY_CACHE_FOR` (1 s) ago, so in the steady state
 //! a request costs two statements of its own (reservation, its share of a
-//! settlement batch), or only its share of a batch when its key is leased. Every write to keys made through this store (create,
-//! update, revoke, adjust, `sync_grants`) empties the cache before it
+//! settlement batch), or only its share of a batch when its key is leased.
+//! Every write to keys made through this store (create, update, revoke,
+//! adjust, `sync_grants`) empties the cache and ends the leases before it
 //! returns, and a lookup that started before such a write does not fill it,
 //! so this store's own writes are seen at once. Writes made by other
 //! gateways or by the CLI are seen within 1 s. The balance in a cached
@@ -337,7 +338,8 @@ impl PostgresStore {
         heartbeat(&self.link).await
     }
 
-    /// Gives back what every lease holds (after a write to keys).
+    /// Gives back what every lease holds (after a write to keys, and when
+    /// the store is closed).
     async fn end_leases(&self) {
         for (id, left) in self.link.leases.end_all() {
             release_abandoned(&self.link, id, Credits::from_millis(left)).await;
