@@ -12,6 +12,9 @@
 //! one has it released with its other reservations. Each request served
 //! from the lease is settled (or given back) like any other reservation of
 //! its size, which moves that part of the block from reserved to charged.
+//! A lease handed down to less than half its block asks for the next fill
+//! (if the key still has the headroom), so that a steadily used key's
+//! requests never find it empty.
 //!
 //! What is left of a lease is given back [`LEASE_FOR`] after its last fill,
 //! at once when a key is written through the store (a top-up, a set, a
@@ -59,6 +62,8 @@ struct Lease {
     available: i64,
     /// Until when `left` is handed out.
     until: Instant,
+    /// The size of its last fill's block.
+    block: i64,
     /// The number of its last fill.
     fill: u64,
 }
@@ -69,6 +74,16 @@ pub(super) struct Fill {
     pub id: KeyId,
     pub block: i64,
     epoch: u64,
+}
+
+/// What [`Leases::take`] handed out.
+#[derive(Debug, PartialEq)]
+pub(super) struct Taken {
+    /// What the key has available now, as far as this instance knows.
+    pub available: i64,
+    /// The fill to make now: the lease is down to less than half a block
+    /// (refilled before it runs out, so that no request waits for it).
+    pub refill: Option<Fill>,
 }
 
 /// When to look at key `id`'s lease again, and which fill it must still
@@ -82,15 +97,24 @@ pub(super) struct Expiry {
 
 impl Leases {
     /// Hands out `millis` from key `id`'s lease, if it is running and holds
-    /// that much; returns what the key then has available.
-    pub(super) fn take(&self, id: KeyId, millis: i64, now: Instant) -> Option<i64> {
-        let mut state = lock(&self.0);
+    /// that much.
+    pub(super) fn take(&self, id: KeyId, millis: i64, now: Instant) -> Option<Taken> {
+        let mut guard = lock(&self.0);
+        let state = &mut *guard;
         let lease = state.by_key.get_mut(&id)?;
         if now >= lease.until || lease.left < millis {
             return None;
         }
         lease.left -= millis;
-        Some(lease.available.saturating_add(lease.left))
+        let available = lease.available.saturating_add(lease.left);
+        let headroom = lease.block.saturating_mul(LEASE_HEADROOM);
+        let low = lease.left < lease.block / 2 && lease.available >= headroom;
+        let refill = (low && state.filling.insert(id)).then_some(Fill {
+            id,
+            block: lease.block,
+            epoch: state.epoch,
+        });
+        Some(Taken { available, refill })
     }
 
     /// After the server admitted a reservation of `millis` on key `id` and
@@ -143,6 +167,7 @@ impl Leases {
             left: 0,
             available,
             until,
+            block: fill.block,
             fill: number,
         });
         // What an expired lease still holds stays reserved at the server
@@ -150,6 +175,7 @@ impl Leases {
         lease.left = lease.left.saturating_add(fill.block);
         lease.available = available;
         lease.until = until;
+        lease.block = fill.block;
         lease.fill = number;
         Ok(Expiry {
             id: fill.id,
@@ -205,6 +231,11 @@ mod tests {
         millis * LEASE_REQUESTS * LEASE_HEADROOM
     }
 
+    /// What `take` reports available, refill or not.
+    fn available(leases: &Leases, id: KeyId, millis: i64, now: Instant) -> Option<i64> {
+        leases.take(id, millis, now).map(|taken| taken.available)
+    }
+
     #[test]
     fn a_lease_is_filled_only_with_headroom_and_one_at_a_time() {
         let leases = Leases::default();
@@ -219,7 +250,7 @@ mod tests {
         assert!(leases.fill_for(2, 1_000, enough(1_000), now).is_some());
         // Nothing is handed out before the server admitted the block.
         assert_eq!(leases.take(1, 1_000, now), None);
-        leases.filled(fill, 900_000, now).unwrap();
+        leases.filled(fill, enough(1_000), now).unwrap();
         // A running lease that covers the size asks for no other fill.
         assert_eq!(leases.fill_for(1, 1_000, enough(1_000), now), None);
     }
@@ -228,15 +259,15 @@ mod tests {
     fn a_lease_hands_out_what_it_holds_until_it_expires() {
         let leases = Leases::default();
         let now = Instant::now();
+        // Too little headroom left for a refill: the block runs out.
         let fill = leases.fill_for(7, 1_000, enough(1_000), now).unwrap();
         let expiry = leases.filled(fill, 900_000, now).unwrap();
         assert_eq!(expiry.at, now + LEASE_FOR);
         for n in 1..=64 {
             // Available: what the server reported plus what is left.
-            assert_eq!(
-                leases.take(7, 1_000, now),
-                Some(900_000 + 64_000 - n * 1_000)
-            );
+            let taken = leases.take(7, 1_000, now).unwrap();
+            assert_eq!(taken.available, 900_000 + 64_000 - n * 1_000);
+            assert_eq!(taken.refill, None);
         }
         assert_eq!(leases.take(7, 1, now), None, "the block is spent");
         assert_eq!(leases.take(8, 1, now), None, "another key has none");
@@ -251,6 +282,32 @@ mod tests {
     }
 
     #[test]
+    fn a_lease_down_to_half_a_block_asks_for_one_refill() {
+        let leases = Leases::default();
+        let now = Instant::now();
+        let fill = leases.fill_for(4, 1_000, enough(1_000), now).unwrap();
+        let first = leases.filled(fill, enough(1_000), now).unwrap();
+        for _ in 0..32 {
+            assert_eq!(leases.take(4, 1_000, now).unwrap().refill, None);
+        }
+        // 31 left of 64: refill, once while it is in flight.
+        let refill = leases.take(4, 1_000, now).unwrap().refill.unwrap();
+        assert_eq!(refill.block, 64_000);
+        assert_eq!(leases.take(4, 1_000, now).unwrap().refill, None);
+        let later = now + Duration::from_millis(300);
+        let second = leases
+            .filled(refill, enough(1_000) - 64_000, later)
+            .unwrap();
+        assert_eq!(
+            available(&leases, 4, 1_000, later),
+            Some(enough(1_000) - 64_000 + 30_000 + 64_000 - 1_000)
+        );
+        // The first fill's expiry no longer ends it; the second's does.
+        assert_eq!(leases.expire(&first), 0);
+        assert_eq!(leases.expire(&second), 93_000);
+    }
+
+    #[test]
     fn a_later_fill_keeps_the_lease_past_an_earlier_expiry() {
         let leases = Leases::default();
         let now = Instant::now();
@@ -262,7 +319,7 @@ mod tests {
         let fill = leases.fill_for(3, 1_000, enough(1_000), later).unwrap();
         let second = leases.filled(fill, 800_000, later).unwrap();
         assert_eq!(leases.expire(&first), 0, "the second fill's expiry ends it");
-        assert_eq!(leases.take(3, 1_000, later), Some(800_000 + 63_500));
+        assert_eq!(available(&leases, 3, 1_000, later), Some(800_000 + 63_500));
         assert_eq!(leases.expire(&second), 63_500);
     }
 

@@ -1373,8 +1373,11 @@ impl Store for PostgresStore {
         // Exactly one side gives it back: the task, if its answer could not
         // be sent, or the `Reservation` when dropped, if the answer arrived
         // but was never read.
-        if let Some(available) = self.link.leases.take(id, amount.millis(), Instant::now()) {
-            return Ok(Credits::from_millis(available));
+        if let Some(taken) = self.link.leases.take(id, amount.millis(), Instant::now()) {
+            if let Some(fill) = taken.refill {
+                tokio::spawn(run_lease(self.link.clone(), fill));
+            }
+            return Ok(Credits::from_millis(taken.available));
         }
         let (tx, rx) = oneshot::channel();
         let link = self.link.clone();
