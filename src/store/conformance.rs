@@ -1831,15 +1831,20 @@ async fn sqlite_a_batch_starts_from_what_another_process_committed() {
     assert_eq!(balance(&reopened, e).await, cr("2.25"));
 }
 
-/// `api_keys.reserved` of key `id`, polled until it is `want` (or 3 s).
+/// `api_keys.reserved` of key `id`, in thousandths.
+async fn reserved_now(admin: &mut PgConnection, id: KeyId) -> i64 {
+    sqlx::query_scalar("SELECT reserved FROM api_keys WHERE id = $1")
+        .bind(id)
+        .fetch_one(admin)
+        .await
+        .unwrap()
+}
+
+/// [`reserved_now`], polled until it is `want` (or 3 s).
 async fn reserved_becomes(admin: &mut PgConnection, id: KeyId, want: i64) -> i64 {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(3);
     loop {
-        let now: i64 = sqlx::query_scalar("SELECT reserved FROM api_keys WHERE id = $1")
-            .bind(id)
-            .fetch_one(&mut *admin)
-            .await
-            .unwrap();
+        let now = reserved_now(admin, id).await;
         if now == want || std::time::Instant::now() > deadline {
             return now;
         }
@@ -1896,24 +1901,22 @@ async fn postgres_leases_serve_reservations_without_the_server() {
         assert_eq!(gateway.leased_becomes(rich, cr("128")).await, cr("128"));
         assert_eq!(reserved_becomes(&mut admin, rich, 130_000).await, 130_000);
         gateway.adjust(rich, add("1")).await.unwrap();
-        let now: i64 = sqlx::query_scalar("SELECT reserved FROM api_keys WHERE id = $1")
-            .bind(rich)
-            .fetch_one(&mut admin)
-            .await
-            .unwrap();
-        assert_eq!(now, 2_000, "only the open reservation is left");
+        assert_eq!(
+            reserved_now(&mut admin, rich).await,
+            2_000,
+            "only the open reservation is left"
+        );
         gateway.settle(usage(rich, cr("2")), cr("2")).await.unwrap();
 
         // So does closing the store (a gateway that has drained).
         gateway.reserve(rich, cr("1")).await.unwrap();
         assert_eq!(gateway.leased_becomes(rich, cr("64")).await, cr("64"));
         gateway.close().await;
-        let now: i64 = sqlx::query_scalar("SELECT reserved FROM api_keys WHERE id = $1")
-            .bind(rich)
-            .fetch_one(&mut admin)
-            .await
-            .unwrap();
-        assert_eq!(now, 1_000, "only the open reservation is left");
+        assert_eq!(
+            reserved_now(&mut admin, rich).await,
+            1_000,
+            "only the open reservation is left"
+        );
         gateway.settle(usage(rich, cr("1")), cr("1")).await.unwrap();
         let shared: SharedStore = Arc::new(gateway);
         assert_eq!(balance(&shared, rich).await, cr("999987"));
@@ -2011,19 +2014,15 @@ async fn postgres_releases_reservations_of_dead_gateways() {
         assert_eq!(refused_with(live.reserve(k, cr("4")).await), cr("3"));
 
         let mut admin = PgConnection::connect_with(&options).await.unwrap();
-        let reserved = |id: KeyId| {
-            sqlx::query_scalar::<_, i64>("SELECT reserved FROM api_keys WHERE id = $1").bind(id)
-        };
-
         // Both are alive: nothing is released.
         live.release_stale_reservations().await.unwrap();
-        assert_eq!(reserved(k).fetch_one(&mut admin).await.unwrap(), 7_000);
+        assert_eq!(reserved_now(&mut admin, k).await, 7_000);
 
         // The first one stops beating (as after kill -9).
         stop_heartbeat(&mut admin, &dead_id).await;
         live.release_stale_reservations().await.unwrap();
-        assert_eq!(reserved(k).fetch_one(&mut admin).await.unwrap(), 3_000);
-        assert_eq!(reserved(other).fetch_one(&mut admin).await.unwrap(), 0);
+        assert_eq!(reserved_now(&mut admin, k).await, 3_000);
+        assert_eq!(reserved_now(&mut admin, other).await, 0);
         let rows: i64 =
             sqlx::query_scalar("SELECT COUNT(*) FROM instance_reservations WHERE instance_id = $1")
                 .bind(&dead_id)
@@ -2045,11 +2044,11 @@ async fn postgres_releases_reservations_of_dead_gateways() {
             dead.settle(usage(k, cr("1")), cr("4")).await.unwrap(),
             cr("9")
         );
-        assert_eq!(reserved(k).fetch_one(&mut admin).await.unwrap(), 10_000);
+        assert_eq!(reserved_now(&mut admin, k).await, 10_000);
         // The live one settles what it holds.
         live.settle(usage(k, cr("3")), cr("3")).await.unwrap();
         live.settle(usage(k, cr("7")), cr("7")).await.unwrap();
-        assert_eq!(reserved(k).fetch_one(&mut admin).await.unwrap(), 0);
+        assert_eq!(reserved_now(&mut admin, k).await, 0);
         assert_eq!(balance(&(Arc::new(live) as SharedStore), k).await, cr("-1"));
         let _ = admin.close().await;
     }
