@@ -11,8 +11,8 @@
 //!
 //! - `--quick`: two short rounds, a smoke test (figures are rough);
 //! - `--rounds N`: rounds (default 5);
-//! - `--only a,b`: only these targets (`direct`, `nginx`, `tollgate-memory`,
-//!   `tollgate-sqlite`, `tollgate-postgres`);
+//! - `--only a,b`: only these targets (`direct`, `nginx`, `hyper-floor`,
+//!   `tollgate-memory`, `tollgate-sqlite`, `tollgate-postgres`);
 //! - `--scenarios a,b`: only these scenarios (`rss`, `saturation`, `fixed`,
 //!   `stream`, `paced`);
 //! - `--out FILE`: also write the report (markdown) to FILE;
@@ -281,6 +281,15 @@ async fn run(opts: Opts) -> ExitCode {
         }
         None => notes
             .push("nginx is not installed: skipped (apt-get install -y nginx-light)".to_string()),
+    }
+    match floor_binary() {
+        Some(binary) => specs.push(Spec {
+            name: "hyper-floor".into(),
+            kind: Kind::Floor { binary },
+        }),
+        None => notes.push(
+            "the floor is not built: skipped (cargo build --release --example floor)".to_string(),
+        ),
     }
     specs.push(Spec {
         name: "tollgate-memory".into(),
@@ -664,6 +673,12 @@ fn tollgate_binary(opts: &Opts) -> Result<PathBuf, String> {
     Ok(binary)
 }
 
+/// The floor proxy (`examples/floor.rs`), built next to this example.
+fn floor_binary() -> Option<PathBuf> {
+    let exe = std::env::current_exe().ok()?;
+    Some(exe.parent()?.join("floor")).filter(|p| p.is_file())
+}
+
 /// A source file newer than the binary, if any.
 fn newer_source(binary: &Path) -> Option<PathBuf> {
     let built = std::fs::metadata(binary).ok()?.modified().ok()?;
@@ -998,6 +1013,8 @@ fn write_report(results: &Results, cx: &Context) -> String {
         ("tollgate-memory", "nginx"),
         (DEFAULT, "tollgate-memory"),
         ("tollgate-postgres", "tollgate-memory"),
+        ("hyper-floor", "nginx"),
+        ("tollgate-memory", "hyper-floor"),
         ("nginx", "direct"),
     ] {
         if has(a) && has(b) {

@@ -1,5 +1,5 @@
-//! The things under test, as processes: tollgate (one per store) and
-//! nginx, started in front of the fake, and their memory and CPU read
+//! The things under test, as processes: tollgate (one per store), nginx
+//! and the floor (`examples/floor.rs`), started in front of the fake, and their memory and CPU read
 //! from `/proc`.
 
 use crate::load;
@@ -39,6 +39,9 @@ pub enum Kind {
     Direct,
     /// nginx as a plain reverse proxy with an API-key check.
     Nginx { binary: PathBuf },
+    /// The floor: the least proxy that tollgate's building blocks make
+    /// (`examples/floor.rs`), with nginx's key check.
+    Floor { binary: PathBuf },
     /// tollgate with this `DATABASE_URL`.
     Tollgate {
         binary: PathBuf,
@@ -142,6 +145,20 @@ pub async fn start(spec: &Spec, fake: SocketAddr, dir: &Path) -> Result<Running,
                 .env("RUST_LOG", "warn")
                 .env("SHUTDOWN_GRACE_SECS", "5")
                 .envs(EXTRA_ENV.get().into_iter().flatten().cloned())
+                .stdin(Stdio::null())
+                .stdout(log_file(&log)?)
+                .stderr(log_file(&log)?)
+                .spawn()
+                .map_err(|e| format!("cannot start {}: {e}", binary.display()))?;
+            (addr, child, log)
+        }
+        Kind::Floor { binary } => {
+            let addr = free_port()?;
+            let log = dir.join(format!("{}.log", spec.name));
+            let child = Command::new(binary)
+                .arg(addr.to_string())
+                .arg(fake.to_string())
+                .arg(load::keys().join(","))
                 .stdin(Stdio::null())
                 .stdout(log_file(&log)?)
                 .stderr(log_file(&log)?)
