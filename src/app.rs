@@ -16,11 +16,12 @@ use crate::proxy::Upstream;
 use crate::store::{self, Grant, NewKey, Role, SharedStore, StoreError};
 use crate::telemetry::{new_request_id, sane_request_id, RequestLog};
 use axum::body::Body;
-use axum::extract::{Request, State};
+use axum::extract::Request;
 use axum::http::{HeaderName, HeaderValue, Method};
-use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::serve::{Listener, ListenerExt};
+use axum::Router;
+use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::ops::Deref;
@@ -31,7 +32,10 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
-use tower_http::cors::{AllowOrigin, CorsLayer};
+use tower::util::Either;
+use tower::{Layer, Service, ServiceBuilder, ServiceExt};
+use tower_http::catch_panic::{CatchPanic, CatchPanicLayer};
+use tower_http::cors::{AllowOrigin, Cors, CorsLayer};
 use tracing::Instrument;
 
 /// Test-only hooks into request handling; empty in production.
@@ -138,21 +142,22 @@ impl App {
         &self.state
     }
 
-    /// The router with its middleware.
-    pub fn router(&self) -> axum::Router {
-        let router = crate::routes::router(self.state.clone())
-            .layer(tower_http::catch_panic::CatchPanicLayer::custom(
-                |_: Box<dyn std::any::Any + Send>| {
-                    ApiError::Internal("the request failed".into()).into_response()
-                },
-            ))
-            .layer(middleware::from_fn_with_state(self.state.clone(), observe));
-        match cors(&self.state.config.cors_origins) {
-            // Outermost, so that errors (401, 402, 429, 503) carry the CORS
-            // headers too and a page can read them.
-            Some(cors) => router.layer(cors),
-            None => router,
-        }
+    /// The router with its middleware around it, outermost first: CORS
+    /// (when configured), so that errors (401, 402, 429, 503) carry the
+    /// CORS headers too and a page can read them; [`Observe`]; panics
+    /// caught and answered 500. The layers wrap the router as a whole,
+    /// once: `Router::layer` would wrap each route instead, boxing every
+    /// request's future once more per layer.
+    pub fn service(&self) -> Gateway {
+        let routes = crate::routes::router(self.state.clone());
+        let caught = CatchPanicLayer::custom(panic_response as PanicResponse).layer(routes);
+        let observed = Observe {
+            inner: caught,
+            state: self.state.clone(),
+        };
+        ServiceBuilder::new()
+            .option_layer(cors(&self.state.config.cors_origins))
+            .service(observed)
     }
 
     /// Serves until `shutdown` resolves, then drains: new requests get 503,
@@ -189,7 +194,7 @@ impl App {
         L: Listener<Addr = SocketAddr>,
         L::Io: Send,
     {
-        let router = self.router();
+        let service = self.service();
         let state = self.state.clone();
         let upstream = state.upstream.clone();
         let refresher = tokio::spawn(async move {
@@ -234,7 +239,7 @@ impl App {
             let _ = done_tx.send(());
         });
         let header_timeout = self.state.config.client_header_timeout;
-        crate::server::serve(listener, router, header_timeout, async {
+        crate::server::serve(listener, service, header_timeout, async {
             let _ = done_rx.await;
         })
         .await;
@@ -255,9 +260,61 @@ async fn wait_idle(state: &AppState, within: Duration) -> bool {
     true
 }
 
+/// The gateway as served: [`App::service`].
+pub type Gateway = Either<Cors<Observed>, Observed>;
+
+/// The router inside [`Observe`], with panics caught.
+pub type Observed = Observe<CatchPanic<Router, PanicResponse>>;
+
+type PanicResponse = fn(Box<dyn std::any::Any + Send + 'static>) -> Response;
+
+fn panic_response(_: Box<dyn std::any::Any + Send + 'static>) -> Response {
+    ApiError::Internal("the request failed".into()).into_response()
+}
+
 /// Around every request: gives it an id and a log record, counts it in
 /// flight until its response body is done, and answers 503 while draining.
-async fn observe(State(state): State<AppState>, mut request: Request, next: Next) -> Response {
+#[derive(Clone)]
+pub struct Observe<S> {
+    inner: S,
+    state: AppState,
+}
+
+impl<S, B> Service<Request> for Observe<S>
+where
+    S: Service<Request, Response = axum::http::Response<B>, Error = Infallible>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+    B: http_body::Body<Data = bytes::Bytes> + Send + 'static,
+    B::Error: Into<axum::BoxError>,
+{
+    type Response = Response;
+    type Error = Infallible;
+    type Future = Pin<Box<dyn Future<Output = Result<Response, Infallible>> + Send>>;
+
+    /// Always ready: the clone that serves a request is made ready in
+    /// [`observe`] (`oneshot`).
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: Request) -> Self::Future {
+        Box::pin(observe(self.state.clone(), request, self.inner.clone()))
+    }
+}
+
+async fn observe<S, B>(
+    state: AppState,
+    mut request: Request,
+    inner: S,
+) -> Result<Response, Infallible>
+where
+    S: Service<Request, Response = axum::http::Response<B>, Error = Infallible>,
+    B: http_body::Body<Data = bytes::Bytes> + Send + 'static,
+    B::Error: Into<axum::BoxError>,
+{
     let request_id = request
         .headers()
         .get("x-request-id")
@@ -275,10 +332,10 @@ async fn observe(State(state): State<AppState>, mut request: Request, next: Next
         let guard = InFlight::enter(state.in_flight.clone());
         request.extensions_mut().insert(log.clone());
         let span = tracing::info_span!("request", request_id = %request_id);
-        let response = next.run(request).instrument(span).await;
+        let Ok(response) = inner.oneshot(request).instrument(span).await;
         let (parts, body) = response.into_parts();
         let body = Body::new(TrackedBody {
-            body,
+            body: Body::new(body),
             _guard: guard,
             _log: log.clone(),
         });
@@ -288,7 +345,7 @@ async fn observe(State(state): State<AppState>, mut request: Request, next: Next
     if let Ok(value) = HeaderValue::from_str(&request_id) {
         response.headers_mut().insert("x-request-id", value);
     }
-    response
+    Ok(response)
 }
 
 /// A bounded label for a path: metrics and logs never carry arbitrary

@@ -20,9 +20,10 @@
 //! included) and then closes, idle ones at once; [`serve`] returns when
 //! the last one has closed.
 
+use axum::body::Body;
 use axum::extract::ConnectInfo;
+use axum::response::Response;
 use axum::serve::Listener;
-use axum::Router;
 use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper::Request;
@@ -31,18 +32,21 @@ use hyper_util::server::graceful::GracefulShutdown;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::time::Duration;
-use tower::Service;
+use tower::{BoxError, Service, ServiceExt};
 
-/// Serves `router` on the connections `listener` accepts until `until`
+/// Serves `service` on the connections `listener` accepts until `until`
 /// resolves, then lets the open connections finish (see the module doc).
-pub async fn serve<L>(
+pub async fn serve<L, S>(
     mut listener: L,
-    router: Router,
+    service: S,
     header_timeout: Option<Duration>,
     until: impl Future<Output = ()>,
 ) where
     L: Listener<Addr = SocketAddr>,
     L::Io: Send,
+    S: Service<Request<Body>, Response = Response> + Clone + Send + 'static,
+    S::Error: Into<BoxError>,
+    S::Future: Send + 'static,
 {
     let mut http = http1::Builder::new();
     http.timer(TokioTimer::new())
@@ -54,10 +58,11 @@ pub async fn serve<L>(
             accepted = listener.accept() => accepted,
             () = &mut until => break,
         };
-        let router = router.clone();
-        let service = hyper::service::service_fn(move |mut request: Request<Incoming>| {
+        let gateway = service.clone();
+        let service = hyper::service::service_fn(move |request: Request<Incoming>| {
+            let mut request = request.map(Body::new);
             request.extensions_mut().insert(ConnectInfo(peer));
-            router.clone().call(request)
+            gateway.clone().oneshot(request)
         });
         let connection = http.serve_connection(TokioIo::new(io), service);
         let connection = graceful.watch(connection);

@@ -151,6 +151,18 @@ async fn every_response_carries_a_request_id() {
     let error = app.post("/api/chat").json(&chat()).send().await.unwrap();
     assert_eq!(error.status(), 401);
     assert!(error.headers().contains_key("x-request-id"));
+    // Paths no route takes, and methods a route does not, too.
+    let missing = app.get("/no-such-path").send().await.unwrap();
+    assert_eq!(missing.status(), 404);
+    assert!(missing.headers().contains_key("x-request-id"));
+    let wrong_method = app
+        .client
+        .put(format!("{}/generate", app.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(wrong_method.status(), 405);
+    assert!(wrong_method.headers().contains_key("x-request-id"));
 }
 
 /// Reads one sample of the Prometheus text (0 when absent).
