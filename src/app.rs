@@ -21,10 +21,12 @@ use axum::http::{HeaderName, HeaderValue, Method};
 use axum::response::{IntoResponse, Response};
 use axum::serve::{Listener, ListenerExt};
 use axum::Router;
+use futures_util::FutureExt;
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::ops::Deref;
+use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -33,8 +35,7 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tower::util::Either;
-use tower::{Layer, Service, ServiceBuilder, ServiceExt};
-use tower_http::catch_panic::{CatchPanic, CatchPanicLayer};
+use tower::{Service, ServiceBuilder, ServiceExt};
 use tower_http::cors::{AllowOrigin, Cors, CorsLayer};
 use tracing::Instrument;
 
@@ -144,15 +145,13 @@ impl App {
 
     /// The router with its middleware around it, outermost first: CORS
     /// (when configured), so that errors (401, 402, 429, 503) carry the
-    /// CORS headers too and a page can read them; [`Observe`]; panics
-    /// caught and answered 500. The layers wrap the router as a whole,
+    /// CORS headers too and a page can read them; then [`Observe`], which
+    /// also answers 500 when a handler panics. The layers wrap the router as a whole,
     /// once: `Router::layer` would wrap each route instead, boxing every
     /// request's future once more per layer.
     pub fn service(&self) -> Gateway {
-        let routes = crate::routes::router(self.state.clone());
-        let caught = CatchPanicLayer::custom(panic_response as PanicResponse).layer(routes);
         let observed = Observe {
-            inner: caught,
+            inner: crate::routes::router(self.state.clone()),
             state: self.state.clone(),
         };
         ServiceBuilder::new()
@@ -263,32 +262,22 @@ async fn wait_idle(state: &AppState, within: Duration) -> bool {
 /// The gateway as served: [`App::service`].
 pub type Gateway = Either<Cors<Observed>, Observed>;
 
-/// The router inside [`Observe`], with panics caught.
-pub type Observed = Observe<CatchPanic<Router, PanicResponse>>;
-
-type PanicResponse = fn(Box<dyn std::any::Any + Send + 'static>) -> Response;
-
-fn panic_response(_: Box<dyn std::any::Any + Send + 'static>) -> Response {
-    ApiError::Internal("the request failed".into()).into_response()
-}
+/// The router inside [`Observe`].
+pub type Observed = Observe<Router>;
 
 /// Around every request: gives it an id and a log record, counts it in
-/// flight until its response body is done, and answers 503 while draining.
+/// flight until its response body is done, answers 503 while draining,
+/// and answers 500 for a request whose handling panicked.
 #[derive(Clone)]
 pub struct Observe<S> {
     inner: S,
     state: AppState,
 }
 
-impl<S, B> Service<Request> for Observe<S>
+impl<S> Service<Request> for Observe<S>
 where
-    S: Service<Request, Response = axum::http::Response<B>, Error = Infallible>
-        + Clone
-        + Send
-        + 'static,
+    S: Service<Request, Response = Response, Error = Infallible> + Clone + Send + 'static,
     S::Future: Send + 'static,
-    B: http_body::Body<Data = bytes::Bytes> + Send + 'static,
-    B::Error: Into<axum::BoxError>,
 {
     type Response = Response;
     type Error = Infallible;
@@ -305,15 +294,9 @@ where
     }
 }
 
-async fn observe<S, B>(
-    state: AppState,
-    mut request: Request,
-    inner: S,
-) -> Result<Response, Infallible>
+async fn observe<S>(state: AppState, mut request: Request, inner: S) -> Result<Response, Infallible>
 where
-    S: Service<Request, Response = axum::http::Response<B>, Error = Infallible>,
-    B: http_body::Body<Data = bytes::Bytes> + Send + 'static,
-    B::Error: Into<axum::BoxError>,
+    S: Service<Request, Response = Response, Error = Infallible>,
 {
     let request_id = request
         .headers()
@@ -332,10 +315,16 @@ where
         let guard = InFlight::enter(state.in_flight.clone());
         request.extensions_mut().insert(log.clone());
         let span = tracing::info_span!("request", request_id = %request_id);
-        let Ok(response) = inner.oneshot(request).instrument(span).await;
+        // `oneshot` calls the router when first polled, so a panic in the
+        // call and one in the handler's future are both caught here.
+        let handled = AssertUnwindSafe(inner.oneshot(request)).catch_unwind();
+        let response = match handled.instrument(span).await {
+            Ok(Ok(response)) => response,
+            Err(_panic) => ApiError::Internal("the request failed".into()).into_response(),
+        };
         let (parts, body) = response.into_parts();
         let body = Body::new(TrackedBody {
-            body: Body::new(body),
+            body,
             _guard: guard,
             _log: log.clone(),
         });

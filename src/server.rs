@@ -31,6 +31,7 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
 use std::future::Future;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 use tower::{BoxError, Service, ServiceExt};
 
@@ -44,13 +45,16 @@ pub async fn serve<L, S>(
 ) where
     L: Listener<Addr = SocketAddr>,
     L::Io: Send,
-    S: Service<Request<Body>, Response = Response> + Clone + Send + 'static,
+    S: Service<Request<Body>, Response = Response> + Clone + Send + Sync + 'static,
     S::Error: Into<BoxError>,
     S::Future: Send + 'static,
 {
     let mut http = http1::Builder::new();
     http.timer(TokioTimer::new())
         .header_read_timeout(header_timeout);
+    // Shared: each connection's task keeps what its service closure
+    // captures for as long as the connection lives.
+    let service = Arc::new(service);
     let graceful = GracefulShutdown::new();
     let mut until = std::pin::pin!(until);
     loop {
@@ -62,7 +66,11 @@ pub async fn serve<L, S>(
         let service = hyper::service::service_fn(move |request: Request<Incoming>| {
             let mut request = request.map(Body::new);
             request.extensions_mut().insert(ConnectInfo(peer));
-            gateway.clone().oneshot(request)
+            // Boxed: the connection's task keeps its service's future
+            // inline for as long as the connection lives (1,000 open
+            // streams, 1,000 of them), and this one holds the whole
+            // middleware stack's state until the response head is out.
+            Box::pin(S::clone(&gateway).oneshot(request))
         });
         let connection = http.serve_connection(TokioIo::new(io), service);
         let connection = graceful.watch(connection);

@@ -454,6 +454,9 @@ async fn a_panic_inside_a_request_still_settles_its_reservation() {
         .await
         .unwrap();
     assert_eq!(response.status(), 500);
+    assert!(response.headers().contains_key("x-request-id"));
+    let body: Value = response.json().await.unwrap();
+    assert!(body["error"].is_string(), "{body}");
     let rows = app.wait_ledger(KEY, 1).await;
     assert_eq!(rows.len(), 1, "the guard recorded the request");
     assert_eq!(rows[0].record.credits, Credits::ZERO);
