@@ -146,9 +146,9 @@ impl App {
     /// The router with its middleware around it, outermost first: CORS
     /// (when configured), so that errors (401, 402, 429, 503) carry the
     /// CORS headers too and a page can read them; then [`Observe`], which
-    /// also answers 500 when a handler panics. The layers wrap the router as a whole,
-    /// once: `Router::layer` would wrap each route instead, boxing every
-    /// request's future once more per layer.
+    /// also answers 500 when a handler panics. The layers wrap the router
+    /// as a whole, once: `Router::layer` would wrap each route instead,
+    /// boxing every request's future once more per layer.
     pub fn service(&self) -> Gateway {
         let observed = Observe {
             inner: crate::routes::router(self.state.clone()),

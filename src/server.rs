@@ -54,7 +54,7 @@ pub async fn serve<L, S>(
         .header_read_timeout(header_timeout);
     // Shared: each connection's task keeps what its service closure
     // captures for as long as the connection lives.
-    let service = Arc::new(service);
+    let shared = Arc::new(service);
     let graceful = GracefulShutdown::new();
     let mut until = std::pin::pin!(until);
     loop {
@@ -62,7 +62,7 @@ pub async fn serve<L, S>(
             accepted = listener.accept() => accepted,
             () = &mut until => break,
         };
-        let gateway = service.clone();
+        let gateway = shared.clone();
         let service = hyper::service::service_fn(move |request: Request<Incoming>| {
             let mut request = request.map(Body::new);
             request.extensions_mut().insert(ConnectInfo(peer));
