@@ -35,6 +35,7 @@ use tokio::sync::Mutex;
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 type Upstream = Arc<Mutex<Option<client::SendRequest<Incoming>>>>;
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 #[tokio::main]
 async fn main() -> ExitCode {
@@ -80,7 +81,7 @@ async fn forward(
     keys: Arc<HashSet<Vec<u8>>>,
     conn: Upstream,
     upstream: SocketAddr,
-) -> Result<Response<Body>, hyper::Error> {
+) -> Result<Response<Body>, BoxError> {
     let known = request
         .headers_mut()
         .remove("x-api-key")
@@ -105,14 +106,9 @@ async fn forward(
 }
 
 /// A new HTTP/1 connection to the upstream, driven by a task of its own.
-async fn connect(upstream: SocketAddr) -> Result<client::SendRequest<Incoming>, hyper::Error> {
-    let stream = match TcpStream::connect(upstream).await {
-        Ok(s) => s,
-        Err(e) => {
-            eprintln!("floor: cannot connect to {upstream}: {e}");
-            std::process::exit(1);
-        }
-    };
+/// A failure ends the client's connection (hyper closes it on an error).
+async fn connect(upstream: SocketAddr) -> Result<client::SendRequest<Incoming>, BoxError> {
+    let stream = TcpStream::connect(upstream).await?;
     let _ = stream.set_nodelay(true);
     let (sender, connection) = client::handshake(TokioIo::new(stream)).await?;
     tokio::spawn(connection);
