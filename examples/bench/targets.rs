@@ -1,6 +1,6 @@
 //! The things under test, as processes: tollgate (one per store), nginx
-//! and the floor (`examples/floor.rs`), started in front of the fake, and their memory and CPU read
-//! from `/proc`.
+//! and the floor (`examples/floor.rs`), started in front of the fake, and
+//! their memory and CPU read from `/proc`.
 
 use crate::load;
 use std::net::SocketAddr;
@@ -127,43 +127,39 @@ pub async fn start(spec: &Spec, fake: SocketAddr, dir: &Path) -> Result<Running,
         } => {
             let addr = free_port()?;
             let log = dir.join(format!("{}.log", spec.name));
-            let child = Command::new(binary)
-                .env_clear()
-                .current_dir(dir)
-                .env("LISTEN_ADDR", addr.to_string())
-                .env("OLLAMA_URL", format!("http://{fake}"))
-                .env(
-                    "API_KEYS",
-                    load::keys()
-                        .iter()
-                        .map(|k| format!("{k}={CREDITS}"))
-                        .collect::<Vec<_>>()
-                        .join(","),
-                )
-                .env("DATABASE_URL", database_url)
-                .env("LOG_FORMAT", "json")
-                .env("RUST_LOG", "warn")
-                .env("SHUTDOWN_GRACE_SECS", "5")
-                .envs(EXTRA_ENV.get().into_iter().flatten().cloned())
-                .stdin(Stdio::null())
-                .stdout(log_file(&log)?)
-                .stderr(log_file(&log)?)
-                .spawn()
-                .map_err(|e| format!("cannot start {}: {e}", binary.display()))?;
+            let child = spawn_logged(
+                Command::new(binary)
+                    .env_clear()
+                    .current_dir(dir)
+                    .env("LISTEN_ADDR", addr.to_string())
+                    .env("OLLAMA_URL", format!("http://{fake}"))
+                    .env(
+                        "API_KEYS",
+                        load::keys()
+                            .iter()
+                            .map(|k| format!("{k}={CREDITS}"))
+                            .collect::<Vec<_>>()
+                            .join(","),
+                    )
+                    .env("DATABASE_URL", database_url)
+                    .env("LOG_FORMAT", "json")
+                    .env("RUST_LOG", "warn")
+                    .env("SHUTDOWN_GRACE_SECS", "5")
+                    .envs(EXTRA_ENV.get().into_iter().flatten().cloned()),
+                &log,
+            )?;
             (addr, child, log)
         }
         Kind::Floor { binary } => {
             let addr = free_port()?;
             let log = dir.join(format!("{}.log", spec.name));
-            let child = Command::new(binary)
-                .arg(addr.to_string())
-                .arg(fake.to_string())
-                .arg(load::keys().join(","))
-                .stdin(Stdio::null())
-                .stdout(log_file(&log)?)
-                .stderr(log_file(&log)?)
-                .spawn()
-                .map_err(|e| format!("cannot start {}: {e}", binary.display()))?;
+            let child = spawn_logged(
+                Command::new(binary)
+                    .arg(addr.to_string())
+                    .arg(fake.to_string())
+                    .arg(load::keys().join(",")),
+                &log,
+            )?;
             (addr, child, log)
         }
         Kind::Nginx { binary } => {
@@ -173,18 +169,16 @@ pub async fn start(spec: &Spec, fake: SocketAddr, dir: &Path) -> Result<Running,
             let conf = prefix.join("nginx.conf");
             std::fs::write(&conf, nginx_conf(addr, fake, &prefix)).map_err(|e| e.to_string())?;
             let log = prefix.join("error.log");
-            let child = Command::new(binary)
-                .arg("-p")
-                .arg(&prefix)
-                .arg("-c")
-                .arg(&conf)
-                .arg("-e")
-                .arg(&log)
-                .stdin(Stdio::null())
-                .stdout(log_file(&prefix.join("stdout.log"))?)
-                .stderr(log_file(&prefix.join("stdout.log"))?)
-                .spawn()
-                .map_err(|e| format!("cannot start {}: {e}", binary.display()))?;
+            let child = spawn_logged(
+                Command::new(binary)
+                    .arg("-p")
+                    .arg(&prefix)
+                    .arg("-c")
+                    .arg(&conf)
+                    .arg("-e")
+                    .arg(&log),
+                &prefix.join("stdout.log"),
+            )?;
             (addr, child, log)
         }
     };
@@ -223,6 +217,16 @@ pub async fn start(spec: &Spec, fake: SocketAddr, dir: &Path) -> Result<Running,
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// Starts `command` with no input and its output appended to `output`.
+fn spawn_logged(command: &mut Command, output: &Path) -> Result<Child, String> {
+    command
+        .stdin(Stdio::null())
+        .stdout(log_file(output)?)
+        .stderr(log_file(output)?)
+        .spawn()
+        .map_err(|e| format!("cannot start {:?}: {e}", command.get_program()))
 }
 
 fn log_file(path: &Path) -> Result<std::fs::File, String> {
