@@ -20,6 +20,13 @@ pub struct Caps {
     pub max_num_ctx: Option<u64>,
 }
 
+impl Caps {
+    /// Whether any cap is set.
+    pub fn any(&self) -> bool {
+        self.max_tokens.is_some() || self.max_num_ctx.is_some()
+    }
+}
+
 /// `mistral` and `mistral:latest` name the same model.
 pub fn canonical_model(name: &str) -> String {
     let name = name.trim();

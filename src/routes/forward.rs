@@ -2,6 +2,7 @@
 //! key's policy, reserve its cost, forward, relay, settle.
 
 use super::catalog::{Access, Endpoint};
+use super::inspect;
 use crate::app::AppState;
 use crate::auth::Caller;
 use crate::credits::settlement::Charge;
@@ -81,59 +82,27 @@ pub async fn forward(
     }
     let inspect = endpoint.access != Access::Admin
         && !(request.method == Method::GET || request.method == Method::HEAD);
-    let mut parsed = if inspect {
-        parse_body(&body, endpoint)?
+    let Prepared {
+        model,
+        body,
+        strip_usage_event,
+        estimate_tokens,
+    } = if inspect {
+        prepare(state, caller, endpoint, &request.path, body)?
     } else {
-        None
+        Prepared {
+            model: request.path.strip_prefix("/v1/models/").map(str::to_string),
+            body,
+            strip_usage_event: false,
+            estimate_tokens: None,
+        }
     };
     let limited_to = caller.key.models.as_deref().filter(|_| !caller.is_admin());
-
-    let model = match &parsed {
-        Some(map) => map.get("model").and_then(Value::as_str).map(str::to_string),
-        None => request.path.strip_prefix("/v1/models/").map(str::to_string),
-    };
     if let (Some(allowed), Some(model)) = (limited_to, &model) {
         if !policy::model_allowed(allowed, model) {
             return Err(ApiError::Forbidden(format!(
                 "model '{model}' is not allowed for this key"
             )));
-        }
-    }
-
-    let mut body = body;
-    let mut strip_usage_event = false;
-    let mut estimate_tokens = None;
-    if let Some(map) = parsed.as_mut() {
-        let mut changed = false;
-        if !caller.is_admin() {
-            changed |= policy::apply(map, endpoint.dialect, state.caps());
-        }
-        let pricing = state.config.pricing;
-        if endpoint.dialect == Dialect::OpenAi
-            && pricing.prices_tokens()
-            && map.get("stream") == Some(&Value::Bool(true))
-        {
-            // Ollama reports usage on a stream only when asked.
-            let options = map
-                .entry("stream_options")
-                .or_insert_with(|| Value::Object(Map::new()));
-            if let Some(options) = options.as_object_mut() {
-                if options.get("include_usage") != Some(&Value::Bool(true)) {
-                    options.insert("include_usage".into(), Value::Bool(true));
-                    strip_usage_event = true;
-                    changed = true;
-                }
-            }
-        }
-        estimate_tokens = if request.path.contains("embed") {
-            Some(0)
-        } else {
-            policy::requested_completion_tokens(map, endpoint.dialect)
-        };
-        if changed {
-            body = serde_json::to_vec(map)
-                .map_err(|e| ApiError::Internal(e.to_string()))?
-                .into();
         }
     }
 
@@ -180,6 +149,96 @@ pub async fn forward(
     proxy::relay(&state.upstream, out, settlement, options).await
 }
 
+/// A body ready to forward, with what the request's charge needs of it.
+struct Prepared {
+    model: Option<String>,
+    body: Bytes,
+    /// tollgate asked for the usage event; the client did not.
+    strip_usage_event: bool,
+    /// The completion tokens the estimate reserves for, if the body says.
+    estimate_tokens: Option<u64>,
+}
+
+/// Checks a body that tollgate inspects and applies the key's policy. A
+/// body that nothing changes is forwarded as received, read by a glance
+/// ([`inspect::glance`]); any other is parsed whole and written anew.
+fn prepare(
+    state: &AppState,
+    caller: &Caller,
+    endpoint: Endpoint,
+    path: &str,
+    body: Bytes,
+) -> Result<Prepared, ApiError> {
+    let embeds = path.contains("embed");
+    let policed = !caller.is_admin();
+    // Ollama reports usage on an OpenAI stream only when asked.
+    let asks_usage = endpoint.dialect == Dialect::OpenAi && state.config.pricing.prices_tokens();
+    let untouched = || {
+        let glance = inspect::glance(&body, endpoint.dialect)?;
+        let rewrite = (policed && (glance.keep_alive || state.caps().any()))
+            || (asks_usage && glance.stream == Some(true));
+        (!rewrite).then_some(glance)
+    };
+    if let Some(glance) = untouched() {
+        return Ok(Prepared {
+            model: glance.model,
+            estimate_tokens: if embeds {
+                Some(0)
+            } else {
+                glance.completion_tokens
+            },
+            body,
+            strip_usage_event: false,
+        });
+    }
+
+    let Some(mut map) = inspect::parse_body(&body, endpoint)? else {
+        // No body, where none is needed.
+        return Ok(Prepared {
+            model: None,
+            body,
+            strip_usage_event: false,
+            estimate_tokens: None,
+        });
+    };
+    let model = map.get("model").and_then(Value::as_str).map(str::to_string);
+    let mut changed = false;
+    if policed {
+        changed |= policy::apply(&mut map, endpoint.dialect, state.caps());
+    }
+    let mut strip_usage_event = false;
+    if asks_usage && map.get("stream") == Some(&Value::Bool(true)) {
+        let options = map
+            .entry("stream_options")
+            .or_insert_with(|| Value::Object(Map::new()));
+        if let Some(options) = options.as_object_mut() {
+            if options.get("include_usage") != Some(&Value::Bool(true)) {
+                options.insert("include_usage".into(), Value::Bool(true));
+                strip_usage_event = true;
+                changed = true;
+            }
+        }
+    }
+    let estimate_tokens = if embeds {
+        Some(0)
+    } else {
+        policy::requested_completion_tokens(&map, endpoint.dialect)
+    };
+    let body = if changed {
+        serde_json::to_vec(&map)
+            .map_err(|e| ApiError::Internal(e.to_string()))?
+            .into()
+    } else {
+        body
+    };
+    Ok(Prepared {
+        model,
+        body,
+        strip_usage_event,
+        estimate_tokens,
+    })
+}
+
 async fn begin(
     state: &AppState,
     caller: &Caller,
@@ -224,60 +283,4 @@ fn model_list_filter(path: &str, allowed: Vec<String>) -> BodyEdit {
         };
         filtered.map(Bytes::from).unwrap_or(body)
     })
-}
-
-/// Parses a JSON request body for inspection (SPEC §7: malformed JSON and
-/// wrong field types are 400, never forwarded, never charged).
-fn parse_body(body: &[u8], endpoint: Endpoint) -> Result<Option<Map<String, Value>>, ApiError> {
-    if body.iter().all(u8::is_ascii_whitespace) {
-        return if endpoint.access == Access::Metered {
-            Err(ApiError::BadRequest("missing request body".into()))
-        } else {
-            Ok(None)
-        };
-    }
-    let value: Value = serde_json::from_slice(body)
-        .map_err(|e| ApiError::BadRequest(format!("invalid JSON in request body: {e}")))?;
-    let Value::Object(map) = value else {
-        return Err(ApiError::BadRequest(
-            "the request body must be a JSON object".into(),
-        ));
-    };
-    check_types(&map)?;
-    Ok(Some(map))
-}
-
-/// The fields tollgate reads must have the types Ollama expects.
-pub fn check_types(map: &Map<String, Value>) -> Result<(), ApiError> {
-    let wrong = |field: &str, expected: &str| {
-        Err(ApiError::BadRequest(format!(
-            "field '{field}' must be {expected}"
-        )))
-    };
-    let is = |field: &str, check: fn(&Value) -> bool| map.get(field).is_none_or(check);
-    if !is("model", Value::is_string) {
-        return wrong("model", "a string");
-    }
-    if !is("stream", Value::is_boolean) {
-        return wrong("stream", "true or false");
-    }
-    if !is("options", |v| v.is_object() || v.is_null()) {
-        return wrong("options", "an object");
-    }
-    if !is("prompt", |v| v.is_string() || v.is_null()) {
-        return wrong("prompt", "a string");
-    }
-    if !is("messages", |v| v.is_array() || v.is_null()) {
-        return wrong("messages", "an array");
-    }
-    for field in ["max_tokens", "max_completion_tokens"] {
-        if !is(field, |v| v.is_i64() || v.is_u64() || v.is_null()) {
-            return wrong(field, "an integer");
-        }
-    }
-    let num_predict = map.get("options").and_then(|o| o.get("num_predict"));
-    if num_predict.is_some_and(|v| !(v.is_i64() || v.is_u64() || v.is_null())) {
-        return wrong("options.num_predict", "an integer");
-    }
-    Ok(())
 }

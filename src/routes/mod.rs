@@ -5,6 +5,7 @@ pub mod account;
 pub mod catalog;
 pub mod forward;
 pub mod health;
+pub mod inspect;
 pub mod ollama;
 pub mod simple;
 

@@ -6,7 +6,8 @@
 //! unless the body says `"stream": true`. Every other field is kept.
 
 use super::catalog::classify;
-use super::forward::{check_types, forward, read_body, Proxied};
+use super::forward::{forward, read_body, Proxied};
+use super::inspect::{check_types, is_blank};
 use crate::app::AppState;
 use crate::auth::Caller;
 use crate::error::ApiError;
@@ -72,7 +73,7 @@ pub async fn chat(
 /// The body as a JSON object; an empty body is an empty object.
 async fn read_object(state: &AppState, body: Body) -> Result<Map<String, Value>, ApiError> {
     let bytes = read_body(state, body).await?;
-    if bytes.iter().all(u8::is_ascii_whitespace) {
+    if is_blank(&bytes) {
         return Ok(Map::new());
     }
     match serde_json::from_slice(&bytes) {
