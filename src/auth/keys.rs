@@ -27,7 +27,20 @@ pub fn generate() -> String {
 
 /// The digest under which a key is stored.
 pub fn hash(key: &str) -> KeyHash {
-    KeyHash(hex::encode(Sha256::digest(key.as_bytes())))
+    KeyHash(lower_hex(&Sha256::digest(key.as_bytes())))
+}
+
+/// `bytes` in lower-case hexadecimal (a key is hashed on every request, and
+/// the `hex` crate's encoder goes character by character through an
+/// iterator).
+fn lower_hex(bytes: &[u8]) -> String {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut out = String::with_capacity(bytes.len() * 2);
+    for byte in bytes {
+        out.push(char::from(DIGITS[usize::from(byte >> 4)]));
+        out.push(char::from(DIGITS[usize::from(byte & 0x0f)]));
+    }
+    out
 }
 
 #[cfg(test)]
@@ -51,5 +64,9 @@ mod tests {
             "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
         );
         assert_ne!(hash("abc"), hash("abd"));
+        assert_eq!(
+            lower_hex(&[0x00, 0x09, 0x0f, 0x10, 0xa5, 0xff]),
+            "00090f10a5ff"
+        );
     }
 }

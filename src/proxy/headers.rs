@@ -27,30 +27,37 @@ const NOT_TO_UPSTREAM: &[HeaderName] = &[
     header::CONTENT_LENGTH,
 ];
 
-/// Removes the hop-by-hop headers, `Keep-Alive` among them.
-fn remove_hop_by_hop(headers: &mut HeaderMap) {
-    for name in HOP_BY_HOP {
-        headers.remove(name);
-    }
-    headers.remove("keep-alive");
+/// Whether a header describes one connection: the hop-by-hop ones,
+/// `Keep-Alive` among them.
+fn is_hop_by_hop(name: &HeaderName) -> bool {
+    HOP_BY_HOP.contains(name) || name == "keep-alive"
 }
 
-/// The client's headers as they may go to Ollama. They are filtered in
-/// place: cheaper than copying the rest into a new map.
-pub fn to_upstream(mut client: HeaderMap) -> HeaderMap {
-    remove_hop_by_hop(&mut client);
-    for name in NOT_TO_UPSTREAM {
-        client.remove(name);
+/// Removes the headers named so by `unwanted`, in place (cheaper than
+/// copying the rest into a new map). The names are looked at once each;
+/// only those present are removed, each lookup of a name in the map
+/// costing a hash.
+fn remove_where(headers: &mut HeaderMap, unwanted: impl Fn(&HeaderName) -> bool) {
+    let doomed: Vec<HeaderName> = headers.keys().filter(|n| unwanted(n)).cloned().collect();
+    for name in doomed {
+        headers.remove(name);
     }
-    client.remove("x-api-key");
+}
+
+/// The client's headers as they may go to Ollama.
+pub fn to_upstream(mut client: HeaderMap) -> HeaderMap {
+    remove_where(&mut client, |name| {
+        is_hop_by_hop(name) || NOT_TO_UPSTREAM.contains(name) || name == "x-api-key"
+    });
     client
 }
 
 /// Ollama's response headers as they may go to the client. The body length
 /// is left to the server, which knows what it sends.
 pub fn to_client(mut upstream: HeaderMap) -> HeaderMap {
-    remove_hop_by_hop(&mut upstream);
-    upstream.remove(header::CONTENT_LENGTH);
+    remove_where(&mut upstream, |name| {
+        is_hop_by_hop(name) || name == header::CONTENT_LENGTH
+    });
     upstream
 }
 
