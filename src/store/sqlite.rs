@@ -36,7 +36,10 @@
 //! task, 5 s on the writer thread). A batch runs without savepoints; should
 //! one of its commands fail, the batch is rolled back and carried out again
 //! with each command in its own savepoint, so that one failing command does
-//! not undo the others.
+//! not undo the others. While a batch runs without savepoints, the
+//! settlements of one key write its row once: their charges are summed
+//! and subtracted before any other command and before the commit (each
+//! still writes its own ledger row).
 //!
 //! The keys (with their balances) and the open reservations are kept in
 //! process memory: the request path (`key_by_hash`, `key` and `reserve`)
@@ -306,6 +309,8 @@ impl SqliteStore {
                 checkpoint: spawn_checkpointer(&writer_path)?,
                 waits: true,
                 in_batch: false,
+                defer: false,
+                owed: Vec::new(),
                 #[cfg(test)]
                 panic_at: None,
             })
@@ -971,6 +976,13 @@ struct Writer {
     /// A batch is being carried out; still set when the next one starts,
     /// it means that one panicked.
     in_batch: bool,
+    /// Settlements may leave their charge owed: set while a batch runs
+    /// without savepoints (see [`Writer::owe`]).
+    defer: bool,
+    /// The charges of this batch's settlements not yet subtracted from
+    /// their keys' rows, by key: written once per key, before any other
+    /// command and before the commit.
+    owed: Vec<(KeyId, i64)>,
     /// Where the next batch panics (tests of what a panic leaves).
     #[cfg(test)]
     panic_at: Option<PanicAt>,
@@ -1040,6 +1052,7 @@ impl Writer {
             // and the cache is read again from the file, in case it had
             // committed.
             self.changes.clear();
+            self.owed.clear();
             self.reload = true;
         }
         if !self.conn.is_autocommit() {
@@ -1182,11 +1195,15 @@ impl Writer {
     ) -> Option<String> {
         results.clear();
         self.changes.clear();
+        self.owed.clear();
         // Optimistically without savepoints; when a command fails, the
         // whole batch is rolled back and carried out again, each command in
         // its own savepoint so that its failure undoes only its own changes.
+        self.defer = true;
         results.extend(batch.iter().map(|cmd| self.execute(cmd)));
-        if results.iter().any(Result::is_err) {
+        self.defer = false;
+        let paid = self.pay_owed();
+        if paid.is_err() || results.iter().any(Result::is_err) {
             results.clear();
             self.changes.clear();
             let _ = self.exec("ROLLBACK");
@@ -1249,6 +1266,10 @@ impl Writer {
     /// Carries out one command in the open transaction; on success, notes
     /// its changes to the cache.
     fn execute(&mut self, cmd: &Command) -> Result<Outcome, StoreError> {
+        if !matches!(cmd, Command::Settle(..)) {
+            // Whatever it does to a key comes after the charges before it.
+            self.pay_owed()?;
+        }
         let conn = &self.conn;
         match cmd {
             Command::CreateKey(new, _) => {
@@ -1285,7 +1306,16 @@ impl Writer {
                     panic!("a settlement panics (test)");
                 }
                 let before = self.balance_in_batch(usage.key_id);
-                let balance = settle(&self.conn, usage, before)?;
+                let balance = match self.owe(usage, before) {
+                    Some(after) => {
+                        record_usage(&self.conn, usage)?;
+                        after
+                    }
+                    None => {
+                        self.pay_owed()?;
+                        settle(&self.conn, usage, before)?
+                    }
+                };
                 self.changes
                     .push(Change::Settled(usage.key_id, balance, hold.clone()));
                 Ok(Outcome::Credits(balance))
@@ -1319,6 +1349,34 @@ impl Writer {
 
     /// Carries out `cmd` in a savepoint, so that its failure undoes only
     /// its own changes.
+    /// Notes a settlement's charge as owed by its key instead of writing it
+    /// to the key's row now, when the batch runs without savepoints and the
+    /// key's balance before it is known (see [`Writer::balance_in_batch`]);
+    /// returns the balance after it. A busy key's settlements in one batch
+    /// then cost one `UPDATE` of its row together instead of one each. The
+    /// ledger rows are written one by one, as before.
+    fn owe(&mut self, usage: &UsageRecord, before: Option<Credits>) -> Option<Credits> {
+        if !self.defer {
+            return None;
+        }
+        let credits = usage.credits.millis();
+        // A charge beyond i64 is refused by the RETURNING form (`settle`).
+        let after = before?.millis().checked_sub(credits)?;
+        match self.owed.iter_mut().find(|(id, _)| *id == usage.key_id) {
+            Some((_, owed)) => *owed = owed.checked_add(credits)?,
+            None => self.owed.push((usage.key_id, credits)),
+        }
+        Some(Credits::from_millis(after))
+    }
+
+    /// Subtracts what is owed from the keys' rows.
+    fn pay_owed(&mut self) -> Result<(), StoreError> {
+        for (id, credits) in std::mem::take(&mut self.owed) {
+            charge(&self.conn, id, credits)?;
+        }
+        Ok(())
+    }
+
     fn savepoint(&mut self, cmd: &Command) -> Result<Outcome, StoreError> {
         self.exec("SAVEPOINT command")?;
         let noted = self.changes.len();
@@ -1495,12 +1553,7 @@ fn settle(
     let known_after = before.and_then(|b| b.millis().checked_sub(credits));
     let balance = match known_after {
         Some(after) => {
-            let updated = conn
-                .prepare_cached("UPDATE api_keys SET balance = balance - ?2 WHERE id = ?1")?
-                .execute(params![id, credits])?;
-            if updated == 0 {
-                return Err(StoreError::NoSuchKey(id));
-            }
+            charge(conn, id, credits)?;
             Credits::from_millis(after)
         }
         None => Credits::from_millis(
@@ -1512,6 +1565,23 @@ fn settle(
             .ok_or(StoreError::NoSuchKey(id))?,
         ),
     };
+    record_usage(conn, usage)?;
+    Ok(balance)
+}
+
+/// Subtracts `credits` (thousandths) from key `id`'s balance.
+fn charge(conn: &Connection, id: KeyId, credits: i64) -> Result<(), StoreError> {
+    let updated = conn
+        .prepare_cached("UPDATE api_keys SET balance = balance - ?2 WHERE id = ?1")?
+        .execute(params![id, credits])?;
+    if updated == 0 {
+        return Err(StoreError::NoSuchKey(id));
+    }
+    Ok(())
+}
+
+/// Writes a settlement's ledger row.
+fn record_usage(conn: &Connection, usage: &UsageRecord) -> Result<(), StoreError> {
     conn.prepare_cached(
         "INSERT INTO usage (time, key_id, endpoint, model, status, prompt_tokens, \
          completion_tokens, credits, duration_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
@@ -1527,7 +1597,7 @@ fn settle(
         usage.credits.millis(),
         i64_of(usage.duration_ms),
     ])?;
-    Ok(balance)
+    Ok(())
 }
 
 // ---------------------------------------------------------------------------
