@@ -9,16 +9,16 @@
 //! which a rewrite (policy caps, `keep_alive`, `stream_options`) needs. A
 //! glance is strict: whatever it cannot read in its own terms (a wrong
 //! type, a duplicate field, invalid JSON) makes it give up, and the whole
-//! parse then decides, with its error messages.
+//! parse then decides, with its error messages. What a glance skips it
+//! still checks as the whole parse does (escapes, number range, depth).
 
 use super::catalog::{Access, Endpoint};
 use crate::error::ApiError;
 use crate::policy::Dialect;
-use serde::de::{self, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
+use serde::de::{self, Deserializer, MapAccess, SeqAccess, Visitor};
 use serde::Deserialize;
 use serde_json::{Map, Value};
 use std::fmt;
-use std::marker::PhantomData;
 
 /// What a glance at a body found.
 #[derive(Debug, Default, PartialEq, Eq)]
@@ -38,10 +38,10 @@ pub fn glance(body: &[u8], dialect: Dialect) -> Option<Glance> {
     // The whole parse rejects a body that is not UTF-8, even inside a string
     // it would skip; so does a glance.
     let text = std::str::from_utf8(body).ok()?;
-    let Object(fields) = serde_json::from_str::<Object<Fields>>(text).ok()?;
+    let fields: Fields = serde_json::from_str(text).ok()?;
     let whole = |n: Option<i64>| n.and_then(|n| u64::try_from(n).ok());
     let completion_tokens = match dialect {
-        Dialect::Native => whole(fields.options.and_then(|Object(o)| o.num_predict)),
+        Dialect::Native => whole(fields.num_predict),
         Dialect::OpenAi => [fields.max_completion_tokens, fields.max_tokens]
             .into_iter()
             .filter_map(whole)
@@ -50,64 +50,176 @@ pub fn glance(body: &[u8], dialect: Dialect) -> Option<Glance> {
     Some(Glance {
         model: fields.model,
         stream: fields.stream,
-        keep_alive: fields.keep_alive.is_some(),
+        keep_alive: fields.keep_alive,
         completion_tokens,
     })
 }
 
-/// The fields read, with the types [`check_types`] requires. A field the
-/// check allows to be `null` is an `Option`; one it does not is read with
-/// [`present`], so that a `null` makes the glance give up.
-#[derive(Deserialize)]
+/// The fields read, with the types [`check_types`] requires: `model` and
+/// `stream` must not be `null`; `options`, `prompt`, `messages` and the
+/// token limits may be. Every other value is skipped as [`Checked`].
+#[derive(Default)]
 struct Fields {
-    #[serde(default, deserialize_with = "present")]
     model: Option<String>,
-    #[serde(default, deserialize_with = "present")]
     stream: Option<bool>,
-    #[serde(default, deserialize_with = "present")]
-    keep_alive: Option<IgnoredAny>,
-    #[serde(default)]
-    options: Option<Object<Options>>,
-    /// Read for its type only.
-    #[serde(default, rename = "prompt")]
-    _prompt: Option<Text>,
-    /// Read for its type only.
-    #[serde(default, rename = "messages")]
-    _messages: Option<List>,
-    #[serde(default)]
+    keep_alive: bool,
+    num_predict: Option<i64>,
     max_tokens: Option<i64>,
-    #[serde(default)]
     max_completion_tokens: Option<i64>,
 }
 
-#[derive(Deserialize)]
-struct Options {
-    #[serde(default)]
-    num_predict: Option<i64>,
+/// The names a glance reads, at the top and in `options`.
+#[derive(Clone, Copy, Deserialize)]
+#[serde(field_identifier, rename_all = "snake_case")]
+enum Name {
+    Model,
+    Stream,
+    KeepAlive,
+    Options,
+    Prompt,
+    Messages,
+    MaxTokens,
+    MaxCompletionTokens,
+    NumPredict,
+    #[serde(other)]
+    Other,
 }
 
-/// A field that is there: any value of `T`, `null` only if `T` takes it.
-fn present<'de, D: Deserializer<'de>, T: Deserialize<'de>>(d: D) -> Result<Option<T>, D::Error> {
-    T::deserialize(d).map(Some)
+/// Fails on the second field of a name: serde_json's map, as Ollama,
+/// takes the last, and that is the whole parse's to read.
+fn first<E: de::Error>(seen: &mut u16, name: Name) -> Result<(), E> {
+    let bit = 1 << name as u16;
+    if *seen & bit != 0 {
+        return Err(E::custom("a field named twice"));
+    }
+    *seen |= bit;
+    Ok(())
 }
 
-/// A JSON object read into `T` (a derived struct alone would also take an
-/// array, filling its fields in order).
-struct Object<T>(T);
-
-impl<'de, T: Deserialize<'de>> Deserialize<'de> for Object<T> {
+impl<'de> Deserialize<'de> for Fields {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct ObjectVisitor<T>(PhantomData<T>);
-        impl<'de, T: Deserialize<'de>> Visitor<'de> for ObjectVisitor<T> {
-            type Value = Object<T>;
+        struct FieldsVisitor;
+        impl<'de> Visitor<'de> for FieldsVisitor {
+            type Value = Fields;
             fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
                 f.write_str("a JSON object")
             }
-            fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Self::Value, A::Error> {
-                T::deserialize(de::value::MapAccessDeserializer::new(map)).map(Object)
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Fields, A::Error> {
+                let mut fields = Fields::default();
+                let mut seen = 0;
+                while let Some(name) = map.next_key::<Name>()? {
+                    match name {
+                        Name::NumPredict | Name::Other => {
+                            map.next_value::<Checked>()?;
+                            continue;
+                        }
+                        _ => first(&mut seen, name)?,
+                    }
+                    match name {
+                        Name::Model => fields.model = Some(map.next_value()?),
+                        Name::Stream => fields.stream = Some(map.next_value()?),
+                        Name::KeepAlive => {
+                            map.next_value::<Checked>()?;
+                            fields.keep_alive = true;
+                        }
+                        Name::Options => {
+                            fields.num_predict = map
+                                .next_value::<Option<Options>>()?
+                                .and_then(|options| options.num_predict);
+                        }
+                        Name::Prompt => _ = map.next_value::<Option<Text>>()?,
+                        Name::Messages => _ = map.next_value::<Option<List>>()?,
+                        Name::MaxTokens => fields.max_tokens = map.next_value()?,
+                        Name::MaxCompletionTokens => {
+                            fields.max_completion_tokens = map.next_value()?;
+                        }
+                        Name::NumPredict | Name::Other => {}
+                    }
+                }
+                Ok(fields)
             }
         }
-        d.deserialize_map(ObjectVisitor(PhantomData))
+        d.deserialize_map(FieldsVisitor)
+    }
+}
+
+/// `options`: an object (or `null`), of which `num_predict` is read.
+struct Options {
+    num_predict: Option<i64>,
+}
+
+impl<'de> Deserialize<'de> for Options {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct OptionsVisitor;
+        impl<'de> Visitor<'de> for OptionsVisitor {
+            type Value = Options;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Options, A::Error> {
+                let mut options = Options { num_predict: None };
+                let mut seen = 0;
+                while let Some(name) = map.next_key::<Name>()? {
+                    if let Name::NumPredict = name {
+                        first(&mut seen, name)?;
+                        options.num_predict = map.next_value()?;
+                    } else {
+                        map.next_value::<Checked>()?;
+                    }
+                }
+                Ok(options)
+            }
+        }
+        d.deserialize_map(OptionsVisitor)
+    }
+}
+
+/// Any JSON value, skipped, but checked as the whole parse into a
+/// `serde_json::Value` checks it: string escapes (a lone surrogate is
+/// refused), numbers within `f64`'s range, nesting within serde_json's
+/// depth limit. serde's `IgnoredAny` checks the syntax only.
+struct Checked;
+
+impl<'de> Deserialize<'de> for Checked {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(CheckedVisitor)
+    }
+}
+
+struct CheckedVisitor;
+
+impl<'de> Visitor<'de> for CheckedVisitor {
+    type Value = Checked;
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("a JSON value")
+    }
+    fn visit_bool<E: de::Error>(self, _: bool) -> Result<Checked, E> {
+        Ok(Checked)
+    }
+    fn visit_i64<E: de::Error>(self, _: i64) -> Result<Checked, E> {
+        Ok(Checked)
+    }
+    fn visit_u64<E: de::Error>(self, _: u64) -> Result<Checked, E> {
+        Ok(Checked)
+    }
+    fn visit_f64<E: de::Error>(self, _: f64) -> Result<Checked, E> {
+        Ok(Checked)
+    }
+    fn visit_str<E: de::Error>(self, _: &str) -> Result<Checked, E> {
+        Ok(Checked)
+    }
+    fn visit_unit<E: de::Error>(self) -> Result<Checked, E> {
+        Ok(Checked)
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Checked, A::Error> {
+        while seq.next_element::<Checked>()?.is_some() {}
+        Ok(Checked)
+    }
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Checked, A::Error> {
+        while map.next_key::<Checked>()?.is_some() {
+            map.next_value::<Checked>()?;
+        }
+        Ok(Checked)
     }
 }
 
@@ -130,7 +242,7 @@ impl<'de> Deserialize<'de> for Text {
     }
 }
 
-/// An array, its elements skipped.
+/// An array, its elements skipped as [`Checked`].
 struct List;
 
 impl<'de> Deserialize<'de> for List {
@@ -142,7 +254,7 @@ impl<'de> Deserialize<'de> for List {
                 f.write_str("an array")
             }
             fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<List, A::Error> {
-                while seq.next_element::<IgnoredAny>()?.is_some() {}
+                while seq.next_element::<Checked>()?.is_some() {}
                 Ok(List)
             }
         }
@@ -246,6 +358,8 @@ mod tests {
             r#"{"model":"m","max_tokens":50,"max_completion_tokens":20}"#,
             r#"{"model":"m","max_tokens":-3,"max_completion_tokens":null}"#,
             r#"{"model":"caf\u00e9 \"x\"","images":["aGk="],"format":{"type":"object"}}"#,
+            r#"{"model":"m","messages":[{"content":"\ud83d\ude00","n":[1.5e300,-2,null,true]}]}"#,
+            r#"{"model":"m","stream":false,"tools":[{"function":{"parameters":{"a":{"b":{}}}}}]}"#,
             r#"  {"stream":true}  "#,
             "{}",
         ];
@@ -281,7 +395,20 @@ mod tests {
             r#"{"max_tokens":2.0}"#,
             r#"{"max_completion_tokens":"9"}"#,
             r#"{"messages":[{"content":"unclosed}]}"#,
+            // What serde's IgnoredAny would let through, and a Value refuses:
+            // a lone surrogate, a number beyond f64, nesting beyond 128.
+            r#"{"model":"m","messages":[{"role":"user","content":"\ud83d"}]}"#,
+            r#"{"model":"m","format":{"\udc00":1}}"#,
+            r#"{"model":"m","keep_alive":"\ud800"}"#,
+            r#"{"model":"m","messages":[],"temperature":1e400}"#,
+            r#"{"model":"m","prompt":"hi","options":{"temperature":1e999}}"#,
         ];
+        let deep = format!(
+            r#"{{"model":"m","x":{}{}}}"#,
+            "[".repeat(200),
+            "]".repeat(200)
+        );
+        let refused = refused.iter().copied().chain([deep.as_str()]);
         for body in refused {
             assert_eq!(by_whole_parse(body, Dialect::Native), None, "{body}");
             assert_eq!(glance(body.as_bytes(), Dialect::Native), None, "{body}");
@@ -302,6 +429,12 @@ mod tests {
         assert_eq!(
             by_whole_parse(body, Dialect::Native).and_then(|g| g.model),
             Some("b".to_string())
+        );
+        let body = r#"{"options":{"num_predict":1,"num_predict":2}}"#;
+        assert_eq!(glance(body.as_bytes(), Dialect::Native), None);
+        assert_eq!(
+            by_whole_parse(body, Dialect::Native).and_then(|g| g.completion_tokens),
+            Some(2)
         );
         // A limit beyond i64: the whole parse still reads it.
         let body = r#"{"options":{"num_predict":18446744073709551615}}"#;

@@ -25,12 +25,38 @@ async fn malformed_json_and_wrong_types_are_400_and_never_forwarded() {
             "/v1/chat/completions",
             r#"{"model": "mistral", "max_tokens": "many"}"#,
         ),
+        // JSON that only a full parse refuses, in fields tollgate does not
+        // read: a lone surrogate, a number beyond f64.
+        (
+            "/api/chat",
+            r#"{"model": "mistral", "messages": [{"role": "user", "content": "\ud83d"}]}"#,
+        ),
+        (
+            "/api/generate",
+            r#"{"model": "mistral", "prompt": "hi", "options": {"temperature": 1e999}}"#,
+        ),
+        (
+            "/v1/chat/completions",
+            r#"{"model": "mistral", "messages": [], "temperature": 1e400}"#,
+        ),
+        (
+            "/api/generate",
+            r#"{"model": "mistral", "format": {"\udc00": 1}}"#,
+        ),
     ] {
         let response = app.keyed(path).body(body).send().await.unwrap();
         assert_eq!(response.status(), 400, "{path} {body}");
         let json: serde_json::Value = response.json().await.unwrap();
         assert!(!json["error"].is_null(), "{path} {body}: {json}");
     }
+    // Nested deeper than serde_json's limit of 128.
+    let deep = format!(
+        r#"{{"model": "mistral", "prompt": "hi", "x": {}{}}}"#,
+        "[".repeat(200),
+        "]".repeat(200)
+    );
+    let response = app.keyed("/api/generate").body(deep).send().await.unwrap();
+    assert_eq!(response.status(), 400);
     assert!(app.forwarded().is_empty());
     assert_eq!(app.balance_of(KEY).await, Credits::whole(10));
     // Still serving.
