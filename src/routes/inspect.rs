@@ -55,6 +55,12 @@ pub fn glance(body: &[u8], dialect: Dialect) -> Option<Glance> {
     })
 }
 
+/// With serde_json's `raw_value` feature (which axum and sqlx turn on), a
+/// `serde_json::Value` parse reads an object whose first field has this
+/// name as the JSON text in that field's string. A body that names it
+/// anywhere is refused: tollgate would check one JSON and forward another.
+const RAW_VALUE_KEY: &str = "$serde_json::private::RawValue";
+
 /// The fields read, with the types [`check_types`] requires: `model` and
 /// `stream` must not be `null`; `options`, `prompt`, `messages` and the
 /// token limits may be. Every other value is skipped as [`Checked`].
@@ -81,13 +87,19 @@ enum Name {
     MaxTokens,
     MaxCompletionTokens,
     NumPredict,
+    #[serde(rename = "$serde_json::private::RawValue")]
+    RawValue,
     #[serde(other)]
     Other,
 }
 
 /// Fails on the second field of a name: serde_json's map, as Ollama,
-/// takes the last, and that is the whole parse's to read.
+/// takes the last, and that is the whole parse's to read. Fails on
+/// [`RAW_VALUE_KEY`].
 fn first<E: de::Error>(seen: &mut u16, name: Name) -> Result<(), E> {
+    if let Name::RawValue = name {
+        return Err(E::custom(RAW_VALUE_KEY));
+    }
     let bit = 1 << name as u16;
     if *seen & bit != 0 {
         return Err(E::custom("a field named twice"));
@@ -133,7 +145,7 @@ impl<'de> Deserialize<'de> for Fields {
                         Name::MaxCompletionTokens => {
                             fields.max_completion_tokens = map.next_value()?;
                         }
-                        Name::NumPredict | Name::Other => {}
+                        Name::NumPredict | Name::Other | Name::RawValue => {}
                     }
                 }
                 Ok(fields)
@@ -160,11 +172,13 @@ impl<'de> Deserialize<'de> for Options {
                 let mut options = Options { num_predict: None };
                 let mut seen = 0;
                 while let Some(name) = map.next_key::<Name>()? {
-                    if let Name::NumPredict = name {
-                        first(&mut seen, name)?;
-                        options.num_predict = map.next_value()?;
-                    } else {
-                        map.next_value::<Checked>()?;
+                    match name {
+                        Name::NumPredict => {
+                            first(&mut seen, name)?;
+                            options.num_predict = map.next_value()?;
+                        }
+                        Name::RawValue => first(&mut seen, name)?,
+                        _ => _ = map.next_value::<Checked>()?,
                     }
                 }
                 Ok(options)
@@ -216,10 +230,32 @@ impl<'de> Visitor<'de> for CheckedVisitor {
         Ok(Checked)
     }
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Checked, A::Error> {
-        while map.next_key::<Checked>()?.is_some() {
+        while map.next_key::<Key>()?.is_some() {
             map.next_value::<Checked>()?;
         }
         Ok(Checked)
+    }
+}
+
+/// The name of a field, any but [`RAW_VALUE_KEY`].
+struct Key;
+
+impl<'de> Deserialize<'de> for Key {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct KeyVisitor;
+        impl Visitor<'_> for KeyVisitor {
+            type Value = Key;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a field name")
+            }
+            fn visit_str<E: de::Error>(self, name: &str) -> Result<Key, E> {
+                if name == RAW_VALUE_KEY {
+                    return Err(E::custom(RAW_VALUE_KEY));
+                }
+                Ok(Key)
+            }
+        }
+        d.deserialize_str(KeyVisitor)
     }
 }
 
@@ -272,6 +308,12 @@ pub fn parse_body(body: &[u8], endpoint: Endpoint) -> Result<Option<Map<String, 
             Ok(None)
         };
     }
+    parse_object(body).map(Some)
+}
+
+/// Parses a body that is not blank into a JSON object, with the checks
+/// of [`check_types`].
+pub fn parse_object(body: &[u8]) -> Result<Map<String, Value>, ApiError> {
     let value: Value = serde_json::from_slice(body)
         .map_err(|e| ApiError::BadRequest(format!("invalid JSON in request body: {e}")))?;
     let Value::Object(map) = value else {
@@ -279,8 +321,15 @@ pub fn parse_body(body: &[u8], endpoint: Endpoint) -> Result<Option<Map<String, 
             "the request body must be a JSON object".into(),
         ));
     };
+    // The Value parse took an object named by RAW_VALUE_KEY for the JSON
+    // in its string: what was checked would not be what is forwarded.
+    if serde_json::from_slice::<Checked>(body).is_err() {
+        return Err(ApiError::BadRequest(format!(
+            "the field name '{RAW_VALUE_KEY}' is reserved"
+        )));
+    }
     check_types(&map)?;
-    Ok(Some(map))
+    Ok(map)
 }
 
 /// An empty body, or only whitespace.
@@ -399,14 +448,21 @@ mod tests {
             // a lone surrogate, a number beyond f64, nesting beyond 128.
             r#"{"model":"m","messages":[{"role":"user","content":"\ud83d"}]}"#,
             r#"{"model":"m","format":{"\udc00":1}}"#,
+            // serde_json's raw-value name, which a Value parse reads as the
+            // JSON in its string: at the top, spelled with an escape,
+            // nested, and in options.
+            r#"{"$serde_json::private::RawValue":"{\"model\":\"m\"}"}"#,
+            r#"{"\u0024serde_json::private::RawValue":"{\"model\":\"m\"}"}"#,
+            r#"{"model":"m","messages":[{"$serde_json::private::RawValue":"{}"}]}"#,
+            r#"{"model":"m","options":{"$serde_json::private::RawValue":"{\"num_predict\":7}"}}"#,
             r#"{"model":"m","keep_alive":"\ud800"}"#,
             r#"{"model":"m","messages":[],"temperature":1e400}"#,
             r#"{"model":"m","prompt":"hi","options":{"temperature":1e999}}"#,
         ];
         let deep = format!(
             r#"{{"model":"m","x":{}{}}}"#,
-            "[".repeat(200),
-            "]".repeat(200)
+            "[".repeat(127),
+            "]".repeat(127)
         );
         let refused = refused.iter().copied().chain([deep.as_str()]);
         for body in refused {
@@ -419,6 +475,20 @@ mod tests {
         body.extend_from_slice(br#""}"#);
         assert!(serde_json::from_slice::<Value>(&body).is_err());
         assert_eq!(glance(&body, Dialect::Native), None);
+    }
+
+    #[test]
+    fn nests_as_deep_as_the_whole_parse() {
+        // serde_json's limit counts the object itself: 126 arrays inside
+        // it are read, 127 are not, either way.
+        let nested =
+            |n: usize| format!(r#"{{"model":"m","x":{}{}}}"#, "[".repeat(n), "]".repeat(n));
+        let read = nested(126);
+        assert!(by_whole_parse(&read, Dialect::Native).is_some());
+        assert!(glance(read.as_bytes(), Dialect::Native).is_some());
+        let refused = nested(127);
+        assert!(by_whole_parse(&refused, Dialect::Native).is_none());
+        assert!(glance(refused.as_bytes(), Dialect::Native).is_none());
     }
 
     #[test]

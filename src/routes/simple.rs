@@ -7,7 +7,7 @@
 
 use super::catalog::classify;
 use super::forward::{forward, read_body, Proxied};
-use super::inspect::{check_types, is_blank};
+use super::inspect::{is_blank, parse_object};
 use crate::app::AppState;
 use crate::auth::Caller;
 use crate::error::ApiError;
@@ -76,18 +76,7 @@ async fn read_object(state: &AppState, body: Body) -> Result<Map<String, Value>,
     if is_blank(&bytes) {
         return Ok(Map::new());
     }
-    match serde_json::from_slice(&bytes) {
-        Ok(Value::Object(map)) => {
-            check_types(&map)?;
-            Ok(map)
-        }
-        Ok(_) => Err(ApiError::BadRequest(
-            "the request body must be a JSON object".into(),
-        )),
-        Err(e) => Err(ApiError::BadRequest(format!(
-            "invalid JSON in request body: {e}"
-        ))),
-    }
+    parse_object(&bytes)
 }
 
 async fn relay_simple(

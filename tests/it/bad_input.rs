@@ -43,6 +43,24 @@ async fn malformed_json_and_wrong_types_are_400_and_never_forwarded() {
             "/api/generate",
             r#"{"model": "mistral", "format": {"\udc00": 1}}"#,
         ),
+        // serde_json's raw-value name: its Value parse reads the string as
+        // JSON, so what was checked would not be what is forwarded.
+        (
+            "/api/generate",
+            r#"{"$serde_json::private::RawValue": "{\"model\": \"mistral\", \"prompt\": \"hi\"}"}"#,
+        ),
+        (
+            "/api/chat",
+            r#"{"model": "mistral", "messages": [{"$serde_json::private::RawValue": "not json"}]}"#,
+        ),
+        (
+            "/api/generate",
+            r#"{"model": "mistral", "prompt": "hi", "options": {"$serde_json::private::RawValue": "{\"num_predict\": 5}"}}"#,
+        ),
+        (
+            "/generate",
+            r#"{"$serde_json::private::RawValue": "{\"prompt\": \"hi\"}"}"#,
+        ),
     ] {
         let response = app.keyed(path).body(body).send().await.unwrap();
         assert_eq!(response.status(), 400, "{path} {body}");
