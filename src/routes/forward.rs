@@ -173,10 +173,15 @@ fn prepare(
     let policed = !caller.is_admin();
     // Ollama reports usage on an OpenAI stream only when asked.
     let asks_usage = endpoint.dialect == Dialect::OpenAi && state.config.pricing.prices_tokens();
+    // With caps, an ordinary key's body is parsed whole (the caps may
+    // rewrite it) without a glance first.
+    let capped = policed && state.caps().any();
     let untouched = || {
+        if capped {
+            return None;
+        }
         let glance = inspect::glance(&body, endpoint.dialect)?;
-        let rewrite = (policed && (glance.keep_alive || state.caps().any()))
-            || (asks_usage && glance.stream == Some(true));
+        let rewrite = (policed && glance.keep_alive) || (asks_usage && glance.stream == Some(true));
         (!rewrite).then_some(glance)
     };
     if let Some(glance) = untouched() {
