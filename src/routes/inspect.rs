@@ -61,6 +61,10 @@ pub fn glance(body: &[u8], dialect: Dialect) -> Option<Glance> {
 /// anywhere is refused: tollgate would check one JSON and forward another.
 const RAW_VALUE_KEY: &str = "$serde_json::private::RawValue";
 
+fn refuse_raw_value<E: de::Error>() -> E {
+    E::custom(format!("the field name '{RAW_VALUE_KEY}' is reserved"))
+}
+
 /// The fields read, with the types [`check_types`] requires: `model` and
 /// `stream` must not be `null`; `options`, `prompt`, `messages` and the
 /// token limits may be. Every other value is skipped as [`Checked`].
@@ -98,7 +102,7 @@ enum Name {
 /// [`RAW_VALUE_KEY`].
 fn first<E: de::Error>(seen: &mut u16, name: Name) -> Result<(), E> {
     if let Name::RawValue = name {
-        return Err(E::custom(RAW_VALUE_KEY));
+        return Err(refuse_raw_value());
     }
     let bit = 1 << name as u16;
     if *seen & bit != 0 {
@@ -120,12 +124,9 @@ impl<'de> Deserialize<'de> for Fields {
                 let mut fields = Fields::default();
                 let mut seen = 0;
                 while let Some(name) = map.next_key::<Name>()? {
-                    match name {
-                        Name::NumPredict | Name::Other => {
-                            map.next_value::<Checked>()?;
-                            continue;
-                        }
-                        _ => first(&mut seen, name)?,
+                    // `num_predict` is read in `options` only.
+                    if !matches!(name, Name::NumPredict | Name::Other) {
+                        first(&mut seen, name)?;
                     }
                     match name {
                         Name::Model => fields.model = Some(map.next_value()?),
@@ -145,7 +146,9 @@ impl<'de> Deserialize<'de> for Fields {
                         Name::MaxCompletionTokens => {
                             fields.max_completion_tokens = map.next_value()?;
                         }
-                        Name::NumPredict | Name::Other | Name::RawValue => {}
+                        Name::NumPredict | Name::Other | Name::RawValue => {
+                            _ = map.next_value::<Checked>()?;
+                        }
                     }
                 }
                 Ok(fields)
@@ -230,32 +233,76 @@ impl<'de> Visitor<'de> for CheckedVisitor {
         Ok(Checked)
     }
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Checked, A::Error> {
-        while map.next_key::<Key>()?.is_some() {
+        while let Some(name) = map.next_key::<Name>()? {
+            if let Name::RawValue = name {
+                return Err(refuse_raw_value());
+            }
             map.next_value::<Checked>()?;
         }
         Ok(Checked)
     }
 }
 
-/// The name of a field, any but [`RAW_VALUE_KEY`].
-struct Key;
+/// A whole JSON value, built as serde_json builds a `serde_json::Value`
+/// (numbers, `preserve_order` maps, the last of a field named twice),
+/// except that a field named [`RAW_VALUE_KEY`] is refused rather than read
+/// as the JSON in its string.
+struct Plain(Value);
 
-impl<'de> Deserialize<'de> for Key {
+impl<'de> Deserialize<'de> for Plain {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct KeyVisitor;
-        impl Visitor<'_> for KeyVisitor {
-            type Value = Key;
-            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-                f.write_str("a field name")
-            }
-            fn visit_str<E: de::Error>(self, name: &str) -> Result<Key, E> {
-                if name == RAW_VALUE_KEY {
-                    return Err(E::custom(RAW_VALUE_KEY));
-                }
-                Ok(Key)
-            }
+        d.deserialize_any(PlainVisitor)
+    }
+}
+
+struct PlainVisitor;
+
+impl<'de> Visitor<'de> for PlainVisitor {
+    type Value = Plain;
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("a JSON value")
+    }
+    fn visit_bool<E: de::Error>(self, b: bool) -> Result<Plain, E> {
+        Ok(Plain(Value::Bool(b)))
+    }
+    fn visit_i64<E: de::Error>(self, n: i64) -> Result<Plain, E> {
+        Ok(Plain(Value::from(n)))
+    }
+    fn visit_u64<E: de::Error>(self, n: u64) -> Result<Plain, E> {
+        Ok(Plain(Value::from(n)))
+    }
+    fn visit_f64<E: de::Error>(self, n: f64) -> Result<Plain, E> {
+        // As serde_json: a float without a JSON number (none parses so) is null.
+        Ok(Plain(
+            serde_json::Number::from_f64(n).map_or(Value::Null, Value::Number),
+        ))
+    }
+    fn visit_str<E: de::Error>(self, s: &str) -> Result<Plain, E> {
+        Ok(Plain(Value::String(s.to_owned())))
+    }
+    fn visit_string<E: de::Error>(self, s: String) -> Result<Plain, E> {
+        Ok(Plain(Value::String(s)))
+    }
+    fn visit_unit<E: de::Error>(self) -> Result<Plain, E> {
+        Ok(Plain(Value::Null))
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Plain, A::Error> {
+        let mut items = Vec::with_capacity(seq.size_hint().unwrap_or(0));
+        while let Some(Plain(item)) = seq.next_element()? {
+            items.push(item);
         }
-        d.deserialize_str(KeyVisitor)
+        Ok(Plain(Value::Array(items)))
+    }
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Plain, A::Error> {
+        let mut fields = Map::new();
+        while let Some(name) = map.next_key::<String>()? {
+            if name == RAW_VALUE_KEY {
+                return Err(refuse_raw_value());
+            }
+            let Plain(value) = map.next_value()?;
+            fields.insert(name, value);
+        }
+        Ok(Plain(Value::Object(fields)))
     }
 }
 
@@ -314,20 +361,13 @@ pub fn parse_body(body: &[u8], endpoint: Endpoint) -> Result<Option<Map<String, 
 /// Parses a body that is not blank into a JSON object, with the checks
 /// of [`check_types`].
 pub fn parse_object(body: &[u8]) -> Result<Map<String, Value>, ApiError> {
-    let value: Value = serde_json::from_slice(body)
+    let Plain(value) = serde_json::from_slice(body)
         .map_err(|e| ApiError::BadRequest(format!("invalid JSON in request body: {e}")))?;
     let Value::Object(map) = value else {
         return Err(ApiError::BadRequest(
             "the request body must be a JSON object".into(),
         ));
     };
-    // The Value parse took an object named by RAW_VALUE_KEY for the JSON
-    // in its string: what was checked would not be what is forwarded.
-    if serde_json::from_slice::<Checked>(body).is_err() {
-        return Err(ApiError::BadRequest(format!(
-            "the field name '{RAW_VALUE_KEY}' is reserved"
-        )));
-    }
     check_types(&map)?;
     Ok(map)
 }
@@ -475,6 +515,21 @@ mod tests {
         body.extend_from_slice(br#""}"#);
         assert!(serde_json::from_slice::<Value>(&body).is_err());
         assert_eq!(glance(&body, Dialect::Native), None);
+    }
+
+    #[test]
+    fn builds_what_serde_json_builds() {
+        for body in [
+            r#"{"model":"m","messages":[{"role":"user","content":"caf\u00e9 \ud83d\ude00 \"q\""}]}"#,
+            r#"{"b":1,"a":-2,"c":[1.5,1e300,-0.0,18446744073709551615,null,true,{}],"d":{"z":{},"y":[]}}"#,
+            r#"{"model":"a","options":{"num_predict":1},"model":"b"}"#,
+            r#"  {"keep_alive":null,"x":"\u0000\n"}  "#,
+        ] {
+            let ours = Value::Object(parse_object(body.as_bytes()).unwrap());
+            let theirs: Value = serde_json::from_str(body).unwrap();
+            // Compared as text: the order of fields counts too.
+            assert_eq!(ours.to_string(), theirs.to_string(), "{body}");
+        }
     }
 
     #[test]
