@@ -1347,8 +1347,6 @@ impl Writer {
         })
     }
 
-    /// Carries out `cmd` in a savepoint, so that its failure undoes only
-    /// its own changes.
     /// Notes a settlement's charge as owed by its key instead of writing it
     /// to the key's row now, when the batch runs without savepoints and the
     /// key's balance before it is known (see [`Writer::balance_in_batch`]);
@@ -1377,6 +1375,8 @@ impl Writer {
         Ok(())
     }
 
+    /// Carries out `cmd` in a savepoint, so that its failure undoes only
+    /// its own changes.
     fn savepoint(&mut self, cmd: &Command) -> Result<Outcome, StoreError> {
         self.exec("SAVEPOINT command")?;
         let noted = self.changes.len();
