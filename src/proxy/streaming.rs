@@ -3,7 +3,9 @@
 //! [`Relay`] is the body of a streamed response. It forwards Ollama's bytes
 //! as they arrive, cut only at line (NDJSON) or event (SSE) boundaries — and
 //! since Ollama flushes whole lines, that holds nothing back. It never
-//! re-encodes, adds keep-alive lines or buffers the reply. While relaying it
+//! re-encodes, adds keep-alive lines or buffers the reply; the only bytes it
+//! leaves out are the usage that tollgate, not the client, asked for (the
+//! usage event, and the zero usage of completions chunks). While relaying it
 //! tells the settlement guard about each content chunk and the token counts
 //! of the final chunk, and settles *before* it hands the final chunk on, so
 //! a client that saw its reply complete was charged durably.
@@ -16,7 +18,7 @@
 //! relayed.
 
 use super::connection::ReplyBody;
-use super::usage::{classify_ndjson, classify_sse, NdjsonLine, SseEvent};
+use super::usage::{classify_ndjson, classify_sse, zero_usage_member, NdjsonLine, SseEvent};
 use crate::credits::Settlement;
 use crate::telemetry::{RequestLog, StreamGauge};
 use axum::body::Body;
@@ -24,6 +26,7 @@ use bytes::{Bytes, BytesMut};
 use futures_util::StreamExt;
 use serde_json::json;
 use std::convert::Infallible;
+use std::ops::Range;
 use std::sync::Arc;
 use std::time::Duration;
 use std::time::Instant;
@@ -71,6 +74,14 @@ impl Wire {
     }
 }
 
+/// What of one line or event goes on to the client.
+enum Pass {
+    Whole,
+    Dropped,
+    /// The unit without these bytes.
+    Without(Range<usize>),
+}
+
 /// A stream being relayed from Ollama to a client.
 pub struct Relay {
     upstream: ReplyBody,
@@ -79,7 +90,8 @@ pub struct Relay {
     pending: BytesMut,
     settlement: Settlement,
     idle: Duration,
-    /// Drop the usage event (asked for by tollgate, not by the client).
+    /// Usage was asked for by tollgate, not by the client: drop the usage
+    /// event (and the zero usage of completions chunks).
     strip_usage: bool,
     /// Becomes true when in-flight streams must end (shutdown deadline).
     stop: watch::Receiver<bool>,
@@ -195,14 +207,12 @@ impl Relay {
                 }
                 Ok(None) => {
                     // Ollama ended the stream. A last unit without its
-                    // terminator is relayed as it came.
+                    // terminator is relayed like any other.
                     let rest = self.pending.split().freeze();
-                    if !rest.is_empty() {
-                        self.inspect(&rest);
-                    }
+                    let (_, out) = self.pass_units(rest);
                     self.settle().await;
                     self.finished = true;
-                    return (!rest.is_empty()).then_some(rest);
+                    return out;
                 }
                 Err(_) => {
                     let message = format!(
@@ -232,6 +242,19 @@ impl Relay {
     /// Records complete units with the guard and returns what goes to the
     /// client; settles first when the final unit is among them.
     async fn relay_units(&mut self, complete: Bytes) -> Option<Bytes> {
+        let (is_final, out) = self.pass_units(complete);
+        if is_final {
+            // The client must not see its reply complete before the charge
+            // is durable.
+            self.settle().await;
+        }
+        out
+    }
+
+    /// Records units with the guard; returns whether the final unit is
+    /// among them, and what of them goes to the client (the bytes as they
+    /// came unless a unit is dropped or cut).
+    fn pass_units(&mut self, complete: Bytes) -> (bool, Option<Bytes>) {
         let delimiter = self.wire.delimiter();
         let mut is_final = false;
         let mut kept: Option<BytesMut> = None;
@@ -240,59 +263,76 @@ impl Relay {
             let unit_end = memchr::memmem::find(&complete[start..], delimiter)
                 .map_or(complete.len(), |p| start + p + delimiter.len());
             let unit = &complete[start..unit_end];
-            let (last, keep) = self.inspect(unit);
+            let (last, pass) = self.inspect(unit);
             is_final |= last;
-            if !keep {
-                // Copy out what precedes the dropped unit, once.
-                kept.get_or_insert_with(|| BytesMut::from(&complete[..start]));
-            } else if let Some(kept) = kept.as_mut() {
-                kept.extend_from_slice(unit);
+            // Once a unit is dropped or cut, copy out what precedes it, once,
+            // and what follows it unit by unit.
+            let copy_out = || BytesMut::from(&complete[..start]);
+            match pass {
+                Pass::Whole => {
+                    if let Some(kept) = kept.as_mut() {
+                        kept.extend_from_slice(unit);
+                    }
+                }
+                Pass::Dropped => {
+                    kept.get_or_insert_with(copy_out);
+                }
+                Pass::Without(cut) => {
+                    let kept = kept.get_or_insert_with(copy_out);
+                    kept.extend_from_slice(&unit[..cut.start]);
+                    kept.extend_from_slice(&unit[cut.end..]);
+                }
             }
             start = unit_end;
         }
-        if is_final {
-            // The client must not see its reply complete before the charge
-            // is durable.
-            self.settle().await;
-        }
         let out = kept.map_or(complete, BytesMut::freeze);
-        (!out.is_empty()).then_some(out)
+        (is_final, (!out.is_empty()).then_some(out))
     }
 
-    /// Records one unit with the guard; returns (is it the final unit,
-    /// is it relayed).
-    fn inspect(&mut self, unit: &[u8]) -> (bool, bool) {
+    /// Records one unit with the guard; returns whether it is the final
+    /// unit, and what of it goes to the client.
+    fn inspect(&mut self, unit: &[u8]) -> (bool, Pass) {
         let s = &mut self.settlement;
         match self.wire {
             Wire::Ndjson => match classify_ndjson(unit) {
                 NdjsonLine::Chunk => {
                     s.record_chunk();
-                    (false, true)
+                    (false, Pass::Whole)
                 }
                 NdjsonLine::Final(tokens) => {
                     s.record_output();
                     if let Some((prompt, completion)) = tokens {
                         s.record_tokens(prompt, completion);
                     }
-                    (true, true)
+                    (true, Pass::Whole)
                 }
-                NdjsonLine::Error | NdjsonLine::Other => (false, true),
+                NdjsonLine::Error | NdjsonLine::Other => (false, Pass::Whole),
             },
             Wire::Sse => match classify_sse(unit) {
                 SseEvent::Chunk { has_content } => {
                     if has_content {
                         s.record_chunk();
                     }
-                    (false, true)
+                    // Usage tollgate asked for leaves no trace: not the zero
+                    // usage the completions writer adds to every chunk either.
+                    match self.strip_usage.then(|| zero_usage_member(unit)) {
+                        Some(Some(cut)) => (false, Pass::Without(cut)),
+                        _ => (false, Pass::Whole),
+                    }
                 }
                 SseEvent::Usage(tokens) => {
                     if let Some((prompt, completion)) = tokens {
                         s.record_tokens(prompt, completion);
                     }
-                    (false, !self.strip_usage)
+                    let pass = if self.strip_usage {
+                        Pass::Dropped
+                    } else {
+                        Pass::Whole
+                    };
+                    (false, pass)
                 }
-                SseEvent::Done => (true, true),
-                SseEvent::Error | SseEvent::Other => (false, true),
+                SseEvent::Done => (true, Pass::Whole),
+                SseEvent::Error | SseEvent::Other => (false, Pass::Whole),
             },
         }
     }

@@ -92,6 +92,11 @@ static DONE_TRUE: Needle = Needle::new(b"\"done\":true");
 static NO_CHOICES: Needle = Needle::new(b"\"choices\":[]");
 /// Where a chunk's text starts in an OpenAI stream.
 static TEXT_FIELDS: [Needle; 2] = [Needle::new(b"\"content\":\""), Needle::new(b"\"text\":\"")];
+/// The member Ollama's completions writer ends every chunk with when the
+/// request asked for usage (an empty `Usage`, before the real one comes in
+/// its own `"choices": []` chunk). The chat writer adds none.
+static ZERO_USAGE: Needle =
+    Needle::new(b",\"usage\":{\"prompt_tokens\":0,\"completion_tokens\":0,\"total_tokens\":0}");
 
 /// What one complete NDJSON line of a native stream is.
 #[derive(Debug, PartialEq, Eq)]
@@ -168,6 +173,18 @@ pub fn classify_sse(event: &[u8]) -> SseEvent {
     SseEvent::Chunk { has_content }
 }
 
+/// Where the zero usage member ([`ZERO_USAGE`]) is in one SSE event, if
+/// it is the last member of the event's object: Go's encoder writes the
+/// object compact and `usage` last, and a quote inside a string would be
+/// escaped, so these bytes followed by the closing brace are that member.
+pub fn zero_usage_member(event: &[u8]) -> Option<std::ops::Range<usize>> {
+    let needle = &ZERO_USAGE;
+    needle.finder().find_iter(event).find_map(|at| {
+        let end = at + needle.bytes.len();
+        (event.get(end..)?.trim_ascii() == b"}").then_some(at..end)
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -233,9 +250,36 @@ mod tests {
             SseEvent::Usage(Some((3, 4)))
         );
         assert_eq!(classify_sse(b"data: [DONE]\n\n"), SseEvent::Done);
+        // A completions chunk with the zero usage is a chunk.
+        assert_eq!(
+            classify_sse(
+                b"data: {\"choices\":[{\"text\":\"a\"}],\"usage\":{\"prompt_tokens\":0,\"completion_tokens\":0,\"total_tokens\":0}}\n\n"
+            ),
+            SseEvent::Chunk { has_content: true }
+        );
         assert_eq!(
             classify_sse(b"data: {\"error\":{\"message\":\"x\"}}\n\n"),
             SseEvent::Error
         );
+    }
+
+    #[test]
+    fn finds_the_zero_usage_member_only_at_the_end_of_the_object() {
+        let zero = r#","usage":{"prompt_tokens":0,"completion_tokens":0,"total_tokens":0}"#;
+        let event = format!("data: {{\"choices\":[{{\"text\":\"a\"}}]{zero}}}\n\n");
+        let at = zero_usage_member(event.as_bytes()).expect("found");
+        assert_eq!(&event[at.clone()], zero);
+        let mut without = event.clone();
+        without.replace_range(at, "");
+        assert_eq!(without, "data: {\"choices\":[{\"text\":\"a\"}]}\n\n");
+        // Anywhere else it is not that member: in a nested object, with a
+        // real count, or in text (where Go escapes the quotes anyway).
+        for other in [
+            format!("data: {{\"x\":{{\"a\":1{zero}}},\"b\":2}}\n\n"),
+            "data: {\"choices\":[],\"usage\":{\"prompt_tokens\":5,\"completion_tokens\":0,\"total_tokens\":5}}\n\n".to_string(),
+            format!("data: {{\"text\":{}}}\n\n", serde_json::to_string(&format!("{zero}}}")).unwrap()),
+        ] {
+            assert_eq!(zero_usage_member(other.as_bytes()), None, "{other}");
+        }
     }
 }

@@ -89,6 +89,55 @@ async fn with_token_pricing_usage_is_asked_for_and_the_extra_chunk_removed() {
     assert!(text.contains("\"choices\":[]"), "{text}");
 }
 
+/// Ollama's completions writer, asked for usage, also puts a zero `usage`
+/// in every chunk before the usage chunk. When tollgate asked for it, the
+/// client sees none of it; when the client asked, it sees all of it.
+#[tokio::test]
+async fn usage_asked_for_by_tollgate_leaves_no_trace_in_completion_chunks() {
+    let app = spawn()
+        .var("API_KEY_CREDITS", "100")
+        .var("CREDITS_PER_1K_COMPLETION_TOKENS", "1000")
+        .start()
+        .await;
+    let mut body = json!({"model": "mistral", "prompt": "Once", "stream": true, "max_tokens": 10});
+    let text = app.keyed("/v1/completions").json(&body).fetch_text().await;
+    let asked = app.forwarded().pop().unwrap().json();
+    assert_eq!(asked["stream_options"]["include_usage"], true);
+    let sent = events(&text);
+    assert_eq!(*sent.last().unwrap(), "[DONE]");
+    let chunks: Vec<Value> = sent[..sent.len() - 1]
+        .iter()
+        .map(|e| serde_json::from_str(e).unwrap())
+        .collect();
+    assert!(chunks.len() >= 2, "{text}");
+    for chunk in &chunks {
+        assert_eq!(chunk["object"], "text_completion", "{chunk}");
+        assert_eq!(
+            chunk["choices"].as_array().map(Vec::len),
+            Some(1),
+            "{chunk}"
+        );
+        assert!(chunk.get("usage").is_none(), "{chunk}");
+    }
+    // The text and the order of the fields are Ollama's own.
+    assert!(
+        sent[0].ends_with(r#""model":"mistral","system_fingerprint":"fp_ollama"}"#),
+        "{}",
+        sent[0]
+    );
+    let rows = app.wait_ledger(KEY, 1).await;
+    assert_eq!(rows[0].record.completion_tokens, 3);
+    assert_eq!(rows[0].record.credits, Credits::whole(4));
+
+    // A client that asks for usage gets Ollama's stream untouched.
+    body["stream_options"] = json!({"include_usage": true});
+    let text = app.keyed("/v1/completions").json(&body).fetch_text().await;
+    let sent = events(&text);
+    let zero = r#","usage":{"prompt_tokens":0,"completion_tokens":0,"total_tokens":0}}"#;
+    assert!(sent[0].ends_with(zero), "{}", sent[0]);
+    assert!(text.contains("\"choices\":[]"), "{text}");
+}
+
 #[tokio::test]
 async fn non_streamed_replies_and_metadata_pass_through() {
     let app = TestApp::new().await;
