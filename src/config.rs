@@ -423,6 +423,38 @@ mod tests {
         );
     }
 
+    /// Every variable tollgate reads is in `.env.example` and in the
+    /// README's configuration table.
+    #[test]
+    fn every_variable_is_documented() {
+        let asked = std::cell::RefCell::new(Vec::new());
+        Config::from_lookup(|name| {
+            asked.borrow_mut().push(name.to_string());
+            // A key makes the read of its credits happen too.
+            (name == "API_KEY").then(|| "abc".to_string())
+        })
+        .unwrap();
+        let example = include_str!("../.env.example");
+        let table: Vec<&str> = include_str!("../README.md")
+            .lines()
+            .filter(|l| l.starts_with("| `"))
+            .collect();
+        let asked = asked.into_inner();
+        assert!(asked.len() > 20, "{asked:?}");
+        for name in asked {
+            assert!(
+                example
+                    .lines()
+                    .any(|l| l.trim_start_matches("# ").starts_with(&format!("{name}="))),
+                "{name} is not in .env.example"
+            );
+            assert!(
+                table.iter().any(|l| l.contains(&format!("`{name}`"))),
+                "{name} is not in the README's configuration table"
+            );
+        }
+    }
+
     #[test]
     fn a_bad_value_names_the_variable_and_the_value() {
         for (var, value) in [
