@@ -141,13 +141,26 @@ pub fn usage_item(entry: UsageEntry, with_key: bool) -> UsageItem {
     }
 }
 
-/// Milliseconds since the epoch as RFC 3339 (UTC).
+/// Milliseconds since the epoch as RFC 3339 (UTC), always with three
+/// decimals (`2026-11-21T22:41:28.120Z`), as JavaScript's `toISOString`.
 pub fn rfc3339(ms: Millis) -> String {
+    let format = time::macros::format_description!(
+        "[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:3]Z"
+    );
     time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
         .ok()
-        .and_then(|t| {
-            t.format(&time::format_description::well_known::Rfc3339)
-                .ok()
-        })
+        .and_then(|t| t.format(format).ok())
         .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::rfc3339;
+
+    #[test]
+    fn times_have_three_decimals() {
+        assert_eq!(rfc3339(0), "1970-01-01T00:00:00.000Z");
+        assert_eq!(rfc3339(1_796_418_088_200), "2026-12-04T21:01:28.200Z");
+        assert_eq!(rfc3339(1_796_418_088_123), "2026-12-04T21:01:28.123Z");
+    }
 }
