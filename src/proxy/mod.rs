@@ -39,6 +39,10 @@ pub struct RelayOptions {
     /// Remove the OpenAI usage event from a stream (tollgate asked for it,
     /// the client did not).
     pub strip_usage_event: bool,
+    /// An event stream is complete only with `data: [DONE]` (OpenAI's chat
+    /// and completions streams): when Ollama ends one without it, tollgate
+    /// adds an error event, so that the client learns the reply is cut.
+    pub sse_needs_done: bool,
     pub edit_body: Option<BodyEdit>,
     /// Ends in-flight streams when it turns true.
     pub stop: watch::Receiver<bool>,
@@ -99,6 +103,7 @@ pub async fn relay(
             options.strip_usage_event,
             options.stop,
         )
+        .needing_done(options.sse_needs_done)
         .observed(options.log, options.hold)
         .into_body();
         return Ok(build(status, headers, body, available));

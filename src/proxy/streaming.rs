@@ -13,7 +13,9 @@
 //! When tollgate must end a stream itself (Ollama vanished, the stream went
 //! idle too long, shutdown), it ends it with one error line in the stream's
 //! own format, so SDKs raise an error instead of hanging or silently
-//! truncating. If the client goes away, the body is dropped: so is the
+//! truncating. So it does when Ollama closes an OpenAI chat or completions
+//! stream without `data: [DONE]`: that is how Ollama's OpenAI layer ends a
+//! stream that failed (an empty chunk, then nothing). If the client goes away, the body is dropped: so is the
 //! request to Ollama (which stops generating) and the guard settles what was
 //! relayed.
 
@@ -95,6 +97,10 @@ pub struct Relay {
     strip_usage: bool,
     /// Becomes true when in-flight streams must end (shutdown deadline).
     stop: watch::Receiver<bool>,
+    /// The stream is complete only with `data: [DONE]` (SSE).
+    needs_done: bool,
+    /// Ollama ended its event stream itself: `[DONE]` or an error event.
+    ended_by_ollama: bool,
     finished: bool,
     log: Option<Arc<RequestLog>>,
     /// Time spent waiting for Ollama, reported to `log` at the end.
@@ -125,6 +131,8 @@ impl Relay {
             idle,
             strip_usage,
             stop,
+            needs_done: false,
+            ended_by_ollama: false,
             finished: false,
             log: None,
             upstream_wait: Duration::ZERO,
@@ -133,6 +141,13 @@ impl Relay {
             _hold: None,
             _gauge: StreamGauge::open(),
         }
+    }
+
+    /// Requires `data: [DONE]` at the end of an event stream
+    /// ([`RelayOptions::sse_needs_done`](super::RelayOptions::sse_needs_done)).
+    pub fn needing_done(mut self, needs_done: bool) -> Relay {
+        self.needs_done = needs_done && self.wire == Wire::Sse;
+        self
     }
 
     /// Reports upstream waits to `log` and keeps `hold` until the end.
@@ -210,6 +225,19 @@ impl Relay {
                     // terminator is relayed like any other.
                     let rest = self.pending.split().freeze();
                     let (_, out) = self.pass_units(rest);
+                    if self.needs_done && !self.ended_by_ollama {
+                        // Ollama's OpenAI writer turns an error after the
+                        // first chunk into an empty chunk and stops, without
+                        // `[DONE]`: said so, the client does not take a cut
+                        // reply for a whole one.
+                        let message = "Ollama ended the stream without finishing it \
+                                       (no [DONE]): the reply is incomplete";
+                        let end = self.end_early(message).await?;
+                        return Some(match out {
+                            Some(out) => [out, end].concat().into(),
+                            None => end,
+                        });
+                    }
                     self.settle().await;
                     self.finished = true;
                     return out;
@@ -331,8 +359,15 @@ impl Relay {
                     };
                     (false, pass)
                 }
-                SseEvent::Done => (true, Pass::Whole),
-                SseEvent::Error | SseEvent::Other => (false, Pass::Whole),
+                SseEvent::Done => {
+                    self.ended_by_ollama = true;
+                    (true, Pass::Whole)
+                }
+                SseEvent::Error => {
+                    self.ended_by_ollama = true;
+                    (false, Pass::Whole)
+                }
+                SseEvent::Other => (false, Pass::Whole),
             },
         }
     }

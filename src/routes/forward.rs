@@ -55,7 +55,7 @@ pub async fn forward_streamed(
     body: Body,
 ) -> Result<Response, ApiError> {
     let settlement = begin(state, caller, &request, None, None).await?;
-    let options = options(state, &request.log, None, false, None);
+    let options = options(state, &request.log, None);
     let out = Outbound {
         method: request.method,
         path_and_query: request.path_and_query,
@@ -133,13 +133,12 @@ pub async fn forward(
         (Some(allowed), true) => Some(model_list_filter(&request.path, allowed.to_vec())),
         _ => None,
     };
-    let options = options(
-        state,
-        &request.log,
-        Some(Box::new(permit)),
+    let options = RelayOptions {
         strip_usage_event,
-        edit,
-    );
+        sse_needs_done: endpoint.access == Access::Metered && endpoint.dialect == Dialect::OpenAi,
+        edit_body: edit,
+        ..options(state, &request.log, Some(Box::new(permit)))
+    };
     let out = Outbound {
         method: request.method,
         path_and_query: request.path_and_query,
@@ -262,16 +261,17 @@ async fn begin(
     Ok(Settlement::begin(state.store.clone(), charge).await?)
 }
 
+/// Relaying as it comes: no usage event removed, no `[DONE]` required, no
+/// body edited.
 fn options(
     state: &AppState,
     log: &Option<Arc<RequestLog>>,
     hold: Option<Box<dyn std::any::Any + Send>>,
-    strip_usage_event: bool,
-    edit_body: Option<BodyEdit>,
 ) -> RelayOptions {
     RelayOptions {
-        strip_usage_event,
-        edit_body,
+        strip_usage_event: false,
+        sse_needs_done: false,
+        edit_body: None,
         stop: state.stop_streams.clone(),
         log: log.clone(),
         hold,

@@ -65,6 +65,7 @@ pub async fn root(
     };
     let options = RelayOptions {
         strip_usage_event: false,
+        sse_needs_done: false,
         edit_body: None,
         stop: state.stop_streams.clone(),
         log: None,

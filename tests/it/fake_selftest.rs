@@ -441,6 +441,67 @@ async fn die_after_aborts_and_stream_error_after_reports() {
     assert_eq!(chunks[2], json!({ "error": STREAM_ERROR_MESSAGE }));
 }
 
+/// What Ollama's OpenAI writer makes of an error in a stream: after the
+/// first chunk, an empty chunk and the end, without `[DONE]` or the
+/// message; before it, the error with its status.
+#[tokio::test]
+async fn openai_streams_lose_a_late_error_and_keep_an_early_one() {
+    let fake = FakeOllama::start_with(Behavior {
+        stream_error_after: Some(2),
+        ..Behavior::default()
+    })
+    .await;
+    let send = |path: &'static str, body: Value| {
+        client()
+            .post(format!("{}{path}", fake.url()))
+            .json(&body)
+            .send()
+    };
+    let chat = json!({"model": "mistral", "messages": [{"role": "user", "content": "hi"}], "stream": true});
+    let resp = send("/v1/chat/completions", chat.clone())
+        .await
+        .expect("send");
+    assert_eq!(resp.status(), 200);
+    let (events, done) = sse_events(&resp.text().await.expect("body"));
+    assert!(!done);
+    assert_eq!(events.len(), 3);
+    assert_eq!(events[2]["model"], "");
+    assert_eq!(
+        events[2]["choices"],
+        json!([{ "index": 0, "delta": { "role": "assistant", "content": "" }, "finish_reason": null }])
+    );
+    let completion = json!({"model": "mistral", "prompt": "hi", "stream": true,
+                            "stream_options": {"include_usage": true}});
+    let resp = send("/v1/completions", completion.clone())
+        .await
+        .expect("send");
+    let (events, done) = sse_events(&resp.text().await.expect("body"));
+    assert!(!done);
+    assert_eq!(events.len(), 3);
+    assert_eq!(events[2]["choices"][0]["text"], "");
+    assert_eq!(events[2]["usage"]["total_tokens"], 0);
+
+    fake.set(Behavior {
+        stream_error_after: Some(0),
+        ..Behavior::default()
+    });
+    let resp = send(
+        "/api/chat",
+        json!({"model": "mistral", "messages": [{"role": "user", "content": "hi"}]}),
+    )
+    .await
+    .expect("send");
+    assert_eq!(resp.status(), 500);
+    assert_eq!(resp.headers()["content-type"], "application/json");
+    let body: Value = resp.json().await.expect("json");
+    assert_eq!(body, json!({ "error": STREAM_ERROR_MESSAGE }));
+    let resp = send("/v1/chat/completions", chat).await.expect("send");
+    assert_eq!(resp.status(), 500);
+    let body: Value = resp.json().await.expect("json");
+    assert_eq!(body["error"]["message"], STREAM_ERROR_MESSAGE);
+    assert_eq!(body["error"]["type"], "api_error");
+}
+
 #[tokio::test]
 async fn metadata_and_model_management() {
     let fake = FakeOllama::start().await;

@@ -1,6 +1,7 @@
 //! SPEC §5, §6, §7 on `/v1/*`: Ollama's OpenAI-compatible API passed
 //! through, SSE relayed, errors in OpenAI's shape.
 
+use crate::support::fake_ollama::Behavior;
 use crate::support::{spawn, Fetch, TestApp, KEY};
 use serde_json::{json, Value};
 use tollgate::credits::Credits;
@@ -136,6 +137,54 @@ async fn usage_asked_for_by_tollgate_leaves_no_trace_in_completion_chunks() {
     let zero = r#","usage":{"prompt_tokens":0,"completion_tokens":0,"total_tokens":0}}"#;
     assert!(sent[0].ends_with(zero), "{}", sent[0]);
     assert!(text.contains("\"choices\":[]"), "{text}");
+}
+
+/// Ollama ends an OpenAI stream that failed after its first chunk with an
+/// empty chunk and no `[DONE]`; tollgate adds an error event, so that SDKs
+/// raise instead of taking the cut reply for a whole one, and charges the
+/// chunks relayed.
+#[tokio::test]
+async fn a_stream_that_ends_without_done_gets_an_error_event() {
+    let app = spawn().var("API_KEY_CREDITS", "100").start().await;
+    app.fake.set(Behavior {
+        chunks: 5,
+        stream_error_after: Some(2),
+        ..Behavior::default()
+    });
+    for (n, path, body) in [
+        (1, "/v1/chat/completions", chat(true)),
+        (
+            2,
+            "/v1/completions",
+            json!({"model": "mistral", "prompt": "Once", "stream": true}),
+        ),
+    ] {
+        let text = app.keyed(path).json(&body).fetch_text().await;
+        let sent = events(&text);
+        assert_eq!(sent.len(), 4, "{text}");
+        let empty: Value = serde_json::from_str(sent[2]).unwrap();
+        assert_eq!(
+            empty["model"], "",
+            "Ollama's empty chunk is relayed: {text}"
+        );
+        let error: Value = serde_json::from_str(sent[3]).unwrap();
+        let message = error["error"]["message"].as_str().unwrap();
+        assert!(message.contains("without finishing it"), "{text}");
+        assert_eq!(error["error"]["type"], "api_error");
+        let rows = app.wait_ledger(KEY, n).await;
+        let row = rows.iter().find(|r| r.record.endpoint == path).unwrap();
+        assert_eq!(row.record.completion_tokens, 2, "{path}");
+        assert_eq!(row.record.credits, Credits::whole(1));
+    }
+    // A finished stream gets nothing added.
+    app.fake.set(Behavior::default());
+    let text = app
+        .keyed("/v1/chat/completions")
+        .json(&chat(true))
+        .fetch_text()
+        .await;
+    assert_eq!(*events(&text).last().unwrap(), "[DONE]");
+    assert!(!text.contains("\"error\""), "{text}");
 }
 
 #[tokio::test]

@@ -801,6 +801,16 @@ async fn native_generate(shared: &Arc<Shared>, b: &Behavior, body: &Bytes, chat:
         };
     }
 
+    if plan.cut_at(0) == Some(Cut::Error) {
+        // Nothing written yet: streamResponse answers with the error's
+        // status (gin's c.JSON after setting a bare application/json).
+        return respond_json(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            CT_JSON,
+            &json!({ "error": STREAM_ERROR_MESSAGE }),
+            false,
+        );
+    }
     let content = |i: usize| {
         let mut chunk = Map::new();
         chunk.insert("model".into(), json!(plan.model));
@@ -1114,15 +1124,48 @@ async fn v1_generate(shared: &Arc<Shared>, b: &Behavior, body: &Bytes, chat: boo
     let zero_usage = json!({ "prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0 });
     let per_chunk_usage = (!chat && include_usage).then_some(&zero_usage);
 
+    if plan.cut_at(0) == Some(Cut::Error) {
+        // Nothing written yet: the error keeps its status, rewritten by
+        // the OpenAI writer.
+        return openai_error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            STREAM_ERROR_MESSAGE,
+            true,
+        );
+    }
     let content = |i: usize| chunk(Some(choice(word(i), None)), per_chunk_usage);
-    let error = sse_event(&json!({
-        "error": {
-            "message": STREAM_ERROR_MESSAGE,
-            "type": "api_error",
-            "param": null,
-            "code": null,
+    // After the first chunk, the native handler's `{"error": ...}` line goes
+    // through the OpenAI writer as if it were a reply: Go unmarshals it
+    // into an empty ChatResponse / GenerateResponse, so the client gets an
+    // empty chunk (no model, no text, no finish reason) and then the end
+    // of the stream, without `[DONE]` and without the message.
+    let error = {
+        let mut empty = Map::new();
+        empty.insert("id".into(), json!(id));
+        if chat {
+            empty.insert("object".into(), json!("chat.completion.chunk"));
+            empty.insert("created".into(), json!(now_unix()));
+            empty.insert("model".into(), json!(""));
+            empty.insert("system_fingerprint".into(), json!("fp_ollama"));
+            empty.insert(
+                "choices".into(),
+                json!([{ "index": 0, "delta": { "role": "assistant", "content": "" }, "finish_reason": null }]),
+            );
+        } else {
+            empty.insert("object".into(), json!("text_completion"));
+            empty.insert("created".into(), json!(now_unix()));
+            empty.insert(
+                "choices".into(),
+                json!([{ "text": "", "index": 0, "finish_reason": null }]),
+            );
+            empty.insert("model".into(), json!(""));
+            empty.insert("system_fingerprint".into(), json!("fp_ollama"));
         }
-    }));
+        if let Some(usage) = per_chunk_usage {
+            empty.insert("usage".into(), usage.clone());
+        }
+        sse_event(&Value::Object(empty))
+    };
     let mut tail = vec![chunk(
         Some(choice(String::new(), Some(plan.reason))),
         per_chunk_usage,
