@@ -168,6 +168,12 @@ async fn errors_are_ollamas() {
         ("/api/generate", r#"{"model":"#, 400, "unexpected EOF"),
         ("/api/chat", r#"{"messages":[]}"#, 400, "model is required"),
         (
+            "/api/embed",
+            r#"{"model":"nope","input":"x"}"#,
+            404,
+            "model \"nope\" not found, try pulling it first",
+        ),
+        (
             "/api/copy",
             r#"{"source":"nope","destination":"b"}"#,
             404,
@@ -213,7 +219,7 @@ async fn errors_are_ollamas() {
     assert_eq!(reply["error"]["type"], "api_error");
     assert_eq!(
         fake.generation_count(),
-        7,
+        8,
         "errors count as generation requests"
     );
 }

@@ -905,7 +905,7 @@ fn native_embed(b: &Behavior, body: &Bytes) -> Response {
         Err(msg) => return native_error(StatusCode::BAD_REQUEST, msg),
     };
     if b.find_model(model).is_none() {
-        return model_not_found(model);
+        return native_error(StatusCode::NOT_FOUND, &not_pulled(model));
     }
     if let Some(resp) = failure(b, false) {
         return resp;
@@ -962,9 +962,7 @@ fn native_embeddings(b: &Behavior, body: &Bytes) -> Response {
         return native_error(StatusCode::BAD_REQUEST, "model is required");
     }
     if b.find_model(model).is_none() {
-        // This one comes from the scheduler, hence the other wording.
-        let msg = format!("model \"{model}\" not found, try pulling it first");
-        return native_error(StatusCode::NOT_FOUND, &msg);
+        return native_error(StatusCode::NOT_FOUND, &not_pulled(model));
     }
     if let Some(resp) = failure(b, false) {
         return resp;
@@ -1213,8 +1211,7 @@ fn v1_embeddings(b: &Behavior, body: &Bytes) -> Response {
         Err(msg) => return openai_error(StatusCode::BAD_REQUEST, msg, true),
     };
     if b.find_model(model).is_none() {
-        let msg = format!("model '{model}' not found");
-        return openai_error(StatusCode::NOT_FOUND, &msg, true);
+        return openai_error(StatusCode::NOT_FOUND, &not_pulled(model), true);
     }
     if let Some(resp) = failure(b, true) {
         return resp;
@@ -2200,6 +2197,12 @@ fn json_ok(v: &Value) -> Response {
 /// `{"error": msg}` as gin's `c.JSON`.
 fn native_error(status: StatusCode, msg: &str) -> Response {
     respond_json(status, CT_JSON_UTF8, &json!({ "error": msg }), false)
+}
+
+/// The embedding handlers do not look the model up by name first: the
+/// scheduler fails to load it (`handleScheduleError`), hence the wording.
+fn not_pulled(model: &str) -> String {
+    format!("model \"{model}\" not found, try pulling it first")
 }
 
 fn model_not_found(model: &str) -> Response {
