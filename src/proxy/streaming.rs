@@ -15,9 +15,10 @@
 //! own format, so SDKs raise an error instead of hanging or silently
 //! truncating. So it does when Ollama closes an OpenAI chat or completions
 //! stream without `data: [DONE]`: that is how Ollama's OpenAI layer ends a
-//! stream that failed (an empty chunk, then nothing). If the client goes away, the body is dropped: so is the
-//! request to Ollama (which stops generating) and the guard settles what was
-//! relayed.
+//! stream that failed (an empty chunk, then nothing).
+//!
+//! If the client goes away, the body is dropped: so is the request to
+//! Ollama (which stops generating) and the guard settles what was relayed.
 
 use super::connection::ReplyBody;
 use super::usage::{classify_ndjson, classify_sse, zero_usage_member, NdjsonLine, SseEvent};
@@ -224,20 +225,20 @@ impl Relay {
                     // Ollama ended the stream. A last unit without its
                     // terminator is relayed like any other.
                     let rest = self.pending.split().freeze();
-                    let (_, out) = self.pass_units(rest);
-                    if self.needs_done && !self.ended_by_ollama {
+                    let ends = matches!(classify_sse(&rest), SseEvent::Done | SseEvent::Error);
+                    if self.needs_done && !self.ended_by_ollama && !ends {
                         // Ollama's OpenAI writer turns an error after the
                         // first chunk into an empty chunk and stops, without
                         // `[DONE]`: said so, the client does not take a cut
-                        // reply for a whole one.
+                        // reply for a whole one. An event left without its
+                        // blank line goes unsent (and uncounted): a client
+                        // drops it at the end of a stream anyway, and the
+                        // error event after it would merge with it.
                         let message = "Ollama ended the stream without finishing it \
                                        (no [DONE]): the reply is incomplete";
-                        let end = self.end_early(message).await?;
-                        return Some(match out {
-                            Some(out) => [out, end].concat().into(),
-                            None => end,
-                        });
+                        return self.end_early(message).await;
                     }
+                    let (_, out) = self.pass_units(rest);
                     self.settle().await;
                     self.finished = true;
                     return out;

@@ -133,9 +133,14 @@ pub async fn forward(
         (Some(allowed), true) => Some(model_list_filter(&request.path, allowed.to_vec())),
         _ => None,
     };
+    // An OpenAI stream ends with `[DONE]`, but for the prompt that Ollama
+    // renders without generating (`_debug_render_only`): one chunk, no end.
+    let sse_needs_done = endpoint.access == Access::Metered
+        && endpoint.dialect == Dialect::OpenAi
+        && memchr::memmem::find(&body, b"\"_debug_render_only\"").is_none();
     let options = RelayOptions {
         strip_usage_event,
-        sse_needs_done: endpoint.access == Access::Metered && endpoint.dialect == Dialect::OpenAi,
+        sse_needs_done,
         edit_body: edit,
         ..options(state, &request.log, Some(Box::new(permit)))
     };

@@ -38,8 +38,9 @@
 //!   optional, unknown ones refused): the fake's behaviour from now on is
 //!   its default with these fields changed (see `support::fake_ollama`):
 //!   `lockstep` makes every streamed item after the first wait for one
-//!   `/step`, `stream_error_after: k` ends a stream after `k` chunks with
-//!   an in-stream `{"error": ...}` line, `die_after: k` drops the
+//!   `/step`, `stream_error_after: k` fails a stream after `k` chunks as
+//!   Ollama does (an in-stream `{"error": ...}` line on the native API, an
+//!   empty chunk and no `[DONE]` on `/v1`), `die_after: k` drops the
 //!   connection after `k` chunks.
 //! * `POST /step` `{"n": 1}` (body optional): lets `n` more lockstep items
 //!   go. Permits accumulate. This is how the scripts prove that chunks

@@ -187,6 +187,70 @@ async fn a_stream_that_ends_without_done_gets_an_error_event() {
     assert!(!text.contains("\"error\""), "{text}");
 }
 
+/// An upstream that answers every request with `body` as an event stream
+/// (bytes Ollama itself never sends: for what the fake cannot say).
+async fn raw_event_stream(body: String) -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let app = axum::Router::new().fallback(move || {
+        let body = body.clone();
+        async move {
+            (
+                [(axum::http::header::CONTENT_TYPE, "text/event-stream")],
+                body,
+            )
+        }
+    });
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    format!("http://{addr}")
+}
+
+/// A stream cut in its last event, without `[DONE]`: that event is not
+/// sent nor counted, and tollgate's error event stays a whole event.
+#[tokio::test]
+async fn an_unfinished_last_event_is_left_out_before_the_error_event() {
+    let first = r#"{"id":"chatcmpl-1","choices":[{"index":0,"delta":{"role":"assistant","content":"a"},"finish_reason":null}]}"#;
+    for tail in [
+        r#"data: {"id":"chatcmpl-1","choices":[{"index":0,"delta":{"content":"cu"#,
+        "data: {\"id\":\"chatcmpl-1\",\"choices\":[{\"index\":0,\"delta\":{\"content\":\"b\"}}]}\n",
+    ] {
+        let upstream = raw_event_stream(format!("data: {first}\n\n{tail}")).await;
+        let app = spawn().var("OLLAMA_URL", &upstream).start().await;
+        let text = app
+            .keyed("/v1/chat/completions")
+            .json(&chat(true))
+            .fetch_text()
+            .await;
+        let sent = events(&text);
+        assert_eq!(sent.len(), 2, "{text}");
+        assert_eq!(sent[0], first);
+        let error: Value = serde_json::from_str(sent[1]).unwrap();
+        assert!(error["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("without finishing it"));
+        let rows = app.wait_ledger(KEY, 1).await;
+        assert_eq!(rows[0].record.completion_tokens, 1, "{tail}");
+    }
+}
+
+/// Ollama answers `_debug_render_only` with one chunk and no `[DONE]`: it
+/// is relayed as it comes.
+#[tokio::test]
+async fn a_debug_render_is_relayed_without_an_error_event() {
+    let chunk = r#"{"id":"chatcmpl-1","choices":[{"index":0,"delta":{"role":"assistant","content":""},"finish_reason":null}]}"#;
+    let upstream = raw_event_stream(format!("data: {chunk}\n\n")).await;
+    let app = spawn().var("OLLAMA_URL", &upstream).start().await;
+    let mut body = chat(true);
+    body["_debug_render_only"] = json!(true);
+    let text = app
+        .keyed("/v1/chat/completions")
+        .json(&body)
+        .fetch_text()
+        .await;
+    assert_eq!(text, format!("data: {chunk}\n\n"));
+}
+
 #[tokio::test]
 async fn non_streamed_replies_and_metadata_pass_through() {
     let app = TestApp::new().await;

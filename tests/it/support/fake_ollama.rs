@@ -40,9 +40,12 @@
 //!   [`FakeOllama::step`] when `lockstep` is set, then sleeps `chunk_delay`.
 //! * `die_after: Some(k)` aborts the connection after `k` content chunks (no
 //!   final chunk, no chunked-encoding terminator); `stream_error_after:
-//!   Some(k)` ends the stream after `k` content chunks with an error line
-//!   and status 200. On a non-streamed reply these become a dropped
-//!   connection and a 500 error respectively, as with the real server.
+//!   Some(k)` ends the stream after `k` content chunks as Ollama ends a
+//!   stream that failed: with an `{"error": ...}` line (status 200) on the
+//!   native API, with an empty chunk and no `[DONE]` on `/v1`; with `k` = 0
+//!   nothing was written yet and the error keeps its status (500). On a
+//!   non-streamed reply these become a dropped connection and a 500 error
+//!   respectively, as with the real server.
 //! * Streamed bodies are wrapped in a guard: [`FakeOllama::in_flight`] counts
 //!   the open ones, and a body dropped before its last item was handed to
 //!   hyper (the client went away) counts as a disconnect
@@ -144,8 +147,9 @@ pub struct Behavior {
     pub lockstep: bool,
     /// Abort the connection after this many content chunks.
     pub die_after: Option<usize>,
-    /// End the stream with an `{"error": ...}` line (status 200) after this
-    /// many content chunks.
+    /// Fail the stream after this many content chunks: an `{"error": ...}`
+    /// line (status 200) on the native API, an empty chunk and no `[DONE]`
+    /// on `/v1`; at 0, a 500 error reply.
     pub stream_error_after: Option<usize>,
     /// Answer every (valid) generation request with this status and
     /// `{"error": msg}` (OpenAI's error shape on `/v1`), before any chunk.
