@@ -46,7 +46,7 @@ pub fn nonstream_body() -> Bytes {
     Bytes::from(format!(
         concat!(
             r#"{{"model":"{model}","created_at":"{at}","message":{{"role":"assistant","#,
-            r#""content":"Hello! How can I help you today?"}},"done_reason":"stop","done":true,"#,
+            r#""content":"Hello! How can I help you today?"}},"done":true,"done_reason":"stop","#,
             r#""total_duration":12000000,"load_duration":1000000,"prompt_eval_count":{p},"#,
             r#""prompt_eval_duration":2000000,"eval_count":9,"eval_duration":9000000}}"#
         ),
@@ -76,7 +76,7 @@ pub fn stream_lines(chunks: usize) -> Vec<Bytes> {
     lines.push(Bytes::from(format!(
         concat!(
             r#"{{"model":"{model}","created_at":"{at}","message":{{"role":"assistant","content":""}},"#,
-            r#""done_reason":"stop","done":true,"total_duration":{total},"load_duration":1000000,"#,
+            r#""done":true,"done_reason":"stop","total_duration":{total},"load_duration":1000000,"#,
             r#""prompt_eval_count":{p},"prompt_eval_duration":2000000,"eval_count":{n},"#,
             r#""eval_duration":{eval}}}"#,
             "\n"

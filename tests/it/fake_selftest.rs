@@ -42,6 +42,18 @@ fn sse_events(body: &str) -> (Vec<Value>, bool) {
     (events, done)
 }
 
+/// GETs `url` and reads the reply as JSON.
+async fn get_json(url: String) -> Value {
+    client()
+        .get(url)
+        .send()
+        .await
+        .expect("send")
+        .json()
+        .await
+        .expect("json")
+}
+
 /// Reads the response body until it holds `n` newline-terminated lines.
 async fn read_lines(
     stream: &mut (impl futures_util::Stream<Item = reqwest::Result<bytes::Bytes>> + Unpin),
@@ -517,14 +529,7 @@ async fn metadata_and_model_management() {
     let root = c.get(fake.url()).send().await.expect("send");
     assert_eq!(root.headers()["content-type"], "text/plain; charset=utf-8");
     assert_eq!(root.text().await.expect("body"), "Ollama is running");
-    let version: Value = c
-        .get(format!("{}/api/version", fake.url()))
-        .send()
-        .await
-        .expect("send")
-        .json()
-        .await
-        .expect("json");
+    let version: Value = get_json(format!("{}/api/version", fake.url())).await;
     assert_eq!(version, json!({ "version": "0.12.6" }));
 
     let copy = c
@@ -542,14 +547,7 @@ async fn metadata_and_model_management() {
         .await
         .expect("send");
     assert_eq!(delete.status(), 200);
-    let models: Value = c
-        .get(format!("{}/v1/models", fake.url()))
-        .send()
-        .await
-        .expect("send")
-        .json()
-        .await
-        .expect("json");
+    let models: Value = get_json(format!("{}/v1/models", fake.url())).await;
     let ids: Vec<&str> = models["data"]
         .as_array()
         .expect("data")
@@ -604,4 +602,16 @@ async fn metadata_and_model_management() {
     fake.shutdown();
     let gone = c.get(format!("{}/api/tags", fake.url())).send().await;
     assert!(gone.is_err(), "a shut-down fake still answered: {gone:?}");
+}
+
+/// Go marshals the model list's nil slice as `null` when there is no model.
+#[tokio::test]
+async fn no_model_is_a_null_openai_list() {
+    let fake = FakeOllama::start_with(Behavior {
+        models: Vec::new(),
+        ..Behavior::default()
+    })
+    .await;
+    let models: Value = get_json(format!("{}/v1/models", fake.url())).await;
+    assert_eq!(models, json!({ "object": "list", "data": null }));
 }

@@ -1,5 +1,6 @@
 //! SPEC §4a: per-key request policy.
 
+use crate::support::fake_ollama::Behavior;
 use crate::support::{spawn, Fetch, TestApp, ADMIN};
 use reqwest::Method;
 use serde_json::{json, Value};
@@ -113,6 +114,18 @@ async fn the_model_lists_show_only_the_keys_models() {
         .await
         .unwrap();
     assert_eq!(other.status(), 403);
+    // With no model at all, Ollama's `"data": null` reaches the key as is.
+    app.fake.set(Behavior {
+        models: Vec::new(),
+        ..Behavior::default()
+    });
+    let none: Value = app
+        .get("/v1/models")
+        .header("x-api-key", &key)
+        .fetch_json()
+        .await;
+    assert_eq!(none, json!({"object": "list", "data": null}));
+    app.fake.set(Behavior::default());
     // The admin sees everything.
     let tags: Value = app
         .get("/api/tags")

@@ -846,8 +846,8 @@ fn native_final(plan: &Plan, chat: bool, text: String) -> Value {
             "message".into(),
             json!({ "role": "assistant", "content": text }),
         );
-        obj.insert("done_reason".into(), json!(plan.reason));
         obj.insert("done".into(), json!(true));
+        obj.insert("done_reason".into(), json!(plan.reason));
     } else {
         obj.insert("response".into(), json!(text));
         obj.insert("done".into(), json!(true));
@@ -880,8 +880,8 @@ fn load_reply(chat: bool, model: &str, reason: &str) -> Value {
             "model": model,
             "created_at": now_rfc3339(),
             "message": { "role": "assistant", "content": "" },
-            "done_reason": reason,
             "done": true,
+            "done_reason": reason,
         })
     } else {
         json!({
@@ -1756,6 +1756,12 @@ fn v1_models(shared: &Shared) -> Response {
         .iter()
         .map(|m| v1_model_object(&canonical_display(m)))
         .collect();
+    // ToListCompletion appends to a nil slice: with no model, Go writes null.
+    let data = if data.is_empty() {
+        Value::Null
+    } else {
+        Value::Array(data)
+    };
     respond_json(
         StatusCode::OK,
         CT_JSON,
