@@ -52,6 +52,21 @@ pub struct RelayOptions {
     pub hold: Option<Box<dyn std::any::Any + Send>>,
 }
 
+impl RelayOptions {
+    /// Relaying as it comes: no usage event removed, no `[DONE]` required,
+    /// no body edited, no log, nothing held.
+    pub fn plain(stop: watch::Receiver<bool>) -> RelayOptions {
+        RelayOptions {
+            strip_usage_event: false,
+            sse_needs_done: false,
+            edit_body: None,
+            stop,
+            log: None,
+            hold: None,
+        }
+    }
+}
+
 impl From<UpstreamError> for ApiError {
     fn from(e: UpstreamError) -> Self {
         match e {

@@ -225,8 +225,10 @@ impl Relay {
                     // Ollama ended the stream. A last unit without its
                     // terminator is relayed like any other.
                     let rest = self.pending.split().freeze();
-                    let ends = matches!(classify_sse(&rest), SseEvent::Done | SseEvent::Error);
-                    if self.needs_done && !self.ended_by_ollama && !ends {
+                    let unfinished = self.needs_done
+                        && !self.ended_by_ollama
+                        && !matches!(classify_sse(&rest), SseEvent::Done | SseEvent::Error);
+                    if unfinished {
                         // Ollama's OpenAI writer turns an error after the
                         // first chunk into an empty chunk and stops, without
                         // `[DONE]`: said so, the client does not take a cut
@@ -344,9 +346,9 @@ impl Relay {
                     }
                     // Usage tollgate asked for leaves no trace: not the zero
                     // usage the completions writer adds to every chunk either.
-                    match self.strip_usage.then(|| zero_usage_member(unit)) {
-                        Some(Some(cut)) => (false, Pass::Without(cut)),
-                        _ => (false, Pass::Whole),
+                    match self.strip_usage.then(|| zero_usage_member(unit)).flatten() {
+                        Some(cut) => (false, Pass::Without(cut)),
+                        None => (false, Pass::Whole),
                     }
                 }
                 SseEvent::Usage(tokens) => {

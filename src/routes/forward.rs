@@ -266,20 +266,17 @@ async fn begin(
     Ok(Settlement::begin(state.store.clone(), charge).await?)
 }
 
-/// Relaying as it comes: no usage event removed, no `[DONE]` required, no
-/// body edited.
+/// Relaying as it comes ([`RelayOptions::plain`]), told how long Ollama
+/// took and holding `hold` until the reply is relayed.
 fn options(
     state: &AppState,
     log: &Option<Arc<RequestLog>>,
     hold: Option<Box<dyn std::any::Any + Send>>,
 ) -> RelayOptions {
     RelayOptions {
-        strip_usage_event: false,
-        sse_needs_done: false,
-        edit_body: None,
-        stop: state.stop_streams.clone(),
         log: log.clone(),
         hold,
+        ..RelayOptions::plain(state.stop_streams.clone())
     }
 }
 

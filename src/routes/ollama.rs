@@ -63,13 +63,6 @@ pub async fn root(
         headers: headers::to_upstream(headers),
         body: Body::empty(),
     };
-    let options = RelayOptions {
-        strip_usage_event: false,
-        sse_needs_done: false,
-        edit_body: None,
-        stop: state.stop_streams.clone(),
-        log: None,
-        hold: None,
-    };
+    let options = RelayOptions::plain(state.stop_streams.clone());
     proxy::relay(&state.upstream, out, Settlement::detached(), options).await
 }
