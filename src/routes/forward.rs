@@ -87,6 +87,7 @@ pub async fn forward(
         body,
         strip_usage_event,
         estimate_tokens,
+        debug_render,
     } = if inspect {
         prepare(state, caller, endpoint, &request.path, body)?
     } else {
@@ -95,6 +96,7 @@ pub async fn forward(
             body,
             strip_usage_event: false,
             estimate_tokens: None,
+            debug_render: false,
         }
     };
     let limited_to = caller.key.models.as_deref().filter(|_| !caller.is_admin());
@@ -134,10 +136,9 @@ pub async fn forward(
         _ => None,
     };
     // An OpenAI stream ends with `[DONE]`, but for the prompt that Ollama
-    // renders without generating (`_debug_render_only`): one chunk, no end.
-    let sse_needs_done = endpoint.access == Access::Metered
-        && endpoint.dialect == Dialect::OpenAi
-        && memchr::memmem::find(&body, b"\"_debug_render_only\"").is_none();
+    // renders without generating: one chunk, no end.
+    let sse_needs_done =
+        endpoint.access == Access::Metered && endpoint.dialect == Dialect::OpenAi && !debug_render;
     let options = RelayOptions {
         strip_usage_event,
         sse_needs_done,
@@ -161,6 +162,9 @@ struct Prepared {
     strip_usage_event: bool,
     /// The completion tokens the estimate reserves for, if the body says.
     estimate_tokens: Option<u64>,
+    /// The body asks Ollama to render the prompt only
+    /// ([`inspect::Glance::debug_render`]).
+    debug_render: bool,
 }
 
 /// Checks a body that tollgate inspects and applies the key's policy. A
@@ -198,6 +202,7 @@ fn prepare(
             },
             body,
             strip_usage_event: false,
+            debug_render: glance.debug_render,
         });
     }
 
@@ -208,6 +213,7 @@ fn prepare(
             body,
             strip_usage_event: false,
             estimate_tokens: None,
+            debug_render: false,
         });
     };
     let model = map.get("model").and_then(Value::as_str).map(str::to_string);
@@ -245,6 +251,7 @@ fn prepare(
         body,
         strip_usage_event,
         estimate_tokens,
+        debug_render: inspect::debug_render(&map),
     })
 }
 

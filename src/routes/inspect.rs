@@ -30,6 +30,9 @@ pub struct Glance {
     pub keep_alive: bool,
     /// The completion-token limit the body asks for, in its dialect.
     pub completion_tokens: Option<u64>,
+    /// `"_debug_render_only": true`: Ollama renders the prompt and answers
+    /// it without generating (one chunk, no `[DONE]`, on an OpenAI stream).
+    pub debug_render: bool,
 }
 
 /// Reads the fields tollgate needs from a JSON object body, or `None` when
@@ -52,7 +55,14 @@ pub fn glance(body: &[u8], dialect: Dialect) -> Option<Glance> {
         stream: fields.stream,
         keep_alive: fields.keep_alive,
         completion_tokens,
+        debug_render: fields.debug_render == Some(true),
     })
+}
+
+/// Whether a whole-parsed body asks for a debug render only (see
+/// [`Glance::debug_render`]).
+pub fn debug_render(map: &Map<String, Value>) -> bool {
+    map.get("_debug_render_only") == Some(&Value::Bool(true))
 }
 
 /// With serde_json's `raw_value` feature (which axum and sqlx turn on), a
@@ -67,7 +77,9 @@ fn refuse_raw_value<E: de::Error>() -> E {
 
 /// The fields read, with the types [`check_types`] requires: `model` and
 /// `stream` must not be `null`; `options`, `prompt`, `messages` and the
-/// token limits may be. Every other value is skipped as [`Checked`].
+/// token limits may be; `_debug_render_only` is a boolean or `null`, as
+/// Ollama reads it (anything else is left to the whole parse). Every other
+/// value is skipped as [`Checked`].
 #[derive(Default)]
 struct Fields {
     model: Option<String>,
@@ -76,6 +88,7 @@ struct Fields {
     num_predict: Option<i64>,
     max_tokens: Option<i64>,
     max_completion_tokens: Option<i64>,
+    debug_render: Option<bool>,
 }
 
 /// The names a glance reads, at the top and in `options`.
@@ -91,6 +104,8 @@ enum Name {
     MaxTokens,
     MaxCompletionTokens,
     NumPredict,
+    #[serde(rename = "_debug_render_only")]
+    DebugRenderOnly,
     #[serde(rename = "$serde_json::private::RawValue")]
     RawValue,
     #[serde(other)]
@@ -146,6 +161,7 @@ impl<'de> Deserialize<'de> for Fields {
                         Name::MaxCompletionTokens => {
                             fields.max_completion_tokens = map.next_value()?;
                         }
+                        Name::DebugRenderOnly => fields.debug_render = map.next_value()?,
                         Name::NumPredict | Name::Other | Name::RawValue => {
                             _ = map.next_value::<Checked>()?;
                         }
@@ -432,6 +448,7 @@ mod tests {
             stream: map.get("stream").and_then(Value::as_bool),
             keep_alive: map.contains_key("keep_alive"),
             completion_tokens: policy::requested_completion_tokens(&map, dialect),
+            debug_render: debug_render(&map),
         })
     }
 
@@ -449,6 +466,9 @@ mod tests {
             r#"{"model":"caf\u00e9 \"x\"","images":["aGk="],"format":{"type":"object"}}"#,
             r#"{"model":"m","messages":[{"content":"\ud83d\ude00","n":[1.5e300,-2,null,true]}]}"#,
             r#"{"model":"m","stream":false,"tools":[{"function":{"parameters":{"a":{"b":{}}}}}]}"#,
+            r#"{"model":"m","stream":true,"_debug_render_only":true}"#,
+            r#"{"model":"m","_debug_render_only":false,"x":{"_debug_render_only":true}}"#,
+            r#"{"model":"m","_debug_render_only":null}"#,
             r#"  {"stream":true}  "#,
             "{}",
         ];
@@ -459,6 +479,13 @@ mod tests {
                 assert_eq!(glanced, by_whole_parse(body, dialect), "{body}");
             }
         }
+        let debug_render =
+            |body: &str| glance(body.as_bytes(), Dialect::OpenAi).map(|g| g.debug_render);
+        assert_eq!(debug_render(r#"{"_debug_render_only":true}"#), Some(true));
+        assert_eq!(
+            debug_render(r#"{"x":{"_debug_render_only":true}}"#),
+            Some(false)
+        );
     }
 
     #[test]
@@ -560,6 +587,14 @@ mod tests {
         assert_eq!(
             by_whole_parse(body, Dialect::Native).and_then(|g| g.completion_tokens),
             Some(2)
+        );
+        // A debug flag that is not a boolean: Ollama refuses the body, the
+        // whole parse forwards it (and does not take it for a debug render).
+        let body = r#"{"model":"m","_debug_render_only":"yes"}"#;
+        assert_eq!(glance(body.as_bytes(), Dialect::OpenAi), None);
+        assert_eq!(
+            by_whole_parse(body, Dialect::OpenAi).map(|g| g.debug_render),
+            Some(false)
         );
         // A limit beyond i64: the whole parse still reads it.
         let body = r#"{"options":{"num_predict":18446744073709551615}}"#;
