@@ -55,6 +55,11 @@ async fn usage_pages_newest_first_with_a_cursor() {
     assert_eq!(item["endpoint"], "/generate");
     assert_eq!(item["model"], "mistral");
     assert_eq!(item["credits"], 1);
+    // RFC 3339 in UTC, always with milliseconds: 2026-11-21T22:41:28.120Z.
+    let time = item["time"].as_str().unwrap().as_bytes();
+    assert_eq!(time.len(), 24, "{item}");
+    assert_eq!((time[10], time[19], time[23]), (b'T', b'.', b'Z'), "{item}");
+    assert!(time[20..23].iter().all(u8::is_ascii_digit), "{item}");
     let mut seen = 2;
     let mut next = first["next"].as_str().unwrap().to_string();
     loop {
