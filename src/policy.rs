@@ -44,18 +44,15 @@ pub fn model_allowed(allowed: &[String], model: &str) -> bool {
     allowed.iter().any(|a| canonical_model(a) == wanted)
 }
 
-/// The completion-token limit a request sets, if a usable one.
+/// The completion-token limit a request sets, if a usable one: Ollama
+/// reads `options.num_predict`, and on its OpenAI endpoints `max_tokens`
+/// (it has no `max_completion_tokens`); 0 and negative values are no limit.
 pub fn requested_completion_tokens(body: &Map<String, Value>, dialect: Dialect) -> Option<u64> {
-    match dialect {
-        Dialect::Native => body
-            .get("options")
-            .and_then(|o| o.get("num_predict"))
-            .and_then(Value::as_u64),
-        Dialect::OpenAi => ["max_completion_tokens", "max_tokens"]
-            .iter()
-            .filter_map(|f| body.get(*f).and_then(Value::as_u64))
-            .min(),
-    }
+    let limit = match dialect {
+        Dialect::Native => body.get("options").and_then(|o| o.get("num_predict")),
+        Dialect::OpenAi => body.get("max_tokens"),
+    };
+    limit.and_then(Value::as_u64).filter(|n| *n > 0)
 }
 
 /// Applies the caps and removes `keep_alive`; returns whether the body
@@ -65,28 +62,28 @@ pub fn apply(body: &mut Map<String, Value>, dialect: Dialect, caps: Caps) -> boo
     if let Some(max) = caps.max_tokens {
         changed |= match dialect {
             Dialect::Native => {
-                let options = body
-                    .entry("options")
-                    .or_insert_with(|| Value::Object(Map::new()));
-                match options.as_object_mut() {
-                    Some(options) => cap_field(options, "num_predict", max, true),
-                    None => false,
-                }
+                options_of(body).is_some_and(|o| cap_field(o, "num_predict", max, true))
             }
             Dialect::OpenAi => {
-                let has_completion_field = body.contains_key("max_completion_tokens");
-                let a = cap_field(body, "max_tokens", max, !has_completion_field);
-                let b = cap_field(body, "max_completion_tokens", max, false);
+                // Ollama generates up to `max_tokens`; a client that sets only
+                // `max_completion_tokens` gets `max_tokens` set to the smaller
+                // of the two.
+                let a = cap_field(body, "max_completion_tokens", max, false);
+                let asked = body.get("max_completion_tokens").and_then(Value::as_u64);
+                let limit = asked.filter(|n| *n > 0).map_or(max, |n| n.min(max));
+                let b = cap_field(body, "max_tokens", limit, true);
                 a || b
             }
         };
     }
     if let (Some(max), Dialect::Native) = (caps.max_num_ctx, dialect) {
         if let Some(options) = body.get_mut("options").and_then(Value::as_object_mut) {
+            // Ollama takes a float for an integer option (and drops its
+            // fraction).
             if options
                 .get("num_ctx")
-                .and_then(Value::as_u64)
-                .is_some_and(|n| n > max)
+                .and_then(Value::as_f64)
+                .is_some_and(|n| n > max as f64)
             {
                 options.insert("num_ctx".into(), Value::from(max));
                 changed = true;
@@ -96,13 +93,23 @@ pub fn apply(body: &mut Map<String, Value>, dialect: Dialect, caps: Caps) -> boo
     changed
 }
 
-/// Caps `field` at `max`: a larger value, a negative one (Ollama's
+/// The body's `options` object, made one when absent or `null` (which
+/// Ollama reads as no options).
+fn options_of(body: &mut Map<String, Value>) -> Option<&mut Map<String, Value>> {
+    let options = body.entry("options").or_insert(Value::Null);
+    if options.is_null() {
+        *options = Value::Object(Map::new());
+    }
+    options.as_object_mut()
+}
+
+/// Caps `field` at `max`: a larger value, 0 or a negative one (Ollama's
 /// "unbounded") and — when `set_if_absent` — a missing one become `max`.
 fn cap_field(map: &mut Map<String, Value>, field: &str, max: u64, set_if_absent: bool) -> bool {
     let needs_cap = match map.get(field) {
         None | Some(Value::Null) => set_if_absent,
         Some(v) => match (v.as_u64(), v.as_i64()) {
-            (Some(n), _) => n > max,
+            (Some(n), _) => n > max || n == 0,
             (None, Some(n)) => n < 0,
             _ => true,
         },
@@ -173,6 +180,13 @@ mod tests {
                 json!({"model": "m", "options": {"num_predict": -2}}),
                 json!(100),
             ),
+            // 0 is no limit to Ollama's runner.
+            (
+                json!({"model": "m", "options": {"num_predict": 0}}),
+                json!(100),
+            ),
+            // `null` options are no options to Ollama.
+            (json!({"model": "m", "options": null}), json!(100)),
         ] {
             let mut body = obj(given);
             assert!(apply(&mut body, Dialect::Native, caps));
@@ -182,6 +196,22 @@ mod tests {
         assert!(apply(&mut body, Dialect::Native, caps));
         assert_eq!(body["options"]["num_predict"], json!(50));
         assert_eq!(body["options"]["num_ctx"], json!(2048));
+        // Ollama takes a float for an integer option.
+        for huge in [json!(1e6), json!(131072.0)] {
+            let mut body = obj(json!({"options": {"num_predict": 5, "num_ctx": huge}}));
+            assert!(apply(&mut body, Dialect::Native, caps));
+            assert_eq!(body["options"]["num_ctx"], json!(2048));
+        }
+        let mut body = obj(json!({"options": {"num_predict": 5, "num_ctx": 1024.0}}));
+        assert!(!apply(&mut body, Dialect::Native, caps));
+        // Without a token cap, no `options` is made for the context cap.
+        let ctx_only = Caps {
+            max_tokens: None,
+            max_num_ctx: Some(2048),
+        };
+        let mut body = obj(json!({"model": "m"}));
+        assert!(!apply(&mut body, Dialect::Native, ctx_only));
+        assert!(!body.contains_key("options"));
     }
 
     #[test]
@@ -202,13 +232,42 @@ mod tests {
         let mut body = obj(json!({"model": "m"}));
         assert!(apply(&mut body, Dialect::OpenAi, caps));
         assert_eq!(body["max_tokens"], json!(64));
+        // Ollama has no `max_completion_tokens`: `max_tokens` is set too.
         let mut body = obj(json!({"max_completion_tokens": 1000}));
         assert!(apply(&mut body, Dialect::OpenAi, caps));
         assert_eq!(body["max_completion_tokens"], json!(64));
-        assert!(!body.contains_key("max_tokens"));
+        assert_eq!(body["max_tokens"], json!(64));
+        let mut body = obj(json!({"max_completion_tokens": 50}));
+        assert!(apply(&mut body, Dialect::OpenAi, caps));
+        assert_eq!(body["max_tokens"], json!(50));
+        let mut body = obj(json!({"max_completion_tokens": 50, "max_tokens": 20}));
+        assert!(!apply(&mut body, Dialect::OpenAi, caps));
         assert_eq!(
             requested_completion_tokens(&body, Dialect::OpenAi),
-            Some(64)
+            Some(20)
+        );
+        // 0 is no limit to Ollama.
+        let mut body = obj(json!({"max_tokens": 0}));
+        assert!(apply(&mut body, Dialect::OpenAi, caps));
+        assert_eq!(body["max_tokens"], json!(64));
+    }
+
+    #[test]
+    fn reads_the_limit_ollama_honours() {
+        let read = |v: Value, dialect| requested_completion_tokens(&obj(v), dialect);
+        assert_eq!(
+            read(json!({"max_completion_tokens": 50}), Dialect::OpenAi),
+            None
+        );
+        assert_eq!(read(json!({"max_tokens": 0}), Dialect::OpenAi), None);
+        assert_eq!(read(json!({"max_tokens": 7}), Dialect::OpenAi), Some(7));
+        assert_eq!(
+            read(json!({"options": {"num_predict": 0}}), Dialect::Native),
+            None
+        );
+        assert_eq!(
+            read(json!({"options": {"num_predict": 9}}), Dialect::Native),
+            Some(9)
         );
     }
 

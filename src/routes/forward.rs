@@ -184,8 +184,11 @@ fn prepare(
     // With caps, an ordinary key's body is parsed whole (the caps may
     // rewrite it) without a glance first.
     let capped = policed && state.caps().any();
+    // `/api/show` still takes the model as `name` (when `model` is empty),
+    // which only the whole parse reads.
+    let show = path == "/api/show";
     let untouched = || {
-        if capped {
+        if capped || show {
             return None;
         }
         let glance = inspect::glance(&body, endpoint.dialect)?;
@@ -216,16 +219,22 @@ fn prepare(
             debug_render: false,
         });
     };
-    let model = map.get("model").and_then(Value::as_str).map(str::to_string);
+    let named = |field: &str| map.get(field).and_then(Value::as_str);
+    let model = match named("model") {
+        Some("") | None if show => named("name"),
+        model => model,
+    }
+    .map(str::to_string);
     let mut changed = false;
     if policed {
         changed |= policy::apply(&mut map, endpoint.dialect, state.caps());
     }
     let mut strip_usage_event = false;
     if asks_usage && map.get("stream") == Some(&Value::Bool(true)) {
-        let options = map
-            .entry("stream_options")
-            .or_insert_with(|| Value::Object(Map::new()));
+        let options = map.entry("stream_options").or_insert(Value::Null);
+        if options.is_null() {
+            *options = Value::Object(Map::new());
+        }
         if let Some(options) = options.as_object_mut() {
             if options.get("include_usage") != Some(&Value::Bool(true)) {
                 options.insert("include_usage".into(), Value::Bool(true));

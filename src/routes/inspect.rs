@@ -42,13 +42,12 @@ pub fn glance(body: &[u8], dialect: Dialect) -> Option<Glance> {
     // it would skip; so does a glance.
     let text = std::str::from_utf8(body).ok()?;
     let fields: Fields = serde_json::from_str(text).ok()?;
-    let whole = |n: Option<i64>| n.and_then(|n| u64::try_from(n).ok());
+    // Ollama reads 0 and negative limits as "no limit".
+    let limit = |n: Option<i64>| n.and_then(|n| u64::try_from(n).ok()).filter(|n| *n > 0);
     let completion_tokens = match dialect {
-        Dialect::Native => whole(fields.num_predict),
-        Dialect::OpenAi => [fields.max_completion_tokens, fields.max_tokens]
-            .into_iter()
-            .filter_map(whole)
-            .min(),
+        Dialect::Native => limit(fields.num_predict),
+        // Ollama has no `max_completion_tokens`: `max_tokens` is the limit.
+        Dialect::OpenAi => limit(fields.max_tokens),
     };
     Some(Glance {
         model: fields.model,
@@ -87,13 +86,11 @@ struct Fields {
     keep_alive: bool,
     num_predict: Option<i64>,
     max_tokens: Option<i64>,
-    max_completion_tokens: Option<i64>,
     debug_render: Option<bool>,
 }
 
 /// The names a glance reads, at the top and in `options`.
-#[derive(Clone, Copy, Deserialize)]
-#[serde(field_identifier, rename_all = "snake_case")]
+#[derive(Clone, Copy)]
 enum Name {
     Model,
     Stream,
@@ -104,12 +101,95 @@ enum Name {
     MaxTokens,
     MaxCompletionTokens,
     NumPredict,
-    #[serde(rename = "_debug_render_only")]
     DebugRenderOnly,
-    #[serde(rename = "$serde_json::private::RawValue")]
+    StreamOptions,
     RawValue,
-    #[serde(other)]
+    /// A name that Ollama's decoder takes for one that tollgate reads (see
+    /// [`go_alias_of`]) without being it: left to the whole parse, which
+    /// refuses it.
+    Alias,
     Other,
+}
+
+impl Name {
+    fn of(name: &str) -> Name {
+        match name {
+            "model" => Name::Model,
+            "stream" => Name::Stream,
+            "keep_alive" => Name::KeepAlive,
+            "options" => Name::Options,
+            "prompt" => Name::Prompt,
+            "messages" => Name::Messages,
+            "max_tokens" => Name::MaxTokens,
+            "max_completion_tokens" => Name::MaxCompletionTokens,
+            "num_predict" => Name::NumPredict,
+            "_debug_render_only" => Name::DebugRenderOnly,
+            "stream_options" => Name::StreamOptions,
+            RAW_VALUE_KEY => Name::RawValue,
+            other if go_alias_of(other, READ_AT_TOP).is_some() => Name::Alias,
+            _ => Name::Other,
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Name {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct NameVisitor;
+        impl Visitor<'_> for NameVisitor {
+            type Value = Name;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a field name")
+            }
+            fn visit_str<E: de::Error>(self, name: &str) -> Result<Name, E> {
+                Ok(Name::of(name))
+            }
+        }
+        d.deserialize_identifier(NameVisitor)
+    }
+}
+
+/// The top-level fields that tollgate reads or rewrites in a request body,
+/// in any endpoint's dialect (`name` is `/api/show`'s older spelling of
+/// `model`).
+pub const READ_AT_TOP: &[&str] = &[
+    "model",
+    "name",
+    "stream",
+    "stream_options",
+    "keep_alive",
+    "options",
+    "prompt",
+    "messages",
+    "max_tokens",
+    "max_completion_tokens",
+    "_debug_render_only",
+];
+
+/// The fields tollgate reads in `stream_options`.
+const READ_IN_STREAM_OPTIONS: &[&str] = &["include_usage"];
+
+/// The name in `names` that Ollama's decoder (Go's `encoding/json`) would
+/// fill from a field called `field`, when that is not `field` itself. Go
+/// matches a struct's field names without regard to case, by Unicode's
+/// simple folding, and the last field of a body that matches wins: so
+/// `{"model": "a", "MODEL": "b"}` runs model `b`. The names are ASCII; of
+/// the other characters only the Kelvin sign (`K`) folds to an ASCII
+/// letter, `k`, and the long s (`ſ`) to `s`.
+pub fn go_alias_of(field: &str, names: &[&'static str]) -> Option<&'static str> {
+    let folded = |c: char| match c {
+        '\u{212A}' => Some(b'K'),
+        '\u{17F}' => Some(b'S'),
+        c if c.is_ascii() => Some((c as u8).to_ascii_uppercase()),
+        _ => None,
+    };
+    names.iter().copied().find(|name| {
+        *name != field
+            && field.chars().count() == name.len()
+            && field
+                .chars()
+                .zip(name.bytes())
+                .all(|(c, n)| folded(c) == Some(n.to_ascii_uppercase()))
+    })
 }
 
 /// Fails on the second field of a name: serde_json's map, as Ollama,
@@ -143,6 +223,9 @@ impl<'de> Deserialize<'de> for Fields {
                     if !matches!(name, Name::NumPredict | Name::Other) {
                         first(&mut seen, name)?;
                     }
+                    if let Name::Alias = name {
+                        return Err(de::Error::custom("a field Ollama reads as another"));
+                    }
                     match name {
                         Name::Model => fields.model = Some(map.next_value()?),
                         Name::Stream => fields.stream = Some(map.next_value()?),
@@ -158,11 +241,10 @@ impl<'de> Deserialize<'de> for Fields {
                         Name::Prompt => _ = map.next_value::<Option<Text>>()?,
                         Name::Messages => _ = map.next_value::<Option<List>>()?,
                         Name::MaxTokens => fields.max_tokens = map.next_value()?,
-                        Name::MaxCompletionTokens => {
-                            fields.max_completion_tokens = map.next_value()?;
-                        }
+                        Name::MaxCompletionTokens => _ = map.next_value::<Option<i64>>()?,
                         Name::DebugRenderOnly => fields.debug_render = map.next_value()?,
-                        Name::NumPredict | Name::Other | Name::RawValue => {
+                        Name::StreamOptions => _ = map.next_value::<Option<StreamOptions>>()?,
+                        Name::NumPredict | Name::Other | Name::RawValue | Name::Alias => {
                             _ = map.next_value::<Checked>()?;
                         }
                     }
@@ -204,6 +286,35 @@ impl<'de> Deserialize<'de> for Options {
             }
         }
         d.deserialize_map(OptionsVisitor)
+    }
+}
+
+/// `stream_options`: an object (or `null`) without a field that Ollama
+/// would read as one tollgate reads ([`go_alias_of`]); skipped.
+struct StreamOptions;
+
+impl<'de> Deserialize<'de> for StreamOptions {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct StreamOptionsVisitor;
+        impl<'de> Visitor<'de> for StreamOptionsVisitor {
+            type Value = StreamOptions;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<StreamOptions, A::Error> {
+                while let Some(name) = map.next_key::<String>()? {
+                    if name == RAW_VALUE_KEY {
+                        return Err(refuse_raw_value());
+                    }
+                    if go_alias_of(&name, READ_IN_STREAM_OPTIONS).is_some() {
+                        return Err(de::Error::custom("a field Ollama reads as another"));
+                    }
+                    map.next_value::<Checked>()?;
+                }
+                Ok(StreamOptions)
+            }
+        }
+        d.deserialize_map(StreamOptionsVisitor)
     }
 }
 
@@ -401,6 +512,19 @@ pub fn check_types(map: &Map<String, Value>) -> Result<(), ApiError> {
         )))
     };
     let is = |field: &str, check: fn(&Value) -> bool| map.get(field).is_none_or(check);
+    let stream_options = map.get("stream_options").and_then(Value::as_object);
+    let aliases = map
+        .keys()
+        .filter_map(|k| Some((k, go_alias_of(k, READ_AT_TOP)?)));
+    let nested = stream_options
+        .into_iter()
+        .flat_map(|o| o.keys())
+        .filter_map(|k| Some((k, go_alias_of(k, READ_IN_STREAM_OPTIONS)?)));
+    if let Some((field, name)) = aliases.chain(nested).next() {
+        return Err(ApiError::BadRequest(format!(
+            "field '{field}' would be read by Ollama as '{name}': write it '{name}'"
+        )));
+    }
     if !is("model", Value::is_string) {
         return wrong("model", "a string");
     }
@@ -415,6 +539,9 @@ pub fn check_types(map: &Map<String, Value>) -> Result<(), ApiError> {
     }
     if !is("messages", |v| v.is_array() || v.is_null()) {
         return wrong("messages", "an array");
+    }
+    if !is("stream_options", |v| v.is_object() || v.is_null()) {
+        return wrong("stream_options", "an object");
     }
     for field in ["max_tokens", "max_completion_tokens"] {
         if !is(field, |v| v.is_i64() || v.is_u64() || v.is_null()) {
@@ -525,6 +652,13 @@ mod tests {
             r#"{"model":"m","keep_alive":"\ud800"}"#,
             r#"{"model":"m","messages":[],"temperature":1e400}"#,
             r#"{"model":"m","prompt":"hi","options":{"temperature":1e999}}"#,
+            // Names that Ollama's decoder reads as fields tollgate reads.
+            r#"{"model":"m","MODEL":"x"}"#,
+            r#"{"Model":"x"}"#,
+            r#"{"model":"m","Keep_alive":0}"#,
+            r#"{"model":"m","NAME":"x"}"#,
+            r#"{"model":"m","stream_options":{"Include_Usage":false}}"#,
+            r#"{"model":"m","stream_options":5}"#,
         ];
         let deep = format!(
             r#"{{"model":"m","x":{}{}}}"#,
@@ -542,6 +676,24 @@ mod tests {
         body.extend_from_slice(br#""}"#);
         assert!(serde_json::from_slice::<Value>(&body).is_err());
         assert_eq!(glance(&body, Dialect::Native), None);
+    }
+
+    #[test]
+    fn knows_what_go_reads_as_which_field() {
+        assert_eq!(go_alias_of("MODEL", READ_AT_TOP), Some("model"));
+        assert_eq!(go_alias_of("Keep_Alive", READ_AT_TOP), Some("keep_alive"));
+        assert_eq!(
+            go_alias_of("\u{212A}eep_alive", READ_AT_TOP),
+            Some("keep_alive")
+        );
+        assert_eq!(go_alias_of("\u{17F}tream", READ_AT_TOP), Some("stream"));
+        assert_eq!(go_alias_of("model", READ_AT_TOP), None);
+        assert_eq!(go_alias_of("models", READ_AT_TOP), None);
+        assert_eq!(go_alias_of("keepalive", READ_AT_TOP), None);
+        assert_eq!(go_alias_of("m\u{f6}del", READ_AT_TOP), None);
+        // Fields inside `options` are matched exactly by Ollama.
+        let body = r#"{"model":"m","options":{"NUM_PREDICT":5,"Model":1}}"#;
+        assert!(glance(body.as_bytes(), Dialect::Native).is_some());
     }
 
     #[test]

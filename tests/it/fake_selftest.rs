@@ -615,3 +615,37 @@ async fn no_model_is_a_null_openai_list() {
     let models: Value = get_json(format!("{}/v1/models", fake.url())).await;
     assert_eq!(models, json!({ "object": "list", "data": null }));
 }
+
+/// Go's decoder matches field names without regard to case (the Kelvin
+/// sign is a `k`), and the last match wins.
+#[tokio::test]
+async fn field_names_match_as_go_matches_them() {
+    let fake = FakeOllama::start().await;
+    let generate = |body: &'static str| {
+        let request = client()
+            .post(format!("{}/api/generate", fake.url()))
+            .body(body);
+        async move {
+            let reply: Value = request.send().await.unwrap().json().await.unwrap();
+            reply
+        }
+    };
+    for (body, model) in [
+        (
+            r#"{"model":"mistral","MODEL":"llama3.2","prompt":"hi","stream":false}"#,
+            "llama3.2",
+        ),
+        (
+            r#"{"Model":"llama3.2","prompt":"hi","stream":false}"#,
+            "llama3.2",
+        ),
+        (
+            r#"{"MODEL":"llama3.2","model":"mistral","prompt":"hi","stream":false}"#,
+            "mistral",
+        ),
+    ] {
+        assert_eq!(generate(body).await["model"], model, "{body}");
+    }
+    let unload = generate(r#"{"model":"mistral","prompt":"","\u212Aeep_alive":0}"#).await;
+    assert_eq!(unload["done_reason"], "unload");
+}

@@ -57,6 +57,8 @@ async fn with_token_pricing_usage_is_asked_for_and_the_extra_chunk_removed() {
     // A small max_tokens keeps the reservation (1 + 10 tokens) affordable.
     let mut body = chat(true);
     body["max_tokens"] = json!(10);
+    // `null` stream options are none to Ollama: usage is asked for all the same.
+    body["stream_options"] = Value::Null;
     let response = app
         .keyed("/v1/chat/completions")
         .json(&body)

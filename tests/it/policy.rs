@@ -185,3 +185,154 @@ async fn token_and_context_caps_are_applied() {
     assert_eq!(response.status(), 200);
     assert_eq!(app.forwarded().pop().unwrap().json()["max_tokens"], 64);
 }
+
+/// Ollama's decoder (Go's `encoding/json`) matches field names without
+/// regard to case, and the last match wins: every spelling of a field that
+/// tollgate polices, but the exact one, is refused before Ollama sees it.
+#[tokio::test]
+async fn field_names_that_ollama_reads_as_policed_ones_are_refused() {
+    let app = spawn().var("MAX_TOKENS_PER_REQUEST", "64").start().await;
+    let key = limited_key(&app, json!(["mistral"])).await;
+    for (path, body) in [
+        (
+            "/api/generate",
+            r#"{"model":"mistral","MODEL":"llama3.2","prompt":"hi","stream":false}"#,
+        ),
+        ("/api/chat", r#"{"Model":"llama3.2","messages":[]}"#),
+        (
+            "/api/embed",
+            r#"{"model":"mistral","mOdEl":"llama3.2","input":"x"}"#,
+        ),
+        (
+            "/v1/chat/completions",
+            r#"{"model":"mistral","Model":"llama3.2","messages":[]}"#,
+        ),
+        ("/chat", r#"{"MODEL":"llama3.2","messages":[]}"#),
+        (
+            "/api/generate",
+            r#"{"model":"mistral","prompt":"","KEEP_ALIVE":-1,"stream":false}"#,
+        ),
+        // The Kelvin sign folds to k, the long s to s.
+        (
+            "/api/generate",
+            r#"{"model":"mistral","prompt":"","\u212Aeep_alive":0,"stream":false}"#,
+        ),
+        (
+            "/api/generate",
+            r#"{"model":"mistral","prompt":"hi","\u017Ftream":true}"#,
+        ),
+        (
+            "/api/generate",
+            r#"{"model":"mistral","prompt":"hi","options":{"num_predict":10},"Options":{"num_predict":100000}}"#,
+        ),
+        (
+            "/v1/chat/completions",
+            r#"{"model":"mistral","messages":[],"max_tokens":10,"MAX_TOKENS":100000}"#,
+        ),
+        (
+            "/v1/chat/completions",
+            r#"{"model":"mistral","messages":[],"stream":true,"stream_options":{"INCLUDE_USAGE":false}}"#,
+        ),
+        ("/api/show", r#"{"NAME":"llama3.2"}"#),
+    ] {
+        let response = app
+            .post(path)
+            .header("x-api-key", &key)
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 400, "{path} {body}");
+        let error = response.text().await.unwrap();
+        assert!(error.contains("would be read by Ollama as"), "{error}");
+    }
+    assert!(app.forwarded().is_empty(), "{:?}", app.forwarded());
+    // Admin keys too: tollgate would read another body than Ollama.
+    let response = app
+        .admin(Method::POST, "/api/generate")
+        .header("content-type", "application/json")
+        .body(r#"{"model":"mistral","MODEL":"llama3.2","prompt":"hi","stream":false}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 400);
+}
+
+/// `/api/show` takes the model as `name` when `model` is empty or absent.
+#[tokio::test]
+async fn show_by_name_obeys_the_allow_list() {
+    let app = TestApp::new().await;
+    let key = limited_key(&app, json!(["mistral"])).await;
+    for body in [
+        json!({"name": "llama3.2"}),
+        json!({"model": "", "name": "llama3.2"}),
+    ] {
+        let response = app
+            .post("/api/show")
+            .header("x-api-key", &key)
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 403, "{body}");
+    }
+    assert!(app.forwarded().is_empty());
+    let response = app
+        .post("/api/show")
+        .header("x-api-key", &key)
+        .json(&json!({"name": "mistral"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+}
+
+/// What Ollama reads as "no limit" (0, a negative value, `null` options)
+/// and what it reads but tollgate did not (a float context size, only
+/// `max_completion_tokens`) are capped too.
+#[tokio::test]
+async fn caps_hold_for_every_way_of_asking_for_no_limit() {
+    let app = spawn()
+        .var("MAX_TOKENS_PER_REQUEST", "64")
+        .var("MAX_NUM_CTX", "2048")
+        .start()
+        .await;
+    for body in [
+        json!({"model": "mistral", "prompt": "hi", "stream": false, "options": {"num_predict": 0}}),
+        json!({"model": "mistral", "prompt": "hi", "stream": false, "options": null}),
+        json!({"model": "mistral", "prompt": "hi", "stream": false, "options": {"num_ctx": 1e6}}),
+        json!({"model": "mistral", "prompt": "hi", "stream": false, "options": {"num_ctx": 131072.0}}),
+    ] {
+        let response = app.keyed("/api/generate").json(&body).send().await.unwrap();
+        assert_eq!(response.status(), 200, "{body}");
+        let seen = app.forwarded().pop().unwrap().json();
+        assert_eq!(seen["options"]["num_predict"], 64, "{body}");
+        let ctx = &seen["options"]["num_ctx"];
+        assert!(ctx.is_null() || *ctx == 2048, "{body}: {seen}");
+    }
+    for (body, expected) in [
+        (json!({"max_tokens": 0}), 64),
+        (json!({"max_completion_tokens": 5000}), 64),
+        (json!({"max_completion_tokens": 20}), 20),
+    ] {
+        let mut request =
+            json!({"model": "mistral", "messages": [{"role": "user", "content": "hi"}]});
+        request
+            .as_object_mut()
+            .unwrap()
+            .extend(body.as_object().unwrap().clone());
+        let response = app
+            .keyed("/v1/chat/completions")
+            .json(&request)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200, "{body}");
+        assert_eq!(
+            app.forwarded().pop().unwrap().json()["max_tokens"],
+            expected,
+            "{body}"
+        );
+    }
+}

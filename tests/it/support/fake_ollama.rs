@@ -1925,6 +1925,7 @@ const GENERATE_FIELDS: Fields = &[
     ("stream", "bool"),
     ("raw", "bool"),
     ("images", "[]api.ImageData"),
+    ("keep_alive", "*api.Duration"),
     ("options", "map[string]interface {}"),
 ];
 const CHAT_FIELDS: Fields = &[
@@ -1932,6 +1933,7 @@ const CHAT_FIELDS: Fields = &[
     ("messages", "[]api.Message"),
     ("stream", "bool"),
     ("tools", "api.Tools"),
+    ("keep_alive", "*api.Duration"),
     ("options", "map[string]interface {}"),
 ];
 const EMBED_FIELDS: Fields = &[
@@ -2008,6 +2010,18 @@ fn decode_go(body: &[u8], go_type: &str, fields: Fields) -> Result<Map<String, V
             ));
         }
     };
+    // Go matches field names without regard to case (Unicode's simple
+    // folding), and of the fields matching one name the last wins.
+    let mut named = Map::new();
+    for (key, value) in obj {
+        let field = fields
+            .iter()
+            .map(|(f, _)| *f)
+            .find(|f| *f == key)
+            .or_else(|| fields.iter().map(|(f, _)| *f).find(|f| go_fold_eq(&key, f)));
+        named.insert(field.map_or(key, str::to_string), value);
+    }
+    let obj = named;
     for (key, value) in &obj {
         let Some((_, go_field_type)) = fields.iter().find(|(f, _)| f == key) else {
             continue;
@@ -2021,6 +2035,18 @@ fn decode_go(body: &[u8], go_type: &str, fields: Fields) -> Result<Map<String, V
         }
     }
     Ok(obj)
+}
+
+/// Whether Go's `encoding/json` takes `key` for the (ASCII) field name
+/// `field`: `bytes.EqualFold`, under which the Kelvin sign is a `k` and
+/// the long s an `s`.
+fn go_fold_eq(key: &str, field: &str) -> bool {
+    let fold = |c: char| match c {
+        '\u{212A}' => 'k',
+        '\u{17F}' => 's',
+        c => c.to_ascii_lowercase(),
+    };
+    key.chars().map(fold).eq(field.chars().map(fold))
 }
 
 /// Native decoding: an empty body is `missing request body`.
@@ -2042,6 +2068,8 @@ fn decode_v1(body: &[u8], go_type: &str, fields: Fields) -> Result<Map<String, V
 fn fits(value: &Value, go_type: &str) -> bool {
     match value {
         Value::Null => true,
+        // api.Duration's own decoder takes seconds or a Go duration string.
+        Value::String(_) | Value::Number(_) if go_type == "*api.Duration" => true,
         Value::String(_) => go_type == "string",
         Value::Bool(_) => go_type == "bool",
         Value::Number(n) => go_type == "int" && (n.is_i64() || n.is_u64()),
