@@ -38,10 +38,28 @@ fn is_hop_by_hop(name: &HeaderName) -> bool {
 /// only those present are removed, each lookup of a name in the map
 /// costing a hash.
 fn remove_where(headers: &mut HeaderMap, unwanted: impl Fn(&HeaderName) -> bool) {
-    let doomed: Vec<HeaderName> = headers.keys().filter(|n| unwanted(n)).cloned().collect();
+    let listed = named_by_connection(headers);
+    let doomed: Vec<HeaderName> = headers
+        .keys()
+        .filter(|n| unwanted(n) || listed.iter().any(|l| n.as_str().eq_ignore_ascii_case(l)))
+        .cloned()
+        .collect();
     for name in doomed {
         headers.remove(name);
     }
+}
+
+/// The headers that the `Connection` header names: they describe this
+/// connection only (RFC 9110 §7.6.1), whatever their names.
+fn named_by_connection(headers: &HeaderMap) -> Vec<&str> {
+    headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+        .filter(|name| !name.is_empty())
+        .collect()
 }
 
 /// The client's headers as they may go to Ollama.
@@ -73,10 +91,12 @@ mod tests {
             ("authorization", "Bearer secret"),
             ("host", "gateway.example"),
             ("origin", "https://app.example"),
-            ("connection", "keep-alive"),
+            ("connection", "keep-alive, X-Hop"),
             ("keep-alive", "timeout=5"),
             ("content-type", "application/json"),
             ("x-custom", "kept"),
+            // Named by `Connection`: hop-by-hop, whatever its name.
+            ("x-hop", "secret"),
             ("x-api-key", "second"),
             ("content-length", "12"),
             ("transfer-encoding", "chunked"),

@@ -39,10 +39,11 @@ pub struct RelayOptions {
     /// Remove the OpenAI usage event from a stream (tollgate asked for it,
     /// the client did not).
     pub strip_usage_event: bool,
-    /// An event stream is complete only with `data: [DONE]` (OpenAI's chat
-    /// and completions streams): when Ollama ends one without it, tollgate
-    /// adds an error event, so that the client learns the reply is cut.
-    pub sse_needs_done: bool,
+    /// A stream is complete only with its final unit (`data: [DONE]` on
+    /// OpenAI's chat and completions streams, a `"done": true` line on
+    /// native generations): when Ollama ends one without it, tollgate adds
+    /// an error unit, so that the client learns the reply is cut.
+    pub needs_end: bool,
     pub edit_body: Option<BodyEdit>,
     /// Ends in-flight streams when it turns true.
     pub stop: watch::Receiver<bool>,
@@ -58,7 +59,7 @@ impl RelayOptions {
     pub fn plain(stop: watch::Receiver<bool>) -> RelayOptions {
         RelayOptions {
             strip_usage_event: false,
-            sse_needs_done: false,
+            needs_end: false,
             edit_body: None,
             stop,
             log: None,
@@ -118,7 +119,7 @@ pub async fn relay(
             options.strip_usage_event,
             options.stop,
         )
-        .needing_done(options.sse_needs_done)
+        .needing_end(options.needs_end)
         .observed(options.log, options.hold)
         .into_body();
         return Ok(build(status, headers, body, available));

@@ -98,9 +98,10 @@ pub struct Relay {
     strip_usage: bool,
     /// Becomes true when in-flight streams must end (shutdown deadline).
     stop: watch::Receiver<bool>,
-    /// The stream is complete only with `data: [DONE]` (SSE).
-    needs_done: bool,
-    /// Ollama ended its event stream itself: `[DONE]` or an error event.
+    /// The stream is complete only with its final unit: `data: [DONE]`
+    /// (SSE), a `"done": true` line (NDJSON).
+    needs_end: bool,
+    /// Ollama ended its stream itself: with the final unit or an error.
     ended_by_ollama: bool,
     finished: bool,
     log: Option<Arc<RequestLog>>,
@@ -132,7 +133,7 @@ impl Relay {
             idle,
             strip_usage,
             stop,
-            needs_done: false,
+            needs_end: false,
             ended_by_ollama: false,
             finished: false,
             log: None,
@@ -144,10 +145,10 @@ impl Relay {
         }
     }
 
-    /// Requires `data: [DONE]` at the end of an event stream
-    /// ([`RelayOptions::sse_needs_done`](super::RelayOptions::sse_needs_done)).
-    pub fn needing_done(mut self, needs_done: bool) -> Relay {
-        self.needs_done = needs_done && self.wire == Wire::Sse;
+    /// Requires the final unit at the end of the stream
+    /// ([`RelayOptions::needs_end`](super::RelayOptions::needs_end)).
+    pub fn needing_end(mut self, needs_end: bool) -> Relay {
+        self.needs_end = needs_end;
         self
     }
 
@@ -225,19 +226,34 @@ impl Relay {
                     // Ollama ended the stream. A last unit without its
                     // terminator is relayed like any other.
                     let rest = self.pending.split().freeze();
-                    let unfinished = self.needs_done
-                        && !self.ended_by_ollama
-                        && !matches!(classify_sse(&rest), SseEvent::Done | SseEvent::Error);
-                    if unfinished {
+                    let ends = match self.wire {
+                        Wire::Sse => {
+                            matches!(classify_sse(&rest), SseEvent::Done | SseEvent::Error)
+                        }
+                        Wire::Ndjson => matches!(
+                            classify_ndjson(&rest),
+                            NdjsonLine::Final(_) | NdjsonLine::Error
+                        ),
+                    };
+                    if self.needs_end && !self.ended_by_ollama && !ends {
                         // Ollama's OpenAI writer turns an error after the
                         // first chunk into an empty chunk and stops, without
-                        // `[DONE]`: said so, the client does not take a cut
-                        // reply for a whole one. An event left without its
-                        // blank line goes unsent (and uncounted): a client
+                        // `[DONE]`; a native stream cut short has no `done`
+                        // line: said so, the client does not take a cut
+                        // reply for a whole one. A unit left without its
+                        // terminator goes unsent (and uncounted): a client
                         // drops it at the end of a stream anyway, and the
-                        // error event after it would merge with it.
-                        let message = "Ollama ended the stream without finishing it \
-                                       (no [DONE]): the reply is incomplete";
+                        // error unit after it would merge with it.
+                        let message = match self.wire {
+                            Wire::Sse => {
+                                "Ollama ended the stream without finishing it \
+                                 (no [DONE]): the reply is incomplete"
+                            }
+                            Wire::Ndjson => {
+                                "Ollama ended the stream without finishing it \
+                                 (no \"done\": true line): the reply is incomplete"
+                            }
+                        };
                         return self.end_early(message).await;
                     }
                     let (_, out) = self.pass_units(rest);
@@ -331,13 +347,18 @@ impl Relay {
                     (false, Pass::Whole)
                 }
                 NdjsonLine::Final(tokens) => {
+                    self.ended_by_ollama = true;
                     s.record_output();
                     if let Some((prompt, completion)) = tokens {
                         s.record_tokens(prompt, completion);
                     }
                     (true, Pass::Whole)
                 }
-                NdjsonLine::Error | NdjsonLine::Other => (false, Pass::Whole),
+                NdjsonLine::Error => {
+                    self.ended_by_ollama = true;
+                    (false, Pass::Whole)
+                }
+                NdjsonLine::Other => (false, Pass::Whole),
             },
             Wire::Sse => match classify_sse(unit) {
                 SseEvent::Chunk { has_content } => {
@@ -353,6 +374,7 @@ impl Relay {
                 }
                 SseEvent::Usage(tokens) => {
                     if let Some((prompt, completion)) = tokens {
+                        s.record_output();
                         s.record_tokens(prompt, completion);
                     }
                     let pass = if self.strip_usage {
@@ -363,6 +385,9 @@ impl Relay {
                     (false, pass)
                 }
                 SseEvent::Done => {
+                    // A whole reply, as a native final chunk: charged even
+                    // when its only output was a role or an empty text.
+                    s.record_output();
                     self.ended_by_ollama = true;
                     (true, Pass::Whole)
                 }

@@ -90,8 +90,15 @@ impl Needle {
 
 static DONE_TRUE: Needle = Needle::new(b"\"done\":true");
 static NO_CHOICES: Needle = Needle::new(b"\"choices\":[]");
-/// Where a chunk's text starts in an OpenAI stream.
-static TEXT_FIELDS: [Needle; 2] = [Needle::new(b"\"content\":\""), Needle::new(b"\"text\":\"")];
+/// Where a chunk's output starts in an OpenAI stream: its text (chat's
+/// `content`, completions' `text`) or a thinking model's `reasoning`.
+static TEXT_FIELDS: [Needle; 3] = [
+    Needle::new(b"\"content\":\""),
+    Needle::new(b"\"text\":\""),
+    Needle::new(b"\"reasoning\":\""),
+];
+/// A chunk's tool calls (Go omits the member when there are none).
+static TOOL_CALLS: Needle = Needle::new(b"\"tool_calls\":[");
 /// The member Ollama's completions writer ends every chunk with when the
 /// request asked for usage (an empty `Usage`, before the real one comes in
 /// its own `"choices": []` chunk). The chat writer adds none.
@@ -165,11 +172,12 @@ pub fn classify_sse(event: &[u8]) -> SseEvent {
     if NO_CHOICES.is_in(data) {
         return SseEvent::Usage(tokens_in(data));
     }
-    // Text that is not empty: the opening quote is not followed by the
-    // closing one.
+    // Text that is not empty (the opening quote is not followed by the
+    // closing one), or tool calls.
     let has_content = TEXT_FIELDS
         .iter()
-        .any(|field| field.is_in_followed_by(data, |b| b != b'"'));
+        .any(|field| field.is_in_followed_by(data, |b| b != b'"'))
+        || TOOL_CALLS.is_in_followed_by(data, |b| b != b']');
     SseEvent::Chunk { has_content }
 }
 
@@ -250,6 +258,21 @@ mod tests {
             SseEvent::Usage(Some((3, 4)))
         );
         assert_eq!(classify_sse(b"data: [DONE]\n\n"), SseEvent::Done);
+        // A thinking model's reasoning and a tool call are output too
+        // (Ollama's ToChunk: `reasoning` and `tool_calls` beside an empty
+        // `content`).
+        assert_eq!(
+            classify_sse(
+                b"data: {\"choices\":[{\"delta\":{\"role\":\"assistant\",\"content\":\"\",\"reasoning\":\"Hmm\"}}]}\n\n"
+            ),
+            SseEvent::Chunk { has_content: true }
+        );
+        assert_eq!(
+            classify_sse(
+                b"data: {\"choices\":[{\"delta\":{\"role\":\"assistant\",\"content\":\"\",\"tool_calls\":[{\"id\":\"call_1\",\"index\":0,\"type\":\"function\",\"function\":{\"name\":\"f\",\"arguments\":\"{}\"}}]}}]}\n\n"
+            ),
+            SseEvent::Chunk { has_content: true }
+        );
         // A completions chunk with the zero usage is a chunk.
         assert_eq!(
             classify_sse(

@@ -135,13 +135,13 @@ pub async fn forward(
         (Some(allowed), true) => Some(model_list_filter(&request.path, allowed.to_vec())),
         _ => None,
     };
-    // An OpenAI stream ends with `[DONE]`, but for the prompt that Ollama
-    // renders without generating: one chunk, no end.
-    let sse_needs_done =
-        endpoint.access == Access::Metered && endpoint.dialect == Dialect::OpenAi && !debug_render;
+    // A generation's stream ends with its final unit, but for the prompt
+    // that Ollama renders without generating: one chunk, no end. (Embedding
+    // replies are never streamed.)
+    let needs_end = endpoint.access == Access::Metered && !debug_render;
     let options = RelayOptions {
         strip_usage_event,
-        sse_needs_done,
+        needs_end,
         edit_body: edit,
         ..options(state, &request.log, Some(Box::new(permit)))
     };

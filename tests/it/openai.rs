@@ -2,7 +2,7 @@
 //! through, SSE relayed, errors in OpenAI's shape.
 
 use crate::support::fake_ollama::Behavior;
-use crate::support::{spawn, Fetch, TestApp, KEY};
+use crate::support::{raw_upstream, spawn, Fetch, TestApp, KEY};
 use serde_json::{json, Value};
 use tollgate::credits::Credits;
 
@@ -189,22 +189,39 @@ async fn a_stream_that_ends_without_done_gets_an_error_event() {
     assert!(!text.contains("\"error\""), "{text}");
 }
 
-/// An upstream that answers every request with `body` as an event stream
-/// (bytes Ollama itself never sends: for what the fake cannot say).
-async fn raw_event_stream(body: String) -> String {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let app = axum::Router::new().fallback(move || {
-        let body = body.clone();
-        async move {
-            (
-                [(axum::http::header::CONTENT_TYPE, "text/event-stream")],
-                body,
-            )
-        }
+/// A reply made only of tool calls (empty `content` in every delta) is
+/// output: charged as any other, by its usage or by its chunks.
+#[tokio::test]
+async fn a_reply_of_tool_calls_only_is_charged() {
+    let app = spawn()
+        .var("API_KEY_CREDITS", "100")
+        .var("CREDITS_PER_1K_COMPLETION_TOKENS", "1000")
+        .start()
+        .await;
+    app.fake.set(Behavior {
+        tool_calls: true,
+        ..Behavior::default()
     });
-    tokio::spawn(async move { axum::serve(listener, app).await });
-    format!("http://{addr}")
+    let mut body = chat(true);
+    body["max_tokens"] = json!(10);
+    let text = app
+        .keyed("/v1/chat/completions")
+        .json(&body)
+        .fetch_text()
+        .await;
+    assert!(text.contains("\"tool_calls\":[{"), "{text}");
+    assert!(text.contains("\"finish_reason\":\"tool_calls\""), "{text}");
+    assert_eq!(*events(&text).last().unwrap(), "[DONE]");
+    let rows = app.wait_ledger(KEY, 1).await;
+    // 1 per request + 3 completion tokens at 1 credit each, from `usage`.
+    assert_eq!(
+        (
+            rows[0].record.prompt_tokens,
+            rows[0].record.completion_tokens
+        ),
+        (7, 3)
+    );
+    assert_eq!(rows[0].record.credits, Credits::whole(4));
 }
 
 /// A stream cut in its last event, without `[DONE]`: that event is not
@@ -216,7 +233,7 @@ async fn an_unfinished_last_event_is_left_out_before_the_error_event() {
         r#"data: {"id":"chatcmpl-1","choices":[{"index":0,"delta":{"content":"cu"#,
         "data: {\"id\":\"chatcmpl-1\",\"choices\":[{\"index\":0,\"delta\":{\"content\":\"b\"}}]}\n",
     ] {
-        let upstream = raw_event_stream(format!("data: {first}\n\n{tail}")).await;
+        let upstream = raw_upstream("text/event-stream", format!("data: {first}\n\n{tail}")).await;
         let app = spawn().var("OLLAMA_URL", &upstream).start().await;
         let text = app
             .keyed("/v1/chat/completions")
@@ -241,7 +258,7 @@ async fn an_unfinished_last_event_is_left_out_before_the_error_event() {
 #[tokio::test]
 async fn a_debug_render_is_relayed_without_an_error_event() {
     let chunk = r#"{"id":"chatcmpl-1","choices":[{"index":0,"delta":{"role":"assistant","content":""},"finish_reason":null}]}"#;
-    let upstream = raw_event_stream(format!("data: {chunk}\n\n")).await;
+    let upstream = raw_upstream("text/event-stream", format!("data: {chunk}\n\n")).await;
     let app = spawn().var("OLLAMA_URL", &upstream).start().await;
     let mut body = chat(true);
     body["_debug_render_only"] = json!(true);

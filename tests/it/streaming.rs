@@ -2,7 +2,7 @@
 //! streams that tollgate must end ended with an error line.
 
 use crate::support::fake_ollama::Behavior;
-use crate::support::{spawn, TestApp, KEY};
+use crate::support::{raw_upstream, spawn, TestApp, KEY};
 use bytes::Bytes;
 use futures_util::StreamExt;
 use serde_json::{json, Value};
@@ -161,4 +161,48 @@ async fn shutdown_lets_streams_finish_then_cuts_what_remains() {
     server.await.unwrap().unwrap();
     let rows = app.wait_ledger(KEY, 1).await;
     assert_eq!(rows[0].record.credits, tollgate::credits::Credits::whole(1));
+}
+
+/// A native generation stream that ends without its `"done": true` line is
+/// cut: tollgate says so in an error line (as for a stream Ollama aborts),
+/// leaves out an unfinished last line, and charges the chunks relayed.
+#[tokio::test]
+async fn a_native_stream_without_its_done_line_gets_an_error_line() {
+    let chunk =
+        r#"{"model":"mistral","created_at":"2026-12-04T23:00:00Z","response":"a","done":false}"#;
+    // tollgate in front of an upstream that streams `ndjson`, and what it relays.
+    let relayed = |ndjson: String| async move {
+        let upstream = raw_upstream("application/x-ndjson", ndjson).await;
+        let app = spawn().var("OLLAMA_URL", &upstream).start().await;
+        let response = app
+            .keyed("/api/generate")
+            .json(&json!({"model": "mistral", "prompt": "hi"}))
+            .send()
+            .await
+            .unwrap();
+        (response.text().await.unwrap(), app)
+    };
+    for tail in [
+        "",
+        r#"{"model":"mistral","created_at":"2026-12-04T23:00:00Z","resp"#,
+    ] {
+        let (text, app) = relayed(format!("{chunk}\n{tail}")).await;
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 2, "{text}");
+        assert_eq!(lines[0], chunk);
+        let error: Value = serde_json::from_str(lines[1]).unwrap();
+        assert!(
+            error["error"]
+                .as_str()
+                .unwrap()
+                .contains("without finishing it"),
+            "{text}"
+        );
+        let rows = app.wait_ledger(KEY, 1).await;
+        assert_eq!(rows[0].record.completion_tokens, 1, "{tail}");
+    }
+    // A finished one gets nothing added.
+    let done = r#"{"model":"mistral","created_at":"2026-12-04T23:00:00Z","response":"","done":true,"done_reason":"stop","eval_count":1}"#;
+    let (text, _app) = relayed(format!("{chunk}\n{done}")).await;
+    assert_eq!(text, format!("{chunk}\n{done}"));
 }

@@ -157,6 +157,10 @@ pub struct Behavior {
     /// Refuse (403, empty body) a `Host` that is not a loopback address or
     /// `localhost` (any port), and an `Origin` whose host is not.
     pub check_host: bool,
+    /// On `/v1/chat/completions` streams, every content chunk is a tool
+    /// call with empty `content`, and the finish reason `tool_calls`
+    /// (Ollama's ToChunk for a model that calls tools).
+    pub tool_calls: bool,
 }
 
 impl Default for Behavior {
@@ -173,6 +177,7 @@ impl Default for Behavior {
             stream_error_after: None,
             fail: None,
             check_host: true,
+            tool_calls: false,
         }
     }
 }
@@ -1135,7 +1140,25 @@ async fn v1_generate(shared: &Arc<Shared>, b: &Behavior, body: &Bytes, chat: boo
             true,
         );
     }
-    let content = |i: usize| chunk(Some(choice(word(i), None)), per_chunk_usage);
+    let tool_calls = chat && b.tool_calls;
+    let content = |i: usize| {
+        let choice = if tool_calls {
+            let call = json!({
+                "id": format!("call_{i}"),
+                "index": 0,
+                "type": "function",
+                "function": { "name": "get_weather", "arguments": "{\"city\":\"Paris\"}" },
+            });
+            json!({
+                "index": 0,
+                "delta": { "role": "assistant", "content": "", "tool_calls": [call] },
+                "finish_reason": null,
+            })
+        } else {
+            choice(word(i), None)
+        };
+        chunk(Some(choice), per_chunk_usage)
+    };
     // After the first chunk, the native handler's `{"error": ...}` line goes
     // through the OpenAI writer as if it were a reply: Go unmarshals it
     // into an empty ChatResponse / GenerateResponse, so the client gets an
@@ -1168,8 +1191,13 @@ async fn v1_generate(shared: &Arc<Shared>, b: &Behavior, body: &Bytes, chat: boo
         }
         sse_event(&Value::Object(empty))
     };
+    let reason = if tool_calls {
+        "tool_calls"
+    } else {
+        plan.reason
+    };
     let mut tail = vec![chunk(
-        Some(choice(String::new(), Some(plan.reason))),
+        Some(choice(String::new(), Some(reason))),
         per_chunk_usage,
     )];
     if include_usage {

@@ -254,3 +254,16 @@ impl Fetch for reqwest::RequestBuilder {
         self.send().await.expect("send").text().await.expect("body")
     }
 }
+
+/// An upstream that answers every request with `body`, as `content_type`:
+/// for bytes Ollama itself never sends, which the fake cannot say.
+pub async fn raw_upstream(content_type: &'static str, body: String) -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let app = axum::Router::new().fallback(move || {
+        let body = body.clone();
+        async move { ([(axum::http::header::CONTENT_TYPE, content_type)], body) }
+    });
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    format!("http://{addr}")
+}
