@@ -494,6 +494,12 @@ async fn sync_keys(
     for id in &report.reenabled {
         tracing::info!(key_id = id, "re-enabled a configured key that came back");
     }
+    for id in &report.role_changed {
+        tracing::warn!(
+            key_id = id,
+            "a configured key now has the role of the variable that names it"
+        );
+    }
     for id in &report.disabled {
         tracing::warn!(
             key_id = id,

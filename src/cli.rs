@@ -5,10 +5,12 @@
 use crate::admin::export::{self, Format};
 use crate::admin::keys::{self, KeySpec, KeyView};
 use crate::app::{App, Hooks};
-use crate::config::Config;
+use crate::config::{Config, DatabaseUrl};
 use crate::credits::Credits;
 use crate::store::{self, BalanceChange, KeyId, PageRequest, Role, SharedStore};
 use clap::{Parser, Subcommand};
+use std::net::SocketAddr;
+use std::path::Path;
 use std::process::ExitCode;
 
 #[derive(Parser)]
@@ -116,7 +118,15 @@ pub async fn main() -> ExitCode {
         }
     };
     crate::telemetry::init_logging(config.log_format, &config.log_filter);
-    let result = match cli.command.unwrap_or(Command::Serve) {
+    let command = cli.command.unwrap_or(Command::Serve);
+    if !matches!(command, Command::Serve) && config.database_url == DatabaseUrl::Memory {
+        eprintln!(
+            "tollgate: DATABASE_URL=memory keeps nothing outside the gateway's process: \
+             the CLI works on a sqlite:// or postgres:// store"
+        );
+        return ExitCode::from(2);
+    }
+    let result = match command {
         Command::Serve => serve(config).await,
         Command::Keys(cmd) => match store::open(&config.database_url).await {
             Ok(store) => keys_command(store, cmd).await,
@@ -136,6 +146,26 @@ pub async fn main() -> ExitCode {
     }
 }
 
+/// What a first start prints: the key it created, once, with a curl line
+/// that works as pasted (over HTTPS when tollgate serves it).
+fn first_key_message(key: &str, addr: SocketAddr, tls_cert: Option<&Path>) -> String {
+    let (scheme, note) = match tls_cert {
+        Some(cert) => (
+            "https",
+            format!(
+                "\n    (with a self-signed certificate, add --cacert {})\n",
+                cert.display()
+            ),
+        ),
+        None => ("http", String::new()),
+    };
+    format!(
+        "\nNo API key was configured, so tollgate created one (shown only this once):\n\n    \
+         {key}\n\nTry it:\n\n    curl -X POST '{scheme}://{addr}/generate?prompt=hello' \
+         -H 'x-api-key: {key}'\n{note}"
+    )
+}
+
 async fn serve(config: Config) -> Result<(), String> {
     let addr = config.listen_addr;
     if !addr.ip().is_loopback() && config.tls_cert.is_none() {
@@ -149,7 +179,8 @@ async fn serve(config: Config) -> Result<(), String> {
         .map_err(|e| e.to_string())?;
     if let Some(key) = &app.first_key {
         println!(
-            "\nNo API key was configured, so tollgate created one (shown only this once):\n\n    {key}\n\nTry it:\n\n    curl -X POST 'http://{addr}/generate?prompt=hello' -H 'x-api-key: {key}'\n"
+            "{}",
+            first_key_message(key, addr, app.state().config.tls_cert.as_deref())
         );
     }
     let upstream = app.state().upstream.clone();
@@ -289,4 +320,24 @@ async fn print_usage(
 
 fn json_line<T: serde::Serialize>(value: &T) -> Result<String, String> {
     serde_json::to_string(value).map_err(|e| e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_first_keys_curl_line_uses_the_served_scheme() {
+        let addr: SocketAddr = "127.0.0.1:8000".parse().unwrap();
+        let plain = first_key_message("tg_k", addr, None);
+        assert!(
+            plain.contains(
+                "curl -X POST 'http://127.0.0.1:8000/generate?prompt=hello' -H 'x-api-key: tg_k'"
+            ),
+            "{plain}"
+        );
+        let tls = first_key_message("tg_k", addr, Some(Path::new("/etc/tollgate/cert.pem")));
+        assert!(tls.contains("'https://127.0.0.1:8000/generate"), "{tls}");
+        assert!(tls.contains("--cacert /etc/tollgate/cert.pem"), "{tls}");
+    }
 }

@@ -140,7 +140,9 @@ pub struct Config {
 impl Config {
     /// Loads `.env` (if present) into the environment, then reads it.
     pub fn from_env() -> Result<Config, ConfigError> {
-        match dotenvy::dotenv() {
+        // The working directory's `.env` only: dotenvy's `dotenv()` would
+        // also look in every parent directory, and take someone else's.
+        match dotenvy::from_path(".env") {
             Ok(_) => {}
             Err(e) if e.not_found() => {}
             Err(e) => return Err(ConfigError::DotEnv(e.to_string())),
@@ -162,6 +164,13 @@ impl Config {
         let mut grants = Vec::new();
         if let Some(key) = get("API_KEY") {
             let credits = vars.parse_or("API_KEY_CREDITS", Credits::whole(10))?;
+            if credits < Credits::ZERO {
+                return Err(invalid(
+                    "API_KEY_CREDITS",
+                    &credits.to_string(),
+                    "a grant cannot be negative".into(),
+                ));
+            }
             grants.push((key.trim().to_string(), credits));
         }
         if let Some(list) = get("API_KEYS") {
@@ -262,12 +271,43 @@ impl Config {
         if let Err(e) = tracing_subscriber::EnvFilter::try_new(&config.log_filter) {
             return Err(invalid("RUST_LOG", &config.log_filter, e.to_string()));
         }
-        if config.tls_cert.is_some() != config.tls_key.is_some() {
-            return Err(invalid(
-                "TLS_CERT",
-                &format!("{:?}", config.tls_cert),
-                "TLS_CERT and TLS_KEY go together".into(),
-            ));
+        match (&config.tls_cert, &config.tls_key) {
+            (Some(cert), None) => {
+                return Err(invalid(
+                    "TLS_CERT",
+                    &cert.display().to_string(),
+                    "TLS_KEY is not set: TLS_CERT and TLS_KEY go together".into(),
+                ))
+            }
+            (None, Some(key)) => {
+                return Err(invalid(
+                    "TLS_KEY",
+                    &key.display().to_string(),
+                    "TLS_CERT is not set: TLS_CERT and TLS_KEY go together".into(),
+                ))
+            }
+            _ => {}
+        }
+        for (name, limit) in [
+            ("RATE_LIMIT_RPM", config.rate_limit_rpm),
+            ("MAX_CONCURRENT_PER_KEY", config.max_concurrent_per_key),
+        ] {
+            if limit == Some(0) {
+                return Err(invalid(
+                    name,
+                    "0",
+                    "a limit is at least 1 (unset, there is none)".into(),
+                ));
+            }
+        }
+        if let Some(admin) = &config.admin_key {
+            if config.grants.iter().any(|(key, _)| key == admin) {
+                return Err(invalid(
+                    "ADMIN_KEY",
+                    "(not shown)",
+                    "the same key is also in API_KEY or API_KEYS: give it one role".into(),
+                ));
+            }
         }
         Ok(config)
     }
@@ -317,22 +357,42 @@ fn host_and_port(url: &str) -> Option<(String, u16)> {
     }
 }
 
-/// `key=credits,key2=credits`.
+/// `key=credits,key2=credits`. An error shows the list with its keys left
+/// out: they are secrets.
 fn parse_key_list(list: &str) -> Result<Vec<(String, Credits)>, ConfigError> {
-    list.split(',')
+    let entries: Vec<&str> = list
+        .split(',')
         .map(str::trim)
         .filter(|entry| !entry.is_empty())
-        .map(|entry| {
-            let (key, credits) = entry.rsplit_once('=').ok_or_else(|| {
-                invalid("API_KEYS", list, format!("{entry:?} is not key=credits"))
-            })?;
-            let credits = credits
+        .collect();
+    let shown = entries
+        .iter()
+        .enumerate()
+        .map(|(i, entry)| match entry.rsplit_once('=') {
+            Some((_, credits)) => format!("<key {}>={}", i + 1, credits.trim()),
+            None => format!("<key {}>", i + 1),
+        })
+        .collect::<Vec<_>>()
+        .join(",");
+    let refuse =
+        |i: usize, reason: &str| invalid("API_KEYS", &shown, format!("entry {}: {reason}", i + 1));
+    entries
+        .iter()
+        .enumerate()
+        .map(|(i, entry)| {
+            let (key, credits) = entry
+                .rsplit_once('=')
+                .ok_or_else(|| refuse(i, "not key=credits"))?;
+            let credits: Credits = credits
                 .trim()
                 .parse()
-                .map_err(|e| invalid("API_KEYS", list, format!("{entry:?}: credits {e}")))?;
+                .map_err(|e| refuse(i, &format!("credits {e}")))?;
+            if credits < Credits::ZERO {
+                return Err(refuse(i, "a grant cannot be negative"));
+            }
             let key = key.trim();
             if key.is_empty() {
-                return Err(invalid("API_KEYS", list, "an empty key".into()));
+                return Err(refuse(i, "an empty key"));
             }
             Ok((key.to_string(), credits))
         })
@@ -461,7 +521,10 @@ mod tests {
             ("LISTEN_ADDR", "nowhere"),
             ("CREDITS_PER_REQUEST", "1.2345"),
             ("CREDITS_PER_REQUEST", "-1"),
-            ("API_KEYS", "k1:5"),
+            ("RATE_LIMIT_RPM", "0"),
+            ("MAX_CONCURRENT_PER_KEY", "0"),
+            ("TLS_CERT", "/etc/cert.pem"),
+            ("TLS_KEY", "/etc/key.pem"),
             ("DATABASE_URL", "mysql://x"),
             ("MAX_BODY_BYTES", "lots"),
             ("LOG_FORMAT", "xml"),
@@ -474,6 +537,44 @@ mod tests {
             assert!(err.contains(var), "{err}");
             assert!(err.contains(value), "{err}");
         }
+    }
+
+    /// The keys in `API_KEYS` are secrets: an error names the entry, not
+    /// the key.
+    #[test]
+    fn a_bad_key_list_is_reported_without_its_keys() {
+        for (list, entry) in [
+            ("supersecret1=5,oops", "entry 2"),
+            ("supersecret1=5,oops=many", "entry 2"),
+            ("supersecret1=-5", "entry 1"),
+            ("=5", "entry 1"),
+        ] {
+            let err = config(&[("API_KEYS", list)]).unwrap_err().to_string();
+            assert!(err.contains("API_KEYS") && err.contains(entry), "{err}");
+            assert!(
+                !err.contains("supersecret1") && !err.contains("oops="),
+                "{err}"
+            );
+        }
+        let err = config(&[("API_KEYS", "a=1,b:2")]).unwrap_err().to_string();
+        assert!(err.contains("<key 1>=1,<key 2>"), "{err}");
+    }
+
+    #[test]
+    fn one_key_has_one_role() {
+        let err = config(&[("ADMIN_KEY", "k-123"), ("API_KEYS", "other=1,k-123=5")])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("ADMIN_KEY") && !err.contains("k-123"), "{err}");
+        let err = config(&[("API_KEY", "k"), ("API_KEY_CREDITS", "-5")])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("API_KEY_CREDITS") && err.contains("-5"),
+            "{err}"
+        );
+        assert!(config(&[("ADMIN_KEY", "same"), ("API_KEY", "same")]).is_err());
+        assert!(config(&[("ADMIN_KEY", "a"), ("API_KEY", "b")]).is_ok());
     }
 
     #[test]

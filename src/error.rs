@@ -87,6 +87,7 @@ impl From<StoreError> for ApiError {
             }
             StoreError::NoSuchKey(id) => ApiError::NotFound(format!("no key with id {id}")),
             StoreError::DuplicateKey => ApiError::BadRequest("that key already exists".into()),
+            e @ StoreError::BalanceOutOfRange => ApiError::BadRequest(e.to_string()),
             StoreError::Backend(msg) => {
                 tracing::error!(error = %msg, "store failure");
                 ApiError::Internal("storage failure".into())

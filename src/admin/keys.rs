@@ -30,6 +30,8 @@ pub enum KeyError {
     NegativeCredits,
     #[error("model names must not be empty")]
     EmptyModel,
+    #[error("{0} must be at least 1 (null or unset: the default)")]
+    ZeroLimit(&'static str),
     #[error(transparent)]
     Store(#[from] StoreError),
 }
@@ -47,9 +49,8 @@ pub async fn create(
     if spec.credits < Credits::ZERO {
         return Err(KeyError::NegativeCredits);
     }
-    if spec.models.iter().flatten().any(|m| m.trim().is_empty()) {
-        return Err(KeyError::EmptyModel);
-    }
+    check_models(spec.models.as_deref())?;
+    check_limits(spec.rate_limit_rpm, spec.max_concurrent)?;
     let secret = keys::generate();
     let record = store
         .create_key(NewKey {
@@ -66,6 +67,25 @@ pub async fn create(
         })
         .await?;
     Ok((record, secret))
+}
+
+/// A key's models, when limited, are named.
+pub fn check_models(models: Option<&[String]>) -> Result<(), KeyError> {
+    if models.into_iter().flatten().any(|m| m.trim().is_empty()) {
+        return Err(KeyError::EmptyModel);
+    }
+    Ok(())
+}
+
+/// A key's own limits are at least 1: no limit, or the default, is `None`.
+pub fn check_limits(rpm: Option<u32>, concurrent: Option<u32>) -> Result<(), KeyError> {
+    if rpm == Some(0) {
+        return Err(KeyError::ZeroLimit("rate_limit_rpm"));
+    }
+    if concurrent == Some(0) {
+        return Err(KeyError::ZeroLimit("max_concurrent"));
+    }
+    Ok(())
 }
 
 /// Adds to or sets a balance, recorded with who and why.

@@ -157,7 +157,8 @@ async fn change_credits(
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct UpdateKey {
-    name: Option<String>,
+    #[serde(default, deserialize_with = "present")]
+    name: Option<Option<String>>,
     #[serde(default, deserialize_with = "present")]
     models: Option<Option<Vec<String>>>,
     #[serde(default, deserialize_with = "present")]
@@ -185,9 +186,15 @@ async fn update_key(
 ) -> Result<Json<KeyView>, ApiError> {
     let id = parse_id(&id)?;
     let req: UpdateKey = parse(&body)?;
-    if req.name.as_deref().is_some_and(|n| n.trim().is_empty()) {
-        return Err(ApiError::BadRequest("name must not be empty".into()));
-    }
+    let name = match req.name {
+        Some(None) => return Err(ApiError::BadRequest("a key's name cannot be null".into())),
+        Some(Some(name)) if name.trim().is_empty() => {
+            return Err(ApiError::BadRequest("name must not be empty".into()))
+        }
+        name => name.flatten(),
+    };
+    keys::check_models(req.models.as_ref().and_then(|m| m.as_deref()))?;
+    keys::check_limits(req.rate_limit_rpm.flatten(), req.max_concurrent.flatten())?;
     let expires_at = match req.expires_at {
         Some(Some(t)) => Some(Some(keys::parse_time(&t).ok_or_else(|| {
             ApiError::BadRequest(format!("expires_at {t:?} is not an RFC 3339 time"))
@@ -196,7 +203,7 @@ async fn update_key(
         None => None,
     };
     let patch = KeyPatch {
-        name: req.name,
+        name,
         models: req.models,
         rate_limit_rpm: req.rate_limit_rpm,
         max_concurrent: req.max_concurrent,

@@ -25,9 +25,10 @@ pub fn generate() -> String {
     format!("{KEY_PREFIX}{random}")
 }
 
-/// The digest under which a key is stored.
-pub fn hash(key: &str) -> KeyHash {
-    KeyHash(lower_hex(&Sha256::digest(key.as_bytes())))
+/// The digest under which a key is stored: of its bytes (UTF-8 for a
+/// configured key, as a client sends it in a header).
+pub fn hash(key: impl AsRef<[u8]>) -> KeyHash {
+    KeyHash(lower_hex(&Sha256::digest(key.as_ref())))
 }
 
 /// `bytes` in lower-case hexadecimal (a key is hashed on every request, and

@@ -17,19 +17,30 @@ use axum::http::{header, HeaderMap};
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-/// The key a request presents: `x-api-key` wins over `Authorization: Bearer`
-/// whenever it is present, even when it is wrong and the Bearer key is right
-/// (SDKs add a Bearer header of their own).
-pub fn presented_key(headers: &HeaderMap) -> Option<&str> {
-    if let Some(v) = headers.get("x-api-key") {
-        return Some(v.to_str().unwrap_or("").trim());
+fn nonblank(key: &[u8]) -> Option<&[u8]> {
+    Some(key.trim_ascii()).filter(|k| !k.is_empty())
+}
+
+/// The key a request presents, as the header's bytes: `x-api-key` wins
+/// over `Authorization: Bearer` whenever it is present, even when it is
+/// wrong and the Bearer key is right (SDKs add a Bearer header of their
+/// own). A blank header presents no key. A configured key may be any
+/// string: one with characters beyond ASCII arrives as its UTF-8 bytes.
+pub fn presented_key(headers: &HeaderMap) -> Option<&[u8]> {
+    if let Some(key) = headers
+        .get("x-api-key")
+        .and_then(|v| nonblank(v.as_bytes()))
+    {
+        return Some(key);
     }
-    let auth = headers.get(header::AUTHORIZATION)?.to_str().ok()?.trim();
-    let (scheme, token) = auth.split_once(' ')?;
-    scheme
-        .eq_ignore_ascii_case("bearer")
-        .then(|| token.trim())
-        .filter(|t| !t.is_empty())
+    let auth = headers.get(header::AUTHORIZATION)?.as_bytes().trim_ascii();
+    let split = auth.iter().position(|b| *b == b' ')?;
+    let (scheme, token) = auth.split_at(split);
+    if scheme.eq_ignore_ascii_case(b"bearer") {
+        nonblank(token)
+    } else {
+        None
+    }
 }
 
 /// An authenticated caller.
@@ -85,7 +96,7 @@ impl FromRequestParts<AppState> for Caller {
 }
 
 /// The active key behind a presented secret, if any.
-async fn lookup(state: &AppState, presented: &str) -> Result<Option<KeyRecord>, ApiError> {
+async fn lookup(state: &AppState, presented: &[u8]) -> Result<Option<KeyRecord>, ApiError> {
     if presented.is_empty() {
         return Ok(None);
     }
@@ -139,14 +150,18 @@ mod tests {
     #[test]
     fn x_api_key_wins_over_bearer() {
         let h = headers(&[("x-api-key", "wrong"), ("authorization", "Bearer right")]);
-        assert_eq!(presented_key(&h), Some("wrong"));
+        assert_eq!(presented_key(&h), Some(&b"wrong"[..]));
+        // A blank one presents no key: the Bearer key is read.
+        let h = headers(&[("x-api-key", "  "), ("authorization", "Bearer right")]);
+        assert_eq!(presented_key(&h), Some(&b"right"[..]));
+        assert_eq!(presented_key(&headers(&[("x-api-key", "")])), None);
     }
 
     #[test]
     fn bearer_is_read_case_insensitively() {
         assert_eq!(
             presented_key(&headers(&[("authorization", "bearer k1")])),
-            Some("k1")
+            Some(&b"k1"[..])
         );
         assert_eq!(
             presented_key(&headers(&[("authorization", "Basic k1")])),
@@ -157,5 +172,21 @@ mod tests {
             None
         );
         assert_eq!(presented_key(&headers(&[])), None);
+    }
+
+    #[test]
+    fn a_key_beyond_ascii_is_read_as_its_utf8_bytes() {
+        let mut h = HeaderMap::new();
+        let value = header::HeaderValue::from_bytes("clé-secrète".as_bytes()).unwrap();
+        h.insert("x-api-key", value.clone());
+        assert_eq!(presented_key(&h), Some("clé-secrète".as_bytes()));
+        assert_eq!(
+            keys::hash(presented_key(&h).unwrap()),
+            keys::hash("clé-secrète")
+        );
+        let mut h = HeaderMap::new();
+        let bearer = header::HeaderValue::from_bytes("Bearer clé".as_bytes()).unwrap();
+        h.insert(header::AUTHORIZATION, bearer);
+        assert_eq!(presented_key(&h), Some("clé".as_bytes()));
     }
 }

@@ -62,8 +62,16 @@ impl AuthFailures {
         if elapsed >= WINDOW || window.failures < self.limit {
             return None;
         }
-        Some((WINDOW - elapsed).as_secs().max(1))
+        Some(whole_seconds_up(WINDOW - elapsed))
     }
+}
+
+/// `left` in whole seconds, rounded up: a client that waits that long (as
+/// `Retry-After` tells it) finds the window over.
+fn whole_seconds_up(left: Duration) -> u64 {
+    u64::try_from(left.as_millis().div_ceil(1000))
+        .unwrap_or(u64::MAX)
+        .max(1)
 }
 
 #[cfg(test)]
@@ -83,5 +91,14 @@ mod tests {
         let retry = t.blocked(a).expect("blocked after 3 failures");
         assert!((1..=60).contains(&retry));
         assert_eq!(t.blocked(b), None);
+    }
+
+    #[test]
+    fn retry_after_rounds_up() {
+        assert_eq!(whole_seconds_up(Duration::from_millis(59_500)), 60);
+        assert_eq!(whole_seconds_up(Duration::from_millis(59_001)), 60);
+        assert_eq!(whole_seconds_up(Duration::from_secs(60)), 60);
+        assert_eq!(whole_seconds_up(Duration::from_millis(200)), 1);
+        assert_eq!(whole_seconds_up(Duration::ZERO), 1);
     }
 }

@@ -20,6 +20,10 @@ const SCALE: i64 = 1000;
 
 impl Credits {
     pub const ZERO: Credits = Credits(0);
+    /// The largest amount tollgate takes as input, and the largest balance
+    /// (either sign) an adjustment may leave: a trillion credits, far from
+    /// where the stores' 64-bit thousandths would overflow.
+    pub const MAX: Credits = Credits(1_000_000_000_000 * SCALE);
 
     pub const fn from_millis(millis: i64) -> Self {
         Credits(millis)
@@ -95,6 +99,7 @@ impl FromStr for Credits {
         let millis = int
             .checked_mul(SCALE)
             .and_then(|m| m.checked_add(frac_millis))
+            .filter(|m| *m <= Credits::MAX.0)
             .ok_or(ParseCreditsError::TooLarge)?;
         Ok(Credits(if negative { -millis } else { millis }))
     }
@@ -112,7 +117,7 @@ impl TryFrom<f64> for Credits {
         if (millis - v * SCALE as f64).abs() > 1e-6 {
             return Err(ParseCreditsError::TooPrecise);
         }
-        if millis.abs() > 9.0e15 {
+        if millis.abs() > Credits::MAX.0 as f64 {
             return Err(ParseCreditsError::TooLarge);
         }
         Ok(Credits(millis as i64))
@@ -150,6 +155,7 @@ impl<'de> Deserialize<'de> for Credits {
         let parsed = match n.as_i64() {
             Some(i) => i
                 .checked_mul(SCALE)
+                .filter(|m| m.abs() <= Credits::MAX.0)
                 .map(Credits)
                 .ok_or(ParseCreditsError::TooLarge),
             None => n.to_string().parse(),

@@ -265,6 +265,7 @@ conformance_tests!(
     adjust_adds_and_sets,
     ledger_adds_up_to_the_balance,
     sync_grants_creates_keeps_disables_reenables,
+    sync_grants_sets_the_configured_role,
     revoke_keeps_the_first_time,
     update_key_patches,
     usage_pages_newest_first,
@@ -829,6 +830,19 @@ async fn adjust_adds_and_sets(h: &Harness) {
     assert!(entries[1..]
         .iter()
         .all(|a| a.time >= before && a.time <= now_millis()));
+    // A balance beyond ±Credits::MAX is refused, and changes nothing.
+    let max = Credits::MAX.to_string();
+    let out_of_range = |r: Result<Credits, StoreError>| {
+        assert!(matches!(r, Err(StoreError::BalanceOutOfRange)), "{r:?}");
+    };
+    assert_eq!(s.adjust(k, set(&max)).await.unwrap(), Credits::MAX);
+    out_of_range(s.adjust(k, add("0.001")).await);
+    assert_eq!(balance(s, k).await, Credits::MAX);
+    let min = format!("-{max}");
+    assert_eq!(s.adjust(k, set(&min)).await.unwrap(), -Credits::MAX);
+    out_of_range(s.adjust(k, add("-0.001")).await);
+    assert_eq!(balance(s, k).await, -Credits::MAX);
+    assert_eq!(s.adjustments(k).await.unwrap().len(), 7);
     match s.adjust(k + 1000, add("1")).await {
         Err(StoreError::NoSuchKey(_)) => {}
         other => panic!("expected NoSuchKey, got {other:?}"),
@@ -931,6 +945,45 @@ async fn sync_grants_creates_keeps_disables_reenables(h: &Harness) {
     for id in [g1, g2] {
         assert_ledger_adds_up(s, id).await;
     }
+}
+
+/// A secret moved between `ADMIN_KEY` and `API_KEY`/`API_KEYS` takes the
+/// role of the variable that now names it; its balance stays.
+async fn sync_grants_sets_the_configured_role(h: &Harness) {
+    let s = &h.store;
+    let admin = Grant {
+        role: Role::Admin,
+        ..grant("old-admin", "0")
+    };
+    let id = s.sync_grants(&[admin]).await.unwrap().created[0];
+    assert_eq!(s.key(id).await.unwrap().unwrap().role, Role::Admin);
+    // Now an ordinary key.
+    let report = s.sync_grants(&[grant("old-admin", "10")]).await.unwrap();
+    assert_eq!(report.role_changed, vec![id]);
+    assert!(report.created.is_empty() && report.disabled.is_empty());
+    let key = s.key(id).await.unwrap().unwrap();
+    assert_eq!(key.role, Role::User);
+    assert_eq!(
+        s.key_by_hash(&hash("old-admin"))
+            .await
+            .unwrap()
+            .unwrap()
+            .role,
+        Role::User
+    );
+    // Unchanged from then on.
+    let report = s.sync_grants(&[grant("old-admin", "10")]).await.unwrap();
+    assert_eq!(report, GrantReport::default());
+    // And back.
+    let admin = Grant {
+        role: Role::Admin,
+        ..grant("old-admin", "0")
+    };
+    assert_eq!(
+        s.sync_grants(&[admin]).await.unwrap().role_changed,
+        vec![id]
+    );
+    assert_eq!(s.key(id).await.unwrap().unwrap().role, Role::Admin);
 }
 
 async fn revoke_keeps_the_first_time(h: &Harness) {

@@ -142,7 +142,7 @@ impl Store for MemoryStore {
     async fn adjust(&self, id: KeyId, adjustment: Adjustment) -> Result<Credits, StoreError> {
         let state = self.state(id)?;
         let mut state = lock(&state);
-        let delta = delta_of(&adjustment.change, state.record.balance);
+        let delta = delta_of(&adjustment.change, state.record.balance)?;
         state.record.balance += delta;
         // Recorded while the key is locked, so the ledger order matches the
         // order in which the balance changed.
@@ -158,11 +158,16 @@ impl Store for MemoryStore {
                     let record = self.create_key(grant.new_key()).await?;
                     report.created.push(record.id);
                 }
-                Some(existing) if existing.disabled => {
-                    self.modify(existing.id, |r| r.disabled = false)?;
-                    report.reenabled.push(existing.id);
+                Some(existing) => {
+                    if existing.disabled {
+                        self.modify(existing.id, |r| r.disabled = false)?;
+                        report.reenabled.push(existing.id);
+                    }
+                    if existing.role != grant.role {
+                        self.modify(existing.id, |r| r.role = grant.role)?;
+                        report.role_changed.push(existing.id);
+                    }
                 }
-                Some(_) => {}
             }
         }
         let configured: Vec<KeyId> = {

@@ -272,6 +272,9 @@ pub struct GrantReport {
     pub created: Vec<KeyId>,
     pub reenabled: Vec<KeyId>,
     pub disabled: Vec<KeyId>,
+    /// Keys given the role their grant now names (a secret moved between
+    /// `ADMIN_KEY` and `API_KEY`/`API_KEYS`).
+    pub role_changed: Vec<KeyId>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -282,6 +285,8 @@ pub enum StoreError {
     NoSuchKey(KeyId),
     #[error("that key already exists")]
     DuplicateKey,
+    #[error("a balance must stay within ±{} credits", Credits::MAX)]
+    BalanceOutOfRange,
     #[error("storage failure: {0}")]
     Backend(String),
 }
@@ -355,10 +360,16 @@ pub async fn open(url: &DatabaseUrl) -> Result<SharedStore, StoreError> {
     })
 }
 
-/// The change in balance that setting it to `target` from `current` makes.
-pub fn delta_of(change: &BalanceChange, current: Credits) -> Credits {
-    match change {
-        BalanceChange::Add(n) => *n,
-        BalanceChange::Set(n) => *n - current,
-    }
+/// The change in balance that `change` makes to `current`; refused when
+/// the balance would leave ±[`Credits::MAX`].
+pub fn delta_of(change: &BalanceChange, current: Credits) -> Result<Credits, StoreError> {
+    let (current, max) = (current.millis(), Credits::MAX.millis());
+    let delta = match change {
+        BalanceChange::Add(n) => Some(n.millis()),
+        BalanceChange::Set(n) => n.millis().checked_sub(current),
+    };
+    delta
+        .filter(|d| current.checked_add(*d).is_some_and(|b| b.abs() <= max))
+        .map(Credits::from_millis)
+        .ok_or(StoreError::BalanceOutOfRange)
 }

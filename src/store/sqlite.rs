@@ -1488,7 +1488,7 @@ fn adjust(conn: &Connection, id: KeyId, adjustment: &Adjustment) -> Result<Credi
         .query_row([id], |r| r.get(0))
         .optional()?
         .ok_or(StoreError::NoSuchKey(id))?;
-    let delta = delta_of(&adjustment.change, Credits::from_millis(current));
+    let delta = delta_of(&adjustment.change, Credits::from_millis(current))?;
     let balance: i64 = conn
         .prepare_cached(
             "UPDATE api_keys SET balance = balance + ?2 WHERE id = ?1 RETURNING balance",
@@ -1518,6 +1518,11 @@ fn sync_grants(conn: &Connection, grants: &[Grant]) -> Result<GrantReport, Store
                 if existing.disabled {
                     set_disabled(conn, existing.id, false)?;
                     report.reenabled.push(existing.id);
+                }
+                if existing.role != grant.role {
+                    conn.prepare_cached("UPDATE api_keys SET role = ?2 WHERE id = ?1")?
+                        .execute(params![existing.id, grant.role.as_str()])?;
+                    report.role_changed.push(existing.id);
                 }
                 configured.push(existing.id);
             }

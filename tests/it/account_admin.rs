@@ -214,6 +214,39 @@ async fn admin_api_bad_input() {
             r#"{"name": "x", "models": [""]}"#,
         ),
         (Method::PATCH, "/admin/keys/1", r#"{"name": ""}"#),
+        // PATCH checks what create checks; a name cannot be cleared.
+        (Method::PATCH, "/admin/keys/1", r#"{"models": [""]}"#),
+        (Method::PATCH, "/admin/keys/1", r#"{"name": null}"#),
+        // A limit of 0 would block a key for good (or, for the rate, lift
+        // the default): a limit is at least 1, null is the default.
+        (
+            Method::POST,
+            "/admin/keys",
+            r#"{"name": "x", "rate_limit_rpm": 0}"#,
+        ),
+        (
+            Method::POST,
+            "/admin/keys",
+            r#"{"name": "x", "max_concurrent": 0}"#,
+        ),
+        (Method::PATCH, "/admin/keys/1", r#"{"rate_limit_rpm": 0}"#),
+        (Method::PATCH, "/admin/keys/1", r#"{"max_concurrent": 0}"#),
+        // Amounts beyond a trillion credits.
+        (
+            Method::POST,
+            "/admin/keys",
+            r#"{"name": "x", "credits": 9223372036854775}"#,
+        ),
+        (
+            Method::POST,
+            "/admin/keys/1/credits",
+            r#"{"add": 1000000000000.001}"#,
+        ),
+        (
+            Method::POST,
+            "/admin/keys/1/credits",
+            r#"{"set": -9223372036854775}"#,
+        ),
     ] {
         let response = app
             .admin(method.clone(), path)
@@ -236,6 +269,20 @@ async fn admin_api_bad_input() {
         .await
         .unwrap();
     ollama_error(missing, 404).await;
+    // The balance stays where it was, and within range on repeated adds.
+    let before = app.key_of(KEY).await;
+    let add = |n: &'static str| {
+        app.admin(Method::POST, &format!("/admin/keys/{}/credits", before.id))
+            .body(format!(r#"{{"add": {n}}}"#))
+            .send()
+    };
+    assert_eq!(add("999999999000").await.unwrap().status(), 200);
+    ollama_error(add("1000").await.unwrap(), 400).await;
+    let after = app.key_of(KEY).await;
+    assert_eq!(
+        after.balance,
+        before.balance + "999999999000".parse().unwrap()
+    );
 }
 
 #[tokio::test]

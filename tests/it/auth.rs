@@ -214,3 +214,53 @@ async fn a_revoked_key_gets_401() {
         .unwrap();
     assert_eq!(response.status(), 401);
 }
+
+/// A blank `x-api-key` presents no key: it is not counted as a wrong one,
+/// and a Bearer key beside it is read.
+#[tokio::test]
+async fn a_blank_x_api_key_is_no_key() {
+    let app = spawn().var("AUTH_FAILURES_PER_MINUTE", "2").start().await;
+    for _ in 0..4 {
+        let r = app
+            .post("/api/chat")
+            .header("x-api-key", "")
+            .json(&chat_body())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 401);
+        let error: Value = r.json().await.unwrap();
+        assert!(
+            error["error"].as_str().unwrap().contains("missing"),
+            "{error}"
+        );
+    }
+    let r = app
+        .post("/api/chat")
+        .header("x-api-key", " ")
+        .header("authorization", format!("Bearer {KEY}"))
+        .json(&chat_body())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+}
+
+/// A configured key may be any string: one beyond ASCII works when sent
+/// as its UTF-8 bytes, in either header.
+#[tokio::test]
+async fn a_configured_key_beyond_ascii_works() {
+    let app = spawn().var("API_KEY", "clé-secrète").start().await;
+    let value = reqwest::header::HeaderValue::from_bytes("clé-secrète".as_bytes()).unwrap();
+    let bearer = reqwest::header::HeaderValue::from_bytes("Bearer clé-secrète".as_bytes()).unwrap();
+    for (name, value) in [("x-api-key", value), ("authorization", bearer)] {
+        let r = app
+            .post("/api/chat")
+            .header(name, value)
+            .json(&chat_body())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200, "{name}");
+    }
+}

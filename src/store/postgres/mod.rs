@@ -426,7 +426,7 @@ impl PostgresStore {
                 .fetch_optional(&mut *tx)
                 .await?
                 .ok_or(StoreError::NoSuchKey(id))?;
-        let delta = delta_of(&adjustment.change, Credits::from_millis(current));
+        let delta = delta_of(&adjustment.change, Credits::from_millis(current))?;
         let balance: i64 = sqlx::query_scalar(
             "UPDATE api_keys SET balance = balance + $2 WHERE id = $1 RETURNING balance",
         )
@@ -459,8 +459,8 @@ impl PostgresStore {
         let mut report = GrantReport::default();
         let mut configured = Vec::with_capacity(grants.len());
         for grant in grants {
-            let existing: Option<(KeyId, bool)> =
-                sqlx::query_as("SELECT id, disabled FROM api_keys WHERE key_hash = $1")
+            let existing: Option<(KeyId, bool, String)> =
+                sqlx::query_as("SELECT id, disabled, role FROM api_keys WHERE key_hash = $1")
                     .bind(&grant.hash.0)
                     .fetch_optional(&mut *tx)
                     .await?;
@@ -473,13 +473,21 @@ impl PostgresStore {
                     report.created.push(record.id);
                     configured.push(record.id);
                 }
-                Some((id, disabled)) => {
+                Some((id, disabled, role)) => {
                     if disabled {
                         sqlx::query("UPDATE api_keys SET disabled = FALSE WHERE id = $1")
                             .bind(id)
                             .execute(&mut *tx)
                             .await?;
                         report.reenabled.push(id);
+                    }
+                    if role != grant.role.as_str() {
+                        sqlx::query("UPDATE api_keys SET role = $2 WHERE id = $1")
+                            .bind(id)
+                            .bind(grant.role.as_str())
+                            .execute(&mut *tx)
+                            .await?;
+                        report.role_changed.push(id);
                     }
                     configured.push(id);
                 }

@@ -311,3 +311,21 @@ async fn help_and_bad_arguments() {
     let out = launch.run(&["keys", "list"]).await.ok();
     assert!(out.stdout.trim().is_empty(), "{}", out.stdout);
 }
+
+/// The memory store lives only inside a gateway's process: a key the CLI
+/// made there would be printed and lost. The CLI refuses it.
+#[tokio::test]
+async fn the_cli_refuses_the_memory_store() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let launch = Launch::new(dir.path()).var("DATABASE_URL", "memory");
+    for args in [
+        &["keys", "create", "--name", "x"][..],
+        &["keys", "list"],
+        &["usage"],
+    ] {
+        let out = launch.run_within(args, Duration::from_secs(20)).await;
+        assert!(!out.success(), "{args:?}");
+        assert!(out.stderr.contains("DATABASE_URL=memory"), "{}", out.stderr);
+        assert!(!out.stdout.contains("tg_"), "{}", out.stdout);
+    }
+}

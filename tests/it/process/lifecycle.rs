@@ -329,7 +329,8 @@ async fn bad_configuration_stops_start_up() {
         ("CREDITS_PER_1K_PROMPT_TOKENS", "0.0001"),
         ("LISTEN_ADDR", "not-an-address"),
         ("DATABASE_URL", "mysql://somewhere/db"),
-        ("API_KEYS", "k1=ten"),
+        // The credits part of an entry is named; its key, a secret, is not.
+        ("API_KEYS", "=ten"),
         ("SHUTDOWN_GRACE_SECS", "-1"),
         ("LOG_FORMAT", "xml"),
         ("OLLAMA_URL", "https://127.0.0.1:11434"),
@@ -394,4 +395,27 @@ async fn dotenv_is_read_and_the_environment_wins() {
     assert_eq!(gw.generate("dotenv-key", "hi").await, 200);
     assert_eq!(millis(&gw.me("dotenv-key").await.1["credits"]), 3_000);
     assert_eq!(gw.terminate(EXIT_WITHIN).await.status.code(), Some(0));
+}
+
+/// Only the working directory's `.env` is read, not one in a directory
+/// above it (someone else's keys would become grants).
+#[tokio::test]
+async fn a_dotenv_above_the_working_directory_is_not_read() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::write(dir.path().join(".env"), "CREDITS_PER_REQUEST=abc\n").expect("write .env");
+    let child = dir.path().join("child");
+    std::fs::create_dir(&child).expect("mkdir");
+    let database = format!("sqlite://{}", dir.path().join("t.db").display());
+    let out = Launch::new(&child)
+        .var("DATABASE_URL", &database)
+        .run_within(&["keys", "list"], Duration::from_secs(20))
+        .await;
+    assert!(out.success(), "{}", out.stderr);
+    // In the directory itself, it is.
+    let out = Launch::new(dir.path())
+        .var("DATABASE_URL", &database)
+        .run_within(&["keys", "list"], Duration::from_secs(20))
+        .await;
+    assert!(!out.success());
+    assert!(out.stderr.contains("CREDITS_PER_REQUEST"), "{}", out.stderr);
 }
