@@ -35,7 +35,7 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tower::util::Either;
-use tower::{Service, ServiceBuilder, ServiceExt};
+use tower::{Layer, Service, ServiceBuilder, ServiceExt};
 use tower_http::cors::{AllowOrigin, Cors, CorsLayer};
 use tracing::Instrument;
 
@@ -154,9 +154,11 @@ impl App {
             inner: crate::routes::router(self.state.clone()),
             state: self.state.clone(),
         };
-        ServiceBuilder::new()
-            .option_layer(cors(&self.state.config.cors_origins))
-            .service(observed)
+        // CORS answers preflights itself, before [`Observe`] gives the
+        // request an id: [`RequestId`] gives it one first.
+        let cors = cors(&self.state.config.cors_origins)
+            .map(|cors| tower::layer::layer_fn(move |inner| RequestId(cors.layer(inner))));
+        ServiceBuilder::new().option_layer(cors).service(observed)
     }
 
     /// Serves until `shutdown` resolves, then drains: new requests get 503,
@@ -232,9 +234,6 @@ impl App {
                 let _ = stop_tx.send(true);
                 wait_idle(&state, Duration::from_secs(5)).await;
             }
-            // Let settlements of dropped requests land.
-            tokio::time::sleep(Duration::from_millis(50)).await;
-            state.store.close().await;
             let _ = done_tx.send(());
         });
         let header_timeout = self.state.config.client_header_timeout;
@@ -242,6 +241,11 @@ impl App {
             let _ = done_rx.await;
         })
         .await;
+        // The server has ended every connection, those it had to cut too
+        // (a stream whose client stopped reading): let the settlements of
+        // what they dropped land, then close the store.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        self.state.store.close().await;
         refresher.abort();
         sweeper.abort();
         Ok(())
@@ -260,7 +264,48 @@ async fn wait_idle(state: &AppState, within: Duration) -> bool {
 }
 
 /// The gateway as served: [`App::service`].
-pub type Gateway = Either<Cors<Observed>, Observed>;
+pub type Gateway = Either<RequestId<Cors<Observed>>, Observed>;
+
+/// Gives a request its id (the client's when sane, else a new one) in its
+/// `x-request-id` header, where [`Observe`] finds it, and puts it on a
+/// response that lacks it: one that a layer between the two answered
+/// (CORS preflights).
+#[derive(Clone)]
+pub struct RequestId<S>(S);
+
+impl<S> Service<Request> for RequestId<S>
+where
+    S: Service<Request, Response = Response, Error = Infallible>,
+    S::Future: Send + 'static,
+{
+    type Response = Response;
+    type Error = Infallible;
+    type Future = Pin<Box<dyn Future<Output = Result<Response, Infallible>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        self.0.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut request: Request) -> Self::Future {
+        let id = request
+            .headers()
+            .get("x-request-id")
+            .filter(|v| v.to_str().is_ok_and(sane_request_id))
+            .cloned()
+            .or_else(|| HeaderValue::from_str(&new_request_id()).ok());
+        if let Some(id) = &id {
+            request.headers_mut().insert("x-request-id", id.clone());
+        }
+        let response = self.0.call(request);
+        Box::pin(async move {
+            let mut response = response.await?;
+            if let Some(id) = id {
+                response.headers_mut().entry("x-request-id").or_insert(id);
+            }
+            Ok(response)
+        })
+    }
+}
 
 /// The router inside [`Observe`].
 pub type Observed = Observe<Router>;
@@ -309,8 +354,13 @@ where
         request.method().clone(),
         route_label(request.uri().path()),
     ));
+    // Errors answered here are outside the router's `/v1` layer.
+    let openai = request.uri().path().starts_with("/v1/");
     let mut response = if state.draining.load(Ordering::SeqCst) {
-        ApiError::Unavailable("tollgate is shutting down".into()).into_response()
+        own_error(
+            openai,
+            ApiError::Unavailable("tollgate is shutting down".into()),
+        )
     } else {
         let guard = InFlight::enter(state.in_flight.clone());
         request.extensions_mut().insert(log.clone());
@@ -318,9 +368,28 @@ where
         // `oneshot` calls the router when first polled, so a panic in the
         // call and one in the handler's future are both caught here.
         let handled = AssertUnwindSafe(inner.oneshot(request)).catch_unwind();
-        let response = match handled.instrument(span).await {
-            Ok(Ok(response)) => response,
-            Err(_panic) => ApiError::Internal("the request failed".into()).into_response(),
+        // At the shutdown deadline, a request whose response has not begun
+        // (its body still arriving, Ollama not answered yet) is ended: the
+        // handler's future is dropped, which drops its call to Ollama and
+        // settles what it reserved (nothing reached the client: refunded).
+        let mut stop = state.stop_streams.clone();
+        let cut = async move {
+            if stop.wait_for(|stop| *stop).await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        };
+        let outcome = tokio::select! {
+            biased;
+            handled = handled.instrument(span) => Some(handled),
+            () = cut => None,
+        };
+        let response = match outcome {
+            Some(Ok(Ok(response))) => response,
+            Some(Err(_panic)) => own_error(openai, ApiError::Internal("the request failed".into())),
+            None => own_error(
+                openai,
+                ApiError::Unavailable("tollgate is shutting down; the request was cut".into()),
+            ),
         };
         let (parts, body) = response.into_parts();
         let body = Body::new(TrackedBody {
@@ -335,6 +404,16 @@ where
         response.headers_mut().insert("x-request-id", value);
     }
     Ok(response)
+}
+
+/// An error that [`observe`] answers itself, in OpenAI's shape on `/v1`.
+fn own_error(openai: bool, error: ApiError) -> Response {
+    let response = error.into_response();
+    if openai {
+        crate::error::in_openai_shape(response)
+    } else {
+        response
+    }
 }
 
 /// A bounded label for a path: metrics and logs never carry arbitrary

@@ -29,6 +29,8 @@ pub enum ApiError {
     Forbidden(String),
     #[error("{0}")]
     NotFound(String),
+    #[error("{0}")]
+    MethodNotAllowed(String),
     #[error("request body larger than {limit} bytes")]
     PayloadTooLarge { limit: usize },
     #[error("{message}")]
@@ -51,6 +53,7 @@ impl ApiError {
             ApiError::PaymentRequired { .. } => StatusCode::PAYMENT_REQUIRED,
             ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
+            ApiError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::TooManyRequests { .. } => StatusCode::TOO_MANY_REQUESTS,
             ApiError::BadGateway(_) => StatusCode::BAD_GATEWAY,
@@ -63,9 +66,9 @@ impl ApiError {
     /// OpenAI's `type` and `code` for this error.
     fn openai_kind(&self) -> (&'static str, Option<&'static str>) {
         match self {
-            ApiError::BadRequest(_) | ApiError::PayloadTooLarge { .. } => {
-                ("invalid_request_error", None)
-            }
+            ApiError::BadRequest(_)
+            | ApiError::PayloadTooLarge { .. }
+            | ApiError::MethodNotAllowed(_) => ("invalid_request_error", None),
             ApiError::Unauthorized(_) => ("invalid_request_error", Some("invalid_api_key")),
             ApiError::PaymentRequired { .. } => ("insufficient_quota", Some("insufficient_quota")),
             ApiError::Forbidden(_) => ("permission_error", None),
@@ -135,7 +138,11 @@ impl IntoResponse for ApiError {
 
 /// Middleware for `/v1/*`: gives tollgate's own errors OpenAI's shape.
 pub async fn openai_shape(request: Request, next: Next) -> Response {
-    let response = next.run(request).await;
+    in_openai_shape(next.run(request).await)
+}
+
+/// `response` in OpenAI's shape if it is one of tollgate's own errors.
+pub fn in_openai_shape(response: Response) -> Response {
     let Some(err) = response.extensions().get::<OpenAiError>().cloned() else {
         return response;
     };
@@ -150,6 +157,12 @@ pub async fn openai_shape(request: Request, next: Next) -> Response {
     });
     parts.headers.remove(header::CONTENT_LENGTH);
     Response::from_parts(parts, Body::from(body.to_string()))
+}
+
+/// The fallback for a method that a path does not take (axum adds the
+/// `Allow` header).
+pub async fn method_not_allowed(method: axum::http::Method) -> ApiError {
+    ApiError::MethodNotAllowed(format!("method {method} is not allowed here"))
 }
 
 /// The fallback for paths tollgate does not serve.

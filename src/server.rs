@@ -56,6 +56,7 @@ pub async fn serve<L, S>(
     // captures for as long as the connection lives.
     let shared = Arc::new(service);
     let graceful = GracefulShutdown::new();
+    let mut connections = tokio::task::JoinSet::new();
     let mut until = std::pin::pin!(until);
     loop {
         let (io, peer) = tokio::select! {
@@ -74,12 +75,30 @@ pub async fn serve<L, S>(
         });
         let connection = http.serve_connection(TokioIo::new(io), service);
         let connection = graceful.watch(connection);
-        tokio::spawn(async move {
+        // Finished connections are taken out as new ones come.
+        while connections.try_join_next().is_some() {}
+        connections.spawn(async move {
             if let Err(e) = connection.await {
                 tracing::debug!(%peer, error = %e, "connection ended with an error");
             }
         });
     }
     drop(listener);
-    graceful.shutdown().await;
+    // Connections end after their response in flight; one that cannot (its
+    // client stopped reading a stream) is cut, so that shutdown ends and
+    // what it held is settled.
+    if tokio::time::timeout(LINGER, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            remaining = connections.len(),
+            "connections still open after the shutdown deadline were cut"
+        );
+        connections.abort_all();
+    }
+    while connections.join_next().await.is_some() {}
 }
+
+/// How long connections may take to end once shutdown has begun to end them.
+const LINGER: Duration = Duration::from_secs(2);

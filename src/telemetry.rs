@@ -154,6 +154,12 @@ impl RequestLog {
         f(&mut self.fields.lock().unwrap_or_else(PoisonError::into_inner));
     }
 
+    /// The id of the request that `log` records, for log lines written
+    /// outside the request's span (while its body streams): `-` without.
+    pub fn id_of(log: &Option<Arc<RequestLog>>) -> &str {
+        log.as_deref().map_or("-", |log| log.request_id.as_str())
+    }
+
     pub fn set_status(&self, status: u16) {
         self.with(|f| f.status = Some(status));
     }

@@ -9,9 +9,10 @@ use crate::auth::AdminCaller;
 use crate::credits::Credits;
 use crate::error::ApiError;
 use crate::routes::account::{page_request, usage_page, MAX_PAGE};
+use crate::routes::forward::read_limited;
 use crate::store::{BalanceChange, KeyId, KeyPatch, PageRequest, Role};
 use axum::body::{Body, Bytes};
-use axum::extract::{Path, Query, State};
+use axum::extract::{FromRequest, Path, Query, Request, State};
 use axum::http::{header, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -31,6 +32,23 @@ pub fn router() -> Router<AppState> {
         )
         .route("/admin/keys/{id}/credits", post(change_credits))
         .route("/admin/usage", get(usage))
+}
+
+/// The largest body the admin API reads (a key's fields, a balance change).
+const BODY_LIMIT: usize = 1024 * 1024;
+
+/// A JSON request body of at most [`BODY_LIMIT`] bytes, parsed into `T`.
+/// Every refusal is one of tollgate's JSON errors (axum's own extractors
+/// answer in plain text).
+struct JsonBody<T>(T);
+
+impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for JsonBody<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(request: Request, _: &S) -> Result<Self, ApiError> {
+        let body = read_limited(request.into_body(), BODY_LIMIT).await?;
+        parse(&body).map(JsonBody)
+    }
 }
 
 /// Parses a JSON body into `T`, with a 400 that says what is wrong.
@@ -69,9 +87,8 @@ struct CreateKey {
 async fn create_key(
     State(state): State<AppState>,
     admin: AdminCaller,
-    body: Bytes,
+    JsonBody(req): JsonBody<CreateKey>,
 ) -> Result<Response, ApiError> {
-    let req: CreateKey = parse(&body)?;
     let expires_at = req
         .expires_at
         .as_deref()
@@ -135,10 +152,9 @@ async fn change_credits(
     State(state): State<AppState>,
     admin: AdminCaller,
     Path(id): Path<String>,
-    body: Bytes,
+    JsonBody(req): JsonBody<CreditsChange>,
 ) -> Result<Json<Value>, ApiError> {
     let id = parse_id(&id)?;
-    let req: CreditsChange = parse(&body)?;
     let change = match (req.add, req.set) {
         (Some(n), None) => BalanceChange::Add(n),
         (None, Some(n)) => BalanceChange::Set(n),
@@ -182,10 +198,9 @@ async fn update_key(
     State(state): State<AppState>,
     _admin: AdminCaller,
     Path(id): Path<String>,
-    body: Bytes,
+    JsonBody(req): JsonBody<UpdateKey>,
 ) -> Result<Json<KeyView>, ApiError> {
     let id = parse_id(&id)?;
-    let req: UpdateKey = parse(&body)?;
     let name = match req.name {
         Some(None) => return Err(ApiError::BadRequest("a key's name cannot be null".into())),
         Some(Some(name)) if name.trim().is_empty() => {

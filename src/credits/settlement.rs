@@ -200,8 +200,14 @@ impl Drop for Settlement {
             Ok(handle) => {
                 handle.spawn(async move {
                     let key_id = open.key_id;
+                    let request_id = RequestLog::id_of(&open.log).to_string();
                     if let Err(e) = open.settle().await {
-                        tracing::error!(key_id, error = %e, "settling a dropped request failed");
+                        tracing::error!(
+                            request_id,
+                            key_id,
+                            error = %e,
+                            "settling a dropped request failed"
+                        );
                     }
                 });
             }

@@ -404,13 +404,15 @@ impl Relay {
         // Boxed: a stream settles once, and the store's future inline would
         // more than double what every open stream keeps allocated.
         if let Err(e) = Box::pin(self.settlement.finish()).await {
-            tracing::error!(error = %e, "settling a stream failed");
+            let request_id = RequestLog::id_of(&self.log);
+            tracing::error!(request_id, error = %e, "settling a stream failed");
         }
     }
 
     /// Ends the stream with an error line, after settling what was relayed.
     async fn end_early(&mut self, message: &str) -> Option<Bytes> {
-        tracing::warn!(reason = message, "stream ended by tollgate");
+        let request_id = RequestLog::id_of(&self.log);
+        tracing::warn!(request_id, reason = message, "stream ended by tollgate");
         self.pending.clear();
         self.settle().await;
         self.finished = true;

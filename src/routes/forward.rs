@@ -34,7 +34,11 @@ pub struct Proxied {
 
 /// Reads a request body, refusing one over `MAX_BODY_BYTES` with 413.
 pub async fn read_body(state: &AppState, body: Body) -> Result<Bytes, ApiError> {
-    let limit = state.config.max_body_bytes;
+    read_limited(body, state.config.max_body_bytes).await
+}
+
+/// Reads a request body, refusing one over `limit` bytes with 413.
+pub async fn read_limited(body: Body, limit: usize) -> Result<Bytes, ApiError> {
     match Limited::new(body, limit).collect().await {
         Ok(collected) => Ok(collected.to_bytes()),
         Err(e) if e.downcast_ref::<LengthLimitError>().is_some() => {

@@ -35,5 +35,6 @@ pub fn router(state: AppState) -> Router {
         .merge(crate::admin::router())
         .merge(openai)
         .fallback(error::not_found)
+        .method_not_allowed_fallback(error::method_not_allowed)
         .with_state(state)
 }

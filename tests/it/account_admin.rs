@@ -269,6 +269,15 @@ async fn admin_api_bad_input() {
         .await
         .unwrap();
     ollama_error(missing, 404).await;
+    // A body too large for the admin API is refused in JSON too.
+    let huge = format!(r#"{{"name": "{}"}}"#, "x".repeat(2 * 1024 * 1024));
+    let response = app
+        .admin(Method::POST, "/admin/keys")
+        .body(huge)
+        .send()
+        .await
+        .unwrap();
+    ollama_error(response, 413).await;
     // The balance stays where it was, and within range on repeated adds.
     let before = app.key_of(KEY).await;
     let add = |n: &'static str| {

@@ -163,6 +163,9 @@ async fn every_response_carries_a_request_id() {
         .unwrap();
     assert_eq!(wrong_method.status(), 405);
     assert!(wrong_method.headers().contains_key("x-request-id"));
+    assert_eq!(wrong_method.headers()["allow"], "POST");
+    let error: serde_json::Value = wrong_method.json().await.unwrap();
+    assert!(error["error"].as_str().unwrap().contains("PUT"), "{error}");
 }
 
 /// Reads one sample of the Prometheus text (0 when absent).
@@ -277,6 +280,22 @@ async fn cors_allows_the_configured_origins_with_named_headers() {
         .to_lowercase();
     for name in ["x-api-key", "authorization", "content-type"] {
         assert!(allowed.contains(name), "{allowed}");
+    }
+    // A preflight is a response too: it carries an id.
+    assert_eq!(h["x-request-id"].len(), 16, "{h:?}");
+    // And a client's own sane id, on every response.
+    for method in [Method::OPTIONS, Method::POST] {
+        let response = app
+            .client
+            .request(method.clone(), format!("{}/generate", app.url))
+            .header("origin", "http://app.localhost:5173")
+            .header("access-control-request-method", "POST")
+            .header("x-request-id", "page-7")
+            .header("x-api-key", KEY)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.headers()["x-request-id"], "page-7", "{method}");
     }
     // Errors carry the CORS headers too, so a page can read a 402.
     let app_poor = app

@@ -148,9 +148,14 @@ async fn shutdown_lets_streams_finish_then_cuts_what_remains() {
         .unwrap();
     app.begin_shutdown();
     tokio::time::sleep(Duration::from_millis(200)).await;
-    // New requests are refused while draining, /health too.
+    // New requests are refused while draining, /health too; on /v1 in
+    // OpenAI's shape.
     let refused = app.get("/health").send().await.unwrap();
     assert_eq!(refused.status(), 503);
+    let refused = app.keyed("/v1/models").send().await.unwrap();
+    assert_eq!(refused.status(), 503);
+    let error: Value = refused.json().await.unwrap();
+    assert_eq!(error["error"]["type"], "api_error", "{error}");
     let text = response.text().await.unwrap();
     let last: Value = serde_json::from_str(text.lines().last().unwrap()).unwrap();
     assert!(
@@ -205,4 +210,34 @@ async fn a_native_stream_without_its_done_line_gets_an_error_line() {
     let done = r#"{"model":"mistral","created_at":"2026-12-04T23:00:00Z","response":"","done":true,"done_reason":"stop","eval_count":1}"#;
     let (text, _app) = relayed(format!("{chunk}\n{done}")).await;
     assert_eq!(text, format!("{chunk}\n{done}"));
+}
+
+/// At the shutdown deadline, a request still waiting for Ollama's answer
+/// is ended with 503 (it does not hold shutdown up until Ollama answers)
+/// and, nothing having reached the client, charged nothing.
+#[tokio::test]
+async fn shutdown_cuts_a_request_still_waiting_for_ollama() {
+    let mut app = spawn().var("SHUTDOWN_GRACE_SECS", "1").start().await;
+    app.fake.set(Behavior {
+        head_delay: Duration::from_secs(30),
+        ..Behavior::default()
+    });
+    let waiting = app
+        .keyed("/api/generate")
+        .json(&json!({"model": "mistral", "prompt": "hi", "stream": false}))
+        .send();
+    let waiting = tokio::spawn(waiting);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    app.begin_shutdown();
+    let response = waiting.await.unwrap().unwrap();
+    assert_eq!(response.status(), 503);
+    let error: Value = response.json().await.unwrap();
+    assert!(
+        error["error"].as_str().unwrap().contains("shutting down"),
+        "{error}"
+    );
+    let server = app.server.take().unwrap();
+    server.await.unwrap().unwrap();
+    let rows = app.wait_ledger(KEY, 1).await;
+    assert_eq!(rows[0].record.credits, tollgate::credits::Credits::ZERO);
 }

@@ -82,3 +82,47 @@ async fn json_logs_have_one_line_per_request_and_no_secrets() {
         );
     }
 }
+
+/// A line written while a stream is relayed (after the handler returned)
+/// names the request too.
+#[tokio::test]
+async fn a_line_written_while_streaming_names_the_request() {
+    let fake = FakeOllama::start().await;
+    fake.set(crate::support::fake_ollama::Behavior {
+        chunks: 3,
+        chunk_delay: Duration::from_secs(5),
+        ..Default::default()
+    });
+    let dir = tempfile::tempdir().expect("tempdir");
+    let gw = Launch::new(dir.path())
+        .var("OLLAMA_URL", &fake.url())
+        .var("DATABASE_URL", "memory")
+        .var("API_KEY", KEY)
+        .var("LOG_FORMAT", "json")
+        .var("STREAM_IDLE_TIMEOUT_SECS", "1")
+        .start()
+        .await;
+    let text = gw
+        .post("/api/generate")
+        .header("x-api-key", KEY)
+        .header("x-request-id", "log-test-idle")
+        .json(&json!({"model": "mistral", "prompt": "hi"}))
+        .send()
+        .await
+        .expect("request")
+        .text()
+        .await
+        .expect("body");
+    assert!(text.contains("\"error\""), "{text}");
+    assert!(
+        gw.wait_log("stream ended by tollgate", Duration::from_secs(10))
+            .await
+    );
+    let stderr = gw.stderr();
+    let line = stderr
+        .lines()
+        .find(|l| l.contains("stream ended by tollgate"))
+        .expect("the line");
+    let line: Value = serde_json::from_str(line).expect("JSON");
+    assert_eq!(line["request_id"], "log-test-idle", "{line}");
+}
