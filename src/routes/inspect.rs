@@ -182,9 +182,10 @@ pub fn go_alias_of(field: &str, names: &[&'static str]) -> Option<&'static str> 
         c if c.is_ascii() => Some((c as u8).to_ascii_uppercase()),
         _ => None,
     };
+    let length = field.chars().count();
     names.iter().copied().find(|name| {
         *name != field
-            && field.chars().count() == name.len()
+            && length == name.len()
             && field
                 .chars()
                 .zip(name.bytes())
