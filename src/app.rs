@@ -8,6 +8,7 @@
 use crate::auth::keys;
 use crate::auth::throttle::AuthFailures;
 use crate::config::Config;
+use crate::credits::settlement::Unsettled;
 use crate::credits::Credits;
 use crate::error::ApiError;
 use crate::limits::Limits;
@@ -63,6 +64,8 @@ pub struct Shared {
     pub stop_streams: watch::Receiver<bool>,
     draining: AtomicBool,
     in_flight: Arc<AtomicUsize>,
+    /// Settlements of dropped requests still running.
+    pub unsettled: Unsettled,
 }
 
 impl Deref for AppState {
@@ -131,6 +134,7 @@ impl App {
             stop_streams: stop_rx,
             draining: AtomicBool::new(false),
             in_flight: Arc::new(AtomicUsize::new(0)),
+            unsettled: Unsettled::default(),
         }));
         Ok(App {
             state,
@@ -244,7 +248,9 @@ impl App {
         // The server has ended every connection, those it had to cut too
         // (a stream whose client stopped reading): let the settlements of
         // what they dropped land, then close the store.
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        if !self.state.unsettled.wait(Duration::from_secs(10)).await {
+            tracing::error!("settlements of cut requests still running at exit");
+        }
         self.state.store.close().await;
         refresher.abort();
         sweeper.abort();
@@ -368,13 +374,17 @@ where
         // `oneshot` calls the router when first polled, so a panic in the
         // call and one in the handler's future are both caught here.
         let handled = AssertUnwindSafe(inner.oneshot(request)).catch_unwind();
-        // At the shutdown deadline, a request whose response has not begun
-        // (its body still arriving, Ollama not answered yet) is ended: the
-        // handler's future is dropped, which drops its call to Ollama and
-        // settles what it reserved (nothing reached the client: refunded).
+        // At the shutdown deadline, a request that Ollama has not answered
+        // yet (its body still arriving, or waiting for Ollama's head) is
+        // ended: the handler's future is dropped, which drops its call to
+        // Ollama and settles what it reserved (nothing reached the client:
+        // refunded). One that Ollama answered is left to finish: its reply
+        // is being read or settled (a stream ends itself at the deadline).
         let mut stop = state.stop_streams.clone();
+        let answered = log.clone();
         let cut = async move {
-            if stop.wait_for(|stop| *stop).await.is_err() {
+            let stopped = stop.wait_for(|stop| *stop).await.is_ok();
+            if !stopped || answered.answered_by_ollama() {
                 std::future::pending::<()>().await;
             }
         };

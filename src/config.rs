@@ -288,15 +288,34 @@ impl Config {
             }
             _ => {}
         }
+        // 0 would not be a limit but a trap: a key blocked for good, a cap
+        // that Ollama reads as "no limit", a time limit nothing meets.
         for (name, limit) in [
-            ("RATE_LIMIT_RPM", config.rate_limit_rpm),
-            ("MAX_CONCURRENT_PER_KEY", config.max_concurrent_per_key),
+            ("RATE_LIMIT_RPM", config.rate_limit_rpm.map(u64::from)),
+            (
+                "MAX_CONCURRENT_PER_KEY",
+                config.max_concurrent_per_key.map(u64::from),
+            ),
+            ("MAX_TOKENS_PER_REQUEST", config.max_tokens_per_request),
+            ("MAX_NUM_CTX", config.max_num_ctx),
+            (
+                "OLLAMA_CONNECT_TIMEOUT_SECS",
+                Some(config.timeouts.connect.as_secs()),
+            ),
+            (
+                "OLLAMA_FIRST_BYTE_TIMEOUT_SECS",
+                Some(config.timeouts.first_byte.as_secs()),
+            ),
+            (
+                "STREAM_IDLE_TIMEOUT_SECS",
+                Some(config.timeouts.stream_idle.as_secs()),
+            ),
         ] {
             if limit == Some(0) {
                 return Err(invalid(
                     name,
                     "0",
-                    "a limit is at least 1 (unset, there is none)".into(),
+                    "a limit is at least 1 (unset, the default applies)".into(),
                 ));
             }
         }
@@ -365,17 +384,11 @@ fn parse_key_list(list: &str) -> Result<Vec<(String, Credits)>, ConfigError> {
         .map(str::trim)
         .filter(|entry| !entry.is_empty())
         .collect();
-    let shown = entries
-        .iter()
-        .enumerate()
-        .map(|(i, entry)| match entry.rsplit_once('=') {
-            Some((_, credits)) => format!("<key {}>={}", i + 1, credits.trim()),
-            None => format!("<key {}>", i + 1),
-        })
-        .collect::<Vec<_>>()
-        .join(",");
+    // Nothing of an entry is echoed: a key may hold a `=`, and what
+    // follows the last one may be part of it.
+    let shown = "(not shown: it holds keys)";
     let refuse =
-        |i: usize, reason: &str| invalid("API_KEYS", &shown, format!("entry {}: {reason}", i + 1));
+        |i: usize, reason: &str| invalid("API_KEYS", shown, format!("entry {}: {reason}", i + 1));
     entries
         .iter()
         .enumerate()
@@ -523,6 +536,11 @@ mod tests {
             ("CREDITS_PER_REQUEST", "-1"),
             ("RATE_LIMIT_RPM", "0"),
             ("MAX_CONCURRENT_PER_KEY", "0"),
+            ("MAX_TOKENS_PER_REQUEST", "0"),
+            ("MAX_NUM_CTX", "0"),
+            ("OLLAMA_CONNECT_TIMEOUT_SECS", "0"),
+            ("OLLAMA_FIRST_BYTE_TIMEOUT_SECS", "0"),
+            ("STREAM_IDLE_TIMEOUT_SECS", "0"),
             ("TLS_CERT", "/etc/cert.pem"),
             ("TLS_KEY", "/etc/key.pem"),
             ("DATABASE_URL", "mysql://x"),
@@ -556,8 +574,13 @@ mod tests {
                 "{err}"
             );
         }
-        let err = config(&[("API_KEYS", "a=1,b:2")]).unwrap_err().to_string();
-        assert!(err.contains("<key 1>=1,<key 2>"), "{err}");
+        let err = config(&[("API_KEYS", "a=1,team=Zx9secret")])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("entry 2") && !err.contains("Zx9secret"),
+            "{err}"
+        );
     }
 
     #[test]

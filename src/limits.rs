@@ -83,8 +83,11 @@ impl Limits {
         if key.role == Role::Admin {
             return Ok(Permit { concurrent: None });
         }
-        let rpm = key.rate_limit_rpm.or(self.default_rpm);
-        let max_concurrent = key.max_concurrent.or(self.default_concurrent);
+        // A key's own 0 (which no write accepts now, but a store may hold
+        // from before) is no limit of its own: the default applies.
+        let own = |limit: Option<u32>| limit.filter(|n| *n > 0);
+        let rpm = own(key.rate_limit_rpm).or(self.default_rpm);
+        let max_concurrent = own(key.max_concurrent).or(self.default_concurrent);
         if rpm.is_none() && max_concurrent.is_none() {
             return Ok(Permit { concurrent: None });
         }
@@ -180,5 +183,16 @@ mod tests {
             ..k
         };
         assert!(limits.admit(&admin).is_ok());
+    }
+
+    /// A 0 stored before limits had to be at least 1 is no limit of the
+    /// key's own: the defaults apply (it used to block the key for good,
+    /// or lift the default rate).
+    #[test]
+    fn a_stored_zero_limit_falls_back_to_the_default() {
+        let limits = Limits::new(Some(2), None);
+        let k = key(1, Some(0), Some(0));
+        let _held: Vec<Permit> = (0..2).map(|_| limits.admit(&k).unwrap()).collect();
+        assert!(matches!(limits.admit(&k), Err(Refusal::Rate { .. })));
     }
 }

@@ -65,12 +65,19 @@ pub fn apply(body: &mut Map<String, Value>, dialect: Dialect, caps: Caps) -> boo
                 options_of(body).is_some_and(|o| cap_field(o, "num_predict", max, true))
             }
             Dialect::OpenAi => {
-                // Ollama generates up to `max_tokens`; a client that sets only
-                // `max_completion_tokens` gets `max_tokens` set to the smaller
-                // of the two.
+                // Ollama generates up to `max_tokens` and has no
+                // `max_completion_tokens`: a client that sets a limit only
+                // there gets `max_tokens` set to it (capped).
                 let a = cap_field(body, "max_completion_tokens", max, false);
+                let own_limit = body
+                    .get("max_tokens")
+                    .and_then(Value::as_i64)
+                    .is_some_and(|n| n > 0);
                 let asked = body.get("max_completion_tokens").and_then(Value::as_u64);
-                let limit = asked.filter(|n| *n > 0).map_or(max, |n| n.min(max));
+                let limit = match asked.filter(|n| *n > 0) {
+                    Some(asked) if !own_limit => asked.min(max),
+                    _ => max,
+                };
                 let b = cap_field(body, "max_tokens", limit, true);
                 a || b
             }
@@ -246,6 +253,10 @@ mod tests {
             requested_completion_tokens(&body, Dialect::OpenAi),
             Some(20)
         );
+        // Both under the cap: left as they are.
+        let mut body = obj(json!({"max_completion_tokens": 20, "max_tokens": 50}));
+        assert!(!apply(&mut body, Dialect::OpenAi, caps));
+        assert_eq!(body["max_tokens"], json!(50));
         // 0 is no limit to Ollama.
         let mut body = obj(json!({"max_tokens": 0}));
         assert!(apply(&mut body, Dialect::OpenAi, caps));

@@ -17,8 +17,10 @@
 //!
 //! Shutdown: once `until` resolves, no connection is accepted any more;
 //! every connection finishes the request it is serving (its response body
-//! included) and then closes, idle ones at once; [`serve`] returns when
-//! the last one has closed.
+//! included) and then closes, idle ones at once. Those that have not closed
+//! [`LINGER`] later (a client that stopped reading its stream) are cut, so
+//! that what they hold is dropped and settled; [`serve`] returns when every
+//! connection's task has ended.
 
 use axum::body::Body;
 use axum::extract::ConnectInfo;

@@ -188,6 +188,13 @@ impl RequestLog {
         });
     }
 
+    /// Whether Ollama's response head has arrived.
+    pub fn answered_by_ollama(&self) -> bool {
+        let mut answered = false;
+        self.with(|f| answered = f.upstream_first_byte.is_some());
+        answered
+    }
+
     /// Time spent waiting for Ollama's body.
     pub fn add_upstream_wait(&self, took: Duration) {
         self.with(|f| f.upstream_wait += took);

@@ -17,8 +17,9 @@ use crate::config::Pricing;
 use crate::credits::Credits;
 use crate::store::{now_millis, KeyId, Millis, SharedStore, StoreError, UsageRecord};
 use crate::telemetry::RequestLog;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 /// What a settlement knows about its request.
 #[derive(Clone, Debug, Default)]
@@ -45,6 +46,7 @@ struct Open {
     started_at: Millis,
     progress: Progress,
     log: Option<Arc<RequestLog>>,
+    unsettled: Unsettled,
 }
 
 impl Open {
@@ -88,6 +90,43 @@ pub struct Charge {
     pub model: Option<String>,
     /// The request's log record, told the outcome.
     pub log: Option<Arc<RequestLog>>,
+    /// Counts this request's settlement while it runs apart, if the
+    /// request is dropped unsettled.
+    pub unsettled: Unsettled,
+}
+
+/// The settlements of dropped requests that are still running (they run
+/// as tasks of their own), so that shutdown can wait for them before the
+/// store closes.
+#[derive(Clone, Default)]
+pub struct Unsettled(Arc<AtomicUsize>);
+
+/// One running settlement, counted until dropped.
+struct Running(Arc<AtomicUsize>);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+impl Unsettled {
+    fn start(&self) -> Running {
+        self.0.fetch_add(1, Ordering::SeqCst);
+        Running(self.0.clone())
+    }
+
+    /// Waits until none is running, at most `within`; whether none is.
+    pub async fn wait(&self, within: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + within;
+        while self.0.load(Ordering::SeqCst) > 0 {
+            if tokio::time::Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        true
+    }
 }
 
 /// A reserved request, to be settled once.
@@ -121,6 +160,7 @@ impl Settlement {
                 started_at: now_millis(),
                 progress: Progress::default(),
                 log: charge.log,
+                unsettled: charge.unsettled,
             }),
             available,
         })
@@ -198,7 +238,9 @@ impl Drop for Settlement {
         // stack.
         match tokio::runtime::Handle::try_current() {
             Ok(handle) => {
+                let running = open.unsettled.start();
                 handle.spawn(async move {
+                    let _running = running;
                     let key_id = open.key_id;
                     let request_id = RequestLog::id_of(&open.log).to_string();
                     if let Err(e) = open.settle().await {

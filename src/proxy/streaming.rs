@@ -202,6 +202,16 @@ impl Relay {
             };
             self.upstream_wait += waiting.elapsed();
             self.last_activity = tokio::time::Instant::now();
+            // Ollama's reply is complete (its final unit or an error came):
+            // a shutdown, an idle wait or a broken connection before Ollama
+            // closes the stream cuts nothing, and gets no error unit.
+            let complete =
+                self.ended_by_ollama && !matches!(next, Some(Ok(Some(Ok(_)))) | Some(Ok(None)));
+            if complete {
+                self.settle().await;
+                self.finished = true;
+                return None;
+            }
             let Some(next) = next else {
                 return self
                     .end_early("tollgate is shutting down; the stream was cut")

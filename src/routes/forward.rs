@@ -282,6 +282,7 @@ async fn begin(
         endpoint: request.path.clone(),
         model,
         log: request.log.clone(),
+        unsettled: state.unsettled.clone(),
     };
     Ok(Settlement::begin(state.store.clone(), charge).await?)
 }

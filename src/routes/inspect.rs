@@ -126,9 +126,38 @@ impl Name {
             "_debug_render_only" => Name::DebugRenderOnly,
             "stream_options" => Name::StreamOptions,
             RAW_VALUE_KEY => Name::RawValue,
-            other if go_alias_of(other, READ_AT_TOP).is_some() => Name::Alias,
             _ => Name::Other,
         }
+    }
+
+    /// A top-level field's name: as [`Name::of`], and [`Name::Alias`] for
+    /// one that Ollama reads as a field tollgate reads. (Nested names are
+    /// not looked at so: Ollama matches them exactly, or tollgate reads
+    /// none of them.)
+    fn at_top(name: &str) -> Name {
+        match Name::of(name) {
+            Name::Other if go_alias_of(name, READ_AT_TOP).is_some() => Name::Alias,
+            known => known,
+        }
+    }
+}
+
+/// A top-level field's name ([`Name::at_top`]).
+struct Top(Name);
+
+impl<'de> Deserialize<'de> for Top {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct TopVisitor;
+        impl Visitor<'_> for TopVisitor {
+            type Value = Top;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a field name")
+            }
+            fn visit_str<E: de::Error>(self, name: &str) -> Result<Top, E> {
+                Ok(Top(Name::at_top(name)))
+            }
+        }
+        d.deserialize_identifier(TopVisitor)
     }
 }
 
@@ -219,7 +248,7 @@ impl<'de> Deserialize<'de> for Fields {
             fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Fields, A::Error> {
                 let mut fields = Fields::default();
                 let mut seen = 0;
-                while let Some(name) = map.next_key::<Name>()? {
+                while let Some(Top(name)) = map.next_key::<Top>()? {
                     // `num_predict` is read in `options` only.
                     if !matches!(name, Name::NumPredict | Name::Other) {
                         first(&mut seen, name)?;

@@ -224,6 +224,28 @@ async fn a_reply_of_tool_calls_only_is_charged() {
     assert_eq!(rows[0].record.credits, Credits::whole(4));
 }
 
+/// Without token pricing (no usage event), a stream of tool calls cut
+/// before `[DONE]` is charged by its tool-call chunks.
+#[tokio::test]
+async fn a_cut_reply_of_tool_calls_counts_its_chunks() {
+    let app = spawn().var("API_KEY_CREDITS", "100").start().await;
+    app.fake.set(Behavior {
+        tool_calls: true,
+        chunks: 5,
+        stream_error_after: Some(2),
+        ..Behavior::default()
+    });
+    let text = app
+        .keyed("/v1/chat/completions")
+        .json(&chat(true))
+        .fetch_text()
+        .await;
+    assert!(text.contains("without finishing it"), "{text}");
+    let rows = app.wait_ledger(KEY, 1).await;
+    assert_eq!(rows[0].record.completion_tokens, 2);
+    assert_eq!(rows[0].record.credits, Credits::whole(1));
+}
+
 /// A stream cut in its last event, without `[DONE]`: that event is not
 /// sent nor counted, and tollgate's error event stays a whole event.
 #[tokio::test]

@@ -2,7 +2,7 @@
 //! streams that tollgate must end ended with an error line.
 
 use crate::support::fake_ollama::Behavior;
-use crate::support::{raw_upstream, spawn, TestApp, KEY};
+use crate::support::{raw_upstream, raw_upstream_ending, spawn, TestApp, KEY};
 use bytes::Bytes;
 use futures_util::StreamExt;
 use serde_json::{json, Value};
@@ -240,4 +240,42 @@ async fn shutdown_cuts_a_request_still_waiting_for_ollama() {
     server.await.unwrap().unwrap();
     let rows = app.wait_ledger(KEY, 1).await;
     assert_eq!(rows[0].record.credits, tollgate::credits::Credits::ZERO);
+}
+
+/// A reply that is complete (its final unit came) while Ollama has not
+/// closed the stream yet gets no error line, whatever happens meanwhile
+/// (here the idle limit).
+#[tokio::test]
+async fn a_complete_stream_left_open_gets_no_error_line() {
+    let chunk =
+        r#"{"model":"mistral","created_at":"2026-12-04T23:00:00Z","response":"a","done":false}"#;
+    let done = r#"{"model":"mistral","created_at":"2026-12-04T23:00:00Z","response":"","done":true,"done_reason":"stop","prompt_eval_count":2,"eval_count":1}"#;
+    let sse = "data: {\"id\":\"c\",\"choices\":[{\"index\":0,\"delta\":{\"content\":\"a\"},\"finish_reason\":null}]}\n\ndata: [DONE]\n\n";
+    for (path, content_type, reply) in [
+        (
+            "/api/generate",
+            "application/x-ndjson",
+            format!("{chunk}\n{done}\n"),
+        ),
+        ("/v1/completions", "text/event-stream", sse.to_string()),
+    ] {
+        let upstream = raw_upstream_ending(content_type, reply.clone(), false).await;
+        let app = spawn()
+            .var("OLLAMA_URL", &upstream)
+            .var("STREAM_IDLE_TIMEOUT_SECS", "1")
+            .start()
+            .await;
+        let text = app
+            .keyed(path)
+            .json(&json!({"model": "mistral", "prompt": "hi", "stream": true}))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        assert_eq!(text, reply, "{path}");
+        let rows = app.wait_ledger(KEY, 1).await;
+        assert_eq!(rows[0].record.credits, tollgate::credits::Credits::whole(1));
+    }
 }

@@ -329,8 +329,6 @@ async fn bad_configuration_stops_start_up() {
         ("CREDITS_PER_1K_PROMPT_TOKENS", "0.0001"),
         ("LISTEN_ADDR", "not-an-address"),
         ("DATABASE_URL", "mysql://somewhere/db"),
-        // The credits part of an entry is named; its key, a secret, is not.
-        ("API_KEYS", "=ten"),
         ("SHUTDOWN_GRACE_SECS", "-1"),
         ("LOG_FORMAT", "xml"),
         ("OLLAMA_URL", "https://127.0.0.1:11434"),
@@ -351,6 +349,20 @@ async fn bad_configuration_stops_start_up() {
             out.stderr
         );
     }
+    // API_KEYS holds secrets: the entry is named, not the value.
+    let out = Launch::new(dir.path())
+        .var("DATABASE_URL", "memory")
+        .var("LISTEN_ADDR", &format!("127.0.0.1:{}", free_port()))
+        .var("API_KEYS", "k-secret-1=5,k-secret-2=ten")
+        .run_within(&[], Duration::from_secs(20))
+        .await;
+    assert!(!out.success());
+    assert!(
+        out.stderr.contains("API_KEYS") && out.stderr.contains("entry 2"),
+        "{}",
+        out.stderr
+    );
+    assert!(!out.stderr.contains("k-secret"), "{}", out.stderr);
 
     // OLLAMA_URL is tollgate's own address: refused.
     let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));

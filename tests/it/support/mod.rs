@@ -258,10 +258,23 @@ impl Fetch for reqwest::RequestBuilder {
 /// An upstream that answers every request with `body`, as `content_type`:
 /// for bytes Ollama itself never sends, which the fake cannot say.
 pub async fn raw_upstream(content_type: &'static str, body: String) -> String {
+    raw_upstream_ending(content_type, body, true).await
+}
+
+/// As [`raw_upstream`]; with `close` false, the reply stays open after
+/// `body`, sending nothing more.
+pub async fn raw_upstream_ending(content_type: &'static str, body: String, close: bool) -> String {
+    use futures_util::StreamExt;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let app = axum::Router::new().fallback(move || {
-        let body = body.clone();
+        let first = futures_util::stream::iter([Ok::<_, std::io::Error>(body.clone())]);
+        let rest = if close {
+            futures_util::stream::empty().boxed()
+        } else {
+            futures_util::stream::pending().boxed()
+        };
+        let body = axum::body::Body::from_stream(first.chain(rest));
         async move { ([(axum::http::header::CONTENT_TYPE, content_type)], body) }
     });
     tokio::spawn(async move { axum::serve(listener, app).await });
