@@ -52,7 +52,22 @@ pub fn requested_completion_tokens(body: &Map<String, Value>, dialect: Dialect) 
         Dialect::Native => body.get("options").and_then(|o| o.get("num_predict")),
         Dialect::OpenAi => body.get("max_tokens"),
     };
-    limit.and_then(Value::as_u64).filter(|n| *n > 0)
+    limit.and_then(token_limit)
+}
+
+/// The token limit a JSON number sets, as Ollama reads it: an integer, or
+/// a float cut to one (an option's integer takes `int64(f)`); 0 and
+/// negative values are no limit (`None`), as is anything not a number.
+pub fn token_limit(value: &Value) -> Option<u64> {
+    if let Some(n) = value.as_u64() {
+        return (n > 0).then_some(n);
+    }
+    if value.as_i64().is_some() {
+        return None;
+    }
+    let f = value.as_f64()?;
+    // `as` saturates: a float beyond u64 is u64::MAX.
+    (f >= 1.0).then(|| f.trunc() as u64)
 }
 
 /// Applies the caps and removes `keep_alive`; returns whether the body
@@ -115,11 +130,7 @@ fn options_of(body: &mut Map<String, Value>) -> Option<&mut Map<String, Value>> 
 fn cap_field(map: &mut Map<String, Value>, field: &str, max: u64, set_if_absent: bool) -> bool {
     let needs_cap = match map.get(field) {
         None | Some(Value::Null) => set_if_absent,
-        Some(v) => match (v.as_u64(), v.as_i64()) {
-            (Some(n), _) => n > max || n == 0,
-            (None, Some(n)) => n < 0,
-            _ => true,
-        },
+        Some(v) => token_limit(v).is_none_or(|n| n > max),
     };
     if needs_cap {
         map.insert(field.to_string(), Value::from(max));
@@ -261,6 +272,29 @@ mod tests {
         let mut body = obj(json!({"max_tokens": 0}));
         assert!(apply(&mut body, Dialect::OpenAi, caps));
         assert_eq!(body["max_tokens"], json!(64));
+    }
+
+    #[test]
+    fn reads_a_float_limit_as_ollama_does() {
+        let caps = Caps {
+            max_tokens: Some(64),
+            max_num_ctx: None,
+        };
+        for (given, expected, changed) in [
+            (json!(50.0), json!(50.0), false),
+            (json!(50.9), json!(50.9), false),
+            (json!(1e3), json!(64), true),
+            (json!(0.5), json!(64), true),
+            (json!(-1.5), json!(64), true),
+        ] {
+            let mut body = obj(json!({"options": {"num_predict": given}}));
+            assert_eq!(apply(&mut body, Dialect::Native, caps), changed, "{given}");
+            assert_eq!(body["options"]["num_predict"], expected, "{given}");
+        }
+        assert_eq!(token_limit(&json!(50.9)), Some(50));
+        assert_eq!(token_limit(&json!(0.9)), None);
+        assert_eq!(token_limit(&json!(1e300)), Some(u64::MAX));
+        assert_eq!(token_limit(&json!("7")), None);
     }
 
     #[test]

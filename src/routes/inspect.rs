@@ -578,9 +578,10 @@ pub fn check_types(map: &Map<String, Value>) -> Result<(), ApiError> {
             return wrong(field, "an integer");
         }
     }
+    // Ollama takes a float for an integer option (and cuts it).
     let num_predict = map.get("options").and_then(|o| o.get("num_predict"));
-    if num_predict.is_some_and(|v| !(v.is_i64() || v.is_u64() || v.is_null())) {
-        return wrong("options.num_predict", "an integer");
+    if num_predict.is_some_and(|v| !(v.is_number() || v.is_null())) {
+        return wrong("options.num_predict", "a number");
     }
     Ok(())
 }
@@ -661,7 +662,6 @@ mod tests {
             r#"{"stream":null}"#,
             r#"{"options":[5]}"#,
             r#"{"options":"fast"}"#,
-            r#"{"options":{"num_predict":1.5}}"#,
             r#"{"options":{"num_predict":"10"}}"#,
             r#"{"prompt":7}"#,
             r#"{"messages":{"role":"user"}}"#,
@@ -778,6 +778,16 @@ mod tests {
             by_whole_parse(body, Dialect::OpenAi).map(|g| g.debug_render),
             Some(false)
         );
+        // A float limit: Ollama cuts it to an integer, as the whole parse.
+        for (body, tokens) in [
+            (r#"{"options":{"num_predict":1.5}}"#, Some(1)),
+            (r#"{"options":{"num_predict":100.0}}"#, Some(100)),
+            (r#"{"options":{"num_predict":0.5}}"#, None),
+        ] {
+            assert_eq!(glance(body.as_bytes(), Dialect::Native), None);
+            let whole = by_whole_parse(body, Dialect::Native).map(|g| g.completion_tokens);
+            assert_eq!(whole, Some(tokens), "{body}");
+        }
         // A limit beyond i64: the whole parse still reads it.
         let body = r#"{"options":{"num_predict":18446744073709551615}}"#;
         assert_eq!(glance(body.as_bytes(), Dialect::Native), None);

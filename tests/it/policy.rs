@@ -300,6 +300,8 @@ async fn caps_hold_for_every_way_of_asking_for_no_limit() {
         .await;
     for body in [
         json!({"model": "mistral", "prompt": "hi", "stream": false, "options": {"num_predict": 0}}),
+        json!({"model": "mistral", "prompt": "hi", "stream": false, "options": {"num_predict": 0.5}}),
+        json!({"model": "mistral", "prompt": "hi", "stream": false, "options": {"num_predict": 1e6}}),
         json!({"model": "mistral", "prompt": "hi", "stream": false, "options": null}),
         json!({"model": "mistral", "prompt": "hi", "stream": false, "options": {"num_ctx": 1e6}}),
         json!({"model": "mistral", "prompt": "hi", "stream": false, "options": {"num_ctx": 131072.0}}),
@@ -311,6 +313,17 @@ async fn caps_hold_for_every_way_of_asking_for_no_limit() {
         let ctx = &seen["options"]["num_ctx"];
         assert!(ctx.is_null() || *ctx == 2048, "{body}: {seen}");
     }
+    // A float under the cap is Ollama's to cut (to 2 here): left alone.
+    let reply: Value = app
+        .keyed("/api/generate")
+        .json(&json!({"model": "mistral", "prompt": "hi", "stream": false, "options": {"num_predict": 2.0}}))
+        .fetch_json()
+        .await;
+    assert_eq!(reply["eval_count"], 2, "{reply}");
+    assert_eq!(
+        app.forwarded().pop().unwrap().json()["options"]["num_predict"],
+        2.0
+    );
     for (body, expected) in [
         (json!({"max_tokens": 0}), 64),
         (json!({"max_completion_tokens": 5000}), 64),

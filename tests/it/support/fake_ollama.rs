@@ -797,7 +797,8 @@ async fn native_generate(shared: &Arc<Shared>, b: &Behavior, body: &Bytes, chat:
     let limit = req
         .get("options")
         .and_then(|o| o.get("num_predict"))
-        .and_then(Value::as_i64);
+        // Options.FromMap: a float for an integer option is cut to one.
+        .and_then(|v| v.as_i64().or_else(|| v.as_f64().map(|f| f as i64)));
     let plan = Plan::new(b, model, limit, b.prompt_eval_count);
     let stream = req.get("stream").and_then(Value::as_bool) != Some(false);
     if !stream {
