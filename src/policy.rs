@@ -70,6 +70,21 @@ pub fn token_limit(value: &Value) -> Option<u64> {
     (f >= 1.0).then(|| f.trunc() as u64)
 }
 
+/// Whether a generation body asks only to load, pin or unload its model:
+/// `keep_alive` with nothing to generate from (an empty or absent `prompt`,
+/// an empty or absent `messages`), which Ollama answers without generating.
+/// Removing `keep_alive` from it would turn an unload into a load.
+/// `input` is the field the endpoint generates from (`prompt`, `messages`).
+pub fn manages_a_model(body: &Map<String, Value>, input: &str) -> bool {
+    let empty = match body.get(input) {
+        None | Some(Value::Null) => true,
+        Some(Value::String(s)) => s.is_empty(),
+        Some(Value::Array(a)) => a.is_empty(),
+        Some(_) => false,
+    };
+    empty && body.contains_key("keep_alive")
+}
+
 /// Applies the caps and removes `keep_alive`; returns whether the body
 /// changed (an unchanged body is forwarded byte for byte).
 pub fn apply(body: &mut Map<String, Value>, dialect: Dialect, caps: Caps) -> bool {
@@ -239,6 +254,35 @@ mod tests {
         let mut body = obj(json!({"model": "m", "keep_alive": 0}));
         assert!(apply(&mut body, Dialect::Native, Caps::default()));
         assert!(!body.contains_key("keep_alive"));
+    }
+
+    #[test]
+    fn knows_a_request_that_only_manages_a_model() {
+        let manages = |v: Value, input| manages_a_model(&obj(v), input);
+        assert!(manages(
+            json!({"model": "m", "prompt": "", "keep_alive": 0}),
+            "prompt"
+        ));
+        assert!(manages(
+            json!({"model": "m", "keep_alive": "10m"}),
+            "prompt"
+        ));
+        assert!(manages(
+            json!({"model": "m", "messages": [], "keep_alive": 0}),
+            "messages"
+        ));
+        assert!(manages(
+            json!({"model": "m", "messages": null, "keep_alive": -1}),
+            "messages"
+        ));
+        assert!(!manages(
+            json!({"model": "m", "prompt": "hi", "keep_alive": 0}),
+            "prompt"
+        ));
+        assert!(!manages(json!({"model": "m", "prompt": ""}), "prompt"));
+        let chat =
+            json!({"model": "m", "messages": [{"role": "user", "content": "hi"}], "keep_alive": 0});
+        assert!(!manages(chat, "messages"));
     }
 
     #[test]

@@ -146,8 +146,12 @@ pub async fn relay(
     };
     let mut body = body;
     if status.is_success() {
-        settlement.record_output();
-        if let Some((prompt, completion)) = usage::tokens_in(&body) {
+        let reply = usage::read_whole_reply(&body);
+        // A model loaded (an empty prompt) is no output: not charged.
+        if !reply.model_only {
+            settlement.record_output();
+        }
+        if let Some((prompt, completion)) = reply.tokens {
             settlement.record_tokens(prompt, completion);
         }
         if let Some(edit) = options.edit_body {

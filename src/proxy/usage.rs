@@ -17,6 +17,7 @@ use std::sync::OnceLock;
 #[serde(default)]
 struct Reported {
     done: Value,
+    done_reason: Value,
     prompt_eval_count: Value,
     eval_count: Value,
     usage: Value,
@@ -52,6 +53,28 @@ impl Reported {
 /// The token counts a whole JSON reply (or one final chunk) reports.
 pub fn tokens_in(json: &[u8]) -> Option<(u64, u64)> {
     Reported::parse(json)?.tokens()
+}
+
+/// What a whole (non-streamed) reply says.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct WholeReply {
+    pub tokens: Option<(u64, u64)>,
+    /// Ollama only loaded or unloaded the model (its answer to an empty
+    /// prompt or message list, `done_reason` `load` or `unload`): nothing
+    /// was generated.
+    pub model_only: bool,
+}
+
+pub fn read_whole_reply(json: &[u8]) -> WholeReply {
+    let Some(reported) = Reported::parse(json) else {
+        return WholeReply::default();
+    };
+    let model_only = reported.done == Value::Bool(true)
+        && matches!(reported.done_reason.as_str(), Some("load" | "unload"));
+    WholeReply {
+        tokens: reported.tokens(),
+        model_only,
+    }
 }
 
 /// A byte string searched for in every line or event of a stream. Its
@@ -238,6 +261,22 @@ mod tests {
                 br#"{"message":{"tool_calls":[{"arguments":{"done":true}}]},"done":false}"#
             ),
             NdjsonLine::Chunk
+        );
+    }
+
+    #[test]
+    fn tells_a_load_or_unload_from_a_reply() {
+        let load = br#"{"model":"m","created_at":"2026-12-04T23:00:00Z","response":"","done":true,"done_reason":"load"}"#;
+        assert!(read_whole_reply(load).model_only);
+        let unload = br#"{"model":"m","created_at":"2026-12-04T23:00:00Z","message":{"role":"assistant","content":""},"done":true,"done_reason":"unload"}"#;
+        assert!(read_whole_reply(unload).model_only);
+        let reply = br#"{"response":"load","done":true,"done_reason":"stop","eval_count":1}"#;
+        assert_eq!(
+            read_whole_reply(reply),
+            WholeReply {
+                tokens: Some((0, 1)),
+                model_only: false
+            }
         );
     }
 

@@ -9,7 +9,7 @@ use crate::credits::settlement::Charge;
 use crate::credits::Settlement;
 use crate::error::ApiError;
 use crate::limits::Refusal;
-use crate::policy::{self, Dialect};
+use crate::policy::{self, Caps, Dialect};
 use crate::proxy::{self, headers, BodyEdit, Outbound, RelayOptions};
 use crate::telemetry::RequestLog;
 use axum::body::Body;
@@ -183,11 +183,20 @@ fn prepare(
 ) -> Result<Prepared, ApiError> {
     let embeds = path.contains("embed");
     let policed = !caller.is_admin();
+    // The token and context caps concern generations only: in another
+    // body (`/api/show` reads `options` into the Modelfile it shows) they
+    // would change what the request means.
+    let generates = endpoint.access == Access::Metered && !embeds;
+    let caps = if generates {
+        state.caps()
+    } else {
+        Caps::default()
+    };
     // Ollama reports usage on an OpenAI stream only when asked.
     let asks_usage = endpoint.dialect == Dialect::OpenAi && state.config.pricing.prices_tokens();
     // With caps, an ordinary key's body is parsed whole (the caps may
     // rewrite it) without a glance first.
-    let capped = policed && state.caps().any();
+    let capped = policed && caps.any();
     // `/api/show` still takes the model as `name` (when `model` is empty),
     // which only the whole parse reads.
     let show = path == "/api/show";
@@ -231,7 +240,20 @@ fn prepare(
     .map(str::to_string);
     let mut changed = false;
     if policed {
-        changed |= policy::apply(&mut map, endpoint.dialect, state.caps());
+        let input = if path.ends_with("chat") {
+            "messages"
+        } else {
+            "prompt"
+        };
+        let native = endpoint.dialect == Dialect::Native;
+        if native && generates && policy::manages_a_model(&map, input) {
+            return Err(ApiError::Forbidden(
+                "loading, pinning or unloading a model (keep_alive with an empty prompt) \
+                 needs the admin key"
+                    .into(),
+            ));
+        }
+        changed |= policy::apply(&mut map, endpoint.dialect, caps);
     }
     let mut strip_usage_event = false;
     if asks_usage && map.get("stream") == Some(&Value::Bool(true)) {

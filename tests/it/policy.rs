@@ -1,7 +1,7 @@
 //! SPEC §4a: per-key request policy.
 
 use crate::support::fake_ollama::Behavior;
-use crate::support::{spawn, Fetch, TestApp, ADMIN};
+use crate::support::{spawn, Fetch, TestApp, ADMIN, KEY};
 use reqwest::Method;
 use serde_json::{json, Value};
 
@@ -138,17 +138,39 @@ async fn the_model_lists_show_only_the_keys_models() {
 #[tokio::test]
 async fn keep_alive_from_an_ordinary_key_never_reaches_ollama() {
     let app = TestApp::new().await;
+    // With something to generate, keep_alive is removed.
     let response = app
         .keyed("/api/generate")
-        .json(&json!({"model": "mistral", "prompt": "", "keep_alive": 0, "stream": false}))
+        .json(&json!({"model": "mistral", "prompt": "hi", "keep_alive": 0, "stream": false}))
         .send()
         .await
         .unwrap();
     assert_eq!(response.status(), 200);
-    let body: Value = response.json().await.unwrap();
-    assert_ne!(body["done_reason"], "unload");
     let seen = app.forwarded().pop().unwrap().json();
     assert!(seen.get("keep_alive").is_none(), "{seen}");
+    let forwarded = app.forwarded().len();
+    // Without, the request only manages the model (an empty prompt with
+    // keep_alive 0 unloads it; removing keep_alive would load it
+    // instead): refused, for generate and chat, with any keep_alive.
+    for (path, body) in [
+        (
+            "/api/generate",
+            json!({"model": "mistral", "prompt": "", "keep_alive": 0}),
+        ),
+        (
+            "/api/generate",
+            json!({"model": "mistral", "keep_alive": "1h"}),
+        ),
+        (
+            "/api/chat",
+            json!({"model": "mistral", "messages": [], "keep_alive": 0}),
+        ),
+        ("/chat", json!({"messages": [], "keep_alive": -1})),
+    ] {
+        let response = app.keyed(path).json(&body).send().await.unwrap();
+        assert_eq!(response.status(), 403, "{path} {body}");
+    }
+    assert_eq!(app.forwarded().len(), forwarded);
     // The admin may unload.
     let unload: Value = app
         .admin(Method::POST, "/api/generate")
@@ -156,6 +178,69 @@ async fn keep_alive_from_an_ordinary_key_never_reaches_ollama() {
         .fetch_json()
         .await;
     assert_eq!(unload["done_reason"], "unload");
+}
+
+/// An empty prompt without keep_alive loads the model: nothing is
+/// generated, nothing is charged (the ledger still records it).
+#[tokio::test]
+async fn loading_a_model_is_not_charged() {
+    let app = TestApp::new().await;
+    for (path, body) in [
+        (
+            "/api/generate",
+            json!({"model": "mistral", "prompt": "", "stream": false}),
+        ),
+        ("/api/chat", json!({"model": "mistral", "messages": []})),
+    ] {
+        let reply: Value = app.keyed(path).json(&body).fetch_json().await;
+        assert_eq!(reply["done_reason"], "load", "{path}");
+    }
+    let rows = app.wait_ledger(KEY, 2).await;
+    for row in rows {
+        assert_eq!(row.record.credits, tollgate::credits::Credits::ZERO);
+        assert_eq!(row.record.status, 200);
+    }
+}
+
+/// The caps concern generations: `/api/show` (which reads `options` into
+/// the Modelfile it shows) and the embedding endpoints get the body as
+/// sent.
+#[tokio::test]
+async fn caps_leave_other_bodies_alone() {
+    let app = spawn()
+        .var("MAX_TOKENS_PER_REQUEST", "64")
+        .var("MAX_NUM_CTX", "2048")
+        .start()
+        .await;
+    for (path, body) in [
+        ("/api/show", r#"{"model":"mistral"}"#),
+        (
+            "/api/embed",
+            r#"{"model":"nomic-embed-text","input":"hello"}"#,
+        ),
+        (
+            "/api/embeddings",
+            r#"{"model":"nomic-embed-text","prompt":"hello"}"#,
+        ),
+        (
+            "/v1/embeddings",
+            r#"{"model":"nomic-embed-text","input":"hello"}"#,
+        ),
+    ] {
+        let response = app
+            .keyed(path)
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200, "{path}");
+        assert_eq!(
+            app.forwarded().pop().unwrap().body,
+            body.as_bytes(),
+            "{path}"
+        );
+    }
 }
 
 #[tokio::test]
