@@ -297,6 +297,11 @@ impl Config {
                 config.max_concurrent_per_key.map(u64::from),
             ),
             ("MAX_TOKENS_PER_REQUEST", config.max_tokens_per_request),
+            ("MAX_BODY_BYTES", Some(config.max_body_bytes as u64)),
+            (
+                "AUTH_FAILURES_PER_MINUTE",
+                Some(u64::from(config.auth_failures_per_minute)),
+            ),
             ("MAX_NUM_CTX", config.max_num_ctx),
             (
                 "OLLAMA_CONNECT_TIMEOUT_SECS",
@@ -538,6 +543,8 @@ mod tests {
             ("MAX_CONCURRENT_PER_KEY", "0"),
             ("MAX_TOKENS_PER_REQUEST", "0"),
             ("MAX_NUM_CTX", "0"),
+            ("MAX_BODY_BYTES", "0"),
+            ("AUTH_FAILURES_PER_MINUTE", "0"),
             ("OLLAMA_CONNECT_TIMEOUT_SECS", "0"),
             ("OLLAMA_FIRST_BYTE_TIMEOUT_SECS", "0"),
             ("STREAM_IDLE_TIMEOUT_SECS", "0"),

@@ -111,7 +111,18 @@ impl Needle {
     }
 }
 
-static DONE_TRUE: Needle = Needle::new(b"\"done\":true");
+/// The final chunk's marker: `"done"` followed by `true` (Go writes it
+/// compact, `"done":true`; whitespace around the colon is allowed too).
+static DONE_KEY: Needle = Needle::new(b"\"done\"");
+
+/// Whether `"done"` is somewhere followed by `: true`, spaces allowed.
+fn says_done_true(line: &[u8]) -> bool {
+    DONE_KEY.finder().find_iter(line).any(|at| {
+        let rest = line[at + DONE_KEY.bytes.len()..].trim_ascii_start();
+        rest.strip_prefix(b":")
+            .is_some_and(|value| value.trim_ascii_start().starts_with(b"true"))
+    })
+}
 static NO_CHOICES: Needle = Needle::new(b"\"choices\":[]");
 /// Where a chunk's output starts in an OpenAI stream: its text (chat's
 /// `content`, completions' `text`) or a thinking model's `reasoning`.
@@ -152,7 +163,7 @@ pub fn classify_ndjson(line: &[u8]) -> NdjsonLine {
     // Go's encoder writes compact JSON; `"done":true` inside a string would
     // be escaped, but a nested object (tool arguments) could hold one, so a
     // candidate line is confirmed by parsing it.
-    if DONE_TRUE.is_in(trimmed) {
+    if says_done_true(trimmed) {
         if let Some(reported) = Reported::parse(trimmed) {
             if reported.done == Value::Bool(true) {
                 return NdjsonLine::Final(reported.tokens());
@@ -262,6 +273,24 @@ mod tests {
             ),
             NdjsonLine::Chunk
         );
+    }
+
+    #[test]
+    fn finds_the_final_chunk_with_or_without_spaces() {
+        for line in [
+            &br#"{"response":"","done":true,"eval_count":3}"#[..],
+            br#"{"response": "", "done": true, "eval_count": 3}"#,
+            br#"{"response":"","done" :  true,"eval_count":3}"#,
+        ] {
+            assert_eq!(classify_ndjson(line), NdjsonLine::Final(Some((0, 3))));
+        }
+        for line in [
+            &br#"{"response":"a","done":false}"#[..],
+            br#"{"response": "a", "done": false}"#,
+            br#"{"response":""done": true","done":false}"#,
+        ] {
+            assert_eq!(classify_ndjson(line), NdjsonLine::Chunk);
+        }
     }
 
     #[test]
