@@ -8,13 +8,13 @@
 use crate::auth::keys;
 use crate::auth::throttle::AuthFailures;
 use crate::config::Config;
-use crate::credits::settlement::Unsettled;
 use crate::credits::Credits;
 use crate::error::ApiError;
 use crate::limits::Limits;
 use crate::policy::Caps;
 use crate::proxy::Upstream;
 use crate::store::{self, Grant, NewKey, Role, SharedStore, StoreError};
+use crate::tally::{Counted, Tally};
 use crate::telemetry::{new_request_id, sane_request_id, RequestLog};
 use axum::body::Body;
 use axum::extract::Request;
@@ -29,7 +29,7 @@ use std::net::SocketAddr;
 use std::ops::Deref;
 use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -63,9 +63,10 @@ pub struct Shared {
     /// Turns true when in-flight streams must be ended (shutdown deadline).
     pub stop_streams: watch::Receiver<bool>,
     draining: AtomicBool,
-    in_flight: Arc<AtomicUsize>,
+    /// Requests whose response is not done yet.
+    in_flight: Tally,
     /// Settlements of dropped requests still running.
-    pub unsettled: Unsettled,
+    pub unsettled: Tally,
 }
 
 impl Deref for AppState {
@@ -133,8 +134,8 @@ impl App {
             hooks,
             stop_streams: stop_rx,
             draining: AtomicBool::new(false),
-            in_flight: Arc::new(AtomicUsize::new(0)),
-            unsettled: Unsettled::default(),
+            in_flight: Tally::default(),
+            unsettled: Tally::default(),
         }));
         Ok(App {
             state,
@@ -230,13 +231,16 @@ impl App {
                 "shutting down: draining in-flight requests"
             );
             state.draining.store(true, Ordering::SeqCst);
-            if !wait_idle(&state, grace).await {
+            if !state.in_flight.wait_idle(grace, POLL).await {
                 tracing::warn!(
-                    remaining = state.in_flight.load(Ordering::SeqCst),
+                    remaining = state.in_flight.count(),
                     "grace period over: ending the remaining streams"
                 );
                 let _ = stop_tx.send(true);
-                wait_idle(&state, Duration::from_secs(5)).await;
+                state
+                    .in_flight
+                    .wait_idle(Duration::from_secs(5), POLL)
+                    .await;
             }
             let _ = done_tx.send(());
         });
@@ -248,7 +252,12 @@ impl App {
         // The server has ended every connection, those it had to cut too
         // (a stream whose client stopped reading): let the settlements of
         // what they dropped land, then close the store.
-        if !self.state.unsettled.wait(Duration::from_secs(10)).await {
+        if !self
+            .state
+            .unsettled
+            .wait_idle(Duration::from_secs(10), POLL)
+            .await
+        {
             tracing::error!("settlements of cut requests still running at exit");
         }
         self.state.store.close().await;
@@ -258,16 +267,8 @@ impl App {
     }
 }
 
-async fn wait_idle(state: &AppState, within: Duration) -> bool {
-    let deadline = tokio::time::Instant::now() + within;
-    while state.in_flight.load(Ordering::SeqCst) > 0 {
-        if tokio::time::Instant::now() >= deadline {
-            return false;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    true
-}
+/// How often shutdown looks whether what it waits for is done.
+const POLL: Duration = Duration::from_millis(20);
 
 /// The gateway as served: [`App::service`].
 pub type Gateway = Either<RequestId<Cors<Observed>>, Observed>;
@@ -368,7 +369,7 @@ where
             ApiError::Unavailable("tollgate is shutting down".into()),
         )
     } else {
-        let guard = InFlight::enter(state.in_flight.clone());
+        let guard = state.in_flight.enter();
         request.extensions_mut().insert(log.clone());
         let span = tracing::info_span!("request", request_id = %request_id);
         // `oneshot` calls the router when first polled, so a panic in the
@@ -509,25 +510,10 @@ fn cors(origins: &[String]) -> Option<CorsLayer> {
     )
 }
 
-struct InFlight(Arc<AtomicUsize>);
-
-impl InFlight {
-    fn enter(counter: Arc<AtomicUsize>) -> InFlight {
-        counter.fetch_add(1, Ordering::SeqCst);
-        InFlight(counter)
-    }
-}
-
-impl Drop for InFlight {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::SeqCst);
-    }
-}
-
-/// A response body that holds an [`InFlight`] guard until it is dropped.
+/// A response body that counts its request in flight until it is dropped.
 struct TrackedBody {
     body: Body,
-    _guard: InFlight,
+    _guard: Counted,
     _log: Arc<RequestLog>,
 }
 

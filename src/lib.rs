@@ -11,7 +11,8 @@
 //!   reporting usage to the settlement guard;
 //! - [`admin`] is key management, for the admin API and the CLI;
 //! - [`error`] maps every error tollgate answers to one response shape;
-//! - [`app`] ties it together; [`server`] serves its HTTP/1.1 connections.
+//! - [`app`] ties it together; [`server`] serves its HTTP/1.1 connections;
+//!   [`tally`] counts what shutdown waits for.
 
 pub mod admin;
 pub mod app;
@@ -26,5 +27,6 @@ pub mod proxy;
 pub mod routes;
 pub mod server;
 pub mod store;
+pub mod tally;
 pub mod telemetry;
 pub mod tls;

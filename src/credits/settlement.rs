@@ -16,10 +16,10 @@
 use crate::config::Pricing;
 use crate::credits::Credits;
 use crate::store::{now_millis, KeyId, Millis, SharedStore, StoreError, UsageRecord};
+use crate::tally::Tally;
 use crate::telemetry::RequestLog;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 /// What a settlement knows about its request.
 #[derive(Clone, Debug, Default)]
@@ -46,7 +46,7 @@ struct Open {
     started_at: Millis,
     progress: Progress,
     log: Option<Arc<RequestLog>>,
-    unsettled: Unsettled,
+    unsettled: Tally,
 }
 
 impl Open {
@@ -91,42 +91,9 @@ pub struct Charge {
     /// The request's log record, told the outcome.
     pub log: Option<Arc<RequestLog>>,
     /// Counts this request's settlement while it runs apart, if the
-    /// request is dropped unsettled.
-    pub unsettled: Unsettled,
-}
-
-/// The settlements of dropped requests that are still running (they run
-/// as tasks of their own), so that shutdown can wait for them before the
-/// store closes.
-#[derive(Clone, Default)]
-pub struct Unsettled(Arc<AtomicUsize>);
-
-/// One running settlement, counted until dropped.
-struct Running(Arc<AtomicUsize>);
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::SeqCst);
-    }
-}
-
-impl Unsettled {
-    fn start(&self) -> Running {
-        self.0.fetch_add(1, Ordering::SeqCst);
-        Running(self.0.clone())
-    }
-
-    /// Waits until none is running, at most `within`; whether none is.
-    pub async fn wait(&self, within: Duration) -> bool {
-        let deadline = tokio::time::Instant::now() + within;
-        while self.0.load(Ordering::SeqCst) > 0 {
-            if tokio::time::Instant::now() >= deadline {
-                return false;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        true
-    }
+    /// request is dropped unsettled (shutdown waits for them before the
+    /// store closes).
+    pub unsettled: Tally,
 }
 
 /// A reserved request, to be settled once.
@@ -238,7 +205,7 @@ impl Drop for Settlement {
         // stack.
         match tokio::runtime::Handle::try_current() {
             Ok(handle) => {
-                let running = open.unsettled.start();
+                let running = open.unsettled.enter();
                 handle.spawn(async move {
                     let _running = running;
                     let key_id = open.key_id;
