@@ -15,7 +15,7 @@ use crate::policy::Caps;
 use crate::proxy::Upstream;
 use crate::store::{self, Grant, NewKey, Role, SharedStore, StoreError};
 use crate::tally::{Counted, Tally};
-use crate::telemetry::{new_request_id, sane_request_id, RequestLog};
+use crate::telemetry::{request_id_of, RequestLog};
 use axum::body::Body;
 use axum::extract::Request;
 use axum::http::{HeaderName, HeaderValue, Method};
@@ -294,12 +294,7 @@ where
     }
 
     fn call(&mut self, mut request: Request) -> Self::Future {
-        let id = request
-            .headers()
-            .get("x-request-id")
-            .filter(|v| v.to_str().is_ok_and(sane_request_id))
-            .cloned()
-            .or_else(|| HeaderValue::from_str(&new_request_id()).ok());
+        let id = HeaderValue::from_str(&request_id_of(request.headers())).ok();
         if let Some(id) = &id {
             request.headers_mut().insert("x-request-id", id.clone());
         }
@@ -350,12 +345,7 @@ async fn observe<S>(state: AppState, mut request: Request, inner: S) -> Result<R
 where
     S: Service<Request, Response = Response, Error = Infallible>,
 {
-    let request_id = request
-        .headers()
-        .get("x-request-id")
-        .and_then(|v| v.to_str().ok())
-        .filter(|id| sane_request_id(id))
-        .map_or_else(new_request_id, str::to_string);
+    let request_id = request_id_of(request.headers());
     let log = Arc::new(RequestLog::new(
         request_id.clone(),
         request.method().clone(),

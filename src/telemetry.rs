@@ -119,6 +119,15 @@ pub fn new_request_id() -> String {
     format!("{:016x}", rand::random::<u64>())
 }
 
+/// A request's id: the client's `x-request-id` when sane, else a new one.
+pub fn request_id_of(headers: &axum::http::HeaderMap) -> String {
+    headers
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .filter(|id| sane_request_id(id))
+        .map_or_else(new_request_id, str::to_string)
+}
+
 #[derive(Default)]
 struct Fields {
     status: Option<u16>,
@@ -373,6 +382,11 @@ mod tests {
         assert!(!sane_request_id("has space"));
         assert!(!sane_request_id("new\nline"));
         assert_eq!(new_request_id().len(), 16);
+        let mut headers = axum::http::HeaderMap::new();
+        headers.insert("x-request-id", "page-7".parse().unwrap());
+        assert_eq!(request_id_of(&headers), "page-7");
+        headers.insert("x-request-id", "has space".parse().unwrap());
+        assert_eq!(request_id_of(&headers).len(), 16);
     }
 
     /// The value of the one sample of `name` whose line holds `labels`.
