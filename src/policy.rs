@@ -91,21 +91,16 @@ pub fn apply(body: &mut Map<String, Value>, dialect: Dialect, caps: Caps) -> boo
     let mut changed = body.remove("keep_alive").is_some();
     if let Some(max) = caps.max_tokens {
         changed |= match dialect {
-            Dialect::Native => {
-                options_of(body).is_some_and(|o| cap_field(o, "num_predict", max, true))
-            }
+            Dialect::Native => object_field(body, "options")
+                .is_some_and(|o| cap_field(o, "num_predict", max, true)),
             Dialect::OpenAi => {
                 // Ollama generates up to `max_tokens` and has no
                 // `max_completion_tokens`: a client that sets a limit only
                 // there gets `max_tokens` set to it (capped).
                 let a = cap_field(body, "max_completion_tokens", max, false);
-                let own_limit = body
-                    .get("max_tokens")
-                    .and_then(Value::as_i64)
-                    .is_some_and(|n| n > 0);
-                let asked = body.get("max_completion_tokens").and_then(Value::as_u64);
-                let limit = match asked.filter(|n| *n > 0) {
-                    Some(asked) if !own_limit => asked.min(max),
+                let limit_of = |field: &str| body.get(field).and_then(token_limit);
+                let limit = match limit_of("max_completion_tokens") {
+                    Some(asked) if limit_of("max_tokens").is_none() => asked.min(max),
                     _ => max,
                 };
                 let b = cap_field(body, "max_tokens", limit, true);
@@ -130,14 +125,18 @@ pub fn apply(body: &mut Map<String, Value>, dialect: Dialect, caps: Caps) -> boo
     changed
 }
 
-/// The body's `options` object, made one when absent or `null` (which
-/// Ollama reads as no options).
-fn options_of(body: &mut Map<String, Value>) -> Option<&mut Map<String, Value>> {
-    let options = body.entry("options").or_insert(Value::Null);
-    if options.is_null() {
-        *options = Value::Object(Map::new());
+/// The object in `body`'s `field`, made an empty one when absent or
+/// `null` (which Ollama reads as none: `options`, `stream_options`);
+/// `None` when the field holds something else.
+pub fn object_field<'a>(
+    body: &'a mut Map<String, Value>,
+    field: &str,
+) -> Option<&'a mut Map<String, Value>> {
+    let value = body.entry(field).or_insert(Value::Null);
+    if value.is_null() {
+        *value = Value::Object(Map::new());
     }
-    options.as_object_mut()
+    value.as_object_mut()
 }
 
 /// Caps `field` at `max`: a larger value, 0 or a negative one (Ollama's

@@ -17,7 +17,7 @@ use axum::http::{HeaderMap, Method};
 use axum::response::Response;
 use bytes::Bytes;
 use http_body_util::{BodyExt, LengthLimitError, Limited};
-use serde_json::{Map, Value};
+use serde_json::Value;
 use std::sync::Arc;
 
 /// A request on its way through the gateway.
@@ -257,11 +257,7 @@ fn prepare(
     }
     let mut strip_usage_event = false;
     if asks_usage && map.get("stream") == Some(&Value::Bool(true)) {
-        let options = map.entry("stream_options").or_insert(Value::Null);
-        if options.is_null() {
-            *options = Value::Object(Map::new());
-        }
-        if let Some(options) = options.as_object_mut() {
+        if let Some(options) = policy::object_field(&mut map, "stream_options") {
             if options.get("include_usage") != Some(&Value::Bool(true)) {
                 options.insert("include_usage".into(), Value::Bool(true));
                 strip_usage_event = true;
