@@ -236,16 +236,19 @@ impl Relay {
                     // Ollama ended the stream. A last unit without its
                     // terminator is relayed like any other.
                     let rest = self.pending.split().freeze();
-                    let ends = match self.wire {
+                    // The last unit is classified here only when it alone
+                    // could still end the stream (it is inspected again
+                    // below, with the others).
+                    let ends = |rest: &[u8]| match self.wire {
                         Wire::Sse => {
-                            matches!(classify_sse(&rest), SseEvent::Done | SseEvent::Error)
+                            matches!(classify_sse(rest), SseEvent::Done | SseEvent::Error)
                         }
                         Wire::Ndjson => matches!(
-                            classify_ndjson(&rest),
+                            classify_ndjson(rest),
                             NdjsonLine::Final(_) | NdjsonLine::Error
                         ),
                     };
-                    if self.needs_end && !self.ended_by_ollama && !ends {
+                    if self.needs_end && !self.ended_by_ollama && !ends(&rest) {
                         // Ollama's OpenAI writer turns an error after the
                         // first chunk into an empty chunk and stops, without
                         // `[DONE]`; a native stream cut short has no `done`
