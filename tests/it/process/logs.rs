@@ -9,17 +9,20 @@ use std::time::Duration;
 const KEY: &str = "log-test-key-5b1e";
 const PROMPT: &str = "a-very-private-prompt-9731";
 
-#[tokio::test]
-async fn json_logs_have_one_line_per_request_and_no_secrets() {
-    let fake = FakeOllama::start().await;
-    let dir = tempfile::tempdir().expect("tempdir");
-    let gw = Launch::new(dir.path())
+/// The gateway in front of `fake`, with KEY and JSON logs.
+fn json_logging(dir: &std::path::Path, fake: &FakeOllama) -> Launch {
+    Launch::new(dir)
         .var("OLLAMA_URL", &fake.url())
         .var("DATABASE_URL", "memory")
         .var("API_KEY", KEY)
         .var("LOG_FORMAT", "json")
-        .start()
-        .await;
+}
+
+#[tokio::test]
+async fn json_logs_have_one_line_per_request_and_no_secrets() {
+    let fake = FakeOllama::start().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let gw = json_logging(dir.path(), &fake).start().await;
 
     let ok = gw
         .post("/api/generate")
@@ -94,11 +97,7 @@ async fn a_line_written_while_streaming_names_the_request() {
         ..Default::default()
     });
     let dir = tempfile::tempdir().expect("tempdir");
-    let gw = Launch::new(dir.path())
-        .var("OLLAMA_URL", &fake.url())
-        .var("DATABASE_URL", "memory")
-        .var("API_KEY", KEY)
-        .var("LOG_FORMAT", "json")
+    let gw = json_logging(dir.path(), &fake)
         .var("STREAM_IDLE_TIMEOUT_SECS", "1")
         .start()
         .await;
