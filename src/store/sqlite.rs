@@ -90,7 +90,16 @@
 //! (`wal_autocheckpoint=0`), so that a commit is only the WAL write; every
 //! 200 batches it asks a checkpoint thread, with a connection of its own,
 //! to checkpoint the WAL (a passive checkpoint, which runs alongside the
-//! writer's commits), so that no batch waits for a checkpoint's `fsync`.
+//! writer's commits), so that no batch waits for the bulk of a checkpoint's
+//! copying and `fsync`s. Such a checkpoint copies the frames that were in
+//! the WAL when it began; SQLite starts the WAL over (writes from its
+//! beginning again) only once every frame has been copied, which under
+//! sustained load never happened by itself: the writer commits while the
+//! checkpoint runs. So when the checkpoint thread is done, the writer,
+//! between two batches and on the writer thread, checkpoints the few frames
+//! committed meanwhile, and its next commit starts the WAL over. The WAL
+//! file thus stays at a few MiB (`journal_size_limit` cuts it back to
+//! [`WAL_SIZE_LIMIT`] when it was left larger).
 //!
 //! # Schema
 //!
@@ -129,6 +138,9 @@ const READERS: usize = 8;
 const MAX_BATCH: usize = 512;
 /// The WAL is checkpointed after this many committed batches.
 pub(crate) const CHECKPOINT_EVERY: u32 = 200;
+/// When the WAL starts over, its file is cut back to this size if larger
+/// (`PRAGMA journal_size_limit`).
+const WAL_SIZE_LIMIT: i64 = 16 << 20;
 
 pub struct SqliteStore {
     writer: Arc<WriteQueue>,
@@ -297,6 +309,7 @@ impl SqliteStore {
         let writer_path = path.clone();
         let writer = tokio::task::spawn_blocking(move || -> Result<Writer, StoreError> {
             let conn = open_writer(&writer_path)?;
+            let checkpointed = Arc::new(AtomicBool::new(false));
             let data_version = data_version(&conn)?;
             let cache = Arc::new(Cache::open(&conn)?);
             Ok(Writer {
@@ -306,7 +319,8 @@ impl SqliteStore {
                 data_version,
                 reload: false,
                 uncheckpointed: 0,
-                checkpoint: spawn_checkpointer(&writer_path)?,
+                checkpoint: spawn_checkpointer(&writer_path, checkpointed.clone())?,
+                checkpointed,
                 waits: true,
                 in_batch: false,
                 defer: false,
@@ -418,6 +432,7 @@ fn open_writer(path: &Path) -> Result<Connection, StoreError> {
     }
     configure(&conn)?;
     conn.pragma_update(None, "wal_autocheckpoint", 0)?;
+    conn.pragma_update(None, "journal_size_limit", WAL_SIZE_LIMIT)?;
     migrate(&mut conn)?;
     Ok(conn)
 }
@@ -845,8 +860,17 @@ impl WriteQueue {
         let mut messages = Vec::new();
         let mut batches = 0;
         loop {
-            if place == Place::RequestTask && batches == INLINE_BATCHES {
-                break;
+            match place {
+                // The rest of a checkpoint waits for an `fsync`: the writer
+                // thread's to do.
+                Place::RequestTask
+                    if batches == INLINE_BATCHES
+                        || (batches > 0 && writer.checkpoint_to_finish()) =>
+                {
+                    break
+                }
+                Place::RequestTask => {}
+                Place::MayWait => writer.finish_checkpoint(),
             }
             if !self.take(&mut messages) {
                 turn.over = true;
@@ -970,6 +994,10 @@ struct Writer {
     uncheckpointed: u32,
     /// Asks the checkpoint thread for a checkpoint.
     checkpoint: mpsc::SyncSender<()>,
+    /// Set by the checkpoint thread when it has copied the WAL as it was:
+    /// the writer checkpoints what was committed meanwhile
+    /// ([`Writer::finish_checkpoint`]).
+    checkpointed: Arc<AtomicBool>,
     /// Whether the connection waits for other connections' locks
     /// (`busy_timeout`) or fails at once.
     waits: bool,
@@ -1023,8 +1051,12 @@ impl NotStarted {
 }
 
 /// Starts the thread that checkpoints the WAL whenever it is asked, on a
-/// connection of its own; it ends when the writer drops its sender.
-fn spawn_checkpointer(path: &Path) -> Result<mpsc::SyncSender<()>, StoreError> {
+/// connection of its own, and sets `done` after each checkpoint that was
+/// not kept from its work; it ends when the writer drops its sender.
+fn spawn_checkpointer(
+    path: &Path,
+    done: Arc<AtomicBool>,
+) -> Result<mpsc::SyncSender<()>, StoreError> {
     let conn = open_connection(path)?;
     let (tx, rx) = mpsc::sync_channel::<()>(1);
     std::thread::Builder::new()
@@ -1033,14 +1065,46 @@ fn spawn_checkpointer(path: &Path) -> Result<mpsc::SyncSender<()>, StoreError> {
             while rx.recv().is_ok() {
                 // Best effort: readers may hold part of the WAL; a later
                 // checkpoint gets the rest.
-                let _ = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()));
+                if matches!(checkpoint(&conn), Ok(false)) {
+                    done.store(true, Ordering::Release);
+                }
             }
         })
         .map_err(|e| backend(format!("cannot start the sqlite checkpoint thread: {e}")))?;
     Ok(tx)
 }
 
+/// A passive checkpoint: copies what it can of the WAL into the file
+/// without waiting for anyone. Says whether another connection's lock kept
+/// it from the WAL.
+fn checkpoint(conn: &Connection) -> rusqlite::Result<bool> {
+    conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |row| {
+        row.get::<_, i64>(0).map(|busy| busy != 0)
+    })
+}
+
 impl Writer {
+    /// Whether the checkpoint thread is done, so that the writer has the
+    /// rest of the checkpoint to do ([`Writer::finish_checkpoint`]).
+    fn checkpoint_to_finish(&self) -> bool {
+        self.checkpointed.load(Ordering::Acquire)
+    }
+
+    /// After the checkpoint thread's checkpoint, copies the frames that
+    /// were committed while it ran. With no commit in between (the writer
+    /// is the only one that commits, and this runs between its batches),
+    /// every frame is then in the file, and the next commit writes the WAL
+    /// from its beginning again instead of appending to it. Only on the
+    /// writer thread: the copy ends with an `fsync` of the file.
+    fn finish_checkpoint(&mut self) {
+        if !self.conn.is_autocommit() || !self.checkpointed.swap(false, Ordering::AcqRel) {
+            return;
+        }
+        if let Err(e) = checkpoint(&self.conn) {
+            tracing::warn!(error = %e, "sqlite checkpoint failed");
+        }
+    }
+
     /// Carries out `messages` (and empties it): the writes in one
     /// transaction, then the catch-ups. Unless `may_wait`, fails with
     /// [`Busy`], `messages` untouched, when another connection holds the
