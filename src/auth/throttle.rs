@@ -5,9 +5,13 @@
 //! the minute unless it presents a valid key: brute-forcing a short key
 //! becomes impractical while a legitimate user behind the same address
 //! keeps working.
+//!
+//! An IPv6 client is counted by its /64 network, as one host or site is
+//! given a whole /64 and may send from any of its 2^64 addresses; an
+//! IPv4-mapped IPv6 address counts as the IPv4 address it maps.
 
 use std::collections::HashMap;
-use std::net::IpAddr;
+use std::net::{IpAddr, Ipv6Addr};
 use std::sync::{Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -17,7 +21,16 @@ const SWEEP_AT: usize = 10_000;
 
 pub struct AuthFailures {
     limit: u32,
-    windows: Mutex<HashMap<IpAddr, Window>>,
+    tracked: Mutex<Tracked>,
+}
+
+/// The windows by client, and the count at which expired ones are swept
+/// next: twice what a sweep left (at least [`SWEEP_AT`]), so that while
+/// many addresses fail within one minute a sweep, which goes through all of
+/// them, comes ever more seldom instead of at every failure.
+struct Tracked {
+    windows: HashMap<IpAddr, Window>,
+    sweep_at: usize,
 }
 
 #[derive(Clone, Copy)]
@@ -30,18 +43,28 @@ impl AuthFailures {
     pub fn new(limit_per_minute: u32) -> Self {
         AuthFailures {
             limit: limit_per_minute,
-            windows: Mutex::new(HashMap::new()),
+            tracked: Mutex::new(Tracked {
+                windows: HashMap::new(),
+                sweep_at: SWEEP_AT,
+            }),
         }
+    }
+
+    fn tracked(&self) -> std::sync::MutexGuard<'_, Tracked> {
+        self.tracked.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     /// Counts one wrong key from `ip`.
     pub fn record(&self, ip: IpAddr) {
         let now = Instant::now();
-        let mut windows = self.windows.lock().unwrap_or_else(PoisonError::into_inner);
-        if windows.len() >= SWEEP_AT {
-            windows.retain(|_, w| now.duration_since(w.started) < WINDOW);
+        let mut tracked = self.tracked();
+        if tracked.windows.len() >= tracked.sweep_at {
+            tracked
+                .windows
+                .retain(|_, w| now.duration_since(w.started) < WINDOW);
+            tracked.sweep_at = SWEEP_AT.max(2 * tracked.windows.len());
         }
-        let window = windows.entry(ip).or_insert(Window {
+        let window = tracked.windows.entry(client(ip)).or_insert(Window {
             started: now,
             failures: 0,
         });
@@ -56,13 +79,25 @@ impl AuthFailures {
 
     /// When `ip` is over the limit: the seconds until its window ends.
     pub fn blocked(&self, ip: IpAddr) -> Option<u64> {
-        let windows = self.windows.lock().unwrap_or_else(PoisonError::into_inner);
-        let window = windows.get(&ip)?;
+        let tracked = self.tracked();
+        let window = tracked.windows.get(&client(ip))?;
         let elapsed = window.started.elapsed();
         if elapsed >= WINDOW || window.failures < self.limit {
             return None;
         }
         Some(whole_seconds_up(WINDOW - elapsed))
+    }
+}
+
+/// Whom failures from `ip` are counted against: an IPv4 address, or an
+/// IPv6 /64 network.
+fn client(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(_) => ip,
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => IpAddr::V6(Ipv6Addr::from_bits(v6.to_bits() & !u128::from(u64::MAX))),
+        },
     }
 }
 
@@ -91,6 +126,62 @@ mod tests {
         let retry = t.blocked(a).expect("blocked after 3 failures");
         assert!((1..=60).contains(&retry));
         assert_eq!(t.blocked(b), None);
+    }
+
+    #[test]
+    fn the_addresses_of_one_ipv6_64_share_a_window() {
+        let t = AuthFailures::new(3);
+        for ip in ["2001:db8:1:2::1", "2001:db8:1:2::2", "2001:db8:1:2:abcd::9"] {
+            t.record(ip.parse().unwrap());
+        }
+        assert!(t
+            .blocked("2001:db8:1:2:ffff:ffff:ffff:ffff".parse().unwrap())
+            .is_some());
+        assert_eq!(t.blocked("2001:db8:1:3::1".parse().unwrap()), None);
+    }
+
+    #[test]
+    fn an_ipv4_mapped_address_counts_as_its_ipv4_address() {
+        let t = AuthFailures::new(2);
+        t.record("::ffff:10.0.0.7".parse().unwrap());
+        t.record("10.0.0.7".parse().unwrap());
+        assert!(t.blocked("10.0.0.7".parse().unwrap()).is_some());
+        assert!(t.blocked("::ffff:10.0.0.7".parse().unwrap()).is_some());
+        assert_eq!(t.blocked("10.0.0.8".parse().unwrap()), None);
+    }
+
+    #[test]
+    fn sweeps_drop_expired_windows_and_come_less_often_while_many_fail() {
+        let t = AuthFailures::new(3);
+        let long_ago = Instant::now() - WINDOW - Duration::from_secs(1);
+        {
+            let mut tracked = t.tracked();
+            for i in 0..SWEEP_AT as u32 / 2 {
+                let ip = IpAddr::V4(i.into());
+                tracked.windows.insert(
+                    ip,
+                    Window {
+                        started: long_ago,
+                        failures: 9,
+                    },
+                );
+            }
+        }
+        // Failures from as many addresses again fill the map up to the
+        // sweep: it drops the expired half.
+        for i in 0..SWEEP_AT as u32 / 2 {
+            t.record(IpAddr::V4((u32::MAX - i).into()));
+        }
+        t.record("192.0.2.1".parse().unwrap());
+        assert_eq!(t.tracked().windows.len(), SWEEP_AT / 2 + 1);
+        assert_eq!(t.blocked(IpAddr::V4(0.into())), None);
+        // All of these are live: a sweep that found nothing to drop puts
+        // the next one at twice as many addresses.
+        for i in 0..SWEEP_AT as u32 {
+            t.record(IpAddr::V4(((1 << 24) + i).into()));
+        }
+        assert_eq!(t.tracked().sweep_at, 2 * SWEEP_AT);
+        assert_eq!(t.tracked().windows.len(), SWEEP_AT * 3 / 2 + 1);
     }
 
     #[test]
