@@ -20,6 +20,25 @@ use http_body_util::{BodyExt, LengthLimitError, Limited};
 use serde_json::Value;
 use std::sync::Arc;
 
+/// The longest request path passed on (and written to the ledger).
+/// Ollama's own paths are far shorter: a blob's, the longest but a model's
+/// under `/v1/models/`, is 82 bytes.
+const MAX_PATH: usize = 2048;
+/// The longest model name passed on (and written to the ledger and the
+/// log): no name Ollama accepts comes near it.
+const MAX_MODEL_NAME: usize = 1024;
+
+/// Refuses a client-chosen `value` longer than `limit` bytes: it would be
+/// written to the ledger and the log as it is.
+fn within(what: &str, value: &str, limit: usize) -> Result<(), ApiError> {
+    if value.len() > limit {
+        return Err(ApiError::BadRequest(format!(
+            "{what} is longer than {limit} bytes"
+        )));
+    }
+    Ok(())
+}
+
 /// A request on its way through the gateway.
 pub struct Proxied {
     pub method: Method,
@@ -58,6 +77,7 @@ pub async fn forward_streamed(
     request: Proxied,
     body: Body,
 ) -> Result<Response, ApiError> {
+    within("the request path", &request.path, MAX_PATH)?;
     let settlement = begin(state, caller, &request, None, None).await?;
     let options = options(state, &request.log, None);
     let out = Outbound {
@@ -78,6 +98,7 @@ pub async fn forward(
     request: Proxied,
     body: Bytes,
 ) -> Result<Response, ApiError> {
+    within("the request path", &request.path, MAX_PATH)?;
     if endpoint.access == Access::Admin && !caller.is_admin() {
         return Err(ApiError::Forbidden(format!(
             "{} needs the admin key",
@@ -103,6 +124,9 @@ pub async fn forward(
             debug_render: false,
         }
     };
+    if let Some(model) = &model {
+        within("the model name", model, MAX_MODEL_NAME)?;
+    }
     let limited_to = caller.key.models.as_deref().filter(|_| !caller.is_admin());
     if let (Some(allowed), Some(model)) = (limited_to, &model) {
         if !policy::model_allowed(allowed, model) {

@@ -119,6 +119,63 @@ async fn unknown_paths_are_404_json() {
 }
 
 #[tokio::test]
+async fn an_overlong_model_name_or_path_is_400_and_never_recorded() {
+    // Each would be written to the ledger and the log as it is: a free
+    // endpoint (`/api/show`) let any key write megabytes per row.
+    let app = TestApp::new().await;
+    let long = "m".repeat(1025);
+    for (path, body) in [
+        ("/api/show", format!(r#"{{"model": "{long}"}}"#)),
+        ("/api/show", format!(r#"{{"name": "{long}"}}"#)),
+        (
+            "/api/generate",
+            format!(r#"{{"model": "{long}", "prompt": "hi"}}"#),
+        ),
+        ("/chat", format!(r#"{{"model": "{long}", "messages": []}}"#)),
+        (
+            "/v1/chat/completions",
+            format!(r#"{{"model": "{long}", "messages": []}}"#),
+        ),
+    ] {
+        let response = app.keyed(path).body(body).send().await.unwrap();
+        assert_eq!(response.status(), 400, "{path}");
+        let json: serde_json::Value = response.json().await.unwrap();
+        assert!(!json["error"].is_null(), "{path}: {json}");
+    }
+    let long_path = format!("/api/{}", "p".repeat(2048));
+    for path in [format!("/v1/models/{long}"), long_path.clone()] {
+        let response = app
+            .get(&path)
+            .header("x-api-key", KEY)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 400);
+    }
+    // The admin key's streamed paths too.
+    let response = app
+        .admin(
+            reqwest::Method::POST,
+            &long_path.replace("/api/p", "/api/blobs/"),
+        )
+        .body("blob")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 400);
+    assert!(app.forwarded().is_empty());
+    assert!(app.wait_ledger(KEY, 0).await.is_empty());
+    // A name of the limit's length is passed on, for Ollama to judge.
+    let name = "m".repeat(1024);
+    app.keyed("/api/show")
+        .body(format!(r#"{{"model": "{name}"}}"#))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(app.forwarded().len(), 1);
+}
+
+#[tokio::test]
 async fn a_body_over_the_limit_is_413() {
     let app = spawn().var("MAX_BODY_BYTES", "1024").start().await;
     let prompt = "x".repeat(2000);
