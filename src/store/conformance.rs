@@ -1441,18 +1441,33 @@ async fn sqlite_a_version_1_file_is_migrated_with_its_ledger() {
     assert_eq!(rows.iter().map(|r| r.id).collect::<Vec<_>>(), [2]);
     assert_eq!(rows[0].record.credits, cr("0.6"));
     assert_eq!(s.adjustments(7).await.unwrap()[0].delta, cr("10"));
-    // New rows go after the old ones.
+    // Version 3 summed the ledger into the key's totals.
+    let totals = UsageTotals {
+        requests: 1,
+        prompt_tokens: 1,
+        completion_tokens: 2,
+        credits_spent: cr("0.6"),
+    };
+    assert_eq!(s.usage_totals(7).await.unwrap(), totals);
+    // New rows go after the old ones, and add to the totals.
     s.settle(usage(7, cr("1")), Credits::ZERO).await.unwrap();
     let rows = s.usage(Some(7), page).await.unwrap();
     assert_eq!(rows.iter().map(|r| r.id).collect::<Vec<_>>(), [3, 2]);
     assert_eq!(balance(&s, 7).await, cr("8"));
+    let totals = UsageTotals {
+        requests: 2,
+        prompt_tokens: 11,
+        completion_tokens: 22,
+        credits_spent: cr("1.6"),
+    };
+    assert_eq!(s.usage_totals(7).await.unwrap(), totals);
     drop(s);
 
     let conn = rusqlite::Connection::open(&path).unwrap();
     let version: i64 = conn
         .query_row("PRAGMA user_version", [], |r| r.get(0))
         .unwrap();
-    assert_eq!(version, 2);
+    assert_eq!(version, 3);
     let sql: String = conn
         .query_row(
             "SELECT group_concat(sql, ';') FROM sqlite_master WHERE name IN ('usage', 'adjustments')",

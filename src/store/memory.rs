@@ -25,6 +25,8 @@ struct Keys {
 struct KeyState {
     record: KeyRecord,
     reserved: Credits,
+    /// What its ledger rows add up to, kept as they are written.
+    totals: UsageTotals,
 }
 
 #[derive(Default)]
@@ -121,6 +123,7 @@ impl Store for MemoryStore {
                 Arc::new(Mutex::new(KeyState {
                     record: record.clone(),
                     reserved: Credits::ZERO,
+                    totals: UsageTotals::default(),
                 })),
             );
             record
@@ -202,6 +205,13 @@ impl Store for MemoryStore {
         let mut state = lock(&state);
         state.reserved -= reserved;
         state.record.balance -= usage.credits;
+        let totals = &mut state.totals;
+        totals.requests += 1;
+        totals.prompt_tokens = totals.prompt_tokens.saturating_add(usage.prompt_tokens);
+        totals.completion_tokens = totals
+            .completion_tokens
+            .saturating_add(usage.completion_tokens);
+        totals.credits_spent += usage.credits;
         let balance = state.record.balance;
         let mut ledger = lock(&self.ledger);
         let id = ledger.usage.len() as i64 + 1;
@@ -227,17 +237,10 @@ impl Store for MemoryStore {
     }
 
     async fn usage_totals(&self, id: KeyId) -> Result<UsageTotals, StoreError> {
-        let ledger = lock(&self.ledger);
-        Ok(ledger.usage.iter().filter(|e| e.record.key_id == id).fold(
-            UsageTotals::default(),
-            |mut t, e| {
-                t.requests += 1;
-                t.prompt_tokens += e.record.prompt_tokens;
-                t.completion_tokens += e.record.completion_tokens;
-                t.credits_spent += e.record.credits;
-                t
-            },
-        ))
+        Ok(match self.state(id) {
+            Ok(state) => lock(&state).totals.clone(),
+            Err(_) => UsageTotals::default(),
+        })
     }
 
     async fn adjustments(&self, id: KeyId) -> Result<Vec<AdjustmentEntry>, StoreError> {

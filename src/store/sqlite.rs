@@ -127,6 +127,10 @@ const MIGRATIONS: &[(&str, &str)] = &[
         "0002_ledger_without_autoincrement",
         include_str!("../../migrations/sqlite/0002_ledger_without_autoincrement.sql"),
     ),
+    (
+        "0003_usage_totals_on_keys",
+        include_str!("../../migrations/sqlite/0003_usage_totals_on_keys.sql"),
+    ),
 ];
 
 /// How long a connection waits for another one's lock before failing.
@@ -1007,10 +1011,10 @@ struct Writer {
     /// Settlements may leave their charge owed: set while a batch runs
     /// without savepoints (see [`Writer::owe`]).
     defer: bool,
-    /// The charges of this batch's settlements not yet subtracted from
-    /// their keys' rows, by key: written once per key, before any other
-    /// command and before the commit.
-    owed: Vec<(KeyId, i64)>,
+    /// The charges of this batch's settlements not yet written to their
+    /// keys' rows, by key: written once per key, before any other command
+    /// and before the commit.
+    owed: Vec<(KeyId, Charged)>,
     /// Where the next batch panics (tests of what a panic leaves).
     #[cfg(test)]
     panic_at: Option<PanicAt>,
@@ -1421,20 +1425,20 @@ impl Writer {
         if !self.defer {
             return None;
         }
-        let credits = usage.credits.millis();
+        let charged = Charged::of(usage);
         // A charge beyond i64 is refused by the RETURNING form (`settle`).
-        let after = before?.millis().checked_sub(credits)?;
+        let after = before?.millis().checked_sub(charged.credits)?;
         match self.owed.iter_mut().find(|(id, _)| *id == usage.key_id) {
-            Some((_, owed)) => *owed = owed.checked_add(credits)?,
-            None => self.owed.push((usage.key_id, credits)),
+            Some((_, owed)) => *owed = owed.plus(&charged)?,
+            None => self.owed.push((usage.key_id, charged)),
         }
         Some(Credits::from_millis(after))
     }
 
-    /// Subtracts what is owed from the keys' rows.
+    /// Writes what is owed to the keys' rows.
     fn pay_owed(&mut self) -> Result<(), StoreError> {
-        for (id, credits) in std::mem::take(&mut self.owed) {
-            charge(&self.conn, id, credits)?;
+        for (id, owed) in std::mem::take(&mut self.owed) {
+            charge(&self.conn, id, &owed)?;
         }
         Ok(())
     }
@@ -1616,33 +1620,78 @@ fn settle(
     usage: &UsageRecord,
     before: Option<Credits>,
 ) -> Result<Credits, StoreError> {
-    let (id, credits) = (usage.key_id, usage.credits.millis());
+    let (id, charged) = (usage.key_id, Charged::of(usage));
     // A charge beyond i64 (absurd token counts) would turn SQLite's
     // `balance - ?2` into a REAL: the RETURNING form refuses it, as before.
-    let known_after = before.and_then(|b| b.millis().checked_sub(credits));
+    let known_after = before.and_then(|b| b.millis().checked_sub(charged.credits));
     let balance = match known_after {
         Some(after) => {
-            charge(conn, id, credits)?;
+            charge(conn, id, &charged)?;
             Credits::from_millis(after)
         }
         None => Credits::from_millis(
-            conn.prepare_cached(
-                "UPDATE api_keys SET balance = balance - ?2 WHERE id = ?1 RETURNING balance",
-            )?
-            .query_row(params![id, credits], |r| r.get(0))
-            .optional()?
-            .ok_or(StoreError::NoSuchKey(id))?,
+            conn.prepare_cached(&format!("{CHARGE} RETURNING balance"))?
+                .query_row(charged.params(id), |r| r.get(0))
+                .optional()?
+                .ok_or(StoreError::NoSuchKey(id))?,
         ),
     };
     record_usage(conn, usage)?;
     Ok(balance)
 }
 
-/// Subtracts `credits` (thousandths) from key `id`'s balance.
-fn charge(conn: &Connection, id: KeyId, credits: i64) -> Result<(), StoreError> {
-    let updated = conn
-        .prepare_cached("UPDATE api_keys SET balance = balance - ?2 WHERE id = ?1")?
-        .execute(params![id, credits])?;
+/// What settlements write to their key's row: the credits charged, and the
+/// usage totals they add to (`GET /me` reads them there).
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+struct Charged {
+    credits: i64,
+    requests: i64,
+    prompt_tokens: i64,
+    completion_tokens: i64,
+}
+
+impl Charged {
+    fn of(usage: &UsageRecord) -> Charged {
+        Charged {
+            credits: usage.credits.millis(),
+            requests: 1,
+            prompt_tokens: i64_of(usage.prompt_tokens),
+            completion_tokens: i64_of(usage.completion_tokens),
+        }
+    }
+
+    /// Both together, unless a sum leaves i64.
+    fn plus(&self, other: &Charged) -> Option<Charged> {
+        Some(Charged {
+            credits: self.credits.checked_add(other.credits)?,
+            requests: self.requests.checked_add(other.requests)?,
+            prompt_tokens: self.prompt_tokens.checked_add(other.prompt_tokens)?,
+            completion_tokens: self
+                .completion_tokens
+                .checked_add(other.completion_tokens)?,
+        })
+    }
+
+    fn params(&self, id: KeyId) -> [i64; 5] {
+        [
+            id,
+            self.credits,
+            self.requests,
+            self.prompt_tokens,
+            self.completion_tokens,
+        ]
+    }
+}
+
+/// Writes settlements to their key's row (parameters: [`Charged::params`]).
+const CHARGE: &str = "UPDATE api_keys SET balance = balance - ?2, \
+     used_credits = used_credits + ?2, used_requests = used_requests + ?3, \
+     used_prompt_tokens = used_prompt_tokens + ?4, \
+     used_completion_tokens = used_completion_tokens + ?5 WHERE id = ?1";
+
+/// Writes `charged` to key `id`'s row.
+fn charge(conn: &Connection, id: KeyId, charged: &Charged) -> Result<(), StoreError> {
+    let updated = conn.prepare_cached(CHARGE)?.execute(charged.params(id))?;
     if updated == 0 {
         return Err(StoreError::NoSuchKey(id));
     }
@@ -1792,9 +1841,8 @@ impl Store for SqliteStore {
     async fn usage_totals(&self, id: KeyId) -> Result<UsageTotals, StoreError> {
         self.read(move |c| {
             Ok(c.prepare_cached(
-                "SELECT COUNT(*), COALESCE(SUM(prompt_tokens), 0), \
-                 COALESCE(SUM(completion_tokens), 0), COALESCE(SUM(credits), 0) \
-                 FROM usage WHERE key_id = ?1",
+                "SELECT used_requests, used_prompt_tokens, used_completion_tokens, \
+                     used_credits FROM api_keys WHERE id = ?1",
             )?
             .query_row([id], |r| {
                 Ok(UsageTotals {
@@ -1803,7 +1851,9 @@ impl Store for SqliteStore {
                     completion_tokens: u64_column(r, 2)?,
                     credits_spent: Credits::from_millis(r.get(3)?),
                 })
-            })?)
+            })
+            .optional()?
+            .unwrap_or_default())
         })
         .await
     }

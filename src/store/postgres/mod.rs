@@ -1484,13 +1484,13 @@ impl Store for PostgresStore {
 
     async fn usage_totals(&self, id: KeyId) -> Result<UsageTotals, StoreError> {
         let (requests, prompt, completion, credits): (i64, i64, i64, i64) = sqlx::query_as(
-            "SELECT COUNT(*), COALESCE(SUM(prompt_tokens), 0)::BIGINT, \
-             COALESCE(SUM(completion_tokens), 0)::BIGINT, COALESCE(SUM(credits), 0)::BIGINT \
-             FROM usage WHERE key_id = $1",
+            "SELECT used_requests, used_prompt_tokens, used_completion_tokens, used_credits \
+             FROM api_keys WHERE id = $1",
         )
         .bind(id)
-        .fetch_one(&self.pool)
-        .await?;
+        .fetch_optional(&self.pool)
+        .await?
+        .unwrap_or_default();
         let count = |v: i64| u64::try_from(v).map_err(|_| backend(format!("negative total {v}")));
         Ok(UsageTotals {
             requests: count(requests)?,
