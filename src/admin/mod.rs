@@ -10,7 +10,9 @@ use crate::credits::Credits;
 use crate::error::ApiError;
 use crate::routes::account::{page_request, usage_page, MAX_PAGE};
 use crate::routes::forward::read_limited;
-use crate::store::{BalanceChange, KeyId, KeyPatch, PageRequest, Role};
+use crate::store::{
+    BalanceChange, KeyId, KeyPatch, PageRequest, Role, SharedStore, StoreError, UsageEntry,
+};
 use axum::body::{Body, Bytes};
 use axum::extract::{FromRequest, Path, Query, Request, State};
 use axum::http::{header, StatusCode, Uri};
@@ -261,8 +263,8 @@ async fn usage(
         }
         Some(format @ ("csv" | "ndjson")) => {
             let csv = format == "csv";
-            let text = export(
-                &state,
+            let body = export(
+                state.store.clone(),
                 filter.key,
                 if csv { Format::Csv } else { Format::Ndjson },
             )
@@ -272,7 +274,7 @@ async fn usage(
             } else {
                 "application/x-ndjson"
             };
-            Ok(([(header::CONTENT_TYPE, content_type)], Body::from(text)).into_response())
+            Ok(([(header::CONTENT_TYPE, content_type)], body).into_response())
         }
         Some(other) => Err(ApiError::BadRequest(format!(
             "format {other:?}: expected json, csv or ndjson"
@@ -280,30 +282,56 @@ async fn usage(
     }
 }
 
-/// The whole ledger (of one key, or all), newest first.
-pub async fn export(
-    state: &AppState,
-    key: Option<KeyId>,
-    format: Format,
-) -> Result<String, ApiError> {
-    let mut out = String::new();
-    if format == Format::Csv {
-        out.push_str(export::CSV_HEADER);
-        out.push('\n');
+/// The whole ledger (of one key, or all), newest first, as a body that
+/// reads it a page at a time as the client takes it: an export of any
+/// size holds one page in memory. The first page is read before the
+/// response starts, so that a store that fails at once gets its error
+/// status; a failure after that cuts the body short, which the client sees
+/// as an incomplete reply.
+async fn export(store: SharedStore, key: Option<KeyId>, format: Format) -> Result<Body, ApiError> {
+    /// Where the export goes on from.
+    enum Next {
+        Page(Vec<UsageEntry>),
+        Before(i64),
+        Done,
     }
-    let mut before = None;
-    loop {
-        let page = PageRequest {
-            limit: MAX_PAGE,
-            before,
-        };
-        let rows = state.store.usage(key, page).await?;
-        let Some(last) = rows.last() else { break };
-        before = Some(last.id);
-        for row in rows {
-            out.push_str(&export::line(row, format));
-            out.push('\n');
+    let page = |before| PageRequest {
+        limit: MAX_PAGE,
+        before,
+    };
+    let first = store.usage(key, page(None)).await?;
+    let header = match format {
+        Format::Csv => format!("{}\n", export::CSV_HEADER),
+        Format::Ndjson => String::new(),
+    };
+    let pages = futures_util::stream::try_unfold(Next::Page(first), move |next| {
+        let store = store.clone();
+        async move {
+            let rows = match next {
+                Next::Done => return Ok::<_, StoreError>(None),
+                Next::Page(rows) => rows,
+                Next::Before(id) => store.usage(key, page(Some(id))).await?,
+            };
+            let Some(last) = rows.last().map(|row| row.id) else {
+                return Ok(None);
+            };
+            // Rows added meanwhile are newer than the first page: a short
+            // page is the last.
+            let next = if rows.len() < MAX_PAGE as usize {
+                Next::Done
+            } else {
+                Next::Before(last)
+            };
+            let mut text = String::new();
+            for row in rows {
+                text.push_str(&export::line(row, format));
+                text.push('\n');
+            }
+            Ok(Some((Bytes::from(text), next)))
         }
-    }
-    Ok(out)
+    });
+    let header = futures_util::stream::once(async move { Ok(Bytes::from(header)) });
+    Ok(Body::from_stream(futures_util::StreamExt::chain(
+        header, pages,
+    )))
 }

@@ -335,3 +335,50 @@ async fn admin_usage_exports_csv_and_ndjson() {
         .unwrap();
     ollama_error(bad, 400).await;
 }
+
+#[tokio::test]
+async fn an_export_longer_than_a_page_is_whole_and_in_order() {
+    // The export is read a page (1,000 rows) at a time as the client takes
+    // it: page boundaries must lose and repeat nothing.
+    let app = TestApp::new().await;
+    let id = app.key_of(KEY).await.id;
+    let rows = 2_345u64;
+    for n in 0..rows {
+        let record = tollgate::store::UsageRecord {
+            time: 1,
+            key_id: id,
+            endpoint: "/api/chat".into(),
+            model: Some("mistral".into()),
+            status: 200,
+            prompt_tokens: 0,
+            completion_tokens: 0,
+            credits: Credits::ZERO,
+            duration_ms: n,
+        };
+        app.store.settle(record, Credits::ZERO).await.unwrap();
+    }
+    let csv = app
+        .admin(Method::GET, "/admin/usage?format=csv")
+        .fetch_text()
+        .await;
+    let durations: Vec<u64> = csv
+        .lines()
+        .skip(1)
+        .map(|line| line.rsplit(',').next().unwrap().parse().unwrap())
+        .collect();
+    assert!(csv.starts_with("time,key_id,"));
+    assert_eq!(durations, (0..rows).rev().collect::<Vec<_>>());
+    let ndjson = app
+        .admin(Method::GET, &format!("/admin/usage?format=ndjson&key={id}"))
+        .fetch_text()
+        .await;
+    let durations: Vec<u64> = ndjson
+        .lines()
+        .map(|line| {
+            serde_json::from_str::<Value>(line).unwrap()["duration_ms"]
+                .as_u64()
+                .unwrap()
+        })
+        .collect();
+    assert_eq!(durations, (0..rows).rev().collect::<Vec<_>>());
+}
