@@ -33,6 +33,8 @@ pub enum ApiError {
     MethodNotAllowed(String),
     #[error("request body larger than {limit} bytes")]
     PayloadTooLarge { limit: usize },
+    #[error("{0}")]
+    RequestTimeout(String),
     #[error("{message}")]
     TooManyRequests { retry_after: u64, message: String },
     #[error("{0}")]
@@ -55,6 +57,7 @@ impl ApiError {
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::RequestTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             ApiError::TooManyRequests { .. } => StatusCode::TOO_MANY_REQUESTS,
             ApiError::BadGateway(_) => StatusCode::BAD_GATEWAY,
             ApiError::GatewayTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
@@ -68,6 +71,7 @@ impl ApiError {
         match self {
             ApiError::BadRequest(_)
             | ApiError::PayloadTooLarge { .. }
+            | ApiError::RequestTimeout(_)
             | ApiError::MethodNotAllowed(_) => ("invalid_request_error", None),
             ApiError::Unauthorized(_) => ("invalid_request_error", Some("invalid_api_key")),
             ApiError::PaymentRequired { .. } => ("insufficient_quota", Some("insufficient_quota")),

@@ -44,11 +44,12 @@ const BODY_LIMIT: usize = 1024 * 1024;
 /// answer in plain text).
 struct JsonBody<T>(T);
 
-impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for JsonBody<T> {
+impl<T: DeserializeOwned> FromRequest<AppState> for JsonBody<T> {
     type Rejection = ApiError;
 
-    async fn from_request(request: Request, _: &S) -> Result<Self, ApiError> {
-        let body = read_limited(request.into_body(), BODY_LIMIT).await?;
+    async fn from_request(request: Request, state: &AppState) -> Result<Self, ApiError> {
+        let idle = state.config.client_header_timeout;
+        let body = read_limited(request.into_body(), BODY_LIMIT, idle).await?;
         parse(&body).map(JsonBody)
     }
 }

@@ -15,10 +15,11 @@ use crate::telemetry::RequestLog;
 use axum::body::Body;
 use axum::http::{HeaderMap, Method};
 use axum::response::Response;
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use http_body_util::{BodyExt, LengthLimitError, Limited};
 use serde_json::Value;
 use std::sync::Arc;
+use std::time::Duration;
 
 /// The longest request path passed on (and written to the ledger).
 /// Ollama's own paths are far shorter: a blob's, the longest but a model's
@@ -51,22 +52,73 @@ pub struct Proxied {
     pub log: Option<Arc<RequestLog>>,
 }
 
-/// Reads a request body, refusing one over `MAX_BODY_BYTES` with 413.
+/// Reads a request body, refusing one over `MAX_BODY_BYTES` with 413 and
+/// one that pauses longer than `CLIENT_HEADER_TIMEOUT_SECS` with 408.
 pub async fn read_body(state: &AppState, body: Body) -> Result<Bytes, ApiError> {
-    read_limited(body, state.config.max_body_bytes).await
+    read_limited(
+        body,
+        state.config.max_body_bytes,
+        state.config.client_header_timeout,
+    )
+    .await
 }
 
-/// Reads a request body, refusing one over `limit` bytes with 413.
-pub async fn read_limited(body: Body, limit: usize) -> Result<Bytes, ApiError> {
-    match Limited::new(body, limit).collect().await {
-        Ok(collected) => Ok(collected.to_bytes()),
-        Err(e) if e.downcast_ref::<LengthLimitError>().is_some() => {
-            Err(ApiError::PayloadTooLarge { limit })
+/// Reads a request body, refusing one over `limit` bytes with 413 and,
+/// with an `idle` limit, one that sends nothing for that long with 408: a
+/// client cannot hold a request (and what it has sent so far) open by
+/// sending its body slowly or not at all.
+pub async fn read_limited(
+    body: Body,
+    limit: usize,
+    idle: Option<Duration>,
+) -> Result<Bytes, ApiError> {
+    let mut body = Limited::new(body, limit);
+    let gap = tokio::time::sleep(idle.unwrap_or(Duration::MAX));
+    tokio::pin!(gap);
+    // One chunk (the usual case) is kept as it came; more are joined.
+    let mut first: Option<Bytes> = None;
+    let mut joined = BytesMut::new();
+    loop {
+        let frame = tokio::select! {
+            frame = body.frame() => frame,
+            () = &mut gap => {
+                return Err(ApiError::RequestTimeout(format!(
+                    "the request body sent nothing for {} s",
+                    idle.unwrap_or(Duration::MAX).as_secs()
+                )));
+            }
+        };
+        let data = match frame {
+            None => break,
+            Some(Ok(frame)) => match frame.into_data() {
+                Ok(data) => data,
+                Err(_) => continue,
+            },
+            Some(Err(e)) if e.downcast_ref::<LengthLimitError>().is_some() => {
+                return Err(ApiError::PayloadTooLarge { limit });
+            }
+            Some(Err(e)) => {
+                return Err(ApiError::BadRequest(format!(
+                    "could not read the request body: {e}"
+                )));
+            }
+        };
+        if let Some(idle) = idle {
+            gap.as_mut().reset(tokio::time::Instant::now() + idle);
         }
-        Err(e) => Err(ApiError::BadRequest(format!(
-            "could not read the request body: {e}"
-        ))),
+        match first.take() {
+            None if joined.is_empty() => first = Some(data),
+            None => joined.extend_from_slice(&data),
+            Some(earlier) => {
+                joined.extend_from_slice(&earlier);
+                joined.extend_from_slice(&data);
+            }
+        }
     }
+    Ok(match first {
+        Some(only) => only,
+        None => joined.freeze(),
+    })
 }
 
 /// Forwards a request whose body is streamed through unread (admin keys on

@@ -1,11 +1,13 @@
 //! Client connections (`CLIENT_HEADER_TIMEOUT_SECS`): a connection that does
 //! not send a request's head in time is closed, whether it never sends one,
-//! sends it too slowly, or sits idle after a response.
+//! sends it too slowly, or sits idle after a response; a request body that
+//! pauses for as long is refused with 408.
 
-use crate::support::spawn;
+use crate::support::{spawn, ADMIN, KEY};
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
+use tollgate::credits::Credits;
 
 /// Longer than any header timeout these tests set, by far.
 const PATIENCE: Duration = Duration::from_secs(15);
@@ -112,4 +114,64 @@ async fn requests_in_time_keep_a_connection_and_zero_means_no_limit() {
             assert!(response.starts_with("HTTP/1.1 200"), "{response}");
         }
     }
+}
+
+#[tokio::test]
+async fn a_request_body_that_stalls_is_408() {
+    let app = spawn().var("CLIENT_HEADER_TIMEOUT_SECS", "1").start().await;
+    let body = r#"{"model": "mistral", "prompt": "hi"}"#;
+    let half = &body[..10];
+    let heads = [
+        // A declared length, half of it sent.
+        format!(
+            "POST /api/generate HTTP/1.1\r\nHost: tollgate\r\nx-api-key: {KEY}\r\n\
+             Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{half}",
+            body.len()
+        ),
+        // Chunked, one chunk sent, never the last.
+        format!(
+            "POST /api/generate HTTP/1.1\r\nHost: tollgate\r\nx-api-key: {KEY}\r\n\
+             Transfer-Encoding: chunked\r\n\r\n{:x}\r\n{half}\r\n",
+            half.len()
+        ),
+        // An admin API body.
+        format!(
+            "POST /admin/keys HTTP/1.1\r\nHost: tollgate\r\nx-api-key: {ADMIN}\r\n\
+             Content-Length: 40\r\n\r\n{{\"name\": "
+        ),
+    ];
+    for head in heads {
+        let mut stream = TcpStream::connect(app.addr).await.unwrap();
+        stream.write_all(head.as_bytes()).await.unwrap();
+        let got = read_until_closed(&mut stream)
+            .await
+            .expect("answered, not held open");
+        let got = String::from_utf8_lossy(&got);
+        assert!(got.starts_with("HTTP/1.1 408"), "{got}");
+        assert!(got.contains(r#"{"error":"#), "{got}");
+    }
+    assert!(app.forwarded().is_empty());
+    assert_eq!(app.balance_of(KEY).await, Credits::whole(10));
+}
+
+#[tokio::test]
+async fn a_body_sent_slowly_but_steadily_is_read() {
+    let app = spawn().var("CLIENT_HEADER_TIMEOUT_SECS", "1").start().await;
+    let body = r#"{"model": "mistral", "prompt": "hi"}"#;
+    let mut stream = TcpStream::connect(app.addr).await.unwrap();
+    let head = format!(
+        "POST /api/generate HTTP/1.1\r\nHost: tollgate\r\nx-api-key: {KEY}\r\n\
+         Connection: close\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    );
+    stream.write_all(head.as_bytes()).await.unwrap();
+    // Longer in all than the limit, never idle for as long.
+    for piece in body.as_bytes().chunks(8) {
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        stream.write_all(piece).await.unwrap();
+    }
+    let got = read_until_closed(&mut stream).await.expect("answered");
+    let got = String::from_utf8_lossy(&got);
+    assert!(got.starts_with("HTTP/1.1 200"), "{got}");
+    assert_eq!(app.forwarded().len(), 1);
 }
