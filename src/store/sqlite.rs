@@ -99,7 +99,10 @@
 //! between two batches and on the writer thread, checkpoints the few frames
 //! committed meanwhile, and its next commit starts the WAL over. The WAL
 //! file thus stays at a few MiB (`journal_size_limit` cuts it back to
-//! [`WAL_SIZE_LIMIT`] when it was left larger).
+//! [`WAL_SIZE_LIMIT`] when it was left larger). A reader using the WAL at
+//! that moment (another connection's, or the pool's) keeps it from being
+//! started over; should readers do so every time, the writer waits for
+//! them, briefly, once the WAL is [`RESTART_AT_FRAMES`] long.
 //!
 //! # Schema
 //!
@@ -145,6 +148,12 @@ pub(crate) const CHECKPOINT_EVERY: u32 = 200;
 /// When the WAL starts over, its file is cut back to this size if larger
 /// (`PRAGMA journal_size_limit`).
 const WAL_SIZE_LIMIT: i64 = 16 << 20;
+/// A WAL this long (in frames of a 4 KiB page: 16 MiB, three to four times
+/// its usual length at its longest) that readers kept from starting over
+/// is started over by the writer, which waits for them ([`RESTART_WAIT`]).
+const RESTART_AT_FRAMES: i64 = 4096;
+/// How long the writer waits for readers to move off the WAL.
+const RESTART_WAIT: Duration = Duration::from_millis(100);
 
 pub struct SqliteStore {
     writer: Arc<WriteQueue>,
@@ -1055,8 +1064,8 @@ impl NotStarted {
 }
 
 /// Starts the thread that checkpoints the WAL whenever it is asked, on a
-/// connection of its own, and sets `done` after each checkpoint that was
-/// not kept from its work; it ends when the writer drops its sender.
+/// connection of its own, and sets `done` after each; it ends when the
+/// writer drops its sender.
 fn spawn_checkpointer(
     path: &Path,
     done: Arc<AtomicBool>,
@@ -1067,9 +1076,9 @@ fn spawn_checkpointer(
         .name("tollgate-sqlite-checkpoint".into())
         .spawn(move || {
             while rx.recv().is_ok() {
-                // Best effort: readers may hold part of the WAL; a later
-                // checkpoint gets the rest.
-                if matches!(checkpoint(&conn), Ok(false)) {
+                // Best effort: readers may hold part of the WAL; the
+                // writer's part, or a later checkpoint, gets the rest.
+                if checkpoint_in(&conn, "PASSIVE").is_ok() {
                     done.store(true, Ordering::Release);
                 }
             }
@@ -1078,12 +1087,24 @@ fn spawn_checkpointer(
     Ok(tx)
 }
 
-/// A passive checkpoint: copies what it can of the WAL into the file
-/// without waiting for anyone. Says whether another connection's lock kept
-/// it from the WAL.
-fn checkpoint(conn: &Connection) -> rusqlite::Result<bool> {
-    conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |row| {
-        row.get::<_, i64>(0).map(|busy| busy != 0)
+/// What `PRAGMA wal_checkpoint` reports.
+struct Checkpointed {
+    /// Another connection's lock kept it from (part of) its work.
+    busy: bool,
+    /// Frames in the WAL.
+    frames: i64,
+}
+
+/// A checkpoint: `PASSIVE` copies what it can of the WAL into the file
+/// without waiting for anyone; `RESTART` waits (the connection's busy
+/// timeout) for the readers and writers it needs out of the way, copies
+/// all and starts the WAL over.
+fn checkpoint_in(conn: &Connection, mode: &str) -> rusqlite::Result<Checkpointed> {
+    conn.query_row(&format!("PRAGMA wal_checkpoint({mode})"), [], |row| {
+        Ok(Checkpointed {
+            busy: row.get::<_, i64>(0)? != 0,
+            frames: row.get(1)?,
+        })
     })
 }
 
@@ -1100,13 +1121,38 @@ impl Writer {
     /// every frame is then in the file, and the next commit writes the WAL
     /// from its beginning again instead of appending to it. Only on the
     /// writer thread: the copy ends with an `fsync` of the file.
+    ///
+    /// A reader that holds the WAL keeps it from being started over; should
+    /// readers hold it each time, for [`RESTART_AT_FRAMES`], the writer
+    /// waits for them to move off it ([`RESTART_WAIT`] at most) and starts
+    /// it over itself (a `RESTART` checkpoint). Readers that never pause
+    /// can outlast that wait too (it is tried again at the next
+    /// checkpoint): the WAL then stays within a few times that length.
     fn finish_checkpoint(&mut self) {
         if !self.conn.is_autocommit() || !self.checkpointed.swap(false, Ordering::AcqRel) {
             return;
         }
-        if let Err(e) = checkpoint(&self.conn) {
-            tracing::warn!(error = %e, "sqlite checkpoint failed");
+        let frames = match checkpoint_in(&self.conn, "PASSIVE") {
+            Ok(done) => done.frames,
+            Err(e) => {
+                tracing::warn!(error = %e, "sqlite checkpoint failed");
+                return;
+            }
+        };
+        if frames < RESTART_AT_FRAMES {
+            return;
         }
+        let waits = self.waits;
+        if self.conn.busy_timeout(RESTART_WAIT).is_ok() {
+            if let Ok(Checkpointed { busy: true, .. }) | Err(_) =
+                checkpoint_in(&self.conn, "RESTART")
+            {
+                tracing::warn!(frames, "sqlite: readers kept the WAL from starting over");
+            }
+        }
+        // As it was: `wait_for_locks` compares with `waits`.
+        let timeout = if waits { BUSY_TIMEOUT } else { Duration::ZERO };
+        let _ = self.conn.busy_timeout(timeout);
     }
 
     /// Carries out `messages` (and empties it): the writes in one
