@@ -290,13 +290,7 @@ impl Relay {
     /// line or event. Ollama flushes whole lines, so usually the bytes are
     /// exactly that and pass through without a copy.
     fn complete_units(&mut self, bytes: Bytes) -> Option<Bytes> {
-        let delimiter = self.wire.delimiter();
-        if self.pending.is_empty() && bytes.ends_with(delimiter) {
-            return Some(bytes);
-        }
-        self.pending.extend_from_slice(&bytes);
-        let end = memchr::memmem::rfind(&self.pending, delimiter)? + delimiter.len();
-        Some(self.pending.split_to(end).freeze())
+        take_complete(&mut self.pending, bytes, self.wire.delimiter())
     }
 
     /// Records complete units with the guard and returns what goes to the
@@ -438,5 +432,69 @@ impl Drop for Relay {
         if let Some(log) = &self.log {
             log.add_upstream_wait(self.upstream_wait);
         }
+    }
+}
+
+/// Adds `bytes` to `pending` and takes out everything up to the last
+/// `delimiter` in it, if any. Only the new bytes (and the delimiter's
+/// length less one before them, where a delimiter split between two reads
+/// may begin) are searched: a long line arriving in many reads (a final
+/// line with its `context`) costs its length once, not once per read.
+fn take_complete(pending: &mut BytesMut, bytes: Bytes, delimiter: &[u8]) -> Option<Bytes> {
+    if pending.is_empty() && bytes.ends_with(delimiter) {
+        return Some(bytes);
+    }
+    let from = pending.len().saturating_sub(delimiter.len() - 1);
+    pending.extend_from_slice(&bytes);
+    let end = from + memchr::memmem::rfind(&pending[from..], delimiter)? + delimiter.len();
+    Some(pending.split_to(end).freeze())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Feeds `reads` one by one; returns what came out of each.
+    fn feed(reads: &[&str], delimiter: &str) -> Vec<Option<String>> {
+        let mut pending = BytesMut::new();
+        reads
+            .iter()
+            .map(|read| {
+                take_complete(
+                    &mut pending,
+                    Bytes::copy_from_slice(read.as_bytes()),
+                    delimiter.as_bytes(),
+                )
+                .map(|out| String::from_utf8(out.to_vec()).unwrap())
+            })
+            .collect()
+    }
+
+    #[test]
+    fn complete_units_come_out_whole_however_the_reads_split_them() {
+        assert_eq!(
+            feed(&["{\"a\":1}\n", "{\"b\"", ":2}\n{\"c\"", ":3}\n"], "\n"),
+            [
+                Some("{\"a\":1}\n".into()),
+                None,
+                Some("{\"b\":2}\n".into()),
+                Some("{\"c\":3}\n".into()),
+            ]
+        );
+        // SSE's two-byte delimiter split between two reads.
+        assert_eq!(
+            feed(&["data: 1\n", "\ndata: 2\n", "\n"], "\n\n"),
+            [None, Some("data: 1\n\n".into()), Some("data: 2\n\n".into()),]
+        );
+        // A long line in many reads comes out once, whole.
+        let long: Vec<String> = (0..500).map(|i| format!("{i},")).collect();
+        let mut reads: Vec<&str> = long.iter().map(String::as_str).collect();
+        reads.push("]}\n");
+        let out = feed(&reads, "\n");
+        assert!(out[..500].iter().all(Option::is_none));
+        assert_eq!(
+            out[500].as_deref(),
+            Some(format!("{}]}}\n", long.concat()).as_str())
+        );
     }
 }
