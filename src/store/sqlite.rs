@@ -153,7 +153,7 @@ const WAL_SIZE_LIMIT: i64 = 16 << 20;
 /// is started over by the writer, which waits for them ([`RESTART_WAIT`]).
 const RESTART_AT_FRAMES: i64 = 4096;
 /// How long the writer waits for readers to move off the WAL.
-const RESTART_WAIT: Duration = Duration::from_millis(100);
+const RESTART_WAIT: Duration = Duration::from_millis(200);
 
 pub struct SqliteStore {
     writer: Arc<WriteQueue>,
@@ -1142,12 +1142,24 @@ impl Writer {
         if frames < RESTART_AT_FRAMES {
             return;
         }
+        // While the writer commits nothing, a reader's next transaction
+        // reads the WAL as it is, so the first attempt copies all of it;
+        // readers that begin after that read the file alone, and the
+        // attempt after the last older reader has ended starts the WAL
+        // over. SQLite stops waiting at the first reader it finds busy, so
+        // the attempts are repeated, each waiting a little.
         let waits = self.waits;
-        if self.conn.busy_timeout(RESTART_WAIT).is_ok() {
-            if let Ok(Checkpointed { busy: true, .. }) | Err(_) =
-                checkpoint_in(&self.conn, "RESTART")
-            {
-                tracing::warn!(frames, "sqlite: readers kept the WAL from starting over");
+        let deadline = Instant::now() + RESTART_WAIT;
+        if self.conn.busy_timeout(Duration::from_millis(5)).is_ok() {
+            loop {
+                match checkpoint_in(&self.conn, "RESTART") {
+                    Ok(Checkpointed { busy: false, .. }) => break,
+                    _ if Instant::now() >= deadline => {
+                        tracing::warn!(frames, "sqlite: readers kept the WAL from starting over");
+                        break;
+                    }
+                    _ => std::thread::sleep(Duration::from_millis(1)),
+                }
             }
         }
         // As it was: `wait_for_locks` compares with `waits`.
@@ -1706,15 +1718,16 @@ impl Charged {
         }
     }
 
-    /// Both together, unless a sum leaves i64.
+    /// Both together, unless the credits leave i64 (the counts stop at
+    /// its largest value, as the row's totals do).
     fn plus(&self, other: &Charged) -> Option<Charged> {
         Some(Charged {
             credits: self.credits.checked_add(other.credits)?,
-            requests: self.requests.checked_add(other.requests)?,
-            prompt_tokens: self.prompt_tokens.checked_add(other.prompt_tokens)?,
+            requests: self.requests.saturating_add(other.requests),
+            prompt_tokens: self.prompt_tokens.saturating_add(other.prompt_tokens),
             completion_tokens: self
                 .completion_tokens
-                .checked_add(other.completion_tokens)?,
+                .saturating_add(other.completion_tokens),
         })
     }
 
@@ -1730,10 +1743,14 @@ impl Charged {
 }
 
 /// Writes settlements to their key's row (parameters: [`Charged::params`]).
+/// The totals stop at the largest integer, as each ledger count does (a
+/// sum beyond it would make SQLite store a float).
 const CHARGE: &str = "UPDATE api_keys SET balance = balance - ?2, \
-     used_credits = used_credits + ?2, used_requests = used_requests + ?3, \
-     used_prompt_tokens = used_prompt_tokens + ?4, \
-     used_completion_tokens = used_completion_tokens + ?5 WHERE id = ?1";
+     used_credits = MIN(used_credits + ?2, 9223372036854775807), \
+     used_requests = MIN(used_requests + ?3, 9223372036854775807), \
+     used_prompt_tokens = MIN(used_prompt_tokens + ?4, 9223372036854775807), \
+     used_completion_tokens = MIN(used_completion_tokens + ?5, 9223372036854775807) \
+     WHERE id = ?1";
 
 /// Writes `charged` to key `id`'s row.
 fn charge(conn: &Connection, id: KeyId, charged: &Charged) -> Result<(), StoreError> {
