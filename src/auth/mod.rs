@@ -72,19 +72,28 @@ impl FromRequestParts<AppState> for Caller {
                     .into(),
             ));
         };
-        if let Some(retry_after) = client.and_then(|ip| state.auth_failures.blocked(ip)) {
-            // Over the limit of wrong keys: only a valid key still gets in.
+        if let Some((ip, retry_after)) =
+            client.and_then(|ip| Some((ip, state.auth_failures.blocked(ip)?)))
+        {
+            // Over the limit of wrong keys: only a key that has
+            // authenticated from here since the first wrong one gets in; a
+            // guess, right or wrong, gets the same 429.
             let key = lookup(state, presented).await?;
             return match key {
-                Some(key) => Ok(remember(parts, key)),
-                None => Err(ApiError::TooManyRequests {
+                Some(key) if state.auth_failures.knows(ip, key.id) => Ok(remember(parts, key)),
+                _ => Err(ApiError::TooManyRequests {
                     retry_after,
                     message: "too many failed authentication attempts from this address".into(),
                 }),
             };
         }
         match lookup(state, presented).await? {
-            Some(key) => Ok(remember(parts, key)),
+            Some(key) => {
+                if let Some(ip) = client {
+                    state.auth_failures.succeeded(ip, key.id);
+                }
+                Ok(remember(parts, key))
+            }
             None => {
                 if let Some(ip) = client {
                     state.auth_failures.record(ip);

@@ -2,9 +2,12 @@
 //!
 //! Wrong keys are counted per client address in fixed one-minute windows.
 //! Past the limit, the address gets 429 with `Retry-After` for the rest of
-//! the minute unless it presents a valid key: brute-forcing a short key
-//! becomes impractical while a legitimate user behind the same address
-//! keeps working.
+//! the minute, for every key but those that have authenticated from it
+//! since its first wrong key: a legitimate user behind the same address
+//! who is at work keeps working, while a guess, even a right one, gets
+//! the same 429 as a wrong one (were a right guess let in, the limit would
+//! not slow guessing at all). A key first used from a blocked address
+//! waits for the end of its minute.
 //!
 //! An IPv6 client is counted by its /64 network, as one host or site is
 //! given a whole /64 and may send from any of its 2^64 addresses; an
@@ -15,13 +18,21 @@ use std::net::{IpAddr, Ipv6Addr};
 use std::sync::{Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
+use crate::store::KeyId;
+use std::sync::atomic::{AtomicBool, Ordering};
+
 const WINDOW: Duration = Duration::from_secs(60);
 /// Above this many tracked addresses, expired windows are swept.
 const SWEEP_AT: usize = 10_000;
+/// Keys remembered per address (the latest ones).
+const KNOWN_KEYS: usize = 16;
 
 pub struct AuthFailures {
     limit: u32,
     tracked: Mutex<Tracked>,
+    /// Whether any address is tracked: a successful authentication, the
+    /// common case, looks no further when none is.
+    any: AtomicBool,
 }
 
 /// The windows by client, and the count at which expired ones are swept
@@ -33,10 +44,12 @@ struct Tracked {
     sweep_at: usize,
 }
 
-#[derive(Clone, Copy)]
 struct Window {
     started: Instant,
     failures: u32,
+    /// Keys that authenticated from the address since its first wrong key
+    /// (kept when a new window starts).
+    known: Vec<KeyId>,
 }
 
 impl AuthFailures {
@@ -47,6 +60,7 @@ impl AuthFailures {
                 windows: HashMap::new(),
                 sweep_at: SWEEP_AT,
             }),
+            any: AtomicBool::new(false),
         }
     }
 
@@ -63,18 +77,48 @@ impl AuthFailures {
                 .windows
                 .retain(|_, w| now.duration_since(w.started) < WINDOW);
             tracked.sweep_at = SWEEP_AT.max(2 * tracked.windows.len());
+            self.any
+                .store(!tracked.windows.is_empty(), Ordering::Relaxed);
         }
         let window = tracked.windows.entry(client(ip)).or_insert(Window {
             started: now,
             failures: 0,
+            known: Vec::new(),
         });
         if now.duration_since(window.started) >= WINDOW {
-            *window = Window {
-                started: now,
-                failures: 0,
-            };
+            window.started = now;
+            window.failures = 0;
         }
         window.failures = window.failures.saturating_add(1);
+        self.any.store(true, Ordering::Relaxed);
+    }
+
+    /// Notes that `key` authenticated from `ip`, if the address has wrong
+    /// keys on record.
+    pub fn succeeded(&self, ip: IpAddr, key: KeyId) {
+        if !self.any.load(Ordering::Relaxed) {
+            return;
+        }
+        let mut tracked = self.tracked();
+        let Some(window) = tracked.windows.get_mut(&client(ip)) else {
+            return;
+        };
+        if !window.known.contains(&key) {
+            if window.known.len() == KNOWN_KEYS {
+                window.known.remove(0);
+            }
+            window.known.push(key);
+        }
+    }
+
+    /// Whether `key` may authenticate from `ip` while the address is
+    /// blocked: it did since the address's first wrong key.
+    pub fn knows(&self, ip: IpAddr, key: KeyId) -> bool {
+        let tracked = self.tracked();
+        tracked
+            .windows
+            .get(&client(ip))
+            .is_some_and(|window| window.known.contains(&key))
     }
 
     /// When `ip` is over the limit: the seconds until its window ends.
@@ -163,6 +207,7 @@ mod tests {
                     Window {
                         started: long_ago,
                         failures: 9,
+                        known: Vec::new(),
                     },
                 );
             }
@@ -182,6 +227,42 @@ mod tests {
         }
         assert_eq!(t.tracked().sweep_at, 2 * SWEEP_AT);
         assert_eq!(t.tracked().windows.len(), SWEEP_AT * 3 / 2 + 1);
+    }
+
+    #[test]
+    fn a_blocked_address_lets_in_only_keys_used_since_its_first_wrong_one() {
+        let t = AuthFailures::new(2);
+        let ip: IpAddr = "10.0.0.1".parse().unwrap();
+        // Before any wrong key, nothing is noted (nothing to guard).
+        t.succeeded(ip, 1);
+        t.record(ip);
+        t.succeeded(ip, 2);
+        t.record(ip);
+        assert!(t.blocked(ip).is_some());
+        assert!(t.knows(ip, 2), "used since the first wrong key");
+        assert!(!t.knows(ip, 1), "used only before it");
+        assert!(!t.knows(ip, 3), "never used from here: a guess");
+        // The same network, another address of it: the same client.
+        assert!(t.knows("10.0.0.1".parse().unwrap(), 2));
+        assert!(!t.knows("10.0.0.2".parse().unwrap(), 2));
+    }
+
+    #[test]
+    fn known_keys_outlive_a_window_and_are_bounded() {
+        let t = AuthFailures::new(1);
+        let ip: IpAddr = "2001:db8::1".parse().unwrap();
+        t.record(ip);
+        for key in 0..KNOWN_KEYS as KeyId + 4 {
+            t.succeeded(ip, key);
+        }
+        assert!(!t.knows(ip, 3), "the oldest make room");
+        assert!(t.knows(ip, KNOWN_KEYS as KeyId + 3));
+        // The window ends; the next wrong key starts another.
+        t.tracked().windows.get_mut(&client(ip)).unwrap().started -= WINDOW;
+        assert_eq!(t.blocked(ip), None);
+        t.record(ip);
+        assert!(t.blocked(ip).is_some());
+        assert!(t.knows(ip, KNOWN_KEYS as KeyId + 3));
     }
 
     #[test]

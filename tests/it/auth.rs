@@ -153,17 +153,39 @@ async fn admin_keys_are_neither_charged_nor_refused_for_credits_but_recorded() {
 }
 
 #[tokio::test]
-async fn repeated_wrong_keys_get_429_but_a_valid_key_still_works() {
-    let app = spawn().var("AUTH_FAILURES_PER_MINUTE", "5").start().await;
-    for _ in 0..5 {
-        let r = app
-            .post("/api/chat")
+async fn repeated_wrong_keys_get_429_but_a_key_at_work_still_works() {
+    // Two valid keys: KEY, at work from this address, and one a guesser
+    // would be after.
+    let app = spawn()
+        .var("AUTH_FAILURES_PER_MINUTE", "5")
+        .var("API_KEYS", "target=10")
+        .start()
+        .await;
+    let wrong = || {
+        app.post("/api/chat")
             .header("x-api-key", "guess")
             .json(&chat_body())
             .send()
-            .await
-            .unwrap();
-        assert_eq!(r.status(), 401);
+    };
+    let with_target = || {
+        app.post("/api/chat")
+            .header("x-api-key", "target")
+            .json(&chat_body())
+            .send()
+    };
+    // A valid key (used before any wrong key, which nobody notes).
+    assert_eq!(with_target().await.unwrap().status(), 200);
+    assert_eq!(wrong().await.unwrap().status(), 401);
+    // KEY is used from here after that first wrong key.
+    let at_work = app
+        .keyed("/api/chat")
+        .json(&chat_body())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(at_work.status(), 200);
+    for _ in 0..4 {
+        assert_eq!(wrong().await.unwrap().status(), 401);
     }
     // A missing key does not count, and is still a 401.
     let r = app
@@ -173,13 +195,7 @@ async fn repeated_wrong_keys_get_429_but_a_valid_key_still_works() {
         .await
         .unwrap();
     assert_eq!(r.status(), 401);
-    let blocked = app
-        .post("/api/chat")
-        .header("x-api-key", "guess")
-        .json(&chat_body())
-        .send()
-        .await
-        .unwrap();
+    let blocked = wrong().await.unwrap();
     assert_eq!(blocked.status(), 429);
     let retry: u64 = blocked.headers()["retry-after"]
         .to_str()
@@ -187,6 +203,7 @@ async fn repeated_wrong_keys_get_429_but_a_valid_key_still_works() {
         .parse()
         .unwrap();
     assert!((1..=60).contains(&retry));
+    // The key at work goes on.
     let valid = app
         .keyed("/api/chat")
         .json(&chat_body())
@@ -194,6 +211,10 @@ async fn repeated_wrong_keys_get_429_but_a_valid_key_still_works() {
         .await
         .unwrap();
     assert_eq!(valid.status(), 200);
+    // A right guess now gets what a wrong one gets: guessing learns
+    // nothing more once the limit is reached.
+    assert_eq!(with_target().await.unwrap().status(), 429);
+    assert_eq!(app.fake.generation_count(), 3);
 }
 
 #[tokio::test]
