@@ -6,20 +6,14 @@
 -- counted too. Totals stop at the largest BIGINT, as each ledger count
 -- does.
 --
--- Existing ledgers are summed once, here. The ledger is locked against
--- inserts first (before any query, so that the sum sees every committed
--- row whatever the isolation level), summed, and only then are the keys'
--- rows altered and the trigger created: the keys table, which every
--- reservation writes, is held only for that short last part.
+-- Existing ledgers are summed once, here. The keys table is locked first,
+-- as a settlement locks it before the ledger (the other order could
+-- deadlock with one), then the ledger against inserts; both before any
+-- query, so that the sum sees every committed row whatever the isolation
+-- level. Every instance's reservations and charges wait meanwhile.
 
+LOCK TABLE api_keys IN ACCESS EXCLUSIVE MODE;
 LOCK TABLE usage IN SHARE MODE;
-
-CREATE TEMPORARY TABLE usage_sums ON COMMIT DROP AS
-SELECT key_id, COUNT(*) AS requests,
-       LEAST(SUM(prompt_tokens), 9223372036854775807)::BIGINT AS prompt_tokens,
-       LEAST(SUM(completion_tokens), 9223372036854775807)::BIGINT AS completion_tokens,
-       LEAST(SUM(credits), 9223372036854775807)::BIGINT AS credits
-FROM usage GROUP BY key_id;
 
 ALTER TABLE api_keys
     ADD COLUMN used_requests          BIGINT NOT NULL DEFAULT 0,
@@ -32,7 +26,11 @@ UPDATE api_keys a SET
     used_prompt_tokens     = t.prompt_tokens,
     used_completion_tokens = t.completion_tokens,
     used_credits           = t.credits
-FROM usage_sums t
+FROM (SELECT key_id, COUNT(*) AS requests,
+             LEAST(SUM(prompt_tokens), 9223372036854775807)::BIGINT AS prompt_tokens,
+             LEAST(SUM(completion_tokens), 9223372036854775807)::BIGINT AS completion_tokens,
+             LEAST(SUM(credits), 9223372036854775807)::BIGINT AS credits
+      FROM usage GROUP BY key_id) AS t
 WHERE a.id = t.key_id;
 
 -- `SET search_path FROM CURRENT`: the schema tollgate migrated, whoever

@@ -18,20 +18,21 @@ use std::net::{IpAddr, Ipv6Addr};
 use std::sync::{Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-use crate::store::KeyId;
+use crate::store::KeyHash;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 const WINDOW: Duration = Duration::from_secs(60);
 /// Above this many tracked addresses, expired windows are swept.
 const SWEEP_AT: usize = 10_000;
-/// Keys remembered per address (the latest ones).
+/// Keys remembered per address: the 16 used last.
 const KNOWN_KEYS: usize = 16;
 
 pub struct AuthFailures {
     limit: u32,
     tracked: Mutex<Tracked>,
-    /// Whether any address is tracked: a successful authentication, the
-    /// common case, looks no further when none is.
+    /// Whether any address has been tracked since the last sweep left none:
+    /// until an address gives a wrong key, authentication looks no
+    /// further than this.
     any: AtomicBool,
 }
 
@@ -47,9 +48,10 @@ struct Tracked {
 struct Window {
     started: Instant,
     failures: u32,
-    /// Keys that authenticated from the address since its first wrong key
-    /// (kept when a new window starts).
-    known: Vec<KeyId>,
+    /// Keys (their hashes) that authenticated from the address since its
+    /// first wrong key, the one used last at the end (kept when a new
+    /// window starts).
+    known: Vec<KeyHash>,
 }
 
 impl AuthFailures {
@@ -93,9 +95,9 @@ impl AuthFailures {
         self.any.store(true, Ordering::Relaxed);
     }
 
-    /// Notes that `key` authenticated from `ip`, if the address has wrong
-    /// keys on record.
-    pub fn succeeded(&self, ip: IpAddr, key: KeyId) {
+    /// Notes that the key with `hash` authenticated from `ip`, if the
+    /// address has wrong keys on record.
+    pub fn succeeded(&self, ip: IpAddr, hash: &KeyHash) {
         if !self.any.load(Ordering::Relaxed) {
             return;
         }
@@ -103,26 +105,37 @@ impl AuthFailures {
         let Some(window) = tracked.windows.get_mut(&client(ip)) else {
             return;
         };
-        if !window.known.contains(&key) {
-            if window.known.len() == KNOWN_KEYS {
-                window.known.remove(0);
+        match window.known.iter().position(|known| known == hash) {
+            Some(at) => {
+                let used = window.known.remove(at);
+                window.known.push(used);
             }
-            window.known.push(key);
+            None => {
+                if window.known.len() == KNOWN_KEYS {
+                    window.known.remove(0);
+                }
+                window.known.push(hash.clone());
+            }
         }
     }
 
-    /// Whether `key` may authenticate from `ip` while the address is
-    /// blocked: it did since the address's first wrong key.
-    pub fn knows(&self, ip: IpAddr, key: KeyId) -> bool {
+    /// Whether the key with `hash` may authenticate from `ip` while the
+    /// address is blocked: it did since the address's first wrong key.
+    /// Decided without the store, so that a blocked client learns nothing
+    /// of a guess (not even from how long the answer took).
+    pub fn knows(&self, ip: IpAddr, hash: &KeyHash) -> bool {
         let tracked = self.tracked();
         tracked
             .windows
             .get(&client(ip))
-            .is_some_and(|window| window.known.contains(&key))
+            .is_some_and(|window| window.known.contains(hash))
     }
 
     /// When `ip` is over the limit: the seconds until its window ends.
     pub fn blocked(&self, ip: IpAddr) -> Option<u64> {
+        if !self.any.load(Ordering::Relaxed) {
+            return None;
+        }
         let tracked = self.tracked();
         let window = tracked.windows.get(&client(ip))?;
         let elapsed = window.started.elapsed();
@@ -229,40 +242,46 @@ mod tests {
         assert_eq!(t.tracked().windows.len(), SWEEP_AT * 3 / 2 + 1);
     }
 
+    fn h(n: usize) -> KeyHash {
+        KeyHash(format!("{n:064}"))
+    }
+
     #[test]
     fn a_blocked_address_lets_in_only_keys_used_since_its_first_wrong_one() {
         let t = AuthFailures::new(2);
         let ip: IpAddr = "10.0.0.1".parse().unwrap();
         // Before any wrong key, nothing is noted (nothing to guard).
-        t.succeeded(ip, 1);
+        t.succeeded(ip, &h(1));
         t.record(ip);
-        t.succeeded(ip, 2);
+        t.succeeded(ip, &h(2));
         t.record(ip);
         assert!(t.blocked(ip).is_some());
-        assert!(t.knows(ip, 2), "used since the first wrong key");
-        assert!(!t.knows(ip, 1), "used only before it");
-        assert!(!t.knows(ip, 3), "never used from here: a guess");
-        // The same network, another address of it: the same client.
-        assert!(t.knows("10.0.0.1".parse().unwrap(), 2));
-        assert!(!t.knows("10.0.0.2".parse().unwrap(), 2));
+        assert!(t.knows(ip, &h(2)), "used since the first wrong key");
+        assert!(!t.knows(ip, &h(1)), "used only before it");
+        assert!(!t.knows(ip, &h(3)), "never used from here: a guess");
+        assert!(!t.knows("10.0.0.2".parse().unwrap(), &h(2)));
     }
 
     #[test]
-    fn known_keys_outlive_a_window_and_are_bounded() {
+    fn known_keys_outlive_a_window_and_the_ones_in_use_stay() {
         let t = AuthFailures::new(1);
         let ip: IpAddr = "2001:db8::1".parse().unwrap();
         t.record(ip);
-        for key in 0..KNOWN_KEYS as KeyId + 4 {
-            t.succeeded(ip, key);
+        // Key 0 is used all along; 40 others come and go.
+        for key in 1..=40 {
+            t.succeeded(ip, &h(0));
+            t.succeeded(ip, &h(key));
         }
-        assert!(!t.knows(ip, 3), "the oldest make room");
-        assert!(t.knows(ip, KNOWN_KEYS as KeyId + 3));
+        assert!(t.knows(ip, &h(0)), "the key in use stays");
+        assert!(t.knows(ip, &h(40)));
+        assert!(!t.knows(ip, &h(3)), "the least recently used make room");
+        assert_eq!(t.tracked().windows[&client(ip)].known.len(), KNOWN_KEYS);
         // The window ends; the next wrong key starts another.
         t.tracked().windows.get_mut(&client(ip)).unwrap().started -= WINDOW;
         assert_eq!(t.blocked(ip), None);
         t.record(ip);
         assert!(t.blocked(ip).is_some());
-        assert!(t.knows(ip, KNOWN_KEYS as KeyId + 3));
+        assert!(t.knows(ip, &h(0)));
     }
 
     #[test]

@@ -1154,11 +1154,15 @@ impl Writer {
             loop {
                 match checkpoint_in(&self.conn, "RESTART") {
                     Ok(Checkpointed { busy: false, .. }) => break,
-                    _ if Instant::now() >= deadline => {
+                    Err(e) => {
+                        tracing::warn!(error = %e, "sqlite checkpoint failed");
+                        break;
+                    }
+                    Ok(_) if Instant::now() >= deadline => {
                         tracing::warn!(frames, "sqlite: readers kept the WAL from starting over");
                         break;
                     }
-                    _ => std::thread::sleep(Duration::from_millis(1)),
+                    Ok(_) => std::thread::sleep(Duration::from_millis(1)),
                 }
             }
         }
