@@ -7,6 +7,8 @@
 pub mod keys;
 pub mod throttle;
 
+use throttle::Standing;
+
 use crate::app::AppState;
 use crate::error::ApiError;
 use crate::store::{now_millis, KeyHash, KeyRecord, Role};
@@ -73,15 +75,16 @@ impl FromRequestParts<AppState> for Caller {
             ));
         };
         let hash = keys::hash(presented);
-        if let Some((ip, retry_after)) =
-            client.and_then(|ip| Some((ip, state.auth_failures.blocked(ip)?)))
-        {
+        let standing = client.map_or(Standing::Clear, |ip| {
+            state.auth_failures.standing(ip, &hash)
+        });
+        if let Standing::Blocked { retry_after, known } = standing {
             // Over the limit of wrong keys: only a key that has
             // authenticated from here since the first wrong one gets in; a
             // guess, right or wrong, gets the same 429, and is not looked
             // up (a store that caches the keys it found would answer a
             // right guess the second time sooner).
-            let key = match state.auth_failures.knows(ip, &hash) {
+            let key = match known {
                 true => lookup(state, &hash).await?,
                 false => None,
             };
@@ -95,7 +98,7 @@ impl FromRequestParts<AppState> for Caller {
         }
         match lookup(state, &hash).await? {
             Some(key) => {
-                if let Some(ip) = client {
+                if let (Standing::Watched, Some(ip)) = (standing, client) {
                     state.auth_failures.succeeded(ip, &hash);
                 }
                 Ok(remember(parts, key))

@@ -95,12 +95,9 @@ impl AuthFailures {
         self.any.store(true, Ordering::Relaxed);
     }
 
-    /// Notes that the key with `hash` authenticated from `ip`, if the
-    /// address has wrong keys on record.
+    /// Notes that the key with `hash` authenticated from `ip` (an address
+    /// [`Standing::Watched`]).
     pub fn succeeded(&self, ip: IpAddr, hash: &KeyHash) {
-        if !self.any.load(Ordering::Relaxed) {
-            return;
-        }
         let mut tracked = self.tracked();
         let Some(window) = tracked.windows.get_mut(&client(ip)) else {
             return;
@@ -119,31 +116,40 @@ impl AuthFailures {
         }
     }
 
-    /// Whether the key with `hash` may authenticate from `ip` while the
-    /// address is blocked: it did since the address's first wrong key.
-    /// Decided without the store, so that a blocked client learns nothing
-    /// of a guess (not even from how long the answer took).
-    pub fn knows(&self, ip: IpAddr, hash: &KeyHash) -> bool {
-        let tracked = self.tracked();
-        tracked
-            .windows
-            .get(&client(ip))
-            .is_some_and(|window| window.known.contains(hash))
-    }
-
-    /// When `ip` is over the limit: the seconds until its window ends.
-    pub fn blocked(&self, ip: IpAddr) -> Option<u64> {
+    /// Where `ip` stands, for the key with `hash` it presents: one look,
+    /// before the key is looked up. Whether a blocked address knows the
+    /// key is decided without the store, so that a blocked client learns
+    /// nothing of a guess (not even from how long the answer took).
+    pub fn standing(&self, ip: IpAddr, hash: &KeyHash) -> Standing {
         if !self.any.load(Ordering::Relaxed) {
-            return None;
+            return Standing::Clear;
         }
         let tracked = self.tracked();
-        let window = tracked.windows.get(&client(ip))?;
+        let Some(window) = tracked.windows.get(&client(ip)) else {
+            return Standing::Clear;
+        };
         let elapsed = window.started.elapsed();
         if elapsed >= WINDOW || window.failures < self.limit {
-            return None;
+            return Standing::Watched;
         }
-        Some(whole_seconds_up(WINDOW - elapsed))
+        Standing::Blocked {
+            retry_after: whole_seconds_up(WINDOW - elapsed),
+            known: window.known.contains(hash),
+        }
     }
+}
+
+/// What an address's wrong keys mean for a key it presents.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Standing {
+    /// No wrong key on record: nothing to note.
+    Clear,
+    /// Wrong keys on record, under the limit: a key that authenticates is
+    /// noted ([`AuthFailures::succeeded`]).
+    Watched,
+    /// Over the limit: 429 for `retry_after` seconds more, unless the key
+    /// is `known` (it authenticated from here since the first wrong key).
+    Blocked { retry_after: u64, known: bool },
 }
 
 /// Whom failures from `ip` are counted against: an IPv4 address, or an
@@ -169,6 +175,24 @@ fn whole_seconds_up(left: Duration) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    impl AuthFailures {
+        /// When `ip` is over the limit: the seconds until its window ends.
+        fn blocked(&self, ip: IpAddr) -> Option<u64> {
+            match self.standing(ip, &KeyHash(String::new())) {
+                Standing::Blocked { retry_after, .. } => Some(retry_after),
+                _ => None,
+            }
+        }
+
+        /// Whether a blocked `ip` lets the key with `hash` in.
+        fn knows(&self, ip: IpAddr, hash: &KeyHash) -> bool {
+            matches!(
+                self.standing(ip, hash),
+                Standing::Blocked { known: true, .. }
+            )
+        }
+    }
 
     #[test]
     fn blocks_an_address_after_the_limit_and_only_that_address() {
