@@ -29,6 +29,12 @@ const MAX_PATH: usize = 2048;
 /// log): no name Ollama accepts comes near it.
 const MAX_MODEL_NAME: usize = 1024;
 
+/// Refuses a request path longer than [`MAX_PATH`]; the catch-all routes
+/// of Ollama's surfaces check it before anything else.
+pub fn check_path(path: &str) -> Result<(), ApiError> {
+    within("the request path", path, MAX_PATH)
+}
+
 /// Refuses a client-chosen `value` longer than `limit` bytes: it would be
 /// written to the ledger and the log as it is.
 fn within(what: &str, value: &str, limit: usize) -> Result<(), ApiError> {
@@ -129,7 +135,6 @@ pub async fn forward_streamed(
     request: Proxied,
     body: Body,
 ) -> Result<Response, ApiError> {
-    within("the request path", &request.path, MAX_PATH)?;
     let settlement = begin(state, caller, &request, None, None).await?;
     let options = options(state, &request.log, None);
     let out = Outbound {
@@ -150,7 +155,6 @@ pub async fn forward(
     request: Proxied,
     body: Bytes,
 ) -> Result<Response, ApiError> {
-    within("the request path", &request.path, MAX_PATH)?;
     if endpoint.access == Access::Admin && !caller.is_admin() {
         return Err(ApiError::Forbidden(format!(
             "{} needs the admin key",

@@ -2,7 +2,7 @@
 //! OpenAI-compatible `/v1/*`, and the `/` probe.
 
 use super::catalog::{classify, Access};
-use super::forward::{forward, forward_streamed, read_body, Proxied};
+use super::forward::{check_path, forward, forward_streamed, read_body, Proxied};
 use crate::app::AppState;
 use crate::auth::Caller;
 use crate::credits::Settlement;
@@ -26,6 +26,8 @@ pub async fn passthrough(
     log: Option<Extension<Arc<RequestLog>>>,
     body: Body,
 ) -> Result<Response, ApiError> {
+    // The only client-chosen path: before the body is read.
+    check_path(uri.path())?;
     let path = uri.path().to_string();
     let request = Proxied {
         method: method.clone(),
