@@ -138,6 +138,16 @@ const MIGRATIONS: &[(&str, &str)] = &[
 
 /// How long a connection waits for another one's lock before failing.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The writer's busy timeout: [`BUSY_TIMEOUT`] where it may wait for other
+/// connections' locks, none where it must not.
+fn lock_wait(waits: bool) -> Duration {
+    if waits {
+        BUSY_TIMEOUT
+    } else {
+        Duration::ZERO
+    }
+}
 /// Reads running at once, each on its own connection (kept open between
 /// reads).
 const READERS: usize = 8;
@@ -1167,8 +1177,7 @@ impl Writer {
             }
         }
         // As it was: `wait_for_locks` compares with `waits`.
-        let timeout = if waits { BUSY_TIMEOUT } else { Duration::ZERO };
-        let _ = self.conn.busy_timeout(timeout);
+        let _ = self.conn.busy_timeout(lock_wait(waits));
     }
 
     /// Carries out `messages` (and empties it): the writes in one
@@ -1268,11 +1277,8 @@ impl Writer {
 
     /// Makes the connection wait for other connections' locks, or not.
     fn wait_for_locks(&mut self, waits: bool) {
-        if self.waits != waits {
-            let timeout = if waits { BUSY_TIMEOUT } else { Duration::ZERO };
-            if self.conn.busy_timeout(timeout).is_ok() {
-                self.waits = waits;
-            }
+        if self.waits != waits && self.conn.busy_timeout(lock_wait(waits)).is_ok() {
+            self.waits = waits;
         }
     }
 
@@ -1671,6 +1677,21 @@ fn sync_grants(conn: &Connection, grants: &[Grant]) -> Result<GrantReport, Store
     Ok(report)
 }
 
+/// Writes settlements to their key's row (parameters: [`Charged::params`]).
+/// The totals stop at the largest integer, as each ledger count does (a
+/// sum beyond it would make SQLite store a float). A macro, so that the
+/// `RETURNING` form is a literal too.
+macro_rules! charge_sql {
+    () => {
+        "UPDATE api_keys SET balance = balance - ?2, \
+         used_credits = MIN(used_credits + ?2, 9223372036854775807), \
+         used_requests = MIN(used_requests + ?3, 9223372036854775807), \
+         used_prompt_tokens = MIN(used_prompt_tokens + ?4, 9223372036854775807), \
+         used_completion_tokens = MIN(used_completion_tokens + ?5, 9223372036854775807) \
+         WHERE id = ?1"
+    };
+}
+
 /// Charges `usage` to its key and records it; returns the key's new
 /// balance. `before` is the key's balance in the open transaction when
 /// the writer knows it (see [`Writer::balance_in_batch`]): the `UPDATE` then
@@ -1692,7 +1713,7 @@ fn settle(
             Credits::from_millis(after)
         }
         None => Credits::from_millis(
-            conn.prepare_cached(&format!("{CHARGE} RETURNING balance"))?
+            conn.prepare_cached(concat!(charge_sql!(), " RETURNING balance"))?
                 .query_row(charged.params(id), |r| r.get(0))
                 .optional()?
                 .ok_or(StoreError::NoSuchKey(id))?,
@@ -1746,19 +1767,11 @@ impl Charged {
     }
 }
 
-/// Writes settlements to their key's row (parameters: [`Charged::params`]).
-/// The totals stop at the largest integer, as each ledger count does (a
-/// sum beyond it would make SQLite store a float).
-const CHARGE: &str = "UPDATE api_keys SET balance = balance - ?2, \
-     used_credits = MIN(used_credits + ?2, 9223372036854775807), \
-     used_requests = MIN(used_requests + ?3, 9223372036854775807), \
-     used_prompt_tokens = MIN(used_prompt_tokens + ?4, 9223372036854775807), \
-     used_completion_tokens = MIN(used_completion_tokens + ?5, 9223372036854775807) \
-     WHERE id = ?1";
-
 /// Writes `charged` to key `id`'s row.
 fn charge(conn: &Connection, id: KeyId, charged: &Charged) -> Result<(), StoreError> {
-    let updated = conn.prepare_cached(CHARGE)?.execute(charged.params(id))?;
+    let updated = conn
+        .prepare_cached(charge_sql!())?
+        .execute(charged.params(id))?;
     if updated == 0 {
         return Err(StoreError::NoSuchKey(id));
     }
