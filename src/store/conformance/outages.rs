@@ -413,13 +413,39 @@ async fn postgres_a_reservation_still_queued_at_the_server_is_given_back() {
         return;
     };
     let k = s.create_key(new_key("k", cr("10"))).await.unwrap().id;
-    let blocker = lock_key_row(&options, k).await;
+    let mut blocker = lock_key_row(&options, k).await;
     cutter.arm(Cut::AfterTheExecute, RESERVATION_SQL);
     assert!(matches!(
         s.reserve(k, cr("4")).await,
         Err(StoreError::Backend(_))
     ));
     assert_eq!(cutter.cuts(), 1, "the relay broke no connection");
+    // The orphaned reservation reaches the server's queue for the key's
+    // lock (on a busy host, later than the gateway's answer).
+    let (blocking,): (i32,) = sqlx::query_as("SELECT pg_backend_pid()")
+        .fetch_one(&mut blocker)
+        .await
+        .unwrap();
+    let mut watcher = PgConnection::connect_with(&options).await.unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let (waiting,): (i64,) = sqlx::query_as(
+            "SELECT count(*) FROM pg_stat_activity WHERE $1 = ANY(pg_blocking_pids(pid))",
+        )
+        .bind(blocking)
+        .fetch_one(&mut watcher)
+        .await
+        .unwrap();
+        if waiting > 0 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the reservation never queued"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+    let _ = watcher.close().await;
     // The reconciliation queues for the key's lock behind the orphaned
     // reservation; the blocker lets both go.
     let reconciling = {
