@@ -11,7 +11,7 @@
 //! a client that saw its reply complete was charged durably.
 //!
 //! When tollgate must end a stream itself (Ollama vanished, the stream went
-//! idle too long, shutdown), it ends it with one error line in the stream's
+//! idle too long, shutdown, a line longer than [`MAX_UNIT`]), it ends it with one error line in the stream's
 //! own format, so SDKs raise an error instead of hanging or silently
 //! truncating. So it does when Ollama closes an OpenAI chat or completions
 //! stream without `data: [DONE]`: that is how Ollama's OpenAI layer ends a
@@ -34,6 +34,12 @@ use std::sync::Arc;
 use std::time::Duration;
 use std::time::Instant;
 use tokio::sync::watch;
+
+/// The longest line or event relayed. A longer one (Ollama's own Go client
+/// refuses lines over 512 kB) ends the stream with an error unit, after
+/// what was relayed is settled: a stream's pending bytes are bounded, not
+/// whatever an upstream sends before its next line break.
+pub const MAX_UNIT: usize = 4 * 1024 * 1024;
 
 /// The framing of a stream.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -176,6 +182,13 @@ impl Relay {
     /// The next bytes for the client, or `None` when the stream is over.
     async fn next_piece(&mut self) -> Option<Bytes> {
         while !self.finished {
+            if self.pending.len() > MAX_UNIT {
+                let message = format!(
+                    "Ollama sent a line longer than {} MiB; the stream was ended",
+                    MAX_UNIT >> 20
+                );
+                return self.end_early(&message).await;
+            }
             let (stop, upstream) = (&mut self.stop, &mut self.upstream);
             let waiting = Instant::now();
             let stopping = async {

@@ -279,3 +279,40 @@ async fn a_complete_stream_left_open_gets_no_error_line() {
         assert_eq!(rows[0].record.credits, tollgate::credits::Credits::whole(1));
     }
 }
+
+/// A line that never ends (here: 5 MiB without a line break, then nothing)
+/// is not gathered for ever: past 4 MiB the stream is ended with an error
+/// line, and what was relayed before it is charged.
+#[tokio::test]
+async fn an_overlong_line_ends_the_stream_with_an_error_line() {
+    let chunk =
+        r#"{"model":"mistral","created_at":"2026-12-04T23:00:00Z","response":"a","done":false}"#;
+    let endless = format!(
+        r#"{{"model":"mistral","created_at":"2026-12-04T23:00:00Z","response":"{}"#,
+        "x".repeat(5 << 20)
+    );
+    let upstream =
+        raw_upstream_ending("application/x-ndjson", format!("{chunk}\n{endless}"), false).await;
+    let app = spawn().var("OLLAMA_URL", &upstream).start().await;
+    let response = app
+        .keyed("/api/generate")
+        .json(&json!({"model": "mistral", "prompt": "hi"}))
+        .timeout(Duration::from_secs(20))
+        .send()
+        .await
+        .unwrap();
+    let text = response
+        .text()
+        .await
+        .expect("the stream ends without waiting for Ollama's next line break");
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), 2, "{}", &text[..text.len().min(300)]);
+    assert_eq!(lines[0], chunk);
+    let error: Value = serde_json::from_str(lines[1]).unwrap();
+    assert_eq!(
+        error["error"],
+        "Ollama sent a line longer than 4 MiB; the stream was ended"
+    );
+    let rows = app.wait_ledger(KEY, 1).await;
+    assert_eq!(rows[0].record.completion_tokens, 1);
+}
