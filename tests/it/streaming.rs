@@ -2,7 +2,8 @@
 //! streams that tollgate must end ended with an error line.
 
 use crate::support::fake_ollama::Behavior;
-use crate::support::{raw_upstream, raw_upstream_ending, spawn, TestApp, KEY};
+use crate::support::{raw_upstream, raw_upstream_ending, spawn, upstream_with, TestApp, KEY};
+use axum::body::Body;
 use bytes::Bytes;
 use futures_util::StreamExt;
 use serde_json::{json, Value};
@@ -166,6 +167,54 @@ async fn shutdown_lets_streams_finish_then_cuts_what_remains() {
     server.await.unwrap().unwrap();
     let rows = app.wait_ledger(KEY, 1).await;
     assert_eq!(rows[0].record.credits, tollgate::credits::Credits::whole(1));
+}
+
+/// A client that stops reading its stream cannot hold shutdown up: the
+/// stream's relay waits on a full socket, so it never sees the deadline;
+/// the connection is cut once shutdown has waited for it (after the grace
+/// period, the streams' extra time and the connections' linger), and what
+/// was relayed to the client is charged before the server ends.
+#[tokio::test]
+async fn shutdown_cuts_a_connection_whose_client_stopped_reading() {
+    const LINE: &[u8] =
+        br#"{"model":"mistral","created_at":"2026-12-05T05:00:00Z","response":"a","done":false}
+"#;
+    // An endless stream: it fills every socket between Ollama and the client.
+    let upstream = upstream_with("application/x-ndjson", || {
+        Body::from_stream(futures_util::stream::repeat_with(|| {
+            Ok::<_, std::io::Error>(Bytes::from_static(LINE))
+        }))
+    })
+    .await;
+    let mut app = spawn()
+        .var("OLLAMA_URL", &upstream)
+        .var("SHUTDOWN_GRACE_SECS", "1")
+        .start()
+        .await;
+    let response = app
+        .keyed("/api/generate")
+        .json(&json!({"model": "mistral", "prompt": "hi"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    // The client reads nothing.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    app.begin_shutdown();
+    let server = app.server.take().unwrap();
+    tokio::time::timeout(Duration::from_secs(60), server)
+        .await
+        .expect("shutdown ends although the client never reads its stream")
+        .unwrap()
+        .unwrap();
+    let rows = app.wait_ledger(KEY, 1).await;
+    assert_eq!(rows.len(), 1);
+    assert!(rows[0].record.completion_tokens > 0, "{:?}", rows[0]);
+    assert_eq!(
+        app.balance_of(KEY).await,
+        tollgate::credits::Credits::whole(10) - rows[0].record.credits
+    );
+    drop(response);
 }
 
 /// A native generation stream that ends without its `"done": true` line is

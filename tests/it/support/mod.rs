@@ -265,16 +265,28 @@ pub async fn raw_upstream(content_type: &'static str, body: String) -> String {
 /// `body`, sending nothing more.
 pub async fn raw_upstream_ending(content_type: &'static str, body: String, close: bool) -> String {
     use futures_util::StreamExt;
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let app = axum::Router::new().fallback(move || {
+    upstream_with(content_type, move || {
         let first = futures_util::stream::iter([Ok::<_, std::io::Error>(body.clone())]);
         let rest = if close {
             futures_util::stream::empty().boxed()
         } else {
             futures_util::stream::pending().boxed()
         };
-        let body = axum::body::Body::from_stream(first.chain(rest));
+        axum::body::Body::from_stream(first.chain(rest))
+    })
+    .await
+}
+
+/// An upstream that answers every request with a body made by `body`, as
+/// `content_type`.
+pub async fn upstream_with(
+    content_type: &'static str,
+    body: impl Fn() -> axum::body::Body + Clone + Send + Sync + 'static,
+) -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let app = axum::Router::new().fallback(move || {
+        let body = body();
         async move { ([(axum::http::header::CONTENT_TYPE, content_type)], body) }
     });
     tokio::spawn(async move { axum::serve(listener, app).await });
