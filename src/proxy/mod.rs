@@ -103,6 +103,12 @@ pub async fn relay(
     }
     let status = response.status();
     settlement.record_status(status.as_u16());
+    // A reply to HEAD has no body: its length is the one Ollama announced
+    // for GET, which only Ollama knows (unless tollgate edits the reply: a
+    // model list filtered for a key).
+    let head_length = (is_head && options.edit_body.is_none())
+        .then(|| response.headers().get(header::CONTENT_LENGTH).cloned())
+        .flatten();
     let headers = headers::to_client(std::mem::take(response.headers_mut()));
     let wire = headers
         .get(header::CONTENT_TYPE)
@@ -168,6 +174,11 @@ pub async fn relay(
     );
     if is_head {
         *response.body_mut() = Body::empty();
+        if let Some(length) = head_length {
+            response
+                .headers_mut()
+                .insert(header::CONTENT_LENGTH, length);
+        }
     }
     Ok(response)
 }

@@ -96,8 +96,27 @@ async fn the_root_probe_needs_no_key_like_ollama() {
     let response = app.get("/").send().await.unwrap();
     assert_eq!(response.status(), 200);
     assert_eq!(response.text().await.unwrap(), "Ollama is running");
-    let head = app.client.head(&app.url).send().await.unwrap();
-    assert_eq!(head.status(), 200);
+    // A HEAD reply announces the GET reply's length, as Ollama's does.
+    for path in ["/", "/api/tags", "/api/version"] {
+        let direct = app
+            .client
+            .head(format!("{}{path}", app.fake.url()))
+            .send()
+            .await
+            .unwrap();
+        let head = app
+            .client
+            .head(format!("{}{path}", app.url))
+            .header("x-api-key", KEY)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(head.status(), 200, "{path}");
+        let length = |r: &reqwest::Response| r.headers().get("content-length").cloned();
+        assert!(length(&direct).is_some_and(|l| l != "0"), "{path}");
+        assert_eq!(length(&head), length(&direct), "{path}");
+        assert_eq!(head.text().await.unwrap(), "", "{path}");
+    }
 }
 
 #[tokio::test]

@@ -95,6 +95,25 @@ async fn the_model_lists_show_only_the_keys_models() {
         .map(|m| m["name"].as_str().unwrap())
         .collect();
     assert_eq!(names, vec!["mistral:latest"]);
+    // HEAD does not tell the whole list's length either.
+    let full = app
+        .client
+        .head(format!("{}/api/tags", app.fake.url()))
+        .send()
+        .await
+        .unwrap();
+    let head = app
+        .client
+        .head(format!("{}/api/tags", app.url))
+        .header("x-api-key", &key)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(head.status(), 200);
+    assert_ne!(
+        head.headers().get("content-length"),
+        full.headers().get("content-length")
+    );
     let models: Value = app
         .get("/v1/models")
         .header("x-api-key", &key)
