@@ -1726,6 +1726,59 @@ async fn sqlite_wal_stays_bounded_while_readers_never_stop() {
     );
 }
 
+/// A reader that never lets go of its snapshot (a shell left in a
+/// transaction, a backup tool) keeps the WAL from starting over for as
+/// long as it holds it; the writer's wait for it, which holds up every
+/// settlement, comes once the WAL is 16 MiB long and then only each time
+/// it has doubled, not at every round of batches.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_a_reader_that_never_lets_go_is_waited_for_seldom() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("held.db");
+    let sqlite = Arc::new(SqliteStore::open(&path).await.unwrap());
+    let store: SharedStore = sqlite.clone();
+    let id = store
+        .create_key(new_key("k", cr("100000000")))
+        .await
+        .unwrap()
+        .id;
+    let reader = rusqlite::Connection::open(&path).unwrap();
+    reader.execute_batch("BEGIN").unwrap();
+    let _: i64 = reader
+        .query_row("SELECT COUNT(*) FROM usage", [], |r| r.get(0))
+        .unwrap();
+    let mut tasks = Vec::new();
+    for _ in 0..32 {
+        let store = store.clone();
+        tasks.push(tokio::spawn(async move {
+            for _ in 0..1_000 {
+                store.reserve(id, cr("1")).await.unwrap();
+                store.settle(usage(id, cr("1")), cr("1")).await.unwrap();
+            }
+        }));
+    }
+    for task in tasks {
+        task.await.unwrap();
+    }
+    let wal = std::fs::metadata(path.with_file_name("held.db-wal"))
+        .unwrap()
+        .len();
+    reader.execute_batch("COMMIT").unwrap();
+    // 32,000 settlements grow the WAL to 30-40 MiB: waits at 16 MiB and
+    // perhaps at 32; without the doubling, one at every checkpoint round
+    // past 16 MiB (a dozen or more).
+    assert!(wal > 20 << 20, "the WAL reached only {wal} bytes");
+    let restarts = sqlite.restarts();
+    assert!(
+        (1..=2).contains(&restarts),
+        "{restarts} waits for the reader, the WAL at {wal} bytes"
+    );
+    assert_eq!(
+        balance(&store, id).await,
+        cr("100000000") - Credits::whole(32_000)
+    );
+}
+
 /// A settlement the database refuses fails alone, even when it arrived in
 /// one batch with others, and gives its reservation back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1976,6 +2029,71 @@ async fn sqlite_one_batch_answers_each_settlement_the_balance_it_left() {
     assert_eq!(balance(&store, b).await, balance_b);
     assert_ledger_adds_up(&store, a).await;
     assert_ledger_adds_up(&store, b).await;
+}
+
+/// A batch whose transaction SQLite ends in the middle (a statement fails
+/// with an I/O error: SQLite rolls the whole transaction back) runs nothing
+/// outside it. Carried out again in a transaction of its own, every
+/// command is applied exactly once; should that transaction be lost too,
+/// every command fails and nothing of the batch is written. The ledgers
+/// add up either way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_a_batch_that_loses_its_transaction_applies_nothing_twice() {
+    // Commands carried out (0-based, both passes) that lose the transaction:
+    // the adjustment (the third), with two charges of `a` owed; then, in
+    // the second pass, its second command.
+    for lost_at in [&[2][..], &[2, 4]] {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("lost.db");
+        let sqlite = Arc::new(SqliteStore::open(&path).await.unwrap());
+        let store: SharedStore = sqlite.clone();
+        let a = store.create_key(new_key("a", cr("100"))).await.unwrap().id;
+        let b = store.create_key(new_key("b", cr("100"))).await.unwrap().id;
+        // The first batch of more than two commands: the one queued below.
+        sqlite.lose_transaction_in_next_batch(lost_at);
+
+        let blocker = hold_write_lock(&path);
+        // The writer takes this one and waits for the lock with it.
+        let first = spawn_settle(&store, usage(a, cr("1")), Credits::ZERO);
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        // These queue up, in this order, for the next batch.
+        let mut queued = Vec::new();
+        for i in 0..5 {
+            let store = store.clone();
+            queued.push(match i {
+                2 => tokio::spawn(async move { store.adjust(b, add("5")).await }),
+                4 => tokio::spawn(
+                    async move { store.settle(usage(b, cr("1")), Credits::ZERO).await },
+                ),
+                _ => tokio::spawn(
+                    async move { store.settle(usage(a, cr("1")), Credits::ZERO).await },
+                ),
+            });
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+        blocker.execute_batch("ROLLBACK").unwrap();
+        assert_eq!(first.await.unwrap().unwrap(), cr("99"));
+        let answers: Vec<Option<Credits>> = futures_util::future::join_all(queued)
+            .await
+            .into_iter()
+            .map(|answer| answer.unwrap().ok())
+            .collect();
+        let (expected, a_left, b_left, a_requests, b_requests) = if lost_at.len() == 1 {
+            let applied = [cr("98"), cr("97"), cr("105"), cr("96"), cr("104")];
+            (applied.map(Some), cr("96"), cr("104"), 4, 1)
+        } else {
+            ([None; 5], cr("99"), cr("100"), 1, 0)
+        };
+        assert_eq!(answers, expected, "{lost_at:?}");
+        assert_eq!(balance(&store, a).await, a_left, "{lost_at:?}");
+        assert_eq!(balance(&store, b).await, b_left, "{lost_at:?}");
+        assert_eq!(store.usage_totals(a).await.unwrap().requests, a_requests);
+        assert_eq!(store.usage_totals(b).await.unwrap().requests, b_requests);
+        assert_ledger_adds_up(&store, a).await;
+        assert_ledger_adds_up(&store, b).await;
+        // The store goes on working.
+        assert_eq!(store.adjust(b, add("1")).await.unwrap(), b_left + cr("1"));
+    }
 }
 
 /// Settlements queued while another process (the CLI) holds the write

@@ -102,7 +102,8 @@
 //! [`WAL_SIZE_LIMIT`] when it was left larger). A reader using the WAL at
 //! that moment (another connection's, or the pool's) keeps it from being
 //! started over; should readers do so every time, the writer waits for
-//! them, briefly, once the WAL is [`RESTART_AT_FRAMES`] long.
+//! them, briefly, once the WAL is [`RESTART_AT_FRAMES`] long (a reader
+//! that outlasts the wait is waited for again when the WAL has doubled).
 //!
 //! # Schema
 //!
@@ -160,7 +161,8 @@ pub(crate) const CHECKPOINT_EVERY: u32 = 200;
 const WAL_SIZE_LIMIT: i64 = 16 << 20;
 /// A WAL this long (in frames of a 4 KiB page: 16 MiB, three to four times
 /// its usual length at its longest) that readers kept from starting over
-/// is started over by the writer, which waits for them ([`RESTART_WAIT`]).
+/// is started over by the writer, which waits for them ([`RESTART_WAIT`]);
+/// when they outlast the wait, again only once the WAL has doubled.
 const RESTART_AT_FRAMES: i64 = 4096;
 /// How long the writer waits for readers to move off the WAL.
 const RESTART_WAIT: Duration = Duration::from_millis(200);
@@ -342,6 +344,9 @@ impl SqliteStore {
                 data_version,
                 reload: false,
                 uncheckpointed: 0,
+                restart_at: RESTART_AT_FRAMES,
+                #[cfg(test)]
+                restarts: 0,
                 checkpoint: spawn_checkpointer(&writer_path, checkpointed.clone())?,
                 checkpointed,
                 waits: true,
@@ -350,6 +355,10 @@ impl SqliteStore {
                 owed: Vec::new(),
                 #[cfg(test)]
                 panic_at: None,
+                #[cfg(test)]
+                lose_transaction_at: Vec::new(),
+                #[cfg(test)]
+                losing: None,
             })
         })
         .await
@@ -391,6 +400,22 @@ impl SqliteStore {
     #[cfg(test)]
     pub(crate) fn panic_in_next_batch(&self, at: PanicAt) {
         lock(&self.writer.writer).panic_at = Some(at);
+    }
+
+    /// How many times the writer has waited for readers to start the WAL
+    /// over (`RESTART` checkpoints).
+    #[cfg(test)]
+    pub(crate) fn restarts(&self) -> u64 {
+        lock(&self.writer.writer).restarts
+    }
+
+    /// Makes the next batch of more than `at[0]` commands fail at the
+    /// commands `at` (counted across its passes) the way an I/O error
+    /// does: the statement fails and SQLite rolls the whole transaction
+    /// back.
+    #[cfg(test)]
+    pub(crate) fn lose_transaction_in_next_batch(&self, at: &[usize]) {
+        lock(&self.writer.writer).lose_transaction_at = at.to_vec();
     }
 
     async fn write<T>(&self, make: impl FnOnce(Reply<T>) -> Command) -> Result<T, StoreError> {
@@ -1015,6 +1040,13 @@ struct Writer {
     reload: bool,
     /// Batches committed since the last checkpoint.
     uncheckpointed: u32,
+    /// The WAL's length (frames) at which the writer next waits for readers
+    /// to start it over: [`RESTART_AT_FRAMES`], doubled after each wait
+    /// that readers outlasted.
+    restart_at: i64,
+    /// `RESTART` checkpoints begun (tests).
+    #[cfg(test)]
+    restarts: u64,
     /// Asks the checkpoint thread for a checkpoint.
     checkpoint: mpsc::SyncSender<()>,
     /// Set by the checkpoint thread when it has copied the WAL as it was:
@@ -1037,6 +1069,14 @@ struct Writer {
     /// Where the next batch panics (tests of what a panic leaves).
     #[cfg(test)]
     panic_at: Option<PanicAt>,
+    /// The next batch of more than `at[0]` commands loses its transaction
+    /// at these commands carried out (counted from 0 across both passes),
+    /// as SQLite ends a transaction on an I/O error (tests); while the
+    /// batch runs, `losing` counts the commands carried out.
+    #[cfg(test)]
+    lose_transaction_at: Vec<usize>,
+    #[cfg(test)]
+    losing: Option<(usize, Vec<usize>)>,
 }
 
 /// Where a test makes the writer panic.
@@ -1136,8 +1176,11 @@ impl Writer {
     /// readers hold it each time, for [`RESTART_AT_FRAMES`], the writer
     /// waits for them to move off it ([`RESTART_WAIT`] at most) and starts
     /// it over itself (a `RESTART` checkpoint). Readers that never pause
-    /// can outlast that wait too (it is tried again at the next
-    /// checkpoint): the WAL then stays within a few times that length.
+    /// can outlast that wait too, and one that never lets go (a shell left
+    /// in a transaction, a backup tool holding a snapshot) always does: it
+    /// is tried again once the WAL has doubled, so that such a reader does
+    /// not hold up every round of batches; a WAL started over goes back to
+    /// the first length.
     fn finish_checkpoint(&mut self) {
         if !self.conn.is_autocommit() || !self.checkpointed.swap(false, Ordering::AcqRel) {
             return;
@@ -1150,7 +1193,15 @@ impl Writer {
             }
         };
         if frames < RESTART_AT_FRAMES {
+            self.restart_at = RESTART_AT_FRAMES;
             return;
+        }
+        if frames < self.restart_at {
+            return;
+        }
+        #[cfg(test)]
+        {
+            self.restarts += 1;
         }
         // While the writer commits nothing, a reader's next transaction
         // reads the WAL as it is, so the first attempt copies all of it;
@@ -1163,12 +1214,20 @@ impl Writer {
         if self.conn.busy_timeout(Duration::from_millis(5)).is_ok() {
             loop {
                 match checkpoint_in(&self.conn, "RESTART") {
-                    Ok(Checkpointed { busy: false, .. }) => break,
+                    Ok(Checkpointed { busy: false, .. }) => {
+                        self.restart_at = RESTART_AT_FRAMES;
+                        break;
+                    }
                     Err(e) => {
                         tracing::warn!(error = %e, "sqlite checkpoint failed");
                         break;
                     }
                     Ok(_) if Instant::now() >= deadline => {
+                        // A reader that never lets go (a shell left in a
+                        // transaction, a backup tool holding a snapshot)
+                        // would hold up every batch round: waited for
+                        // again only once the WAL has doubled.
+                        self.restart_at = frames.saturating_mul(2);
                         tracing::warn!(frames, "sqlite: readers kept the WAL from starting over");
                         break;
                     }
@@ -1185,19 +1244,28 @@ impl Writer {
     /// [`Busy`], `messages` untouched, when another connection holds the
     /// lock that the batch needs to start.
     fn carry_out(&mut self, messages: &mut Vec<Message>, may_wait: bool) -> Result<(), Busy> {
-        if std::mem::take(&mut self.in_batch) {
-            // The last batch panicked. Its changes never reach the cache
-            // (dropping them gives their settlements' reservations back),
-            // and the cache is read again from the file, in case it had
-            // committed.
-            self.changes.clear();
-            self.owed.clear();
-            self.reload = true;
-        }
+        // The last batch panicked. Its changes never reach the cache
+        // (dropping them gives their settlements' reservations back), and
+        // the cache is read again from the file, in case it had committed.
+        let stale = match std::mem::take(&mut self.in_batch) {
+            true => {
+                self.owed.clear();
+                self.reload = true;
+                std::mem::take(&mut self.changes)
+            }
+            false => Vec::new(),
+        };
         if !self.conn.is_autocommit() {
             // A transaction left open by a failed commit and rollback, or
             // by a panic in the middle of a batch.
             let _ = self.exec("ROLLBACK");
+        }
+        if !stale.is_empty() {
+            // The balances first: a reservation that found the batch's
+            // reservations given back and its charges not yet in the cache
+            // would be admitted against credits already spent.
+            let _ = self.reload_if_needed();
+            drop(stale);
         }
         let writes = messages.iter().any(|m| matches!(m, Message::Write(_)));
         self.wait_for_locks(may_wait);
@@ -1332,25 +1400,51 @@ impl Writer {
         results.clear();
         self.changes.clear();
         self.owed.clear();
+        #[cfg(test)]
+        if self
+            .lose_transaction_at
+            .first()
+            .is_some_and(|n| batch.len() > *n)
+        {
+            self.losing = Some((0, std::mem::take(&mut self.lose_transaction_at)));
+        }
         // Optimistically without savepoints; when a command fails, the
         // whole batch is rolled back and carried out again, each command in
         // its own savepoint so that its failure undoes only its own changes.
+        // Nothing runs after a failure, not even the charges owed: SQLite
+        // may have ended the transaction (see `lost`).
         self.defer = true;
-        results.extend(batch.iter().map(|cmd| self.execute(cmd)));
+        let mut failed = false;
+        for cmd in batch {
+            let result = self.execute(cmd);
+            failed = result.is_err();
+            results.push(result);
+            if failed {
+                break;
+            }
+        }
         self.defer = false;
-        let paid = self.pay_owed();
-        if paid.is_err() || results.iter().any(Result::is_err) {
+        if failed || self.pay_owed().is_err() {
             results.clear();
             self.changes.clear();
-            let _ = self.exec("ROLLBACK");
+            self.owed.clear();
+            if !self.conn.is_autocommit() {
+                let _ = self.exec("ROLLBACK");
+            }
             if let Err(e) = self.begin() {
                 results.extend(batch.iter().map(|_| Err(backend(e.message.clone()))));
                 return Some(e.message);
             }
             for cmd in batch {
                 let result = self.savepoint(cmd);
+                if self.conn.is_autocommit() {
+                    return self.lost(batch.len(), results);
+                }
                 results.push(result);
             }
+        }
+        if self.conn.is_autocommit() {
+            return self.lost(batch.len(), results);
         }
         // Commit with no lock of the cache held. Until its changes are
         // applied below, the cache shows the state before the batch (see
@@ -1381,6 +1475,27 @@ impl Writer {
         }
     }
 
+    /// The batch's transaction is gone: a statement failed with an I/O
+    /// error (or, without a statement journal, out of memory or a full
+    /// disk), and SQLite rolled the whole transaction back. Nothing of the
+    /// batch was written, and nothing more of it may be: each statement
+    /// after it would commit on its own (a charge without its ledger row,
+    /// then the batch carried out again). Every command fails.
+    fn lost(
+        &mut self,
+        commands: usize,
+        results: &mut Vec<Result<Outcome, StoreError>>,
+    ) -> Option<String> {
+        let message = "sqlite rolled the batch back (an I/O error or out of memory): \
+                       nothing of it was written";
+        results.clear();
+        results.extend((0..commands).map(|_| Err(backend(message))));
+        self.changes.clear();
+        self.owed.clear();
+        self.reload = true;
+        Some(message.to_string())
+    }
+
     /// Starts the batch's transaction and catches up with other writers'
     /// commits (none can commit until ours ends).
     fn begin(&mut self) -> Result<(), NotStarted> {
@@ -1402,6 +1517,14 @@ impl Writer {
     /// Carries out one command in the open transaction; on success, notes
     /// its changes to the cache.
     fn execute(&mut self, cmd: &Command) -> Result<Outcome, StoreError> {
+        #[cfg(test)]
+        if let Some((done, at)) = self.losing.as_mut() {
+            *done += 1;
+            if at.contains(&(*done - 1)) {
+                let _ = self.exec("ROLLBACK");
+                return Err(backend("disk I/O error (test)"));
+            }
+        }
         if !matches!(cmd, Command::Settle(..)) {
             // Whatever it does to a key comes after the charges before it.
             self.pay_owed()?;
