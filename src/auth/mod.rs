@@ -90,26 +90,33 @@ impl FromRequestParts<AppState> for Caller {
             };
             return match key {
                 Some(key) => Ok(remember(parts, key)),
-                None => Err(ApiError::TooManyRequests {
-                    retry_after,
-                    message: "too many failed authentication attempts from this address".into(),
-                }),
+                None => Err(too_many_failures(retry_after)),
             };
         }
+        // The address may go over the limit while the key is looked up
+        // (many guesses sent at once): decided again once it is found.
         match lookup(state, &hash).await? {
             Some(key) => {
-                if let (Standing::Watched, Some(ip)) = (standing, client) {
-                    state.auth_failures.succeeded(ip, &hash);
+                if let Some(ip) = client {
+                    state
+                        .auth_failures
+                        .admitted(ip, &hash)
+                        .map_err(too_many_failures)?;
                 }
                 Ok(remember(parts, key))
             }
-            None => {
-                if let Some(ip) = client {
-                    state.auth_failures.record(ip);
-                }
-                Err(ApiError::Unauthorized("invalid API key".into()))
-            }
+            None => match client.and_then(|ip| state.auth_failures.record(ip)) {
+                Some(retry_after) => Err(too_many_failures(retry_after)),
+                None => Err(ApiError::Unauthorized("invalid API key".into())),
+            },
         }
+    }
+}
+
+fn too_many_failures(retry_after: u64) -> ApiError {
+    ApiError::TooManyRequests {
+        retry_after,
+        message: "too many failed authentication attempts from this address".into(),
     }
 }
 

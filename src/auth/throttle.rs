@@ -70,8 +70,12 @@ impl AuthFailures {
         self.tracked.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Counts one wrong key from `ip`.
-    pub fn record(&self, ip: IpAddr) {
+    /// Counts one wrong key from `ip`. Returns the seconds its window has
+    /// left when this one is over the limit: the guesses that were in
+    /// flight together (their key lookups under way when the limit was
+    /// reached) get 429 too, so no more than the limit of wrong keys get
+    /// their answer in a window, however many are sent at once.
+    pub fn record(&self, ip: IpAddr) -> Option<u64> {
         let now = Instant::now();
         let mut tracked = self.tracked();
         if tracked.windows.len() >= tracked.sweep_at {
@@ -93,16 +97,28 @@ impl AuthFailures {
         }
         window.failures = window.failures.saturating_add(1);
         self.any.store(true, Ordering::Relaxed);
+        (window.failures > self.limit).then(|| window.retry_after(now))
     }
 
-    /// Notes that the key with `hash` authenticated from `ip` (an address
-    /// [`Standing::Watched`]).
-    pub fn succeeded(&self, ip: IpAddr, hash: &KeyHash) {
+    /// After the key with `hash` was found, for a request from `ip`: lets
+    /// it in and notes it as a key at work there (when the address has
+    /// given wrong keys), or, when the address went over the limit while
+    /// the key was looked up and does not know it, gives the seconds left
+    /// (a right guess among many sent at once gets 429 as the wrong ones).
+    pub fn admitted(&self, ip: IpAddr, hash: &KeyHash) -> Result<(), u64> {
+        if !self.any.load(Ordering::Relaxed) {
+            return Ok(());
+        }
+        let now = Instant::now();
         let mut tracked = self.tracked();
         let Some(window) = tracked.windows.get_mut(&client(ip)) else {
-            return;
+            return Ok(());
         };
-        match window.known.iter().position(|known| known == hash) {
+        let known = window.known.iter().position(|known| known == hash);
+        if known.is_none() && window.is_over(self.limit, now) {
+            return Err(window.retry_after(now));
+        }
+        match known {
             Some(at) => {
                 let used = window.known.remove(at);
                 window.known.push(used);
@@ -114,6 +130,7 @@ impl AuthFailures {
                 window.known.push(hash.clone());
             }
         }
+        Ok(())
     }
 
     /// Where `ip` stands, for the key with `hash` it presents: one look,
@@ -124,18 +141,31 @@ impl AuthFailures {
         if !self.any.load(Ordering::Relaxed) {
             return Standing::Clear;
         }
+        let now = Instant::now();
         let tracked = self.tracked();
         let Some(window) = tracked.windows.get(&client(ip)) else {
             return Standing::Clear;
         };
-        let elapsed = window.started.elapsed();
-        if elapsed >= WINDOW || window.failures < self.limit {
+        if !window.is_over(self.limit, now) {
             return Standing::Watched;
         }
         Standing::Blocked {
-            retry_after: whole_seconds_up(WINDOW - elapsed),
+            retry_after: window.retry_after(now),
             known: window.known.contains(hash),
         }
+    }
+}
+
+impl Window {
+    /// Whether the address has reached the limit of wrong keys in its
+    /// current window.
+    fn is_over(&self, limit: u32, now: Instant) -> bool {
+        now.duration_since(self.started) < WINDOW && self.failures >= limit
+    }
+
+    /// Seconds until the window ends, rounded up.
+    fn retry_after(&self, now: Instant) -> u64 {
+        whole_seconds_up(WINDOW.saturating_sub(now.duration_since(self.started)))
     }
 }
 
@@ -145,7 +175,7 @@ pub enum Standing {
     /// No wrong key on record: nothing to note.
     Clear,
     /// Wrong keys on record, under the limit: a key that authenticates is
-    /// noted ([`AuthFailures::succeeded`]).
+    /// noted ([`AuthFailures::admitted`]).
     Watched,
     /// Over the limit: 429 for `retry_after` seconds more, unless the key
     /// is `known` (it authenticated from here since the first wrong key).
@@ -275,10 +305,10 @@ mod tests {
         let t = AuthFailures::new(2);
         let ip: IpAddr = "10.0.0.1".parse().unwrap();
         // Before any wrong key, nothing is noted (nothing to guard).
-        t.succeeded(ip, &h(1));
-        t.record(ip);
-        t.succeeded(ip, &h(2));
-        t.record(ip);
+        assert_eq!(t.admitted(ip, &h(1)), Ok(()));
+        assert_eq!(t.record(ip), None);
+        assert_eq!(t.admitted(ip, &h(2)), Ok(()));
+        assert_eq!(t.record(ip), None);
         assert!(t.blocked(ip).is_some());
         assert!(t.knows(ip, &h(2)), "used since the first wrong key");
         assert!(!t.knows(ip, &h(1)), "used only before it");
@@ -291,11 +321,14 @@ mod tests {
         let t = AuthFailures::new(1);
         let ip: IpAddr = "2001:db8::1".parse().unwrap();
         t.record(ip);
-        // Key 0 is used all along; 40 others come and go.
+        // Key 0 is used all along; 40 others come and go (while the
+        // address is under the limit, or they would not get in).
+        t.tracked().windows.get_mut(&client(ip)).unwrap().failures = 0;
         for key in 1..=40 {
-            t.succeeded(ip, &h(0));
-            t.succeeded(ip, &h(key));
+            assert_eq!(t.admitted(ip, &h(0)), Ok(()));
+            assert_eq!(t.admitted(ip, &h(key)), Ok(()));
         }
+        t.tracked().windows.get_mut(&client(ip)).unwrap().failures = 1;
         assert!(t.knows(ip, &h(0)), "the key in use stays");
         assert!(t.knows(ip, &h(40)));
         assert!(!t.knows(ip, &h(3)), "the least recently used make room");
@@ -306,6 +339,38 @@ mod tests {
         t.record(ip);
         assert!(t.blocked(ip).is_some());
         assert!(t.knows(ip, &h(0)));
+    }
+
+    #[test]
+    fn guesses_sent_at_once_get_their_answer_only_up_to_the_limit() {
+        let t = AuthFailures::new(3);
+        let ip: IpAddr = "10.0.0.1".parse().unwrap();
+        // Ten guesses all found the address clear before their lookups.
+        let clear: Vec<Standing> = (0..10).map(|n| t.standing(ip, &h(n))).collect();
+        assert!(clear.iter().all(|s| *s == Standing::Clear));
+        // Their lookups end: nine are wrong, one is right.
+        let answers: Vec<Option<u64>> = (0..9).map(|_| t.record(ip)).collect();
+        assert_eq!(answers[..3], [None, None, None], "the limit's 401s");
+        assert!(answers[3..]
+            .iter()
+            .all(|a| a.is_some_and(|s| (1..=60).contains(&s))));
+        let right_guess = t.admitted(ip, &h(9));
+        assert!(right_guess.is_err(), "a right guess past the limit: 429");
+        assert!(!t.knows(ip, &h(9)), "and not noted as a key at work");
+    }
+
+    #[test]
+    fn a_key_at_work_is_admitted_past_the_limit() {
+        let t = AuthFailures::new(2);
+        let ip: IpAddr = "10.0.0.1".parse().unwrap();
+        t.record(ip);
+        assert_eq!(t.admitted(ip, &h(1)), Ok(()));
+        t.record(ip);
+        t.record(ip);
+        assert_eq!(t.admitted(ip, &h(1)), Ok(()));
+        assert!(t.admitted(ip, &h(2)).is_err());
+        // Another address is not affected.
+        assert_eq!(t.admitted("10.0.0.2".parse().unwrap(), &h(2)), Ok(()));
     }
 
     #[test]

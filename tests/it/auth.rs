@@ -3,6 +3,10 @@
 
 use crate::support::{ollama_error, spawn, Fetch, TestApp, ADMIN, KEY};
 use serde_json::{json, Value};
+use std::sync::Arc;
+use tollgate::auth::keys::hash;
+use tollgate::credits::Credits;
+use tollgate::store::*;
 
 fn chat_body() -> Value {
     json!({"model": "mistral", "messages": [{"role": "user", "content": "hi"}], "stream": false})
@@ -215,6 +219,102 @@ async fn repeated_wrong_keys_get_429_but_a_key_at_work_still_works() {
     // nothing more once the limit is reached.
     assert_eq!(with_target().await.unwrap().status(), 429);
     assert_eq!(app.fake.generation_count(), 3);
+}
+
+/// A store whose lookups of the given hashes wait until all of them are
+/// under way: requests whose key checks overlap, as a guesser sending many
+/// at once would have them.
+struct LookupsTogether {
+    inner: SharedStore,
+    hashes: Vec<KeyHash>,
+    barrier: tokio::sync::Barrier,
+}
+
+#[async_trait::async_trait]
+impl Store for LookupsTogether {
+    async fn key_by_hash(&self, hash: &KeyHash) -> Result<Option<KeyRecord>, StoreError> {
+        if self.hashes.contains(hash) {
+            self.barrier.wait().await;
+        }
+        self.inner.key_by_hash(hash).await
+    }
+    async fn key(&self, id: KeyId) -> Result<Option<KeyRecord>, StoreError> {
+        self.inner.key(id).await
+    }
+    async fn keys(&self) -> Result<Vec<KeyRecord>, StoreError> {
+        self.inner.keys().await
+    }
+    async fn create_key(&self, new: NewKey) -> Result<KeyRecord, StoreError> {
+        self.inner.create_key(new).await
+    }
+    async fn update_key(&self, id: KeyId, patch: KeyPatch) -> Result<KeyRecord, StoreError> {
+        self.inner.update_key(id, patch).await
+    }
+    async fn revoke_key(&self, id: KeyId, at: Millis) -> Result<KeyRecord, StoreError> {
+        self.inner.revoke_key(id, at).await
+    }
+    async fn adjust(&self, id: KeyId, adjustment: Adjustment) -> Result<Credits, StoreError> {
+        self.inner.adjust(id, adjustment).await
+    }
+    async fn sync_grants(&self, grants: &[Grant]) -> Result<GrantReport, StoreError> {
+        self.inner.sync_grants(grants).await
+    }
+    async fn reserve(&self, id: KeyId, amount: Credits) -> Result<Credits, StoreError> {
+        self.inner.reserve(id, amount).await
+    }
+    async fn settle(&self, usage: UsageRecord, reserved: Credits) -> Result<Credits, StoreError> {
+        self.inner.settle(usage, reserved).await
+    }
+    async fn usage(
+        &self,
+        key: Option<KeyId>,
+        page: PageRequest,
+    ) -> Result<Vec<UsageEntry>, StoreError> {
+        self.inner.usage(key, page).await
+    }
+    async fn usage_totals(&self, id: KeyId) -> Result<UsageTotals, StoreError> {
+        self.inner.usage_totals(id).await
+    }
+    async fn adjustments(&self, id: KeyId) -> Result<Vec<AdjustmentEntry>, StoreError> {
+        self.inner.adjustments(id).await
+    }
+    async fn release_stale_reservations(&self) -> Result<(), StoreError> {
+        self.inner.release_stale_reservations().await
+    }
+}
+
+/// Guesses sent all at once (their key lookups under way together, so that
+/// none found the address over the limit when it came in) get no more
+/// answers than the limit: the rest get 429. (A right guess among them gets
+/// 429 too once the limit is reached: the throttle's unit tests.)
+#[tokio::test]
+async fn guesses_sent_at_once_get_no_more_answers_than_the_limit() {
+    let secrets: Vec<String> = (0..40).map(|n| format!("guess-{n}")).collect();
+    let store = Arc::new(LookupsTogether {
+        inner: Arc::new(tollgate::store::memory::MemoryStore::default()),
+        hashes: secrets.iter().map(hash).collect(),
+        barrier: tokio::sync::Barrier::new(secrets.len()),
+    });
+    let app = spawn()
+        .var("AUTH_FAILURES_PER_MINUTE", "5")
+        .store(store)
+        .start()
+        .await;
+    let requests = secrets.iter().map(|secret| {
+        app.post("/api/chat")
+            .header("x-api-key", secret)
+            .json(&chat_body())
+            .send()
+    });
+    let statuses: Vec<u16> = futures_util::future::join_all(requests)
+        .await
+        .into_iter()
+        .map(|r| r.unwrap().status().as_u16())
+        .collect();
+    let count = |status| statuses.iter().filter(|s| **s == status).count();
+    assert_eq!(count(401), 5, "{statuses:?}");
+    assert_eq!(count(429), 35, "{statuses:?}");
+    assert_eq!(app.fake.generation_count(), 0);
 }
 
 #[tokio::test]
