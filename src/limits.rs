@@ -78,10 +78,18 @@ impl Limits {
         limits
     }
 
-    /// Admits a request of `key`, or says why not.
-    pub fn admit(&self, key: &KeyRecord) -> Result<Permit, Refusal> {
+    /// Takes one of `key`'s concurrent slots, or says why not: the first
+    /// step of admitting a request, before its body is read (a key at its
+    /// limit has no more bodies read for it). The request per minute is
+    /// counted by [`Entered::pace`], once the request is known to be
+    /// valid.
+    pub fn enter(&self, key: &KeyRecord) -> Result<Entered, Refusal> {
+        let unlimited = || Entered {
+            permit: Permit { concurrent: None },
+            limits: None,
+        };
         if key.role == Role::Admin {
-            return Ok(Permit { concurrent: None });
+            return Ok(unlimited());
         }
         // A key's own 0 (which no write accepts now, but a store may hold
         // from before) is no limit of its own: the default applies.
@@ -89,7 +97,7 @@ impl Limits {
         let rpm = own(key.rate_limit_rpm).or(self.default_rpm);
         let max_concurrent = own(key.max_concurrent).or(self.default_concurrent);
         if rpm.is_none() && max_concurrent.is_none() {
-            return Ok(Permit { concurrent: None });
+            return Ok(unlimited());
         }
         let limits = self.key_limits(key, rpm);
         let permit = match max_concurrent {
@@ -109,16 +117,39 @@ impl Limits {
             }
             None => Permit { concurrent: None },
         };
-        if let Some((_, limiter)) = &limits.rpm {
+        Ok(Entered {
+            permit,
+            limits: Some(limits),
+        })
+    }
+
+    /// Admits a request of `key` at once: [`Limits::enter`], then
+    /// [`Entered::pace`].
+    pub fn admit(&self, key: &KeyRecord) -> Result<Permit, Refusal> {
+        self.enter(key)?.pace()
+    }
+}
+
+/// A request that holds its concurrent slot, its request per minute not
+/// yet counted.
+pub struct Entered {
+    permit: Permit,
+    limits: Option<Arc<KeyLimits>>,
+}
+
+impl Entered {
+    /// Counts the request against its key's requests per minute; refused,
+    /// it gives its slot back (dropped here) and counts nothing.
+    pub fn pace(self) -> Result<Permit, Refusal> {
+        if let Some((_, limiter)) = self.limits.as_ref().and_then(|l| l.rpm.as_ref()) {
             if let Err(not_until) = limiter.check() {
-                // `permit` drops here: the refused request holds no slot.
                 let wait = not_until.wait_time_from(DefaultClock::default().now());
                 return Err(Refusal::Rate {
                     retry_after: wait.as_secs_f64().ceil().max(1.0) as u64,
                 });
             }
         }
-        Ok(permit)
+        Ok(self.permit)
     }
 }
 
@@ -183,6 +214,23 @@ mod tests {
             ..k
         };
         assert!(limits.admit(&admin).is_ok());
+    }
+
+    #[test]
+    fn an_entered_request_holds_its_slot_before_it_is_paced() {
+        let limits = Limits::new(Some(1), Some(1));
+        let k = key(1, None, None);
+        let entered = limits.enter(&k).unwrap();
+        // Its body being read, the key has no slot for another.
+        assert_eq!(limits.enter(&k).err(), Some(Refusal::Concurrency));
+        // Entering counted no request per minute: pacing it does.
+        let permit = entered.pace().unwrap();
+        drop(permit);
+        assert!(matches!(limits.admit(&k), Err(Refusal::Rate { .. })));
+        // A request that never gets paced (refused as invalid) gives its
+        // slot back and counts nothing.
+        drop(limits.enter(&k).unwrap());
+        assert!(limits.enter(&k).is_ok());
     }
 
     /// A 0 stored before limits had to be at least 1 is no limit of the

@@ -8,7 +8,7 @@ use crate::auth::Caller;
 use crate::credits::settlement::Charge;
 use crate::credits::Settlement;
 use crate::error::ApiError;
-use crate::limits::Refusal;
+use crate::limits::{Entered, Refusal};
 use crate::policy::{self, Caps, Dialect};
 use crate::proxy::{self, headers, BodyEdit, Outbound, RelayOptions};
 use crate::telemetry::RequestLog;
@@ -146,13 +146,35 @@ pub async fn forward_streamed(
     proxy::relay(&state.upstream, out, settlement, options).await
 }
 
-/// Forwards a request whose body has been read: inspected, checked against
-/// the key's policy, rewritten only where the policy says so.
+/// Takes one of the caller's concurrent slots for a request whose body is
+/// to be read ([`Limits::enter`](crate::limits::Limits::enter)): a key at
+/// its limit gets 429 before any of its body is read.
+pub fn enter(state: &AppState, caller: &Caller) -> Result<Entered, ApiError> {
+    state.limits.enter(&caller.key).map_err(refused)
+}
+
+fn refused(refusal: Refusal) -> ApiError {
+    match refusal {
+        Refusal::Rate { retry_after } => ApiError::TooManyRequests {
+            retry_after,
+            message: "rate limit reached: too many requests per minute for this key".into(),
+        },
+        Refusal::Concurrency => ApiError::TooManyRequests {
+            retry_after: 1,
+            message: "too many concurrent requests for this key".into(),
+        },
+    }
+}
+
+/// Forwards a request whose body has been read (holding the slot `entered`
+/// took before): inspected, checked against the key's policy, rewritten
+/// only where the policy says so.
 pub async fn forward(
     state: &AppState,
     caller: &Caller,
     endpoint: Endpoint,
     request: Proxied,
+    entered: Entered,
     body: Bytes,
 ) -> Result<Response, ApiError> {
     if endpoint.access == Access::Admin && !caller.is_admin() {
@@ -195,19 +217,7 @@ pub async fn forward(
     if let Some(log) = &request.log {
         log.set_model(model.as_deref());
     }
-    let permit = state
-        .limits
-        .admit(&caller.key)
-        .map_err(|refusal| match refusal {
-            Refusal::Rate { retry_after } => ApiError::TooManyRequests {
-                retry_after,
-                message: "rate limit reached: too many requests per minute for this key".into(),
-            },
-            Refusal::Concurrency => ApiError::TooManyRequests {
-                retry_after: 1,
-                message: "too many concurrent requests for this key".into(),
-            },
-        })?;
+    let permit = entered.pace().map_err(refused)?;
     let estimate = (endpoint.access == Access::Metered && !caller.is_admin())
         .then(|| state.config.pricing.estimate(estimate_tokens));
     let settlement = begin(state, caller, &request, model, estimate).await?;

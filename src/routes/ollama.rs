@@ -2,7 +2,7 @@
 //! OpenAI-compatible `/v1/*`, and the `/` probe.
 
 use super::catalog::{classify, Access};
-use super::forward::{check_path, forward, forward_streamed, read_body, Proxied};
+use super::forward::{check_path, enter, forward, forward_streamed, read_body, Proxied};
 use crate::app::AppState;
 use crate::auth::Caller;
 use crate::credits::Settlement;
@@ -43,13 +43,14 @@ pub async fn passthrough(
         // Model management and blob uploads: streamed through, any size.
         return forward_streamed(&state, &caller, request, body).await;
     }
+    let entered = enter(&state, &caller)?;
     let body = if endpoint.access == Access::Admin {
         // Refused in `forward`; the body is never read.
         Default::default()
     } else {
         read_body(&state, body).await?
     };
-    forward(&state, &caller, endpoint, request, body).await
+    forward(&state, &caller, endpoint, request, entered, body).await
 }
 
 /// `GET /` and `HEAD /`: Ollama's "Ollama is running", no key needed (tools

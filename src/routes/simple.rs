@@ -6,11 +6,12 @@
 //! unless the body says `"stream": true`. Every other field is kept.
 
 use super::catalog::classify;
-use super::forward::{forward, read_body, Proxied};
+use super::forward::{enter, forward, read_body, Proxied};
 use super::inspect::{is_blank, parse_object};
 use crate::app::AppState;
 use crate::auth::Caller;
 use crate::error::ApiError;
+use crate::limits::Entered;
 use crate::telemetry::RequestLog;
 use axum::body::Body;
 use axum::extract::{Query, State};
@@ -37,6 +38,7 @@ pub async fn generate(
 ) -> Result<Response, ApiError> {
     let query = Query::<GenerateQuery>::try_from_uri(&uri)
         .map_err(|e| ApiError::BadRequest(format!("invalid query string: {e}")))?;
+    let entered = enter(&state, &caller)?;
     let mut map = read_object(&state, body).await?;
     if let Some(prompt) = &query.prompt {
         map.entry("prompt")
@@ -51,7 +53,7 @@ pub async fn generate(
         &state,
         &caller,
         ("/generate", "/api/generate"),
-        map,
+        (entered, map),
         headers,
         log,
     )
@@ -65,9 +67,18 @@ pub async fn chat(
     log: Option<Extension<Arc<RequestLog>>>,
     body: Body,
 ) -> Result<Response, ApiError> {
+    let entered = enter(&state, &caller)?;
     let map = read_object(&state, body).await?;
     let log = log.map(|Extension(log)| log);
-    relay_simple(&state, &caller, ("/chat", "/api/chat"), map, headers, log).await
+    relay_simple(
+        &state,
+        &caller,
+        ("/chat", "/api/chat"),
+        (entered, map),
+        headers,
+        log,
+    )
+    .await
 }
 
 /// The body as a JSON object; an empty body is an empty object.
@@ -83,7 +94,7 @@ async fn relay_simple(
     state: &AppState,
     caller: &Caller,
     (path, upstream_path): (&str, &str),
-    mut map: Map<String, Value>,
+    (entered, mut map): (Entered, Map<String, Value>),
     mut headers: HeaderMap,
     log: Option<Arc<RequestLog>>,
 ) -> Result<Response, ApiError> {
@@ -103,5 +114,5 @@ async fn relay_simple(
         log,
     };
     let endpoint = classify(&Method::POST, upstream_path);
-    forward(state, caller, endpoint, request, body.into()).await
+    forward(state, caller, endpoint, request, entered, body.into()).await
 }

@@ -3,6 +3,7 @@
 //! sends it too slowly, or sits idle after a response; a request body that
 //! pauses for as long is refused with 408.
 
+use crate::support::fake_ollama::Behavior;
 use crate::support::{spawn, ADMIN, KEY};
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -174,4 +175,43 @@ async fn a_body_sent_slowly_but_steadily_is_read() {
     let got = String::from_utf8_lossy(&got);
     assert!(got.starts_with("HTTP/1.1 200"), "{got}");
     assert_eq!(app.forwarded().len(), 1);
+}
+
+/// A key at its concurrency limit gets 429 before any of its next
+/// request's body is read: a key limited to one request at a time cannot
+/// have a thousand bodies of up to MAX_BODY_BYTES buffered at once.
+#[tokio::test]
+async fn a_key_at_its_concurrency_limit_gets_429_before_its_body_is_read() {
+    let app = spawn()
+        .var("MAX_CONCURRENT_PER_KEY", "1")
+        .var("CLIENT_HEADER_TIMEOUT_SECS", "30")
+        .start()
+        .await;
+    app.fake.set(Behavior {
+        hold: true,
+        ..Behavior::default()
+    });
+    let held = app
+        .keyed("/api/generate")
+        .json(&serde_json::json!({"model": "mistral", "prompt": "hi", "stream": false}))
+        .send();
+    let held = tokio::spawn(held);
+    assert!(app.fake.wait_for_requests(1, Duration::from_secs(5)).await);
+    // A head announcing 8 MiB, and none of them sent.
+    let mut stream = TcpStream::connect(app.addr).await.unwrap();
+    let head = format!(
+        "POST /api/generate HTTP/1.1\r\nHost: tollgate\r\nx-api-key: {KEY}\r\n\
+         Connection: close\r\nContent-Length: {}\r\n\r\n",
+        8 << 20
+    );
+    stream.write_all(head.as_bytes()).await.unwrap();
+    let got = read_until_closed(&mut stream)
+        .await
+        .expect("answered without waiting for the body");
+    let got = String::from_utf8_lossy(&got);
+    assert!(got.starts_with("HTTP/1.1 429"), "{got}");
+    assert!(got.contains("too many concurrent requests"), "{got}");
+    app.fake.release(1);
+    assert_eq!(held.await.unwrap().unwrap().status(), 200);
+    assert_eq!(app.fake.generation_count(), 1);
 }
