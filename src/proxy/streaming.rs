@@ -183,6 +183,14 @@ impl Relay {
     async fn next_piece(&mut self) -> Option<Bytes> {
         while !self.finished {
             if self.pending.len() > MAX_UNIT {
+                if self.ended_by_ollama {
+                    // The reply was complete: what Ollama sends after it
+                    // is not relayed (nor an error line after a whole reply).
+                    self.pending.clear();
+                    self.settle().await;
+                    self.finished = true;
+                    return None;
+                }
                 let message = format!(
                     "Ollama sent a line longer than {} MiB; the stream was ended",
                     MAX_UNIT >> 20

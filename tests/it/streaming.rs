@@ -364,4 +364,28 @@ async fn an_overlong_line_ends_the_stream_with_an_error_line() {
     );
     let rows = app.wait_ledger(KEY, 1).await;
     assert_eq!(rows[0].record.completion_tokens, 1);
+
+    // After a whole reply, such a line ends the stream quietly: no error
+    // line follows a reply that finished.
+    let done = r#"{"model":"mistral","created_at":"2026-12-04T23:00:00Z","response":"","done":true,"done_reason":"stop","prompt_eval_count":2,"eval_count":1}"#;
+    let upstream = raw_upstream_ending(
+        "application/x-ndjson",
+        format!("{chunk}\n{done}\n{endless}"),
+        false,
+    )
+    .await;
+    let app = spawn().var("OLLAMA_URL", &upstream).start().await;
+    let text = app
+        .keyed("/api/generate")
+        .json(&json!({"model": "mistral", "prompt": "hi"}))
+        .timeout(Duration::from_secs(20))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .expect("the stream ends");
+    assert_eq!(text, format!("{chunk}\n{done}\n"));
+    let rows = app.wait_ledger(KEY, 1).await;
+    assert_eq!(rows[0].record.completion_tokens, 1);
 }
