@@ -39,17 +39,19 @@ pub async fn passthrough(
         log: log.map(|Extension(log)| log),
     };
     let endpoint = classify(&method, &request.path);
-    if endpoint.access == Access::Admin && caller.is_admin() {
+    if endpoint.access == Access::Admin {
+        if !caller.is_admin() {
+            // Before any limit: an ordinary key can never use the path.
+            return Err(ApiError::Forbidden(format!(
+                "{} needs the admin key",
+                request.path
+            )));
+        }
         // Model management and blob uploads: streamed through, any size.
         return forward_streamed(&state, &caller, request, body).await;
     }
     let entered = enter(&state, &caller)?;
-    let body = if endpoint.access == Access::Admin {
-        // Refused in `forward`; the body is never read.
-        Default::default()
-    } else {
-        read_body(&state, body).await?
-    };
+    let body = read_body(&state, body).await?;
     forward(&state, &caller, endpoint, request, entered, body).await
 }
 

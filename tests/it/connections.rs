@@ -211,6 +211,14 @@ async fn a_key_at_its_concurrency_limit_gets_429_before_its_body_is_read() {
     let got = String::from_utf8_lossy(&got);
     assert!(got.starts_with("HTTP/1.1 429"), "{got}");
     assert!(got.contains("too many concurrent requests"), "{got}");
+    // A path the key can never use is 403 all the same, not 429.
+    let pull = app
+        .keyed("/api/pull")
+        .json(&serde_json::json!({"model": "mistral"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(pull.status(), 403);
     app.fake.release(1);
     assert_eq!(held.await.unwrap().unwrap().status(), 200);
     assert_eq!(app.fake.generation_count(), 1);
