@@ -341,6 +341,7 @@ impl SqliteStore {
                 conn,
                 cache,
                 changes: Vec::new(),
+                stale: Vec::new(),
                 data_version,
                 reload: false,
                 uncheckpointed: 0,
@@ -1033,6 +1034,10 @@ struct Writer {
     cache: Arc<Cache>,
     /// The changes of the current batch, applied to the cache at its commit.
     changes: Vec<Change>,
+    /// The changes of a batch that panicked, dropped (giving their
+    /// settlements' reservations back) once the cache has read the
+    /// balances again.
+    stale: Vec<Change>,
     /// This connection's `PRAGMA data_version`, which changes only when
     /// another connection commits.
     data_version: i64,
@@ -1247,26 +1252,21 @@ impl Writer {
         // The last batch panicked. Its changes never reach the cache
         // (dropping them gives their settlements' reservations back), and
         // the cache is read again from the file, in case it had committed.
-        let stale = match std::mem::take(&mut self.in_batch) {
-            true => {
-                self.owed.clear();
-                self.reload = true;
-                std::mem::take(&mut self.changes)
-            }
-            false => Vec::new(),
-        };
+        if std::mem::take(&mut self.in_batch) {
+            self.owed.clear();
+            self.reload = true;
+            // Kept until the balances are read again: a reservation that
+            // found the batch's reservations given back and its charges
+            // not yet in the cache would be admitted against credits
+            // already spent.
+            self.stale.append(&mut self.changes);
+        }
         if !self.conn.is_autocommit() {
             // A transaction left open by a failed commit and rollback, or
             // by a panic in the middle of a batch.
             let _ = self.exec("ROLLBACK");
         }
-        if !stale.is_empty() {
-            // The balances first: a reservation that found the batch's
-            // reservations given back and its charges not yet in the cache
-            // would be admitted against credits already spent.
-            let _ = self.reload_if_needed();
-            drop(stale);
-        }
+        let _ = self.reload_if_needed();
         let writes = messages.iter().any(|m| matches!(m, Message::Write(_)));
         self.wait_for_locks(may_wait);
         let started = if writes {
@@ -1355,6 +1355,7 @@ impl Writer {
         if self.reload {
             self.cache.load(&self.conn)?;
             self.reload = false;
+            self.stale.clear();
         }
         Ok(())
     }
@@ -1492,7 +1493,10 @@ impl Writer {
         results.extend((0..commands).map(|_| Err(backend(message))));
         self.changes.clear();
         self.owed.clear();
-        self.reload = true;
+        // The file is as the batch found it, and so is the cache: read
+        // again only if a failed savepoint left it unsure (the looks
+        // waiting on this round would otherwise fail).
+        let _ = self.reload_if_needed();
         Some(message.to_string())
     }
 
