@@ -2269,6 +2269,47 @@ async fn postgres_leases_serve_reservations_without_the_server() {
     drop_schema(&base, &schema).await;
 }
 
+/// A settlement may charge far more than it reserved (token pricing, a
+/// long prompt). One that leaves the key less than its lease holds ends
+/// the lease before it is answered: the key's next reservations are the
+/// server's again, and a key at or below zero is refused, not served from
+/// credits reserved when it had them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_a_lease_ends_when_a_charge_leaves_the_key_less_than_it_holds() {
+    let Some((base, options, schema)) = pg_schema().await else {
+        return;
+    };
+    {
+        let gateway = PostgresStore::connect_with(options.clone()).await.unwrap();
+        let mut admin = PgConnection::connect_with(&options).await.unwrap();
+        let k = gateway
+            .create_key(new_key("k", cr("1000000")))
+            .await
+            .unwrap()
+            .id;
+        assert_eq!(gateway.reserve(k, cr("1")).await.unwrap(), cr("999999"));
+        assert_eq!(gateway.leased_becomes(k, cr("64")).await, cr("64"));
+        // The request reserved 1 and costs 999,990: 10 credits are left,
+        // less than the lease's 64.
+        gateway
+            .settle(usage(k, cr("999990")), cr("1"))
+            .await
+            .unwrap();
+        assert_eq!(reserved_now(&mut admin, k).await, 0, "the lease given back");
+        // The next reservation is the server's: 10 - 1 available.
+        assert_eq!(gateway.reserve(k, cr("1")).await.unwrap(), cr("9"));
+        gateway.settle(usage(k, cr("20")), cr("1")).await.unwrap();
+        // At -10, refused.
+        assert_eq!(refused_with(gateway.reserve(k, cr("1")).await), cr("-10"));
+        let shared: SharedStore = Arc::new(gateway);
+        assert_eq!(balance(&shared, k).await, cr("-10"));
+        assert_eq!(reserved_now(&mut admin, k).await, 0);
+        assert_ledger_adds_up(&shared, k).await;
+        let _ = admin.close().await;
+    }
+    drop_schema(&base, &schema).await;
+}
+
 /// Two gateways spend one key from leases down to its last credit: each
 /// credit is admitted exactly once, and nothing stays reserved.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

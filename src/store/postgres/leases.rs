@@ -18,8 +18,10 @@
 //!
 //! What is left of a lease is given back [`LEASE_FOR`] after its last fill,
 //! at once when a key is written through the store (a top-up, a set, a
-//! revocation...), so that the write governs the next request, and when
-//! the store is closed (the gateway has drained and stops). Keys with
+//! revocation...), so that the write governs the next request, when a
+//! settlement leaves the key less than the lease holds (a charge can
+//! exceed its reservation), and when the store is closed (the gateway has
+//! drained and stops). Keys with
 //! less than the headroom available are never leased: every reservation on
 //! them goes to the server, exactly as without leases, so a nearly spent
 //! key is shared between gateways to the last thousandth of a credit.
@@ -203,6 +205,24 @@ impl Leases {
         }
     }
 
+    /// A settlement left key `id` with `balance`. A lease that holds as
+    /// much or more (or any lease of a key at or below zero) ends, and
+    /// what it holds is returned, to give back: its requests would be
+    /// admitted against credits the key no longer has, since a settlement
+    /// may charge more than it reserved (token pricing: a long prompt).
+    /// The key's next reservations go to the server, which refuses them
+    /// once the balance is spent.
+    pub(super) fn settled(&self, id: KeyId, balance: i64) -> Option<i64> {
+        let mut state = lock(&self.0);
+        let lease = state.by_key.get(&id)?;
+        if balance > lease.left && balance > 0 {
+            return None;
+        }
+        let left = lease.left;
+        state.by_key.remove(&id);
+        Some(left).filter(|left| *left > 0)
+    }
+
     /// What key `id`'s lease holds now.
     #[cfg(test)]
     pub(super) fn left(&self, id: KeyId) -> i64 {
@@ -234,6 +254,24 @@ mod tests {
     /// What `take` reports available, refill or not.
     fn available(leases: &Leases, id: KeyId, millis: i64, now: Instant) -> Option<i64> {
         leases.take(id, millis, now).map(|taken| taken.available)
+    }
+
+    #[test]
+    fn a_settlement_that_leaves_the_key_less_than_its_lease_ends_it() {
+        let leases = Leases::default();
+        let now = Instant::now();
+        let fill = leases.fill_for(1, 1_000, enough(1_000), now).unwrap();
+        leases.filled(fill, enough(1_000), now).unwrap();
+        assert!(leases.take(1, 1_000, now).is_some());
+        // Plenty left: the lease goes on.
+        assert_eq!(leases.settled(1, enough(1_000)), None);
+        assert!(leases.take(1, 1_000, now).is_some());
+        // A charge far above its reservation left the key less than the
+        // lease holds: it ends, and hands out nothing more.
+        assert_eq!(leases.settled(1, 62_000), Some(62_000));
+        assert_eq!(leases.take(1, 1_000, now), None);
+        // A key without a lease has nothing to give back.
+        assert_eq!(leases.settled(2, -5), None);
     }
 
     #[test]

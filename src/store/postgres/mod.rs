@@ -1010,6 +1010,16 @@ async fn apply_once(
         link.shares
             .released(item.usage.key_id, item.reserved.millis());
     }
+    for (item, result) in items.iter().zip(&results) {
+        let id = item.usage.key_id;
+        let left = result
+            .as_ref()
+            .ok()
+            .and_then(|balance| link.leases.settled(id, balance.millis()));
+        if let Some(left) = left {
+            release_abandoned(link, id, Credits::from_millis(left)).await;
+        }
+    }
     Ok(results)
 }
 
