@@ -2310,6 +2310,62 @@ async fn postgres_a_lease_ends_when_a_charge_leaves_the_key_less_than_it_holds()
     drop_schema(&base, &schema).await;
 }
 
+/// An admin write ends every lease before it returns; should its caller
+/// stop waiting meanwhile (a client that hung up), the leases are still
+/// given back, all of them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_leases_are_given_back_when_a_write_is_abandoned() {
+    let Some((base, options, schema)) = pg_schema().await else {
+        return;
+    };
+    {
+        let gateway = PostgresStore::connect_with(options.clone()).await.unwrap();
+        let mut admin = PgConnection::connect_with(&options).await.unwrap();
+        // Keys first: a write ends the leases.
+        let mut leased = Vec::new();
+        for name in ["a", "b"] {
+            let key = gateway.create_key(new_key(name, cr("1000000")));
+            leased.push(key.await.unwrap().id);
+        }
+        let other = gateway
+            .create_key(new_key("other", cr("10")))
+            .await
+            .unwrap()
+            .id;
+        for id in &leased {
+            gateway.reserve(*id, cr("1")).await.unwrap();
+            assert_eq!(gateway.leased_becomes(*id, cr("64")).await, cr("64"));
+        }
+        // The leased keys' rows are locked elsewhere: giving the leases
+        // back waits (one release sent, the other not yet); the write of
+        // the other key is abandoned meanwhile.
+        let mut blocker = PgConnection::connect_with(&options).await.unwrap();
+        sqlx::query("BEGIN").execute(&mut blocker).await.unwrap();
+        sqlx::query("SELECT 1 FROM api_keys WHERE id = ANY($1) ORDER BY id FOR UPDATE")
+            .bind(&leased)
+            .execute(&mut blocker)
+            .await
+            .unwrap();
+        let write = gateway.adjust(other, add("1"));
+        let abandoned = tokio::time::timeout(std::time::Duration::from_millis(500), write).await;
+        assert!(abandoned.is_err(), "the write waits for the locked rows");
+        sqlx::query("COMMIT").execute(&mut blocker).await.unwrap();
+        for id in &leased {
+            assert_eq!(
+                reserved_becomes(&mut admin, *id, 1_000).await,
+                1_000,
+                "key {id}: only the open reservation is left"
+            );
+            gateway.settle(usage(*id, cr("1")), cr("1")).await.unwrap();
+        }
+        let shared: SharedStore = Arc::new(gateway);
+        assert_eq!(balance(&shared, other).await, cr("11"));
+        let _ = blocker.close().await;
+        let _ = admin.close().await;
+    }
+    drop_schema(&base, &schema).await;
+}
+
 /// Two gateways spend one key from leases down to its last credit: each
 /// credit is admitted exactly once, and nothing stays reserved.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -339,11 +339,22 @@ impl PostgresStore {
     }
 
     /// Gives back what every lease holds (after a write to keys, and when
-    /// the store is closed).
+    /// the store is closed). In a task of its own: a caller that stops
+    /// waiting (an admin client that hung up) must not leave the rest of
+    /// the leases reserved, out of every lease and every reconciliation,
+    /// for as long as this instance lives.
     async fn end_leases(&self) {
-        for (id, left) in self.link.leases.end_all() {
-            release_abandoned(&self.link, id, Credits::from_millis(left)).await;
+        let ended = self.link.leases.end_all();
+        if ended.is_empty() {
+            return;
         }
+        let link = self.link.clone();
+        let _ = tokio::spawn(async move {
+            for (id, left) in ended {
+                release_abandoned(&link, id, Credits::from_millis(left)).await;
+            }
+        })
+        .await;
     }
 
     /// What key `id`'s lease holds in this instance now, polled until it
