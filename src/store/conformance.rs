@@ -2366,6 +2366,60 @@ async fn postgres_leases_are_given_back_when_a_write_is_abandoned() {
     drop_schema(&base, &schema).await;
 }
 
+/// Requests that hold every pooled connection (here: writes waiting on a
+/// key row locked elsewhere, as during a long migration) do not stop the
+/// heartbeat: a live gateway is never taken for dead by the others.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_the_heartbeat_beats_while_every_pooled_connection_waits() {
+    let Some((base, options, schema)) = pg_schema().await else {
+        return;
+    };
+    {
+        let gateway = Arc::new(PostgresStore::connect_with(options.clone()).await.unwrap());
+        let k = gateway.create_key(new_key("k", cr("10"))).await.unwrap().id;
+        let mut blocker = PgConnection::connect_with(&options).await.unwrap();
+        sqlx::query("BEGIN").execute(&mut blocker).await.unwrap();
+        sqlx::query("SELECT 1 FROM api_keys WHERE id = $1 FOR UPDATE")
+            .bind(k)
+            .execute(&mut blocker)
+            .await
+            .unwrap();
+        // More writes than the pool has connections, each waiting.
+        let writes: Vec<_> = (0..20)
+            .map(|_| {
+                let gateway = gateway.clone();
+                tokio::spawn(async move { gateway.adjust(k, add("1")).await })
+            })
+            .collect();
+        let mut observer = PgConnection::connect_with(&options).await.unwrap();
+        const BEATEN_AT: &str =
+            "SELECT EXTRACT(EPOCH FROM max(heartbeat_at))::float8 FROM instances";
+        let before: f64 = sqlx::query_scalar(BEATEN_AT)
+            .fetch_one(&mut observer)
+            .await
+            .unwrap();
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        // The beat itself comes first; what follows it (a reconciliation,
+        // if any) may wait for the pool.
+        let _ =
+            tokio::time::timeout(std::time::Duration::from_secs(2), gateway.heartbeat_now()).await;
+        let after: f64 = sqlx::query_scalar(BEATEN_AT)
+            .fetch_one(&mut observer)
+            .await
+            .unwrap();
+        assert!(after > before, "no beat while the pool was taken");
+        sqlx::query("COMMIT").execute(&mut blocker).await.unwrap();
+        for write in writes {
+            write.await.unwrap().unwrap();
+        }
+        let shared: SharedStore = gateway;
+        assert_eq!(balance(&shared, k).await, cr("30"));
+        let _ = blocker.close().await;
+        let _ = observer.close().await;
+    }
+    drop_schema(&base, &schema).await;
+}
+
 /// Two gateways spend one key from leases down to its last credit: each
 /// credit is admitted exactly once, and nothing stays reserved.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -82,7 +82,10 @@
 //! transaction that changes `api_keys.reserved` also changes that instance's
 //! share in `instance_reservations (instance_id, key_id, reserved)`. Every
 //! instance has a row in `instances` whose `heartbeat_at` (database clock) a
-//! background task refreshes every 10 s. [`Store::release_stale_reservations`]
+//! background task refreshes every 10 s, on a connection of its own (not
+//! the pool's: requests holding every pooled connection, waiting on a
+//! locked key row or a migration, must not make a live instance look
+//! dead). [`Store::release_stale_reservations`]
 //! (called at gateway start, and every minute by the heartbeat task) takes
 //! the instances whose heartbeat is older than 60 s, and in one transaction
 //! subtracts their shares from `api_keys.reserved` and deletes them.
@@ -177,6 +180,10 @@ pub struct PostgresStore {
 /// need: the pool, the instance id and its own account of its shares.
 struct Link {
     pool: PgPool,
+    /// One connection of its own for the heartbeat: requests that hold
+    /// every pooled connection (waiting on a locked key row, a migration)
+    /// must not make a live instance look dead to the others.
+    beats: PgPool,
     instance: Arc<str>,
     shares: Shares,
     /// Credits reserved in advance for this instance's requests.
@@ -285,7 +292,7 @@ impl PostgresStore {
                     Ok(true)
                 })
             })
-            .connect_with(options)
+            .connect_with(options.clone())
             .await
             .map_err(|e| backend(format!("cannot connect to PostgreSQL: {e}")))?;
         // Keys' names, models and endpoints are any Unicode text: a
@@ -303,8 +310,13 @@ impl PostgresStore {
             .run(&pool)
             .await
             .map_err(|e| backend(format!("PostgreSQL migration failed: {e}")))?;
+        let beats = PgPoolOptions::new()
+            .max_connections(1)
+            .acquire_timeout(Duration::from_secs(10))
+            .connect_lazy_with(options);
         let link = Arc::new(Link {
             pool: pool.clone(),
+            beats,
             instance: format!("{:032x}", rand::random::<u128>()).into(),
             shares: Shares::default(),
             leases: Leases::default(),
@@ -556,7 +568,7 @@ async fn beat(pool: &PgPool, instance: &str) -> Result<bool, StoreError> {
 /// The heartbeat; then, if this instance's shares may be wrong, their
 /// reconciliation.
 async fn heartbeat(link: &Link) -> Result<(), StoreError> {
-    if beat(&link.pool, &link.instance).await? {
+    if beat(&link.beats, &link.instance).await? {
         // Its shares may have been released by another gateway.
         link.shares.unsure();
     }
