@@ -2472,6 +2472,31 @@ async fn postgres_two_gateways_spend_a_leased_key_exactly() {
     drop_schema(&base, &schema).await;
 }
 
+/// SPEC 4: a key with C credits and N > C concurrent one-credit requests
+/// gets exactly C through, also when it has enough to be leased.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_a_burst_on_a_leased_key_gets_exactly_its_credits() {
+    let Some((base, options, schema)) = pg_schema().await else {
+        return;
+    };
+    {
+        let a: SharedStore = Arc::new(PostgresStore::connect_with(options.clone()).await.unwrap());
+        let k = a.create_key(new_key("k", cr("2000"))).await.unwrap().id;
+        let tasks: Vec<_> = (0..2100)
+            .map(|_| {
+                let store = a.clone();
+                tokio::spawn(async move { store.reserve(k, cr("1")).await.is_ok() })
+            })
+            .collect();
+        let mut admitted = 0;
+        for task in tasks {
+            admitted += i32::from(task.await.unwrap());
+        }
+        assert_eq!(admitted, 2000);
+    }
+    drop_schema(&base, &schema).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_releases_reservations_of_dead_gateways() {
     let Some((base, options, schema)) = pg_schema().await else {

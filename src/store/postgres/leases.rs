@@ -24,7 +24,11 @@
 //! drained and stops). Keys with
 //! less than the headroom available are never leased: every reservation on
 //! them goes to the server, exactly as without leases, so a nearly spent
-//! key is shared between gateways to the last thousandth of a credit.
+//! key is shared between gateways to the last thousandth of a credit. A
+//! reservation the server refuses while a fill of the key is in flight or
+//! its lease holds enough (the fill raced it to the last credits) is
+//! served from the lease: a burst on one gateway gets exactly the key's
+//! credits.
 
 use super::{lock, KeyId};
 use std::collections::{HashMap, HashSet};
@@ -41,8 +45,10 @@ pub(super) const LEASE_REQUESTS: i64 = 64;
 /// available after the reservation that asks for it.
 pub(super) const LEASE_HEADROOM: i64 = 16;
 
+/// The leases, and who waits for a fill to end
+/// ([`Leases::take_after_refusal`]).
 #[derive(Default)]
-pub(super) struct Leases(Mutex<State>);
+pub(super) struct Leases(Mutex<State>, tokio::sync::Notify);
 
 #[derive(Default)]
 struct State {
@@ -153,10 +159,36 @@ impl Leases {
         })
     }
 
+    /// After the server refused a reservation of `millis` on key `id`:
+    /// what this instance's lease holds may be what the server no longer
+    /// had (a fill that raced the request took it). Waits for a fill of
+    /// the key in flight, then hands out from the lease as [`Leases::take`]
+    /// does; `None` when it holds too little.
+    pub(super) async fn take_after_refusal(&self, id: KeyId, millis: i64) -> Option<Taken> {
+        loop {
+            let filled = self.1.notified();
+            tokio::pin!(filled);
+            filled.as_mut().enable();
+            if let Some(taken) = self.take(id, millis, Instant::now()) {
+                return Some(taken);
+            }
+            if !lock(&self.0).filling.contains(&id) {
+                return None;
+            }
+            filled.await;
+        }
+    }
+
     /// The server admitted `fill`'s block and left `available`: the block
     /// joins the key's lease, whose expiry is returned. `Err` with the
     /// block when the leases were ended meanwhile: it is to be given back.
     pub(super) fn filled(&self, fill: Fill, available: i64, now: Instant) -> Result<Expiry, i64> {
+        let expiry = self.install(fill, available, now);
+        self.1.notify_waiters();
+        expiry
+    }
+
+    fn install(&self, fill: Fill, available: i64, now: Instant) -> Result<Expiry, i64> {
         let mut state = lock(&self.0);
         state.filling.remove(&fill.id);
         if state.epoch != fill.epoch {
@@ -189,6 +221,7 @@ impl Leases {
     /// The server refused `fill`'s block (or could not be asked).
     pub(super) fn fill_failed(&self, fill: Fill) {
         lock(&self.0).filling.remove(&fill.id);
+        self.1.notify_waiters();
     }
 
     /// `expiry` is due: what to give back, if its fill is still the lease's

@@ -1434,7 +1434,25 @@ impl Store for PostgresStore {
             id,
             amount,
         };
-        let available = reservation.wait().await?;
+        let available = match reservation.wait().await {
+            Err(StoreError::InsufficientCredits { available }) => {
+                // A fill of this instance's lease may have raced this
+                // request to the key's last credits: they are here.
+                let Some(taken) = self
+                    .link
+                    .leases
+                    .take_after_refusal(id, amount.millis())
+                    .await
+                else {
+                    return Err(StoreError::InsufficientCredits { available });
+                };
+                if let Some(fill) = taken.refill {
+                    tokio::spawn(run_lease(self.link.clone(), fill));
+                }
+                return Ok(Credits::from_millis(taken.available));
+            }
+            other => other?,
+        };
         let fill =
             self.link
                 .leases
