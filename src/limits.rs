@@ -122,12 +122,6 @@ impl Limits {
             limits: Some(limits),
         })
     }
-
-    /// Admits a request of `key` at once: [`Limits::enter`], then
-    /// [`Entered::pace`].
-    pub fn admit(&self, key: &KeyRecord) -> Result<Permit, Refusal> {
-        self.enter(key)?.pace()
-    }
 }
 
 /// A request that holds its concurrent slot, its request per minute not
@@ -156,6 +150,14 @@ impl Entered {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    impl Limits {
+        /// Admits a request of `key` at once: [`Limits::enter`], then
+        /// [`Entered::pace`].
+        fn admit(&self, key: &KeyRecord) -> Result<Permit, Refusal> {
+            self.enter(key)?.pace()
+        }
+    }
     use crate::credits::Credits;
 
     fn key(id: KeyId, rpm: Option<u32>, max: Option<u32>) -> KeyRecord {

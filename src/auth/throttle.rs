@@ -147,7 +147,7 @@ impl AuthFailures {
             return Standing::Clear;
         };
         if !window.is_over(self.limit, now) {
-            return Standing::Watched;
+            return Standing::Clear;
         }
         Standing::Blocked {
             retry_after: window.retry_after(now),
@@ -172,11 +172,10 @@ impl Window {
 /// What an address's wrong keys mean for a key it presents.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Standing {
-    /// No wrong key on record: nothing to note.
+    /// Under the limit (or no wrong key on record): the key is looked up,
+    /// and the address's count decides again after it
+    /// ([`AuthFailures::record`], [`AuthFailures::admitted`]).
     Clear,
-    /// Wrong keys on record, under the limit: a key that authenticates is
-    /// noted ([`AuthFailures::admitted`]).
-    Watched,
     /// Over the limit: 429 for `retry_after` seconds more, unless the key
     /// is `known` (it authenticated from here since the first wrong key).
     Blocked { retry_after: u64, known: bool },
