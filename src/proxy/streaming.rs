@@ -11,9 +11,9 @@
 //! a client that saw its reply complete was charged durably.
 //!
 //! When tollgate must end a stream itself (Ollama vanished, the stream went
-//! idle too long, shutdown, a line longer than [`MAX_UNIT`]), it ends it with one error line in the stream's
-//! own format, so SDKs raise an error instead of hanging or silently
-//! truncating. So it does when Ollama closes an OpenAI chat or completions
+//! idle too long, shutdown, a line longer than [`MAX_UNIT`]), it ends it
+//! with one error line in the stream's own format, so SDKs raise an error
+//! instead of hanging or silently truncating. So it does when Ollama closes an OpenAI chat or completions
 //! stream without `data: [DONE]`: that is how Ollama's OpenAI layer ends a
 //! stream that failed (an empty chunk, then nothing).
 //!
@@ -187,8 +187,7 @@ impl Relay {
                     // The reply was complete: what Ollama sends after it
                     // is not relayed (nor an error line after a whole reply).
                     self.pending.clear();
-                    self.settle().await;
-                    self.finished = true;
+                    self.finish().await;
                     return None;
                 }
                 let message = format!(
@@ -229,8 +228,7 @@ impl Relay {
             let complete =
                 self.ended_by_ollama && !matches!(next, Some(Ok(Some(Ok(_)))) | Some(Ok(None)));
             if complete {
-                self.settle().await;
-                self.finished = true;
+                self.finish().await;
                 return None;
             }
             let Some(next) = next else {
@@ -291,8 +289,7 @@ impl Relay {
                         return self.end_early(message).await;
                     }
                     let (_, out) = self.pass_units(rest);
-                    self.settle().await;
-                    self.finished = true;
+                    self.finish().await;
                     return out;
                 }
                 Err(_) => {
@@ -437,13 +434,18 @@ impl Relay {
         }
     }
 
+    /// Settles what was relayed; the stream is over.
+    async fn finish(&mut self) {
+        self.settle().await;
+        self.finished = true;
+    }
+
     /// Ends the stream with an error line, after settling what was relayed.
     async fn end_early(&mut self, message: &str) -> Option<Bytes> {
         let request_id = RequestLog::id_of(&self.log);
         tracing::warn!(request_id, reason = message, "stream ended by tollgate");
         self.pending.clear();
-        self.settle().await;
-        self.finished = true;
+        self.finish().await;
         Some(self.wire.error_unit(message))
     }
 }
