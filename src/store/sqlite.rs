@@ -1266,7 +1266,9 @@ impl Writer {
             // by a panic in the middle of a batch.
             let _ = self.exec("ROLLBACK");
         }
-        let _ = self.reload_if_needed();
+        if !self.stale.is_empty() {
+            let _ = self.reload_if_needed();
+        }
         let writes = messages.iter().any(|m| matches!(m, Message::Write(_)));
         self.wait_for_locks(may_wait);
         let started = if writes {
