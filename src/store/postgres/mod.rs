@@ -369,6 +369,15 @@ impl PostgresStore {
         .await;
     }
 
+    /// A reservation served from a lease: what the key has available, as
+    /// far as this instance knows; the refill it asked for is started.
+    fn served_from_lease(&self, taken: leases::Taken) -> Credits {
+        if let Some(fill) = taken.refill {
+            tokio::spawn(run_lease(self.link.clone(), fill));
+        }
+        Credits::from_millis(taken.available)
+    }
+
     /// What key `id`'s lease holds in this instance now, polled until it
     /// is `want` (or 3 s).
     #[cfg(test)]
@@ -1415,10 +1424,7 @@ impl Store for PostgresStore {
         // be sent, or the `Reservation` when dropped, if the answer arrived
         // but was never read.
         if let Some(taken) = self.link.leases.take(id, amount.millis(), Instant::now()) {
-            if let Some(fill) = taken.refill {
-                tokio::spawn(run_lease(self.link.clone(), fill));
-            }
-            return Ok(Credits::from_millis(taken.available));
+            return Ok(self.served_from_lease(taken));
         }
         let (tx, rx) = oneshot::channel();
         let link = self.link.clone();
@@ -1438,18 +1444,14 @@ impl Store for PostgresStore {
             Err(StoreError::InsufficientCredits { available }) => {
                 // A fill of this instance's lease may have raced this
                 // request to the key's last credits: they are here.
-                let Some(taken) = self
+                let taken = self
                     .link
                     .leases
                     .take_after_refusal(id, amount.millis())
-                    .await
-                else {
-                    return Err(StoreError::InsufficientCredits { available });
-                };
-                if let Some(fill) = taken.refill {
-                    tokio::spawn(run_lease(self.link.clone(), fill));
-                }
-                return Ok(Credits::from_millis(taken.available));
+                    .await;
+                return taken
+                    .map(|taken| self.served_from_lease(taken))
+                    .ok_or(StoreError::InsufficientCredits { available });
             }
             other => other?,
         };
