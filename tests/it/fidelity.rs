@@ -105,8 +105,7 @@ async fn the_root_probe_needs_no_key_like_ollama() {
             .await
             .unwrap();
         let head = app
-            .client
-            .head(format!("{}{path}", app.url))
+            .head(path)
             .header("x-api-key", KEY)
             .send()
             .await

@@ -103,8 +103,7 @@ async fn the_model_lists_show_only_the_keys_models() {
         .await
         .unwrap();
     let head = app
-        .client
-        .head(format!("{}/api/tags", app.url))
+        .head("/api/tags")
         .header("x-api-key", &key)
         .send()
         .await

@@ -129,6 +129,10 @@ impl TestApp {
         self.client.get(format!("{}{}", self.url, path))
     }
 
+    pub fn head(&self, path: &str) -> reqwest::RequestBuilder {
+        self.client.head(format!("{}{}", self.url, path))
+    }
+
     /// The requests Ollama received from clients through tollgate (not
     /// tollgate's own health checks and model-list refreshes).
     pub fn forwarded(&self) -> Vec<fake_ollama::Recorded> {
