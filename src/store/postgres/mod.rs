@@ -88,7 +88,10 @@
 //! dead). [`Store::release_stale_reservations`]
 //! (called at gateway start, and every minute by the heartbeat task) takes
 //! the instances whose heartbeat is older than 60 s, and in one transaction
-//! subtracts their shares from `api_keys.reserved` and deletes them.
+//! subtracts their shares from `api_keys.reserved` and deletes them. The
+//! heartbeat task does so only once its own heartbeats have gone through
+//! without a break for those 60 s ([`Standing`]), so that after an outage
+//! every gateway saw, the first one back does not take the others for dead.
 //!
 //! Locks are always taken in the order `api_keys` rows (several in id
 //! order), then their `instance_reservations` rows, so these paths cannot
@@ -155,6 +158,7 @@ const HEARTBEAT_EVERY: Duration = Duration::from_secs(10);
 const RELEASE_EVERY_BEATS: u32 = 6;
 /// An instance silent this long is dead.
 const STALE_AFTER_SECS: i64 = 60;
+const STALE_AFTER: Duration = Duration::from_secs(STALE_AFTER_SECS.unsigned_abs());
 /// A pooled connection idle this long is pinged before it is used.
 const PING_IF_IDLE_FOR: Duration = Duration::from_secs(5);
 /// How long a key found by `key_by_hash` is answered from memory.
@@ -587,21 +591,59 @@ async fn heartbeat(link: &Link) -> Result<(), StoreError> {
     Ok(())
 }
 
-/// Every [`HEARTBEAT_EVERY`], [`heartbeat`]; every [`RELEASE_EVERY_BEATS`],
+/// When the heartbeat task also releases the reservations of stopped
+/// gateways: every [`RELEASE_EVERY_BEATS`] heartbeats that went through,
+/// and only once this instance's own heartbeats have gone through without
+/// a break for the whole stale window. After an outage that every gateway
+/// shared (the server restarting, the network to it down), every
+/// heartbeat in `instances` is old; the first gateway back must not
+/// release the reservations of the others, which are alive and serving
+/// from them, but give them the time to beat again, as it has.
+#[derive(Debug)]
+struct Standing {
+    /// Since when the heartbeats have all gone through.
+    beating_since: Option<Instant>,
+    /// Heartbeats that went through.
+    beats: u32,
+}
+
+impl Standing {
+    /// Starts beating at `now` (the instance has just beaten at connect).
+    fn new(now: Instant) -> Standing {
+        Standing {
+            beating_since: Some(now),
+            beats: 0,
+        }
+    }
+
+    /// Records the outcome of a heartbeat at `now`; returns whether to
+    /// release the stopped gateways' reservations now.
+    fn beat(&mut self, went_through: bool, now: Instant) -> bool {
+        if !went_through {
+            self.beating_since = None;
+            return false;
+        }
+        let since = *self.beating_since.get_or_insert(now);
+        self.beats = self.beats.wrapping_add(1);
+        self.beats.is_multiple_of(RELEASE_EVERY_BEATS)
+            && now.saturating_duration_since(since) >= STALE_AFTER
+    }
+}
+
+/// Every [`HEARTBEAT_EVERY`], [`heartbeat`]; when [`Standing`] says so,
 /// the release of stopped gateways' reservations too.
 async fn heartbeat_task(link: Arc<Link>) {
     let mut ticks = tokio::time::interval(HEARTBEAT_EVERY);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     ticks.tick().await; // the first tick is immediate; connect just beat
-    let mut beats = 0u32;
+    let mut standing = Standing::new(Instant::now());
     loop {
         ticks.tick().await;
-        if let Err(e) = heartbeat(&link).await {
+        let outcome = heartbeat(&link).await;
+        if let Err(e) = &outcome {
             tracing::warn!("PostgreSQL heartbeat failed: {e}");
-            continue;
         }
-        beats = beats.wrapping_add(1);
-        if beats.is_multiple_of(RELEASE_EVERY_BEATS) {
+        if standing.beat(outcome.is_ok(), Instant::now()) {
             if let Err(e) = release_stale(&link.pool).await {
                 tracing::warn!("releasing stale reservations failed: {e}");
             }
@@ -1579,5 +1621,54 @@ impl Store for PostgresStore {
 
     async fn close(&self) {
         self.end_leases().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Heartbeats every [`HEARTBEAT_EVERY`] from `start`, with the given
+    /// outcomes; the numbers (1-based) of those after which it releases.
+    fn releases(start: Instant, outcomes: &[bool]) -> Vec<usize> {
+        let mut standing = Standing::new(start);
+        let mut at = start;
+        let mut released = Vec::new();
+        for (n, &went_through) in outcomes.iter().enumerate() {
+            at += HEARTBEAT_EVERY;
+            if standing.beat(went_through, at) {
+                released.push(n + 1);
+            }
+        }
+        released
+    }
+
+    #[test]
+    fn an_instance_beating_without_a_break_releases_every_minute() {
+        assert_eq!(releases(Instant::now(), &[true; 18]), vec![6, 12, 18]);
+    }
+
+    #[test]
+    fn an_instance_back_from_an_outage_beats_a_whole_stale_window_before_it_releases() {
+        // Five beats, then the server is gone for seven (70 s: every other
+        // gateway's heartbeat is stale too), then back.
+        let mut outcomes = vec![true; 5];
+        outcomes.extend([false; 7]);
+        outcomes.extend([true; 14]);
+        // Beat 13 is the first one back; it is the sixth that went
+        // through, but this instance has beaten again for 0 s, and the
+        // others have had no chance yet. The twelfth through is beat 19,
+        // 60 s after beat 13; the eighteenth, beat 25.
+        assert_eq!(releases(Instant::now(), &outcomes), vec![19, 25]);
+    }
+
+    #[test]
+    fn one_failed_heartbeat_starts_the_window_again() {
+        let mut outcomes = vec![true; 11];
+        outcomes.push(false);
+        outcomes.extend([true; 12]);
+        // Through: beats 1..=11 (the sixth at 6), 13.. (the 12th through at
+        // 13, with 0 s behind it; the 18th at 19, 60 s; the 24th at 25).
+        assert_eq!(releases(Instant::now(), &outcomes), vec![6, 19]);
     }
 }
