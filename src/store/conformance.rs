@@ -2420,6 +2420,64 @@ async fn postgres_the_heartbeat_beats_while_every_pooled_connection_waits() {
     drop_schema(&base, &schema).await;
 }
 
+/// A gateway whose host vanishes inside a transaction must not hold its
+/// key rows locked until the server's TCP gives up (hours): the store's
+/// sessions ask the server to end a transaction left idle, and to probe
+/// an idle client. Read on the store's own pooled connections, and shown
+/// on one: a transaction left idle past the limit is ended and its lock
+/// released.
+#[tokio::test]
+async fn postgres_sessions_left_idle_in_a_transaction_are_ended_by_the_server() {
+    let Some((base, options, schema)) = pg_schema().await else {
+        return;
+    };
+    {
+        let gateway = PostgresStore::connect_with(options.clone()).await.unwrap();
+        let k = gateway.create_key(new_key("k", cr("10"))).await.unwrap().id;
+        let setting = |name: &'static str| {
+            let pool = gateway.pool().clone();
+            async move {
+                sqlx::query_scalar::<_, String>(&format!("SHOW {name}"))
+                    .fetch_one(&pool)
+                    .await
+                    .unwrap()
+            }
+        };
+        assert_eq!(setting("idle_in_transaction_session_timeout").await, "30s");
+        assert_eq!(setting("tcp_keepalives_idle").await, "30");
+        assert_eq!(setting("tcp_keepalives_interval").await, "10");
+        assert_eq!(setting("tcp_keepalives_count").await, "3");
+        // The same server-side end, with a limit short enough to watch:
+        // a transaction that locks the key row and then goes quiet.
+        let mut vanished = gateway.pool().acquire().await.unwrap();
+        sqlx::query("SET idle_in_transaction_session_timeout = '300ms'")
+            .execute(&mut *vanished)
+            .await
+            .unwrap();
+        sqlx::query("BEGIN").execute(&mut *vanished).await.unwrap();
+        sqlx::query("SELECT 1 FROM api_keys WHERE id = $1 FOR UPDATE")
+            .bind(k)
+            .execute(&mut *vanished)
+            .await
+            .unwrap();
+        // A write on the key waits for that lock, and gets it once the
+        // server has ended the quiet session.
+        let adjusted = tokio::time::timeout(
+            std::time::Duration::from_secs(10),
+            gateway.adjust(k, add("1")),
+        )
+        .await;
+        assert!(
+            matches!(adjusted, Ok(Ok(_))),
+            "the idle transaction kept its lock"
+        );
+        vanished.detach();
+        let shared: SharedStore = Arc::new(gateway);
+        assert_eq!(balance(&shared, k).await, cr("11"));
+    }
+    drop_schema(&base, &schema).await;
+}
+
 /// Two gateways spend one key from leases down to its last credit: each
 /// credit is admitted exactly once, and nothing stays reserved.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

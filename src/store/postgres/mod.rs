@@ -159,6 +159,9 @@ const RELEASE_EVERY_BEATS: u32 = 6;
 /// An instance silent this long is dead.
 const STALE_AFTER_SECS: i64 = 60;
 const STALE_AFTER: Duration = Duration::from_secs(STALE_AFTER_SECS.unsigned_abs());
+/// A session of this store left idle inside a transaction this long is
+/// ended by the server (its host or network gone), releasing its locks.
+const IDLE_IN_TRANSACTION: &str = "30s";
 /// A pooled connection idle this long is pinged before it is used.
 const PING_IF_IDLE_FOR: Duration = Duration::from_secs(5);
 /// How long a key found by `key_by_hash` is answered from memory.
@@ -276,9 +279,23 @@ impl PostgresStore {
         // looks rows up by key; `force_generic_plan` plans it once there,
         // instead of planning each execution anew for its parameters (the
         // settlement batch's many CTEs cost more to plan than to run).
+        //
+        // A gateway whose host vanishes (power, network) in the middle of
+        // a transaction would hold its key rows locked, and every other
+        // gateway's requests for those keys waiting, until the server
+        // noticed: with the operating system's TCP defaults, two hours.
+        // The server ends such a session after [`IDLE_IN_TRANSACTION`]
+        // (the store never waits between two statements of a transaction)
+        // and probes an idle client's socket after 30 s (three probes
+        // 10 s apart), which also frees a session-level lock such as the
+        // migrator's.
         let options = options.options([
             ("synchronous_commit", "off"),
             ("plan_cache_mode", "force_generic_plan"),
+            ("idle_in_transaction_session_timeout", IDLE_IN_TRANSACTION),
+            ("tcp_keepalives_idle", "30"),
+            ("tcp_keepalives_interval", "10"),
+            ("tcp_keepalives_count", "3"),
         ]);
         let pool = PgPoolOptions::new()
             .max_connections(16)
@@ -346,6 +363,12 @@ impl PostgresStore {
             settlements,
             keys: KeyCache::default(),
         })
+    }
+
+    /// The store's pool, for tests that look at its sessions.
+    #[cfg(test)]
+    pub(crate) fn pool(&self) -> &PgPool {
+        &self.pool
     }
 
     /// One heartbeat now, as the heartbeat task does every 10 s.
