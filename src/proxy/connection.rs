@@ -49,7 +49,7 @@ const MAX_GATHERED: usize = 64 * 1024;
 /// streams that is 4 MiB. Ollama streams lines of a few hundred bytes, one
 /// by one, and most replies fit in 2 KiB; two such buffers share a page,
 /// which saves 2 MiB per 1,000 open streams, at the price of more reads for
-/// a large reply (see BENCHMARKS.md: ~2% more CPU for a 64-line stream
+/// a large reply (see docs/benchmark-history.md: ~2% more CPU for a 64-line stream
 /// that arrives at once; 1 KiB saved another megabyte but cost ~10%).
 const READ_SIZE: usize = 2048;
 

@@ -28,7 +28,7 @@
 //! transaction. It takes a batch as soon as it runs: waiting for more to
 //! arrive (as PostgreSQL's `commit_delay`) made larger batches but held
 //! every waiting request for the delay, and cost a sixth of the throughput
-//! at saturation (see BENCHMARKS.md).
+//! at saturation (see "What was tried" in BENCHMARKS.md).
 //! A request's task carries out at most [`INLINE_BATCHES`] batches before
 //! it hands the rest to the writer thread, and never waits for a lock: when
 //! another connection (the CLI) holds the write lock, the batch goes to the
