@@ -12,7 +12,9 @@
 //! - `--quick`: two short rounds, a smoke test (figures are rough);
 //! - `--rounds N`: rounds (default 5);
 //! - `--only a,b`: only these targets (`direct`, `nginx`, `hyper-floor`,
-//!   `tollgate-memory`, `tollgate-sqlite`, `tollgate-postgres`);
+//!   `tollgate-memory`, `tollgate-sqlite`, `tollgate-postgres`; and
+//!   `hyper-floor-ledger`, the floor with the least durable ledger, run
+//!   only when named here);
 //! - `--scenarios a,b`: only these scenarios (`rss`, `saturation`, `fixed`,
 //!   `stream`, `paced`);
 //! - `--out FILE`: also write the report (markdown) to FILE;
@@ -283,10 +285,30 @@ async fn run(opts: Opts) -> ExitCode {
             .push("nginx is not installed: skipped (apt-get install -y nginx-light)".to_string()),
     }
     match floor_binary() {
-        Some(binary) => specs.push(Spec {
-            name: "hyper-floor".into(),
-            kind: Kind::Floor { binary },
-        }),
+        Some(binary) => {
+            specs.push(Spec {
+                name: "hyper-floor".into(),
+                kind: Kind::Floor {
+                    binary: binary.clone(),
+                    ledger: None,
+                },
+            });
+            // Only when asked for by name: an experiment, not a target of
+            // the issues.
+            if opts
+                .only
+                .as_ref()
+                .is_some_and(|o| o.iter().any(|t| t == "hyper-floor-ledger"))
+            {
+                specs.push(Spec {
+                    name: "hyper-floor-ledger".into(),
+                    kind: Kind::Floor {
+                        binary,
+                        ledger: Some(dir.path().join("floor-ledger.db")),
+                    },
+                });
+            }
+        }
         None => notes.push(
             "the floor is not built: skipped (cargo build --release --example floor)".to_string(),
         ),
@@ -1015,6 +1037,9 @@ fn write_report(results: &Results, cx: &Context) -> String {
         ("tollgate-postgres", "tollgate-memory"),
         ("hyper-floor", "nginx"),
         ("tollgate-memory", "hyper-floor"),
+        ("hyper-floor-ledger", "nginx"),
+        ("hyper-floor-ledger", "hyper-floor"),
+        (DEFAULT, "hyper-floor-ledger"),
         ("nginx", "direct"),
     ] {
         if has(a) && has(b) {

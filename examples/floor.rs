@@ -3,7 +3,7 @@
 //! mimalloc) can do per request, measured next to nginx and tollgate.
 //!
 //! ```text
-//! floor LISTEN_ADDR UPSTREAM_ADDR KEY[,KEY...]
+//! floor LISTEN_ADDR UPSTREAM_ADDR KEY[,KEY...] [LEDGER_FILE]
 //! ```
 //!
 //! It does what the benchmark's nginx does and nothing more: checks the
@@ -13,6 +13,16 @@
 //! metered, logged or counted. Each client connection gets its own upstream
 //! connection, opened with its first request and driven by a task of its
 //! own, as hyper's client documentation does it: no pool, no lock.
+//!
+//! With `LEDGER_FILE` (target `hyper-floor-ledger`) it also keeps the least
+//! durable ledger a gateway can keep: each forwarded request subtracts one
+//! credit from its key's row and writes one ledger row (key, time,
+//! credits) in a SQLite file in WAL mode with `synchronous=NORMAL`, as
+//! tollgate's default store does; one writer thread commits whatever is
+//! queued in one transaction (group commit), and the reply is handed on
+//! only once its row has committed. No reservation, no token counts, no
+//! other column or index: what this costs is the least that a charge
+//! which survives `kill -9` can cost on this machine.
 //!
 //! It is not part of tollgate and serves nothing but the benchmark
 //! (`examples/bench`, target `hyper-floor`). Nothing is sent anywhere but
@@ -24,12 +34,13 @@ use hyper::client::conn::http1 as client;
 use hyper::server::conn::http1 as server;
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::process::ExitCode;
+use std::sync::mpsc;
 use std::sync::Arc;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::Mutex;
+use tokio::sync::{oneshot, Mutex};
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -40,16 +51,32 @@ type BoxError = Box<dyn std::error::Error + Send + Sync>;
 #[tokio::main]
 async fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let [listen, upstream, keys] = args.as_slice() else {
-        eprintln!("usage: floor LISTEN_ADDR UPSTREAM_ADDR KEY[,KEY...]");
-        return ExitCode::from(2);
+    let (listen, upstream, keys, ledger) = match args.as_slice() {
+        [listen, upstream, keys] => (listen, upstream, keys, None),
+        [listen, upstream, keys, ledger] => (listen, upstream, keys, Some(ledger)),
+        _ => {
+            eprintln!("usage: floor LISTEN_ADDR UPSTREAM_ADDR KEY[,KEY...] [LEDGER_FILE]");
+            return ExitCode::from(2);
+        }
     };
     let (Ok(listen), Ok(upstream)) = (listen.parse::<SocketAddr>(), upstream.parse()) else {
         eprintln!("floor: addresses are IP:PORT");
         return ExitCode::from(2);
     };
-    let keys: Arc<HashSet<Vec<u8>>> =
-        Arc::new(keys.split(',').map(|k| k.as_bytes().to_vec()).collect());
+    let keys: Arc<HashMap<Vec<u8>, i64>> = Arc::new(
+        keys.split(',')
+            .zip(1..)
+            .map(|(k, id)| (k.as_bytes().to_vec(), id))
+            .collect(),
+    );
+    let ledger = match ledger.map(|path| Ledger::open(path, keys.values().copied())) {
+        None => None,
+        Some(Ok(ledger)) => Some(ledger),
+        Some(Err(e)) => {
+            eprintln!("floor: cannot open the ledger: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
     let listener = match TcpListener::bind(listen).await {
         Ok(l) => l,
         Err(e) => {
@@ -63,10 +90,17 @@ async fn main() -> ExitCode {
         };
         let _ = socket.set_nodelay(true);
         let keys = keys.clone();
+        let ledger = ledger.clone();
         let conn: Upstream = Arc::new(Mutex::new(None));
         tokio::spawn(async move {
             let service = hyper::service::service_fn(move |request| {
-                forward(request, keys.clone(), conn.clone(), upstream)
+                forward(
+                    request,
+                    keys.clone(),
+                    ledger.clone(),
+                    conn.clone(),
+                    upstream,
+                )
             });
             let _ = server::Builder::new()
                 .serve_connection(TokioIo::new(socket), service)
@@ -78,19 +112,20 @@ async fn main() -> ExitCode {
 /// One request: the key check, then the exchange with the upstream.
 async fn forward(
     mut request: Request<Incoming>,
-    keys: Arc<HashSet<Vec<u8>>>,
+    keys: Arc<HashMap<Vec<u8>, i64>>,
+    ledger: Option<Ledger>,
     conn: Upstream,
     upstream: SocketAddr,
 ) -> Result<Response<Body>, BoxError> {
     let known = request
         .headers_mut()
         .remove("x-api-key")
-        .is_some_and(|key| keys.contains(key.as_bytes()));
-    if !known {
+        .and_then(|key| keys.get(key.as_bytes()).copied());
+    let Some(key_id) = known else {
         let mut refused = Response::new(Body::from(r#"{"error":"invalid API key"}"#));
         *refused.status_mut() = StatusCode::UNAUTHORIZED;
         return Ok(refused);
-    }
+    };
     // One request at a time per client connection: the lock is never
     // contended, it only lends the connection to this request.
     let mut slot = conn.lock().await;
@@ -102,7 +137,106 @@ async fn forward(
     let reply = sender.send_request(request).await?;
     *slot = Some(sender);
     drop(slot);
+    if let Some(ledger) = ledger {
+        ledger.charge(key_id).await?;
+    }
     Ok(reply.map(Body::new))
+}
+
+/// The least durable ledger (see the module documentation): a queue to
+/// one writer thread that commits everything queued in one transaction.
+#[derive(Clone)]
+struct Ledger(mpsc::Sender<(i64, oneshot::Sender<bool>)>);
+
+impl Ledger {
+    fn open(path: &str, keys: impl Iterator<Item = i64>) -> rusqlite::Result<Ledger> {
+        let conn = rusqlite::Connection::open(path)?;
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.pragma_update(None, "synchronous", "NORMAL")?;
+        // As tollgate's store: commits never checkpoint; a thread of its
+        // own does, every `CHECKPOINT_EVERY` commits.
+        conn.pragma_update(None, "wal_autocheckpoint", 0)?;
+        conn.execute_batch(
+            "CREATE TABLE IF NOT EXISTS keys (id INTEGER PRIMARY KEY, balance INTEGER NOT NULL);
+             CREATE TABLE IF NOT EXISTS ledger (id INTEGER PRIMARY KEY,
+                 key_id INTEGER NOT NULL, at INTEGER NOT NULL, credits INTEGER NOT NULL);",
+        )?;
+        for id in keys {
+            conn.execute(
+                "INSERT OR IGNORE INTO keys (id, balance) VALUES (?1, 1000000000000)",
+                [id],
+            )?;
+        }
+        let checkpointer = rusqlite::Connection::open(path)?;
+        let (checkpoint, checkpoints) = mpsc::sync_channel::<()>(1);
+        std::thread::spawn(move || {
+            for () in checkpoints {
+                let _ = checkpointer.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()));
+            }
+        });
+        let (queue, queued) = mpsc::channel();
+        std::thread::spawn(move || write(conn, queued, checkpoint));
+        Ok(Ledger(queue))
+    }
+
+    /// One credit of key `id`, answered once committed.
+    async fn charge(&self, id: i64) -> Result<(), BoxError> {
+        let (answer, answered) = oneshot::channel();
+        self.0
+            .send((id, answer))
+            .map_err(|_| "the ledger is gone")?;
+        if answered.await? {
+            Ok(())
+        } else {
+            Err("the ledger's commit failed".into())
+        }
+    }
+}
+
+/// The writer thread: takes everything queued, applies it in one
+/// transaction, commits, answers.
+fn write(
+    mut conn: rusqlite::Connection,
+    queued: mpsc::Receiver<(i64, oneshot::Sender<bool>)>,
+    checkpoint: mpsc::SyncSender<()>,
+) {
+    let mut commits = 0u64;
+    while let Ok(first) = queued.recv() {
+        let mut batch = vec![first];
+        batch.extend(queued.try_iter());
+        let committed = apply(&mut conn, &batch).is_ok();
+        for (_, answer) in batch {
+            let _ = answer.send(committed);
+        }
+        commits += 1;
+        if commits.is_multiple_of(CHECKPOINT_EVERY) {
+            let _ = checkpoint.try_send(());
+        }
+    }
+}
+
+/// Commits between two checkpoints of the ledger's WAL (tollgate's figure).
+const CHECKPOINT_EVERY: u64 = 200;
+
+fn apply(
+    conn: &mut rusqlite::Connection,
+    batch: &[(i64, oneshot::Sender<bool>)],
+) -> rusqlite::Result<()> {
+    let at = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64);
+    let tx = conn.transaction()?;
+    {
+        let mut charge =
+            tx.prepare_cached("UPDATE keys SET balance = balance - 1000 WHERE id = ?1")?;
+        let mut row =
+            tx.prepare_cached("INSERT INTO ledger (key_id, at, credits) VALUES (?1, ?2, 1000)")?;
+        for (id, _) in batch {
+            charge.execute([id])?;
+            row.execute([*id, at])?;
+        }
+    }
+    tx.commit()
 }
 
 /// A new HTTP/1 connection to the upstream, driven by a task of its own.

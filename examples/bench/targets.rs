@@ -40,8 +40,12 @@ pub enum Kind {
     /// nginx as a plain reverse proxy with an API-key check.
     Nginx { binary: PathBuf },
     /// The floor: the least proxy that tollgate's building blocks make
-    /// (`examples/floor.rs`), with nginx's key check.
-    Floor { binary: PathBuf },
+    /// (`examples/floor.rs`), with nginx's key check; with `ledger`, also
+    /// the least durable ledger (one SQLite row per request, group commit).
+    Floor {
+        binary: PathBuf,
+        ledger: Option<PathBuf>,
+    },
     /// tollgate with this `DATABASE_URL`.
     Tollgate {
         binary: PathBuf,
@@ -150,14 +154,15 @@ pub async fn start(spec: &Spec, fake: SocketAddr, dir: &Path) -> Result<Running,
             )?;
             (addr, child, log)
         }
-        Kind::Floor { binary } => {
+        Kind::Floor { binary, ledger } => {
             let addr = free_port()?;
             let log = dir.join(format!("{}.log", spec.name));
             let child = spawn_logged(
                 Command::new(binary)
                     .arg(addr.to_string())
                     .arg(fake.to_string())
-                    .arg(load::keys().join(",")),
+                    .arg(load::keys().join(","))
+                    .args(ledger),
                 &log,
             )?;
             (addr, child, log)
