@@ -41,13 +41,27 @@ pub fn classify(method: &Method, path: &str) -> Endpoint {
         streams_by_default,
     };
     let read = *method == Method::GET || *method == Method::HEAD;
+    // Ollama serves generations with POST only; another method gets its
+    // 404/405, which costs nothing and needs no credits to be told.
+    let generates = *method == Method::POST;
     match path {
-        "/api/generate" | "/api/chat" => endpoint(Access::Metered, true),
+        "/api/generate" | "/api/chat" if generates => endpoint(Access::Metered, true),
         "/api/embed"
         | "/api/embeddings"
         | "/v1/chat/completions"
         | "/v1/completions"
-        | "/v1/embeddings" => endpoint(Access::Metered, false),
+        | "/v1/embeddings"
+            if generates =>
+        {
+            endpoint(Access::Metered, false)
+        }
+        "/api/generate"
+        | "/api/chat"
+        | "/api/embed"
+        | "/api/embeddings"
+        | "/v1/chat/completions"
+        | "/v1/completions"
+        | "/v1/embeddings" => endpoint(Access::Free, false),
         "/api/show" | "/api/version" | "/api/ps" => endpoint(Access::Free, false),
         "/api/tags" | "/v1/models" if read => Endpoint {
             lists_models: true,
@@ -93,5 +107,19 @@ mod tests {
             classify(&Method::POST, "/v1/chat/completions").dialect,
             Dialect::OpenAi
         );
+    }
+
+    #[test]
+    fn generation_paths_are_metered_for_post_only() {
+        for path in ["/api/chat", "/api/embed", "/v1/completions"] {
+            assert_eq!(classify(&Method::POST, path).access, Access::Metered);
+            for method in [Method::GET, Method::HEAD, Method::PUT, Method::DELETE] {
+                assert_eq!(
+                    classify(&method, path).access,
+                    Access::Free,
+                    "{method} {path}"
+                );
+            }
+        }
     }
 }

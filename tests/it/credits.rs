@@ -360,6 +360,54 @@ async fn ollamas_own_errors_pass_through_unchanged_and_cost_nothing() {
     assert_eq!(app.balance_of(KEY).await, Credits::whole(10));
 }
 
+/// Ollama serves generations with POST only. Another method on their paths
+/// gets Ollama's own answer (its fake: gin's 405), passed through, with no
+/// reservation: a key without credits is not told 402 for a request that
+/// could never generate, and nothing is charged.
+#[tokio::test]
+async fn other_methods_on_generation_paths_need_no_credits_and_cost_nothing() {
+    let app = spawn().var("API_KEY_CREDITS", "0").start().await;
+    let paths = [
+        "/api/generate",
+        "/api/chat",
+        "/api/embed",
+        "/api/embeddings",
+        "/v1/chat/completions",
+        "/v1/completions",
+        "/v1/embeddings",
+    ];
+    for path in paths {
+        let got = app
+            .client
+            .get(format!("{}{}", app.url, path))
+            .header("x-api-key", KEY)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(got.status(), 405, "GET {path}");
+        assert_eq!(got.text().await.unwrap(), "405 method not allowed");
+    }
+    let put = app
+        .client
+        .put(format!("{}/api/chat", app.url))
+        .header("x-api-key", KEY)
+        .json(&json!({"model": "mistral", "messages": []}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(put.status(), 405);
+    assert_eq!(app.forwarded().len(), paths.len() + 1);
+    let rows = app.wait_ledger(KEY, paths.len() + 1).await;
+    assert!(rows.iter().all(|r| r.record.credits == Credits::ZERO));
+    assert!(rows.iter().all(|r| r.record.status == 405));
+    assert_eq!(app.balance_of(KEY).await, Credits::ZERO);
+    // The same key is still refused a generation.
+    let post = app
+        .keyed("/api/chat")
+        .json(&json!({"model": "mistral", "messages": []}));
+    assert_eq!(post.send().await.unwrap().status(), 402);
+}
+
 #[tokio::test]
 async fn death_mid_stream_charges_what_was_relayed_and_ends_with_an_error_line() {
     let app = spawn()
