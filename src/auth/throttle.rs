@@ -119,10 +119,7 @@ impl AuthFailures {
             return Err(window.retry_after(now));
         }
         match known {
-            Some(at) => {
-                let used = window.known.remove(at);
-                window.known.push(used);
-            }
+            Some(at) => window.used_again(at),
             None => {
                 if window.known.len() == KNOWN_KEYS {
                     window.known.remove(0);
@@ -136,22 +133,29 @@ impl AuthFailures {
     /// Where `ip` stands, for the key with `hash` it presents: one look,
     /// before the key is looked up. Whether a blocked address knows the
     /// key is decided without the store, so that a blocked client learns
-    /// nothing of a guess (not even from how long the answer took).
+    /// nothing of a guess (not even from how long the answer took). A
+    /// known key is noted as used last, as [`AuthFailures::admitted`] does
+    /// when the address is not blocked: the keys at work while it is are
+    /// the last to be forgotten.
     pub fn standing(&self, ip: IpAddr, hash: &KeyHash) -> Standing {
         if !self.any.load(Ordering::Relaxed) {
             return Standing::Clear;
         }
         let now = Instant::now();
-        let tracked = self.tracked();
-        let Some(window) = tracked.windows.get(&client(ip)) else {
+        let mut tracked = self.tracked();
+        let Some(window) = tracked.windows.get_mut(&client(ip)) else {
             return Standing::Clear;
         };
         if !window.is_over(self.limit, now) {
             return Standing::Clear;
         }
+        let known = window.known.iter().position(|known| known == hash);
+        if let Some(at) = known {
+            window.used_again(at);
+        }
         Standing::Blocked {
             retry_after: window.retry_after(now),
-            known: window.known.contains(hash),
+            known: known.is_some(),
         }
     }
 }
@@ -161,6 +165,12 @@ impl Window {
     /// current window.
     fn is_over(&self, limit: u32, now: Instant) -> bool {
         now.duration_since(self.started) < WINDOW && self.failures >= limit
+    }
+
+    /// Notes the known key at position `at` as the one used last.
+    fn used_again(&mut self, at: usize) {
+        let used = self.known.remove(at);
+        self.known.push(used);
     }
 
     /// Seconds until the window ends, rounded up.
@@ -338,6 +348,30 @@ mod tests {
         t.record(ip);
         assert!(t.blocked(ip).is_some());
         assert!(t.knows(ip, &h(0)));
+    }
+
+    #[test]
+    fn a_key_at_work_while_the_address_is_blocked_is_the_last_forgotten() {
+        let t = AuthFailures::new(1);
+        let ip: IpAddr = "10.0.0.1".parse().unwrap();
+        t.record(ip);
+        t.tracked().windows.get_mut(&client(ip)).unwrap().failures = 0;
+        for key in 0..KNOWN_KEYS {
+            assert_eq!(t.admitted(ip, &h(key)), Ok(()));
+        }
+        // Blocked: key 0, the oldest known, is the one at work.
+        t.tracked().windows.get_mut(&client(ip)).unwrap().failures = 1;
+        for _ in 0..3 {
+            assert!(t.knows(ip, &h(0)));
+        }
+        // The next minute, unblocked, a new key comes: the least recently
+        // used makes room for it, which is key 1, not key 0.
+        t.tracked().windows.get_mut(&client(ip)).unwrap().started -= WINDOW;
+        assert_eq!(t.admitted(ip, &h(KNOWN_KEYS)), Ok(()));
+        t.record(ip);
+        assert!(t.blocked(ip).is_some());
+        assert!(t.knows(ip, &h(0)), "the key at work was forgotten");
+        assert!(!t.knows(ip, &h(1)));
     }
 
     #[test]
