@@ -88,6 +88,13 @@ pub async fn relay(
     options: RelayOptions,
 ) -> Result<Response, ApiError> {
     let is_head = out.method == Method::HEAD;
+    let mut out = out;
+    if is_head && options.edit_body.is_some() {
+        // A model list filtered for a key: asked for whole (as GET), so
+        // that the reply to HEAD announces the length of what GET gives
+        // this key.
+        out.method = Method::GET;
+    }
     let sent = Instant::now();
     let mut response = match upstream.send(out).await {
         Ok(response) => response,
@@ -104,9 +111,9 @@ pub async fn relay(
     let status = response.status();
     settlement.record_status(status.as_u16());
     // A reply to HEAD has no body: its length is the one Ollama announced
-    // for GET, which only Ollama knows (unless tollgate edits the reply: a
-    // model list filtered for a key).
-    let head_length = (is_head && options.edit_body.is_none())
+    // for GET, which only Ollama knows, or, for a model list that tollgate
+    // edits, the length of the edited list (below).
+    let mut head_length = (is_head && options.edit_body.is_none())
         .then(|| response.headers().get(header::CONTENT_LENGTH).cloned())
         .flatten();
     let headers = headers::to_client(std::mem::take(response.headers_mut()));
@@ -162,6 +169,9 @@ pub async fn relay(
         }
         if let Some(edit) = options.edit_body {
             body = edit(body);
+            if is_head {
+                head_length = Some(HeaderValue::from(body.len()));
+            }
         }
     }
     let charged = settlement.is_charged();

@@ -2,6 +2,7 @@
 
 use crate::support::fake_ollama::Behavior;
 use crate::support::{spawn, Fetch, TestApp, ADMIN, KEY};
+use reqwest::header::HeaderValue;
 use reqwest::Method;
 use serde_json::{json, Value};
 
@@ -95,7 +96,17 @@ async fn the_model_lists_show_only_the_keys_models() {
         .map(|m| m["name"].as_str().unwrap())
         .collect();
     assert_eq!(names, vec!["mistral:latest"]);
-    // HEAD does not tell the whole list's length either.
+    // HEAD announces the length of the list this key gets, not the whole
+    // list's.
+    let got = app
+        .get("/api/tags")
+        .header("x-api-key", &key)
+        .send()
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap();
     let full = app
         .client
         .head(format!("{}/api/tags", app.fake.url()))
@@ -109,10 +120,15 @@ async fn the_model_lists_show_only_the_keys_models() {
         .await
         .unwrap();
     assert_eq!(head.status(), 200);
+    assert_eq!(
+        head.headers().get("content-length"),
+        Some(&HeaderValue::from(got.len()))
+    );
     assert_ne!(
         head.headers().get("content-length"),
         full.headers().get("content-length")
     );
+    assert!(head.bytes().await.unwrap().is_empty());
     let models: Value = app
         .get("/v1/models")
         .header("x-api-key", &key)
