@@ -374,7 +374,9 @@ impl PostgresStore {
     /// One heartbeat now, as the heartbeat task does every 10 s.
     #[cfg(test)]
     pub(crate) async fn heartbeat_now(&self) -> Result<(), StoreError> {
-        heartbeat(&self.link).await
+        heartbeat(&self.link).await.map_err(|e| match e {
+            HeartbeatFailure::Missed(e) | HeartbeatFailure::Reconciliation(e) => e,
+        })
     }
 
     /// Gives back what every lease holds (after a write to keys, and when
@@ -601,14 +603,43 @@ async fn beat(pool: &PgPool, instance: &str) -> Result<bool, StoreError> {
     Ok(true)
 }
 
-/// The heartbeat; then, if this instance's shares may be wrong, their
+/// Why a heartbeat failed.
+#[derive(Debug, thiserror::Error)]
+enum HeartbeatFailure {
+    /// The beat did not go through within [`HEARTBEAT_EVERY`]: the other
+    /// gateways may take this one for dead.
+    #[error("{0}")]
+    Missed(StoreError),
+    /// The beat went through; reconciling this gateway's shares failed (it
+    /// is tried again at the next heartbeat).
+    #[error("reconciling this gateway's reservations failed: {0}")]
+    Reconciliation(StoreError),
+}
+
+/// The heartbeat (given up after [`HEARTBEAT_EVERY`]: a beat that hangs
+/// while the network drops packets has not gone through, whatever it says
+/// when it ends); then, if this instance's shares may be wrong, their
 /// reconciliation.
-async fn heartbeat(link: &Link) -> Result<(), StoreError> {
-    if beat(&link.beats, &link.instance).await? {
+async fn heartbeat(link: &Link) -> Result<(), HeartbeatFailure> {
+    let beaten = tokio::time::timeout(HEARTBEAT_EVERY, beat(&link.beats, &link.instance))
+        .await
+        .unwrap_or_else(|_| {
+            Err(backend(format!(
+                "no answer within {} s",
+                HEARTBEAT_EVERY.as_secs()
+            )))
+        })
+        .map_err(HeartbeatFailure::Missed)?;
+    if beaten {
         // Its shares may have been released by another gateway.
         link.shares.unsure();
     }
-    if link.shares.reconcile(&link.pool, &link.instance).await? {
+    let reconciled = link
+        .shares
+        .reconcile(&link.pool, &link.instance)
+        .await
+        .map_err(HeartbeatFailure::Reconciliation)?;
+    if reconciled {
         tracing::info!("this gateway's reservations were reconciled");
     }
     Ok(())
@@ -622,10 +653,14 @@ async fn heartbeat(link: &Link) -> Result<(), StoreError> {
 /// heartbeat in `instances` is old; the first gateway back must not
 /// release the reservations of the others, which are alive and serving
 /// from them, but give them the time to beat again, as it has.
+/// A beat that went through more than two heartbeats after the one before
+/// it (the process or its host paused) breaks the run as a failed one.
 #[derive(Debug)]
 struct Standing {
     /// Since when the heartbeats have all gone through.
     beating_since: Option<Instant>,
+    /// When the last one that went through was recorded.
+    last: Instant,
     /// Heartbeats that went through.
     beats: u32,
 }
@@ -635,6 +670,7 @@ impl Standing {
     fn new(now: Instant) -> Standing {
         Standing {
             beating_since: Some(now),
+            last: now,
             beats: 0,
         }
     }
@@ -646,6 +682,10 @@ impl Standing {
             self.beating_since = None;
             return false;
         }
+        if now.saturating_duration_since(self.last) > 2 * HEARTBEAT_EVERY {
+            self.beating_since = None;
+        }
+        self.last = now;
         let since = *self.beating_since.get_or_insert(now);
         self.beats = self.beats.wrapping_add(1);
         self.beats.is_multiple_of(RELEASE_EVERY_BEATS)
@@ -666,7 +706,8 @@ async fn heartbeat_task(link: Arc<Link>) {
         if let Err(e) = &outcome {
             tracing::warn!("PostgreSQL heartbeat failed: {e}");
         }
-        if standing.beat(outcome.is_ok(), Instant::now()) {
+        let went_through = !matches!(outcome, Err(HeartbeatFailure::Missed(_)));
+        if standing.beat(went_through, Instant::now()) {
             if let Err(e) = release_stale(&link.pool).await {
                 tracing::warn!("releasing stale reservations failed: {e}");
             }
@@ -1683,6 +1724,31 @@ mod tests {
         // others have had no chance yet. The twelfth through is beat 19,
         // 60 s after beat 13; the eighteenth, beat 25.
         assert_eq!(releases(Instant::now(), &outcomes), vec![19, 25]);
+    }
+
+    #[test]
+    fn a_beat_long_after_the_one_before_starts_the_window_again() {
+        // Beats every 10 s for five minutes, but one hung (or the process
+        // paused) for 70 s, then went through: the others had a minute
+        // without heartbeats, as this one.
+        let start = Instant::now();
+        let mut standing = Standing::new(start);
+        let mut at = start;
+        let mut released = Vec::new();
+        for n in 1..=30u64 {
+            at += if n == 10 {
+                Duration::from_secs(70)
+            } else {
+                HEARTBEAT_EVERY
+            };
+            if standing.beat(true, at) {
+                released.push(n);
+            }
+        }
+        // Beat 6 releases; beat 10 starts over; the sixth-through beats
+        // after it (12, 18, 24, 30) release once 60 s have passed since
+        // beat 10: from beat 16 on.
+        assert_eq!(released, vec![6, 18, 24, 30]);
     }
 
     #[test]
