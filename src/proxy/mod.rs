@@ -90,9 +90,9 @@ pub async fn relay(
     let is_head = out.method == Method::HEAD;
     let mut out = out;
     if is_head && options.edit_body.is_some() {
-        // A model list filtered for a key: asked for whole (as GET), so
-        // that the reply to HEAD announces the length of what GET gives
-        // this key.
+        // A model list filtered for a key (`HEAD /api/tags`: Ollama serves
+        // no other list with HEAD): asked for whole, as GET, so that the
+        // reply to HEAD announces the length of what GET gives this key.
         out.method = Method::GET;
     }
     let sent = Instant::now();

@@ -40,34 +40,36 @@ pub fn classify(method: &Method, path: &str) -> Endpoint {
         lists_models: false,
         streams_by_default,
     };
-    let read = *method == Method::GET || *method == Method::HEAD;
-    // Ollama serves generations with POST only; another method gets its
-    // 404/405, which costs nothing and needs no credits to be told.
-    let generates = *method == Method::POST;
+    // Each endpoint with the methods Ollama serves it with: another method
+    // would get Ollama's 404/405, or, should Ollama one day serve it, an
+    // answer nobody has decided an ordinary key may have. Denied by
+    // default, as unknown paths are.
+    let get = *method == Method::GET;
+    let read = get || *method == Method::HEAD;
+    let post = *method == Method::POST;
     match path {
-        "/api/generate" | "/api/chat" if generates => endpoint(Access::Metered, true),
+        "/api/generate" | "/api/chat" if post => endpoint(Access::Metered, true),
         "/api/embed"
         | "/api/embeddings"
         | "/v1/chat/completions"
         | "/v1/completions"
         | "/v1/embeddings"
-            if generates =>
+            if post =>
         {
             endpoint(Access::Metered, false)
         }
-        "/api/generate"
-        | "/api/chat"
-        | "/api/embed"
-        | "/api/embeddings"
-        | "/v1/chat/completions"
-        | "/v1/completions"
-        | "/v1/embeddings" => endpoint(Access::Free, false),
-        "/api/show" | "/api/version" | "/api/ps" => endpoint(Access::Free, false),
-        "/api/tags" | "/v1/models" if read => Endpoint {
+        "/api/show" if post => endpoint(Access::Free, false),
+        "/api/version" if read => endpoint(Access::Free, false),
+        "/api/ps" if get => endpoint(Access::Free, false),
+        "/api/tags" if read => Endpoint {
             lists_models: true,
             ..endpoint(Access::Free, false)
         },
-        p if read && p.starts_with("/v1/models/") && !p["/v1/models/".len()..].is_empty() => {
+        "/v1/models" if get => Endpoint {
+            lists_models: true,
+            ..endpoint(Access::Free, false)
+        },
+        p if get && p.starts_with("/v1/models/") && !p["/v1/models/".len()..].is_empty() => {
             endpoint(Access::Free, false)
         }
         _ => endpoint(Access::Admin, true),
@@ -110,15 +112,32 @@ mod tests {
     }
 
     #[test]
-    fn generation_paths_are_metered_for_post_only() {
-        for path in ["/api/chat", "/api/embed", "/v1/completions"] {
-            assert_eq!(classify(&Method::POST, path).access, Access::Metered);
-            for method in [Method::GET, Method::HEAD, Method::PUT, Method::DELETE] {
-                assert_eq!(
-                    classify(&method, path).access,
-                    Access::Free,
-                    "{method} {path}"
-                );
+    fn other_methods_than_ollamas_are_admin_only() {
+        for (path, served) in [
+            ("/api/chat", &[Method::POST][..]),
+            ("/api/embed", &[Method::POST]),
+            ("/v1/completions", &[Method::POST]),
+            ("/api/show", &[Method::POST]),
+            ("/api/version", &[Method::GET, Method::HEAD]),
+            ("/api/ps", &[Method::GET]),
+            ("/api/tags", &[Method::GET, Method::HEAD]),
+            ("/v1/models", &[Method::GET]),
+            ("/v1/models/mistral", &[Method::GET]),
+        ] {
+            for method in [
+                Method::GET,
+                Method::HEAD,
+                Method::POST,
+                Method::PUT,
+                Method::DELETE,
+                Method::OPTIONS,
+            ] {
+                let access = classify(&method, path).access;
+                if served.contains(&method) {
+                    assert_ne!(access, Access::Admin, "{method} {path}");
+                } else {
+                    assert_eq!(access, Access::Admin, "{method} {path}");
+                }
             }
         }
     }
