@@ -13,8 +13,9 @@
 //! - `--rounds N`: rounds (default 5);
 //! - `--only a,b`: only these targets (`direct`, `nginx`, `hyper-floor`,
 //!   `tollgate-memory`, `tollgate-sqlite`, `tollgate-postgres`; and
-//!   `hyper-floor-ledger`, the floor with the least durable ledger, run
-//!   only when named here);
+//!   `hyper-floor-ledger`, `hyper-floor-journal` and
+//!   `hyper-floor-journal-sqlite`, the floor with the least durable ledger
+//!   in SQLite, in a plain file, or in both, run only when named here);
 //! - `--scenarios a,b`: only these scenarios (`rss`, `saturation`, `fixed`,
 //!   `stream`, `paced`);
 //! - `--out FILE`: also write the report (markdown) to FILE;
@@ -293,20 +294,39 @@ async fn run(opts: Opts) -> ExitCode {
                     ledger: None,
                 },
             });
-            // Only when asked for by name: an experiment, not a target of
+            // Only when asked for by name: experiments, not targets of
             // the issues.
-            if opts
-                .only
-                .as_ref()
-                .is_some_and(|o| o.iter().any(|t| t == "hyper-floor-ledger"))
-            {
-                specs.push(Spec {
-                    name: "hyper-floor-ledger".into(),
-                    kind: Kind::Floor {
-                        binary,
-                        ledger: Some(dir.path().join("floor-ledger.db")),
-                    },
-                });
+            let ledgers = [
+                (
+                    "hyper-floor-ledger",
+                    dir.path().join("floor-ledger.db").display().to_string(),
+                ),
+                (
+                    "hyper-floor-journal",
+                    format!("journal:{}", dir.path().join("floor-journal").display()),
+                ),
+                (
+                    "hyper-floor-journal-sqlite",
+                    format!(
+                        "journal+sqlite:{}",
+                        dir.path().join("floor-journal-sqlite").display()
+                    ),
+                ),
+            ];
+            for (name, ledger) in ledgers {
+                if opts
+                    .only
+                    .as_ref()
+                    .is_some_and(|o| o.iter().any(|t| t == name))
+                {
+                    specs.push(Spec {
+                        name: name.into(),
+                        kind: Kind::Floor {
+                            binary: binary.clone(),
+                            ledger: Some(ledger),
+                        },
+                    });
+                }
             }
         }
         None => notes.push(
@@ -1039,6 +1059,10 @@ fn write_report(results: &Results, cx: &Context) -> String {
         ("tollgate-memory", "hyper-floor"),
         ("hyper-floor-ledger", "nginx"),
         ("hyper-floor-ledger", "hyper-floor"),
+        ("hyper-floor-journal", "nginx"),
+        ("hyper-floor-journal", "hyper-floor"),
+        ("hyper-floor-journal-sqlite", "nginx"),
+        ("hyper-floor-journal-sqlite", "hyper-floor"),
         (DEFAULT, "hyper-floor-ledger"),
         ("nginx", "direct"),
     ] {

@@ -3,7 +3,7 @@
 //! mimalloc) can do per request, measured next to nginx and tollgate.
 //!
 //! ```text
-//! floor LISTEN_ADDR UPSTREAM_ADDR KEY[,KEY...] [LEDGER_FILE]
+//! floor LISTEN_ADDR UPSTREAM_ADDR KEY[,KEY...] [LEDGER_FILE | journal:FILE | journal+sqlite:FILE]
 //! ```
 //!
 //! It does what the benchmark's nginx does and nothing more: checks the
@@ -23,6 +23,15 @@
 //! only once its row has committed. No reservation, no token counts, no
 //! other column or index: what this costs is the least that a charge
 //! which survives `kill -9` can cost on this machine.
+//!
+//! With `journal:LEDGER_FILE` (target `hyper-floor-journal`) the ledger is
+//! a plain file instead, one line appended per request with one `write` on
+//! the request's own thread: no balance, no transaction, no hand-off; the
+//! least that a charge which survives `kill -9` can cost at all. With
+//! `journal+sqlite:FILE` (target `hyper-floor-journal-sqlite`), the same
+//! journal, and the charge applied to the SQLite ledger (`FILE.db`) by the
+//! writer thread afterwards, every 5 ms, in batches that no request waits
+//! for.
 //!
 //! It is not part of tollgate and serves nothing but the benchmark
 //! (`examples/bench`, target `hyper-floor`). Nothing is sent anywhere but
@@ -55,7 +64,9 @@ async fn main() -> ExitCode {
         [listen, upstream, keys] => (listen, upstream, keys, None),
         [listen, upstream, keys, ledger] => (listen, upstream, keys, Some(ledger)),
         _ => {
-            eprintln!("usage: floor LISTEN_ADDR UPSTREAM_ADDR KEY[,KEY...] [LEDGER_FILE]");
+            eprintln!(
+                "usage: floor LISTEN_ADDR UPSTREAM_ADDR KEY[,KEY...] [LEDGER_FILE | journal:FILE | journal+sqlite:FILE]"
+            );
             return ExitCode::from(2);
         }
     };
@@ -143,54 +154,118 @@ async fn forward(
     Ok(reply.map(Body::new))
 }
 
-/// The least durable ledger (see the module documentation): a queue to
-/// one writer thread that commits everything queued in one transaction.
+/// The least durable ledger (see the module documentation).
 #[derive(Clone)]
-struct Ledger(mpsc::Sender<(i64, oneshot::Sender<bool>)>);
+enum Ledger {
+    /// A queue to one writer thread that commits everything queued in one
+    /// SQLite transaction.
+    Sqlite(mpsc::Sender<(i64, oneshot::Sender<bool>)>),
+    /// `journal:PATH`: a line appended to a plain file with one `write`
+    /// per request, on the request's own thread: the least a charge that
+    /// survives `kill -9` can cost (it is in the operating system's hands
+    /// once the write returns), with no balance, no index, no transaction.
+    Journal(Arc<std::sync::Mutex<std::fs::File>>),
+    /// `journal+sqlite:PATH`: the journal line (the charge's durability),
+    /// and the same charge applied to the SQLite ledger (`PATH.db`) by the
+    /// writer thread later, in batches nobody waits for: a journal in
+    /// front of the database.
+    JournalThenSqlite(
+        Arc<std::sync::Mutex<std::fs::File>>,
+        mpsc::Sender<(i64, oneshot::Sender<bool>)>,
+    ),
+}
 
 impl Ledger {
-    fn open(path: &str, keys: impl Iterator<Item = i64>) -> rusqlite::Result<Ledger> {
-        let conn = rusqlite::Connection::open(path)?;
-        conn.pragma_update(None, "journal_mode", "WAL")?;
-        conn.pragma_update(None, "synchronous", "NORMAL")?;
-        // As tollgate's store: commits never checkpoint; a thread of its
-        // own does, every `CHECKPOINT_EVERY` commits.
-        conn.pragma_update(None, "wal_autocheckpoint", 0)?;
-        conn.execute_batch(
-            "CREATE TABLE IF NOT EXISTS keys (id INTEGER PRIMARY KEY, balance INTEGER NOT NULL);
-             CREATE TABLE IF NOT EXISTS ledger (id INTEGER PRIMARY KEY,
-                 key_id INTEGER NOT NULL, at INTEGER NOT NULL, credits INTEGER NOT NULL);",
-        )?;
-        for id in keys {
-            conn.execute(
-                "INSERT OR IGNORE INTO keys (id, balance) VALUES (?1, 1000000000000)",
-                [id],
-            )?;
+    fn open(path: &str, keys: impl Iterator<Item = i64>) -> Result<Ledger, BoxError> {
+        let journal = |path: &str| -> Result<_, BoxError> {
+            let file = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)?;
+            Ok(Arc::new(std::sync::Mutex::new(file)))
+        };
+        if let Some(path) = path.strip_prefix("journal:") {
+            return Ok(Ledger::Journal(journal(path)?));
         }
-        let checkpointer = rusqlite::Connection::open(path)?;
-        let (checkpoint, checkpoints) = mpsc::sync_channel::<()>(1);
-        std::thread::spawn(move || {
-            for () in checkpoints {
-                let _ = checkpointer.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()));
-            }
-        });
-        let (queue, queued) = mpsc::channel();
-        std::thread::spawn(move || write(conn, queued, checkpoint));
-        Ok(Ledger(queue))
+        if let Some(path) = path.strip_prefix("journal+sqlite:") {
+            let queue = open_sqlite(&format!("{path}.db"), keys, Some(APPLY_EVERY))?;
+            return Ok(Ledger::JournalThenSqlite(journal(path)?, queue));
+        }
+        Ok(Ledger::Sqlite(open_sqlite(path, keys, None)?))
     }
 
-    /// One credit of key `id`, answered once committed.
+    /// One credit of key `id`, answered once committed (written).
     async fn charge(&self, id: i64) -> Result<(), BoxError> {
-        let (answer, answered) = oneshot::channel();
-        self.0
-            .send((id, answer))
-            .map_err(|_| "the ledger is gone")?;
-        if answered.await? {
-            Ok(())
-        } else {
-            Err("the ledger's commit failed".into())
+        match self {
+            Ledger::Sqlite(queue) => {
+                let (answer, answered) = oneshot::channel();
+                queue.send((id, answer)).map_err(|_| "the ledger is gone")?;
+                if answered.await? {
+                    Ok(())
+                } else {
+                    Err("the ledger's commit failed".into())
+                }
+            }
+            Ledger::Journal(file) => append(file, id),
+            Ledger::JournalThenSqlite(file, queue) => {
+                append(file, id)?;
+                let (answer, _) = oneshot::channel();
+                queue.send((id, answer)).map_err(|_| "the ledger is gone")?;
+                Ok(())
+            }
         }
     }
+}
+
+/// The SQLite ledger and its writer thread; with `pace`, the writer waits
+/// that long after each batch, so that batches nobody waits for grow.
+fn open_sqlite(
+    path: &str,
+    keys: impl Iterator<Item = i64>,
+    pace: Option<std::time::Duration>,
+) -> Result<mpsc::Sender<(i64, oneshot::Sender<bool>)>, BoxError> {
+    let conn = rusqlite::Connection::open(path)?;
+    conn.pragma_update(None, "journal_mode", "WAL")?;
+    conn.pragma_update(None, "synchronous", "NORMAL")?;
+    // As tollgate's store: commits never checkpoint; a thread of its
+    // own does, every `CHECKPOINT_EVERY` commits.
+    conn.pragma_update(None, "wal_autocheckpoint", 0)?;
+    conn.execute_batch(
+        "CREATE TABLE IF NOT EXISTS keys (id INTEGER PRIMARY KEY, balance INTEGER NOT NULL);
+             CREATE TABLE IF NOT EXISTS ledger (id INTEGER PRIMARY KEY,
+                 key_id INTEGER NOT NULL, at INTEGER NOT NULL, credits INTEGER NOT NULL);",
+    )?;
+    for id in keys {
+        conn.execute(
+            "INSERT OR IGNORE INTO keys (id, balance) VALUES (?1, 1000000000000)",
+            [id],
+        )?;
+    }
+    let checkpointer = rusqlite::Connection::open(path)?;
+    let (checkpoint, checkpoints) = mpsc::sync_channel::<()>(1);
+    std::thread::spawn(move || {
+        for () in checkpoints {
+            let _ = checkpointer.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()));
+        }
+    });
+    let (queue, queued) = mpsc::channel();
+    std::thread::spawn(move || write(conn, queued, checkpoint, pace));
+    Ok(queue)
+}
+
+/// How long the writer of `journal+sqlite` waits between batches.
+const APPLY_EVERY: std::time::Duration = std::time::Duration::from_millis(5);
+
+/// One journal line for a charge of key `id`, with one `write`.
+fn append(file: &std::sync::Mutex<std::fs::File>, id: i64) -> Result<(), BoxError> {
+    use std::io::Write as _;
+    let at = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis());
+    let line = format!("{id} {at} 1000\n");
+    let mut file = file.lock().map_err(|_| "the journal is poisoned")?;
+    file.write_all(line.as_bytes())?;
+    Ok(())
 }
 
 /// The writer thread: takes everything queued, applies it in one
@@ -199,6 +274,7 @@ fn write(
     mut conn: rusqlite::Connection,
     queued: mpsc::Receiver<(i64, oneshot::Sender<bool>)>,
     checkpoint: mpsc::SyncSender<()>,
+    pace: Option<std::time::Duration>,
 ) {
     let mut commits = 0u64;
     while let Ok(first) = queued.recv() {
@@ -211,6 +287,9 @@ fn write(
         commits += 1;
         if commits.is_multiple_of(CHECKPOINT_EVERY) {
             let _ = checkpoint.try_send(());
+        }
+        if let Some(pace) = pace {
+            std::thread::sleep(pace);
         }
     }
 }

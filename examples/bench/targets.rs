@@ -41,10 +41,11 @@ pub enum Kind {
     Nginx { binary: PathBuf },
     /// The floor: the least proxy that tollgate's building blocks make
     /// (`examples/floor.rs`), with nginx's key check; with `ledger`, also
-    /// the least durable ledger (one SQLite row per request, group commit).
+    /// the least durable ledger (one SQLite row per request, group commit;
+    /// or, as `journal:PATH`, one line appended to a plain file).
     Floor {
         binary: PathBuf,
-        ledger: Option<PathBuf>,
+        ledger: Option<String>,
     },
     /// tollgate with this `DATABASE_URL`.
     Tollgate {
