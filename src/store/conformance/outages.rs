@@ -10,7 +10,7 @@
 //! reservation reported failed must not stay held.
 
 use super::*;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -34,6 +34,10 @@ enum Cut {
     /// Relay the statement and the request to execute it, then break the
     /// connection at once: the server runs it with its client gone.
     AfterTheExecute,
+    /// Relay the statement, the rest of its transaction and the `COMMIT`,
+    /// and break the connection once the server has answered the commit,
+    /// before the answer is relayed.
+    AfterTheTransactionCommits,
 }
 
 /// A TCP relay to the PostgreSQL server that breaks one connection on cue.
@@ -83,9 +87,10 @@ async fn relay(
 ) {
     let (mut from_client, mut to_client) = client.split();
     let (mut from_server, mut to_server) = server.split();
-    // This connection carries the settlement and is to be broken once the
-    // server has answered its execution.
-    let doomed = AtomicBool::new(false);
+    // This connection carries the statement and is to be broken once the
+    // server has answered this: its execution ("SELECT n") or the commit of
+    // its transaction ("COMMIT").
+    let doomed: Mutex<Option<&'static [u8]>> = Mutex::new(None);
     // Break the connection right after relaying the client's next chunk.
     let mut cut_after_next = false;
     let upward = async {
@@ -114,7 +119,10 @@ async fn relay(
                         cuts.fetch_add(1, Ordering::SeqCst);
                         return;
                     }
-                    Cut::AfterTheCommit => doomed.store(true, Ordering::SeqCst),
+                    Cut::AfterTheCommit => *doomed.lock().expect("doomed") = Some(b"SELECT "),
+                    Cut::AfterTheTransactionCommits => {
+                        *doomed.lock().expect("doomed") = Some(b"COMMIT\0")
+                    }
                     Cut::AfterTheExecute => {
                         if to_server.write_all(chunk).await.is_err() {
                             return;
@@ -143,11 +151,12 @@ async fn relay(
                 return;
             }
             let chunk = &buf[..n];
-            // From the execution's CommandComplete ("SELECT n"; preparing
-            // the statement sends none) on, nothing is relayed; once
-            // ReadyForQuery (idle) follows, the implicit transaction has
-            // committed, and the connection is broken.
-            if doomed.load(Ordering::SeqCst) && (!held.is_empty() || contains(chunk, b"SELECT ")) {
+            // From the awaited CommandComplete ("SELECT n" of the
+            // execution, preparing the statement sends none; or "COMMIT")
+            // on, nothing is relayed; once ReadyForQuery (idle) follows,
+            // the transaction has committed, and the connection is broken.
+            let awaited = *doomed.lock().expect("doomed");
+            if awaited.is_some_and(|tag| !held.is_empty() || contains(chunk, tag)) {
                 held.extend_from_slice(chunk);
                 if held.ends_with(b"Z\0\0\0\x05I") {
                     cuts.fetch_add(1, Ordering::SeqCst);
@@ -251,6 +260,50 @@ async fn postgres_a_batch_cut_off_before_the_server_is_sent_again() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_a_batch_whose_answer_is_lost_is_applied_once() {
     settlements_survive(Cut::AfterTheCommit).await;
+}
+
+/// An adjustment whose commit's answer is lost (the connection breaks
+/// after the server committed it) is applied once and answered: the
+/// store sends it again, and the attempt finds it done. Before the cut
+/// nothing is applied, and the attempt after it applies it.
+async fn an_adjustment_survives(cut: Cut) {
+    let Some(Relayed {
+        cutter,
+        store,
+        base,
+        schema,
+        ..
+    }) = store_behind_a_cutter().await
+    else {
+        return;
+    };
+    let s: SharedStore = store;
+    let k = s.create_key(new_key("k", cr("10"))).await.unwrap().id;
+    // Text that only an adjustment sends (when a connection prepares it).
+    cutter.arm(cut, b"FROM adjustments WHERE request_id = $1");
+    let balance = s.adjust(k, add("5")).await.expect("adjusted");
+    assert_eq!(cutter.cuts(), 1, "the relay broke no connection");
+    assert_eq!(balance, cr("15"));
+    assert_eq!(super::balance(&s, k).await, cr("15"));
+    let adjustments = s.adjustments(k).await.unwrap();
+    assert_eq!(
+        adjustments.len(),
+        2,
+        "the grant and one top-up: {adjustments:?}"
+    );
+    assert_ledger_adds_up(&s, k).await;
+    drop(s);
+    drop_schema(&base, &schema).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_an_adjustment_whose_answer_is_lost_is_applied_once() {
+    an_adjustment_survives(Cut::AfterTheTransactionCommits).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_an_adjustment_cut_off_before_the_server_is_sent_again() {
+    an_adjustment_survives(Cut::BeforeTheServer).await;
 }
 
 /// What the key's row and this instance's share row hold reserved.

@@ -475,29 +475,37 @@ impl PostgresStore {
         key_from_row(&row)
     }
 
+    /// Applies `adjustment` exactly once. Its transaction records an id
+    /// chosen here; when the connection fails (or the server gives up for
+    /// a passing reason) it is sent again, for up to [`ADJUST_RETRY_FOR`],
+    /// and an attempt that finds its id recorded answers with the balance
+    /// as it is: an adjustment whose commit's answer was lost is neither
+    /// reported failed (and made again by hand) nor applied twice.
     async fn adjust_uncached(
         &self,
         id: KeyId,
         adjustment: Adjustment,
     ) -> Result<Credits, StoreError> {
-        let mut tx = self.pool.begin().await?;
-        let current: i64 =
-            sqlx::query_scalar("SELECT balance FROM api_keys WHERE id = $1 FOR NO KEY UPDATE")
-                .bind(id)
-                .fetch_optional(&mut *tx)
-                .await?
-                .ok_or(StoreError::NoSuchKey(id))?;
-        let delta = delta_of(&adjustment.change, Credits::from_millis(current))?;
-        let balance: i64 = sqlx::query_scalar(
-            "UPDATE api_keys SET balance = balance + $2 WHERE id = $1 RETURNING balance",
-        )
-        .bind(id)
-        .bind(delta.millis())
-        .fetch_one(&mut *tx)
-        .await?;
-        record_adjustment(&mut tx, id, delta, &adjustment.actor, &adjustment.reason).await?;
-        tx.commit().await?;
-        Ok(Credits::from_millis(balance))
+        let request = format!("{:032x}", rand::random::<u128>());
+        let deadline = Instant::now() + ADJUST_RETRY_FOR;
+        let mut wait = RETRY_WAIT_FIRST;
+        loop {
+            match adjust_once(&self.pool, id, &adjustment, &request).await {
+                Ok(result) => return result,
+                Err(e) if is_transient(&e) && Instant::now() + wait < deadline => {
+                    tracing::warn!(key = id, "an adjustment is sent again: {e}");
+                    tokio::time::sleep(wait).await;
+                    wait = (wait * 2).min(RETRY_WAIT_MAX);
+                }
+                Err(e) if shares::outcome_unknown(&e) => {
+                    return Err(backend(format!(
+                        "the database did not confirm the adjustment ({e}); it may have been \
+                         applied: look at the key's balance before making it again"
+                    )))
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
     }
 
     async fn sync_grants_uncached(&self, grants: &[Grant]) -> Result<GrantReport, StoreError> {
@@ -840,20 +848,74 @@ async fn record_adjustment(
     conn: &mut PgConnection,
     id: KeyId,
     delta: Credits,
-    actor: &str,
-    reason: &str,
-) -> Result<(), StoreError> {
+    (actor, reason): (&str, &str),
+    request: Option<&str>,
+) -> Result<(), sqlx::Error> {
     sqlx::query(
-        "INSERT INTO adjustments (time, key_id, delta, actor, reason) VALUES ($1, $2, $3, $4, $5)",
+        "INSERT INTO adjustments (time, key_id, delta, actor, reason, request_id) \
+         VALUES ($1, $2, $3, $4, $5, $6)",
     )
     .bind(now_millis())
     .bind(id)
     .bind(delta.millis())
     .bind(storable(actor))
     .bind(storable(reason))
+    .bind(request)
     .execute(&mut *conn)
     .await?;
     Ok(())
+}
+
+/// One attempt at adjustment `request` (see
+/// [`PostgresStore::adjust_uncached`]). The key's row is locked first: an
+/// earlier attempt still running at the server holds it until it commits
+/// or rolls back, and the look for its id that follows, a statement of its
+/// own, sees what it did.
+async fn adjust_once(
+    pool: &PgPool,
+    id: KeyId,
+    adjustment: &Adjustment,
+    request: &str,
+) -> Result<Result<Credits, StoreError>, sqlx::Error> {
+    let mut tx = pool.begin().await?;
+    let current: Option<i64> =
+        sqlx::query_scalar("SELECT balance FROM api_keys WHERE id = $1 FOR NO KEY UPDATE")
+            .bind(id)
+            .fetch_optional(&mut *tx)
+            .await?;
+    let Some(current) = current else {
+        return Ok(Err(StoreError::NoSuchKey(id)));
+    };
+    let applied: bool =
+        sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM adjustments WHERE request_id = $1)")
+            .bind(request)
+            .fetch_one(&mut *tx)
+            .await?;
+    if applied {
+        tx.commit().await?;
+        return Ok(Ok(Credits::from_millis(current)));
+    }
+    let delta = match delta_of(&adjustment.change, Credits::from_millis(current)) {
+        Ok(delta) => delta,
+        Err(e) => return Ok(Err(e)),
+    };
+    let balance: i64 = sqlx::query_scalar(
+        "UPDATE api_keys SET balance = balance + $2 WHERE id = $1 RETURNING balance",
+    )
+    .bind(id)
+    .bind(delta.millis())
+    .fetch_one(&mut *tx)
+    .await?;
+    record_adjustment(
+        &mut tx,
+        id,
+        delta,
+        (&adjustment.actor, &adjustment.reason),
+        Some(request),
+    )
+    .await?;
+    tx.commit().await?;
+    Ok(Ok(Credits::from_millis(balance)))
 }
 
 /// Inserts a key and its grant adjustment; `None` if the hash exists.
@@ -886,7 +948,7 @@ async fn insert_key(
         Err(e) if is_unique_violation(&e) => return Ok(None),
         Err(e) => return Err(e.into()),
     };
-    record_adjustment(conn, record.id, new.credits, &new.actor, "grant").await?;
+    record_adjustment(conn, record.id, new.credits, (&new.actor, "grant"), None).await?;
     Ok(Some(record))
 }
 
@@ -1082,6 +1144,9 @@ async fn settle_alone(link: &Link, number: i64, item: &Settlement) -> Result<Cre
 /// each later wait doubles, up to [`RETRY_WAIT_MAX`].
 const RETRY_WAIT_FIRST: Duration = Duration::from_millis(50);
 const RETRY_WAIT_MAX: Duration = Duration::from_secs(2);
+/// How long an adjustment whose outcome is unknown is sent again before
+/// its caller is told so.
+const ADJUST_RETRY_FOR: Duration = Duration::from_secs(30);
 
 /// Applies batch number `number` exactly once: returns each item's result,
 /// or the server's refusal of the statement when no attempt at it can
