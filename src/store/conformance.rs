@@ -2377,13 +2377,7 @@ async fn postgres_the_heartbeat_beats_while_every_pooled_connection_waits() {
     {
         let gateway = Arc::new(PostgresStore::connect_with(options.clone()).await.unwrap());
         let k = gateway.create_key(new_key("k", cr("10"))).await.unwrap().id;
-        let mut blocker = PgConnection::connect_with(&options).await.unwrap();
-        sqlx::query("BEGIN").execute(&mut blocker).await.unwrap();
-        sqlx::query("SELECT 1 FROM api_keys WHERE id = $1 FOR UPDATE")
-            .bind(k)
-            .execute(&mut blocker)
-            .await
-            .unwrap();
+        let mut blocker = lock_key_row(&options, k).await;
         // More writes than the pool has connections, each waiting.
         let writes: Vec<_> = (0..20)
             .map(|_| {
@@ -2482,6 +2476,34 @@ async fn postgres_sessions_left_idle_in_a_transaction_are_ended_by_the_server() 
         vanished.detach();
         let shared: SharedStore = Arc::new(gateway);
         assert_eq!(balance(&shared, k).await, cr("11"));
+    }
+    drop_schema(&base, &schema).await;
+}
+
+/// A write whose caller stops waiting for it (an admin client that hung
+/// up) may still be applied: the key cache is emptied all the same, so
+/// that lookups do not go on answering the key as it was.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_a_write_its_caller_stops_waiting_for_still_empties_the_key_cache() {
+    let Some((base, options, schema)) = pg_schema().await else {
+        return;
+    };
+    {
+        let gateway = PostgresStore::connect_with(options.clone()).await.unwrap();
+        let k = gateway.create_key(new_key("k", cr("10"))).await.unwrap().id;
+        assert!(gateway.key_by_hash(&hash("k")).await.unwrap().is_some());
+        assert!(gateway.caches(&hash("k")));
+        // The key's row held elsewhere, so that the adjustment waits.
+        let mut blocker = lock_key_row(&options, k).await;
+        let waited = tokio::time::timeout(
+            std::time::Duration::from_millis(300),
+            gateway.adjust(k, add("1")),
+        )
+        .await;
+        assert!(waited.is_err(), "the adjustment did not wait");
+        assert!(!gateway.caches(&hash("k")), "the cache kept the key");
+        sqlx::query("COMMIT").execute(&mut blocker).await.unwrap();
+        let _ = blocker.close().await;
     }
     drop_schema(&base, &schema).await;
 }

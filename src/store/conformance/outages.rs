@@ -10,7 +10,7 @@
 //! reservation reported failed must not stay held.
 
 use super::*;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Mutex;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -38,6 +38,23 @@ enum Cut {
     /// and break the connection once the server has answered the commit,
     /// before the answer is relayed.
     AfterTheTransactionCommits,
+    /// As `AfterTheCommit`, for an `INSERT` run on its own.
+    AfterTheInsert,
+}
+
+impl Cut {
+    /// The server's CommandComplete tag from which nothing is relayed, for
+    /// the cuts made once the server has answered.
+    fn answer_tag(self) -> Option<&'static [u8]> {
+        match self {
+            // Preparing a statement sends no CommandComplete; executing a
+            // SELECT (or a statement ending in one) sends "SELECT n".
+            Cut::AfterTheCommit => Some(b"SELECT "),
+            Cut::AfterTheTransactionCommits => Some(b"COMMIT\0"),
+            Cut::AfterTheInsert => Some(b"INSERT 0 "),
+            Cut::Never | Cut::BeforeTheServer | Cut::AfterTheExecute => None,
+        }
+    }
 }
 
 /// A TCP relay to the PostgreSQL server that breaks one connection on cue.
@@ -47,6 +64,11 @@ struct Cutter {
     plan: Arc<Mutex<(Cut, &'static [u8])>>,
     /// Connections broken so far.
     cuts: Arc<AtomicUsize>,
+    /// Whether the server is out of reach: set, every relayed connection
+    /// is broken and new ones are closed at once.
+    down: Arc<tokio::sync::watch::Sender<bool>>,
+    /// Whether the next cut also takes the server out of reach.
+    down_after_cut: Arc<AtomicBool>,
 }
 
 impl Cutter {
@@ -55,16 +77,44 @@ impl Cutter {
         let port = listener.local_addr().expect("relay address").port();
         let plan = Arc::new(Mutex::new((Cut::Never, &b""[..])));
         let cuts = Arc::new(AtomicUsize::new(0));
-        let (p, c) = (plan.clone(), cuts.clone());
+        let down = Arc::new(tokio::sync::watch::Sender::new(false));
+        let down_after_cut = Arc::new(AtomicBool::new(false));
+        let relays = Relays {
+            plan: plan.clone(),
+            cuts: cuts.clone(),
+            down: down.clone(),
+            down_after_cut: down_after_cut.clone(),
+        };
         tokio::spawn(async move {
             while let Ok((client, _)) = listener.accept().await {
+                if *relays.down.borrow() {
+                    continue;
+                }
                 let Ok(upstream) = TcpStream::connect((server.0.as_str(), server.1)).await else {
                     continue;
                 };
-                tokio::spawn(relay(client, upstream, p.clone(), c.clone()));
+                tokio::spawn(relay(client, upstream, relays.clone()));
             }
         });
-        Cutter { port, plan, cuts }
+        Cutter {
+            port,
+            plan,
+            cuts,
+            down,
+            down_after_cut,
+        }
+    }
+
+    /// Makes the next cut also take the server out of reach, until
+    /// [`Cutter::up`].
+    fn stay_down_after_cut(&self) {
+        self.down_after_cut.store(true, Ordering::SeqCst);
+    }
+
+    /// Brings the server within reach again.
+    fn up(&self) {
+        self.down_after_cut.store(false, Ordering::SeqCst);
+        self.down.send_replace(false);
     }
 
     /// Arms the next cut (one connection only), for the statement that
@@ -78,13 +128,30 @@ impl Cutter {
     }
 }
 
-/// Relays one connection until either side closes it or the plan breaks it.
-async fn relay(
-    mut client: TcpStream,
-    mut server: TcpStream,
+/// What every relayed connection shares with the [`Cutter`].
+#[derive(Clone)]
+struct Relays {
     plan: Arc<Mutex<(Cut, &'static [u8])>>,
     cuts: Arc<AtomicUsize>,
-) {
+    down: Arc<tokio::sync::watch::Sender<bool>>,
+    down_after_cut: Arc<AtomicBool>,
+}
+
+impl Relays {
+    /// Counts a cut, taking the server out of reach if asked to.
+    fn cut(&self) {
+        self.cuts.fetch_add(1, Ordering::SeqCst);
+        if self.down_after_cut.load(Ordering::SeqCst) {
+            self.down.send_replace(true);
+        }
+    }
+}
+
+/// Relays one connection until either side closes it, the plan breaks it
+/// or the server goes out of reach.
+async fn relay(mut client: TcpStream, mut server: TcpStream, relays: Relays) {
+    let Relays { plan, .. } = &relays;
+    let mut down = relays.down.subscribe();
     let (mut from_client, mut to_client) = client.split();
     let (mut from_server, mut to_server) = server.split();
     // This connection carries the statement and is to be broken once the
@@ -116,12 +183,11 @@ async fn relay(
                 match cut {
                     Cut::Never => {}
                     Cut::BeforeTheServer => {
-                        cuts.fetch_add(1, Ordering::SeqCst);
+                        relays.cut();
                         return;
                     }
-                    Cut::AfterTheCommit => *doomed.lock().expect("doomed") = Some(b"SELECT "),
-                    Cut::AfterTheTransactionCommits => {
-                        *doomed.lock().expect("doomed") = Some(b"COMMIT\0")
+                    Cut::AfterTheCommit | Cut::AfterTheTransactionCommits | Cut::AfterTheInsert => {
+                        *doomed.lock().expect("doomed") = cut.answer_tag()
                     }
                     Cut::AfterTheExecute => {
                         if to_server.write_all(chunk).await.is_err() {
@@ -136,7 +202,7 @@ async fn relay(
                 return;
             }
             if cut_after_next {
-                cuts.fetch_add(1, Ordering::SeqCst);
+                relays.cut();
                 return;
             }
         }
@@ -159,7 +225,7 @@ async fn relay(
             if awaited.is_some_and(|tag| !held.is_empty() || contains(chunk, tag)) {
                 held.extend_from_slice(chunk);
                 if held.ends_with(b"Z\0\0\0\x05I") {
-                    cuts.fetch_add(1, Ordering::SeqCst);
+                    relays.cut();
                     return;
                 }
                 continue;
@@ -172,6 +238,7 @@ async fn relay(
     tokio::select! {
         _ = upward => {}
         _ = downward => {}
+        _ = down.wait_for(|down| *down) => {}
     }
 }
 
@@ -306,6 +373,78 @@ async fn postgres_an_adjustment_cut_off_before_the_server_is_sent_again() {
     an_adjustment_survives(Cut::BeforeTheServer).await;
 }
 
+/// An adjustment whose commit's answer is lost while the server then stays
+/// out of reach past the retries: the caller is told that it may have
+/// been applied (the last error, a pool that could not connect, says
+/// nothing of the commit), and it was, once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_an_adjustment_left_unconfirmed_says_it_may_have_been_applied() {
+    let Some(Relayed {
+        cutter,
+        store,
+        base,
+        schema,
+        ..
+    }) = store_behind_a_cutter().await
+    else {
+        return;
+    };
+    let s: SharedStore = store;
+    let k = s.create_key(new_key("k", cr("10"))).await.unwrap().id;
+    cutter.stay_down_after_cut();
+    cutter.arm(
+        Cut::AfterTheTransactionCommits,
+        b"FROM adjustments WHERE request_id = $1",
+    );
+    let unconfirmed = s.adjust(k, add("5")).await;
+    assert_eq!(cutter.cuts(), 1, "the relay broke no connection");
+    match unconfirmed {
+        Err(StoreError::Backend(message)) => {
+            assert!(message.contains("may have been applied"), "{message}")
+        }
+        other => panic!("expected an unknown outcome, got {other:?}"),
+    }
+    cutter.up();
+    assert_eq!(super::balance(&s, k).await, cr("15"));
+    assert_eq!(s.adjustments(k).await.unwrap().len(), 2);
+    drop(s);
+    drop_schema(&base, &schema).await;
+}
+
+/// A gateway taken for dead comes back, and its first heartbeat makes its
+/// row again but loses the answer: the next heartbeat must still hold
+/// again what its requests in flight hold (its row is there by then, so
+/// only the failed beat can tell).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_a_gateway_whose_return_is_not_confirmed_holds_its_reservations_again() {
+    let Some(Relayed {
+        cutter,
+        store: a,
+        options,
+        base,
+        schema,
+    }) = store_behind_a_cutter().await
+    else {
+        return;
+    };
+    {
+        let b = PostgresStore::connect_with(options.clone()).await.unwrap();
+        let k = taken_for_dead(&a, &b, &options).await;
+
+        cutter.arm(Cut::AfterTheInsert, b"INSERT INTO instances");
+        assert!(a.heartbeat_now().await.is_err());
+        assert_eq!(cutter.cuts(), 1, "the relay broke no connection");
+        a.heartbeat_now().await.unwrap();
+        assert_eq!(
+            reserved_in_rows(&options, a.instance_id(), k).await,
+            (4_000, 4_000)
+        );
+        assert_eq!(refused_with(b.reserve(k, cr("7")).await), cr("6"));
+    }
+    drop(a);
+    drop_schema(&base, &schema).await;
+}
+
 /// What the key's row and this instance's share row hold reserved.
 async fn reserved_in_rows(options: &PgConnectOptions, instance: &str, id: KeyId) -> (i64, i64) {
     let mut admin = PgConnection::connect_with(options).await.unwrap();
@@ -364,6 +503,19 @@ async fn postgres_a_reservation_whose_answer_is_lost_is_given_back() {
     drop_schema(&base, &schema).await;
 }
 
+/// Key "k" of 10 credits, 4 of them reserved by gateway `a`, which `b` then
+/// takes for dead (its heartbeat a minute old), releasing them.
+async fn taken_for_dead(a: &PostgresStore, b: &PostgresStore, options: &PgConnectOptions) -> KeyId {
+    let k = a.create_key(new_key("k", cr("10"))).await.unwrap().id;
+    assert_eq!(a.reserve(k, cr("4")).await.unwrap(), cr("6"));
+    let mut admin = PgConnection::connect_with(options).await.unwrap();
+    stop_heartbeat(&mut admin, a.instance_id()).await;
+    let _ = admin.close().await;
+    b.release_stale_reservations().await.unwrap();
+    assert_eq!(reserved_in_rows(options, a.instance_id(), k).await, (0, 0));
+    k
+}
+
 /// A gateway that could not reach the database for a minute is taken for
 /// dead and its reservations released by another; when it is back, its
 /// next heartbeat holds again what its requests in flight hold.
@@ -375,13 +527,7 @@ async fn postgres_a_gateway_taken_for_dead_holds_its_reservations_again() {
     {
         let a = PostgresStore::connect_with(options.clone()).await.unwrap();
         let b = PostgresStore::connect_with(options.clone()).await.unwrap();
-        let k = a.create_key(new_key("k", cr("10"))).await.unwrap().id;
-        assert_eq!(a.reserve(k, cr("4")).await.unwrap(), cr("6"));
-        let mut admin = PgConnection::connect_with(&options).await.unwrap();
-        stop_heartbeat(&mut admin, a.instance_id()).await;
-        let _ = admin.close().await;
-        b.release_stale_reservations().await.unwrap();
-        assert_eq!(reserved_in_rows(&options, a.instance_id(), k).await, (0, 0));
+        let k = taken_for_dead(&a, &b, &options).await;
 
         a.heartbeat_now().await.unwrap();
         assert_eq!(

@@ -250,6 +250,22 @@ impl KeyCache {
     }
 }
 
+/// What a write through the store leaves stale, ended when the write's
+/// caller stops waiting for it ([`PostgresStore::write`]).
+struct Stale<'a> {
+    store: &'a PostgresStore,
+    ended: bool,
+}
+
+impl Drop for Stale<'_> {
+    fn drop(&mut self) {
+        if !self.ended {
+            self.store.keys.invalidate();
+            let _ = self.store.release_leases();
+        }
+    }
+}
+
 impl Drop for PostgresStore {
     fn drop(&mut self) {
         self.heartbeat.abort();
@@ -371,6 +387,12 @@ impl PostgresStore {
         &self.pool
     }
 
+    /// Whether `key_by_hash` would answer `hash` from memory.
+    #[cfg(test)]
+    pub(crate) fn caches(&self, hash: &KeyHash) -> bool {
+        self.keys.get(&hash.0).is_ok()
+    }
+
     /// One heartbeat now, as the heartbeat task does every 10 s.
     #[cfg(test)]
     pub(crate) async fn heartbeat_now(&self) -> Result<(), StoreError> {
@@ -385,17 +407,40 @@ impl PostgresStore {
     /// the leases reserved, out of every lease and every reconciliation,
     /// for as long as this instance lives.
     async fn end_leases(&self) {
+        if let Some(releasing) = self.release_leases() {
+            let _ = releasing.await;
+        }
+    }
+
+    /// Ends every lease; the task that gives their credits back, if any.
+    fn release_leases(&self) -> Option<JoinHandle<()>> {
         let ended = self.link.leases.end_all();
         if ended.is_empty() {
-            return;
+            return None;
         }
         let link = self.link.clone();
-        let _ = tokio::spawn(async move {
+        let runtime = tokio::runtime::Handle::try_current().ok()?;
+        Some(runtime.spawn(async move {
             for (id, left) in ended {
                 release_abandoned(&link, id, Credits::from_millis(left)).await;
             }
-        })
-        .await;
+        }))
+    }
+
+    /// Runs a write to keys, then ends what it makes stale: the key cache
+    /// and the leases (see "Key lookups" in the module doc). Also when the
+    /// caller stops waiting for the write (an admin client that hung up):
+    /// the write may still have been applied.
+    async fn write<T>(&self, write: impl std::future::Future<Output = T>) -> T {
+        let mut stale = Stale {
+            store: self,
+            ended: false,
+        };
+        let result = write.await;
+        stale.ended = true;
+        self.keys.invalidate();
+        self.end_leases().await;
+        result
     }
 
     /// A reservation served from a lease: what the key has available, as
@@ -487,24 +532,20 @@ impl PostgresStore {
         adjustment: Adjustment,
     ) -> Result<Credits, StoreError> {
         let request = format!("{:032x}", rand::random::<u128>());
-        let deadline = Instant::now() + ADJUST_RETRY_FOR;
-        let mut wait = RETRY_WAIT_FIRST;
+        let mut retries = Retries::new(Instant::now());
         loop {
-            match adjust_once(&self.pool, id, &adjustment, &request).await {
-                Ok(result) => return result,
-                Err(e) if is_transient(&e) && Instant::now() + wait < deadline => {
-                    tracing::warn!(key = id, "an adjustment is sent again: {e}");
-                    tokio::time::sleep(wait).await;
-                    wait = (wait * 2).min(RETRY_WAIT_MAX);
-                }
-                Err(e) if shares::outcome_unknown(&e) => {
-                    return Err(backend(format!(
-                        "the database did not confirm the adjustment ({e}); it may have been \
-                         applied: look at the key's balance before making it again"
-                    )))
-                }
-                Err(e) => return Err(e.into()),
-            }
+            let left = retries.time_left(Instant::now());
+            let attempt = adjust_once(&self.pool, id, &adjustment, &request);
+            let e = match tokio::time::timeout(left, attempt).await {
+                Ok(Ok(result)) => return result,
+                Ok(Err(e)) => e,
+                // An attempt still waiting at the deadline (for the key's
+                // row, or on a connection that lost its peer) may yet commit.
+                Err(_) => return Err(unconfirmed(&"no answer in time")),
+            };
+            let wait = retries.after(&e, Instant::now())?;
+            tracing::warn!(key = id, "an adjustment is sent again: {e}");
+            tokio::time::sleep(wait).await;
         }
     }
 
@@ -637,7 +678,15 @@ async fn heartbeat(link: &Link) -> Result<(), HeartbeatFailure> {
                 HEARTBEAT_EVERY.as_secs()
             )))
         })
-        .map_err(HeartbeatFailure::Missed)?;
+        .map_err(|e| {
+            // It may have found this instance's row gone and made it again
+            // (another gateway took it for dead) before its answer was
+            // lost: the shares are checked at the next heartbeat whatever
+            // it did (a reconciliation that finds them right changes
+            // nothing).
+            link.shares.unsure();
+            HeartbeatFailure::Missed(e)
+        })?;
     if beaten {
         // Its shares may have been released by another gateway.
         link.shares.unsure();
@@ -864,6 +913,54 @@ async fn record_adjustment(
     .execute(&mut *conn)
     .await?;
     Ok(())
+}
+
+/// The attempts at one adjustment ([`PostgresStore::adjust_uncached`]):
+/// whether to send it again, and what its caller is told when not.
+struct Retries {
+    deadline: Instant,
+    wait: Duration,
+    /// Some attempt's outcome is unknown: it may have committed, whatever
+    /// later attempts say (a pool that cannot connect says nothing of it).
+    maybe_applied: bool,
+}
+
+impl Retries {
+    fn new(now: Instant) -> Retries {
+        Retries {
+            deadline: now + ADJUST_RETRY_FOR,
+            wait: RETRY_WAIT_FIRST,
+            maybe_applied: false,
+        }
+    }
+
+    fn time_left(&self, now: Instant) -> Duration {
+        self.deadline.saturating_duration_since(now)
+    }
+
+    /// After an attempt failed with `e` at `now`: how long to wait before
+    /// the next one, or the error for the caller.
+    fn after(&mut self, e: &sqlx::Error, now: Instant) -> Result<Duration, StoreError> {
+        self.maybe_applied |= shares::outcome_unknown(e);
+        if is_transient(e) && now + self.wait < self.deadline {
+            let wait = self.wait;
+            self.wait = (self.wait * 2).min(RETRY_WAIT_MAX);
+            return Ok(wait);
+        }
+        Err(if self.maybe_applied {
+            unconfirmed(e)
+        } else {
+            backend(e.to_string())
+        })
+    }
+}
+
+/// The error of an adjustment that may have been applied.
+fn unconfirmed(e: &dyn std::fmt::Display) -> StoreError {
+    backend(format!(
+        "the database did not confirm the adjustment ({e}); it may have been \
+         applied: look at the key's balance before making it again"
+    ))
 }
 
 /// One attempt at adjustment `request` (see
@@ -1145,8 +1242,11 @@ async fn settle_alone(link: &Link, number: i64, item: &Settlement) -> Result<Cre
 const RETRY_WAIT_FIRST: Duration = Duration::from_millis(50);
 const RETRY_WAIT_MAX: Duration = Duration::from_secs(2);
 /// How long an adjustment whose outcome is unknown is sent again before
-/// its caller is told so.
+/// its caller is told so (shorter in unit tests, which wait for it).
+#[cfg(not(test))]
 const ADJUST_RETRY_FOR: Duration = Duration::from_secs(30);
+#[cfg(test)]
+const ADJUST_RETRY_FOR: Duration = Duration::from_secs(2);
 
 /// Applies batch number `number` exactly once: returns each item's result,
 /// or the server's refusal of the statement when no attempt at it can
@@ -1554,38 +1654,23 @@ impl Store for PostgresStore {
     }
 
     async fn create_key(&self, new: NewKey) -> Result<KeyRecord, StoreError> {
-        let result = self.create_key_uncached(new).await;
-        self.keys.invalidate();
-        self.end_leases().await;
-        result
+        self.write(self.create_key_uncached(new)).await
     }
 
     async fn update_key(&self, id: KeyId, patch: KeyPatch) -> Result<KeyRecord, StoreError> {
-        let result = self.update_key_uncached(id, patch).await;
-        self.keys.invalidate();
-        self.end_leases().await;
-        result
+        self.write(self.update_key_uncached(id, patch)).await
     }
 
     async fn revoke_key(&self, id: KeyId, at: Millis) -> Result<KeyRecord, StoreError> {
-        let result = self.revoke_key_uncached(id, at).await;
-        self.keys.invalidate();
-        self.end_leases().await;
-        result
+        self.write(self.revoke_key_uncached(id, at)).await
     }
 
     async fn adjust(&self, id: KeyId, adjustment: Adjustment) -> Result<Credits, StoreError> {
-        let result = self.adjust_uncached(id, adjustment).await;
-        self.keys.invalidate();
-        self.end_leases().await;
-        result
+        self.write(self.adjust_uncached(id, adjustment)).await
     }
 
     async fn sync_grants(&self, grants: &[Grant]) -> Result<GrantReport, StoreError> {
-        let result = self.sync_grants_uncached(grants).await;
-        self.keys.invalidate();
-        self.end_leases().await;
-        result
+        self.write(self.sync_grants_uncached(grants)).await
     }
 
     async fn reserve(&self, id: KeyId, amount: Credits) -> Result<Credits, StoreError> {
@@ -1770,6 +1855,45 @@ mod tests {
             }
         }
         released
+    }
+
+    fn broken() -> sqlx::Error {
+        sqlx::Error::Io(std::io::Error::from(std::io::ErrorKind::ConnectionReset))
+    }
+
+    #[test]
+    fn an_adjustment_is_sent_again_with_growing_waits_until_the_deadline() {
+        let start = Instant::now();
+        let mut retries = Retries::new(start);
+        assert_eq!(retries.after(&broken(), start).ok(), Some(RETRY_WAIT_FIRST));
+        assert_eq!(
+            retries.after(&broken(), start).ok(),
+            Some(2 * RETRY_WAIT_FIRST)
+        );
+        let late = start + ADJUST_RETRY_FOR;
+        assert!(retries.after(&broken(), late).is_err());
+    }
+
+    #[test]
+    fn an_adjustment_once_unconfirmed_stays_unconfirmed_whatever_follows() {
+        let start = Instant::now();
+        let late = start + ADJUST_RETRY_FOR;
+        // The connection broke (perhaps after the commit); then the server
+        // could not be reached at all until the deadline.
+        let mut retries = Retries::new(start);
+        assert!(retries.after(&broken(), start).is_ok());
+        let told = retries.after(&sqlx::Error::PoolTimedOut, late);
+        assert!(
+            matches!(&told, Err(StoreError::Backend(m)) if m.contains("may have been applied")),
+            "{told:?}"
+        );
+        // Never sent at all: nothing can have been applied.
+        let mut retries = Retries::new(start);
+        let told = retries.after(&sqlx::Error::PoolTimedOut, late);
+        assert!(
+            matches!(&told, Err(StoreError::Backend(m)) if !m.contains("may have been applied")),
+            "{told:?}"
+        );
     }
 
     #[test]
