@@ -99,6 +99,14 @@ impl From<StoreError> for ApiError {
                 tracing::error!(error = %msg, "store failure");
                 ApiError::Internal("storage failure".into())
             }
+            StoreError::Unconfirmed(msg) => {
+                tracing::error!(error = %msg, "a write the database did not confirm");
+                ApiError::Internal(
+                    "storage failure: the database did not confirm the change, which may \
+                     have been applied; look at the key's balance before making it again"
+                        .into(),
+                )
+            }
         }
     }
 }
@@ -172,4 +180,36 @@ pub async fn method_not_allowed(method: axum::http::Method) -> ApiError {
 /// The fallback for paths tollgate does not serve.
 pub async fn not_found() -> ApiError {
     ApiError::NotFound("404 page not found".into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::response::IntoResponse;
+
+    /// A store failure's details stay in the log, but a change the
+    /// database may have applied says so: the admin must not make it again
+    /// blindly.
+    #[tokio::test]
+    async fn an_unconfirmed_change_is_told_as_such() {
+        let hidden = ApiError::from(StoreError::Backend("connection reset".into())).into_response();
+        let told =
+            ApiError::from(StoreError::Unconfirmed("connection reset".into())).into_response();
+        assert_eq!(hidden.status(), StatusCode::INTERNAL_SERVER_ERROR);
+        assert_eq!(told.status(), StatusCode::INTERNAL_SERVER_ERROR);
+        let body = |r: Response| async move {
+            let bytes = axum::body::to_bytes(r.into_body(), usize::MAX)
+                .await
+                .unwrap();
+            String::from_utf8(bytes.to_vec()).unwrap()
+        };
+        let hidden = body(hidden).await;
+        let told = body(told).await;
+        assert!(
+            !hidden.contains("connection reset") && !hidden.contains("may have"),
+            "{hidden}"
+        );
+        assert!(told.contains("may have been applied"), "{told}");
+        assert!(!told.contains("connection reset"), "{told}");
+    }
 }

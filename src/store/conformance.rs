@@ -2481,18 +2481,17 @@ async fn postgres_sessions_left_idle_in_a_transaction_are_ended_by_the_server() 
 }
 
 /// A write whose caller stops waiting for it (an admin client that hung
-/// up) may still be applied: the key cache is emptied all the same, so
-/// that lookups do not go on answering the key as it was.
+/// up) may still be applied: it is carried out to the end, and the key
+/// cache emptied after it, so that lookups do not go on answering the key
+/// as it was.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn postgres_a_write_its_caller_stops_waiting_for_still_empties_the_key_cache() {
+async fn postgres_a_write_its_caller_stops_waiting_for_is_applied_and_seen() {
     let Some((base, options, schema)) = pg_schema().await else {
         return;
     };
     {
         let gateway = PostgresStore::connect_with(options.clone()).await.unwrap();
         let k = gateway.create_key(new_key("k", cr("10"))).await.unwrap().id;
-        assert!(gateway.key_by_hash(&hash("k")).await.unwrap().is_some());
-        assert!(gateway.caches(&hash("k")));
         // The key's row held elsewhere, so that the adjustment waits.
         let mut blocker = lock_key_row(&options, k).await;
         let waited = tokio::time::timeout(
@@ -2501,9 +2500,52 @@ async fn postgres_a_write_its_caller_stops_waiting_for_still_empties_the_key_cac
         )
         .await;
         assert!(waited.is_err(), "the adjustment did not wait");
-        assert!(!gateway.caches(&hash("k")), "the cache kept the key");
+        // A lookup now fills the cache with the key as it is (10).
+        let before = gateway.key_by_hash(&hash("k")).await.unwrap().unwrap();
+        assert_eq!(before.balance, cr("10"));
         sqlx::query("COMMIT").execute(&mut blocker).await.unwrap();
         let _ = blocker.close().await;
+        // Well within the cache's second, lookups see the adjustment.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_millis(500);
+        loop {
+            let seen = gateway.key_by_hash(&hash("k")).await.unwrap().unwrap();
+            if seen.balance == cr("11") {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "lookups still see {seen:?}"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        let shared: SharedStore = Arc::new(gateway);
+        assert_eq!(balance(&shared, k).await, cr("11"));
+    }
+    drop_schema(&base, &schema).await;
+}
+
+/// An adjustment that waits for its key's row past its retries (another
+/// write holds it) was never applied: its caller is told so, not that it
+/// may have been, and nothing is applied once the row is free.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_an_adjustment_kept_waiting_too_long_is_not_applied_and_says_so() {
+    let Some((base, options, schema)) = pg_schema().await else {
+        return;
+    };
+    {
+        let gateway = PostgresStore::connect_with(options.clone()).await.unwrap();
+        let k = gateway.create_key(new_key("k", cr("10"))).await.unwrap().id;
+        let mut blocker = lock_key_row(&options, k).await;
+        let refused = gateway.adjust(k, add("1")).await;
+        match &refused {
+            Err(StoreError::Backend(m)) => assert!(m.contains("not applied"), "{m}"),
+            other => panic!("expected a plain failure, got {other:?}"),
+        }
+        sqlx::query("COMMIT").execute(&mut blocker).await.unwrap();
+        let _ = blocker.close().await;
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        let shared: SharedStore = Arc::new(gateway);
+        assert_eq!(balance(&shared, k).await, cr("10"));
     }
     drop_schema(&base, &schema).await;
 }

@@ -289,6 +289,14 @@ pub enum StoreError {
     BalanceOutOfRange,
     #[error("storage failure: {0}")]
     Backend(String),
+    /// A write the database did not confirm, and which it may have applied
+    /// (its connection broke after it was sent, and it could not be asked
+    /// again in time).
+    #[error(
+        "the database did not confirm the change ({0}); it may have been applied: \
+         look at the key's balance before making it again"
+    )]
+    Unconfirmed(String),
 }
 
 impl From<rusqlite::Error> for StoreError {

@@ -399,8 +399,8 @@ async fn postgres_an_adjustment_left_unconfirmed_says_it_may_have_been_applied()
     let unconfirmed = s.adjust(k, add("5")).await;
     assert_eq!(cutter.cuts(), 1, "the relay broke no connection");
     match unconfirmed {
-        Err(StoreError::Backend(message)) => {
-            assert!(message.contains("may have been applied"), "{message}")
+        Err(e @ StoreError::Unconfirmed(_)) => {
+            assert!(e.to_string().contains("may have been applied"), "{e}")
         }
         other => panic!("expected an unknown outcome, got {other:?}"),
     }

@@ -142,6 +142,7 @@ use super::*;
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, PgRow};
 use sqlx::{Connection, PgConnection, Row};
 use std::str::FromStr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
@@ -180,7 +181,7 @@ pub struct PostgresStore {
     heartbeat: JoinHandle<()>,
     /// Queue of the settlement task (see [`settlement_task`]).
     settlements: mpsc::UnboundedSender<Settlement>,
-    keys: KeyCache,
+    keys: Arc<KeyCache>,
 }
 
 /// What the statements that change this instance's shares of reservations
@@ -247,22 +248,6 @@ impl KeyCache {
         let mut state = self.state();
         state.generation = state.generation.wrapping_add(1);
         state.entries.clear();
-    }
-}
-
-/// What a write through the store leaves stale, ended when the write's
-/// caller stops waiting for it ([`PostgresStore::write`]).
-struct Stale<'a> {
-    store: &'a PostgresStore,
-    ended: bool,
-}
-
-impl Drop for Stale<'_> {
-    fn drop(&mut self) {
-        if !self.ended {
-            self.store.keys.invalidate();
-            let _ = self.store.release_leases();
-        }
     }
 }
 
@@ -377,7 +362,7 @@ impl PostgresStore {
             link,
             heartbeat,
             settlements,
-            keys: KeyCache::default(),
+            keys: Arc::default(),
         })
     }
 
@@ -385,12 +370,6 @@ impl PostgresStore {
     #[cfg(test)]
     pub(crate) fn pool(&self) -> &PgPool {
         &self.pool
-    }
-
-    /// Whether `key_by_hash` would answer `hash` from memory.
-    #[cfg(test)]
-    pub(crate) fn caches(&self, hash: &KeyHash) -> bool {
-        self.keys.get(&hash.0).is_ok()
     }
 
     /// One heartbeat now, as the heartbeat task does every 10 s.
@@ -407,42 +386,34 @@ impl PostgresStore {
     /// the leases reserved, out of every lease and every reconciliation,
     /// for as long as this instance lives.
     async fn end_leases(&self) {
-        if let Some(releasing) = self.release_leases() {
-            let _ = releasing.await;
-        }
-    }
-
-    /// Ends every lease; the task that gives their credits back, if any.
-    fn release_leases(&self) -> Option<JoinHandle<()>> {
-        let ended = self.link.leases.end_all();
-        if ended.is_empty() {
-            return None;
-        }
-        let link = self.link.clone();
-        let runtime = tokio::runtime::Handle::try_current().ok()?;
-        Some(runtime.spawn(async move {
-            for (id, left) in ended {
-                release_abandoned(&link, id, Credits::from_millis(left)).await;
-            }
-        }))
+        end_leases(&self.link).await;
     }
 
     /// Runs a write to keys, then ends what it makes stale: the key cache
-    /// and the leases (see "Key lookups" in the module doc). Also when the
-    /// caller stops waiting for the write (an admin client that hung up):
-    /// the write may still have been applied.
-    async fn write<T>(&self, write: impl std::future::Future<Output = T>) -> T {
-        let mut stale = Stale {
-            store: self,
-            ended: false,
-        };
-        let result = write.await;
-        stale.ended = true;
-        self.keys.invalidate();
-        self.end_leases().await;
-        result
+    /// and the leases (see "Key lookups" in the module doc). In a task of
+    /// its own, carried out to the end whether or not its caller waits for
+    /// it (an admin client that hangs up): a write that reached the server
+    /// is applied anyway, and what it makes stale must be ended after it.
+    async fn write<T, F>(&self, write: impl FnOnce(PgPool) -> F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: std::future::Future<Output = Result<T, StoreError>> + Send + 'static,
+    {
+        let written = write(self.pool.clone());
+        let keys = self.keys.clone();
+        let link = self.link.clone();
+        let task = tokio::spawn(async move {
+            let result = written.await;
+            keys.invalidate();
+            end_leases(&link).await;
+            result
+        });
+        match task.await {
+            Ok(result) => result,
+            Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+            Err(e) => Err(backend(format!("a write's task ended: {e}"))),
+        }
     }
-
     /// A reservation served from a lease: what the key has available, as
     /// far as this instance knows; the refill it asked for is started.
     fn served_from_lease(&self, taken: leases::Taken) -> Credits {
@@ -471,8 +442,8 @@ impl PostgresStore {
         &self.link.instance
     }
 
-    async fn create_key_uncached(&self, new: NewKey) -> Result<KeyRecord, StoreError> {
-        let mut tx = self.pool.begin().await?;
+    async fn create_key_uncached(pool: &PgPool, new: NewKey) -> Result<KeyRecord, StoreError> {
+        let mut tx = pool.begin().await?;
         let record = insert_key(&mut tx, &new)
             .await?
             .ok_or(StoreError::DuplicateKey)?;
@@ -481,11 +452,11 @@ impl PostgresStore {
     }
 
     async fn update_key_uncached(
-        &self,
+        pool: &PgPool,
         id: KeyId,
         patch: KeyPatch,
     ) -> Result<KeyRecord, StoreError> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = pool.begin().await?;
         let mut record = Self::key_for_update(&mut tx, id)
             .await?
             .ok_or(StoreError::NoSuchKey(id))?;
@@ -507,14 +478,18 @@ impl PostgresStore {
         Ok(record)
     }
 
-    async fn revoke_key_uncached(&self, id: KeyId, at: Millis) -> Result<KeyRecord, StoreError> {
+    async fn revoke_key_uncached(
+        pool: &PgPool,
+        id: KeyId,
+        at: Millis,
+    ) -> Result<KeyRecord, StoreError> {
         let row = sqlx::query(concat!(
             "UPDATE api_keys SET revoked_at = COALESCE(revoked_at, $2) WHERE id = $1 RETURNING ",
             key_columns!()
         ))
         .bind(id)
         .bind(at)
-        .fetch_optional(&self.pool)
+        .fetch_optional(pool)
         .await?
         .ok_or(StoreError::NoSuchKey(id))?;
         key_from_row(&row)
@@ -527,7 +502,7 @@ impl PostgresStore {
     /// as it is: an adjustment whose commit's answer was lost is neither
     /// reported failed (and made again by hand) nor applied twice.
     async fn adjust_uncached(
-        &self,
+        pool: &PgPool,
         id: KeyId,
         adjustment: Adjustment,
     ) -> Result<Credits, StoreError> {
@@ -535,13 +510,27 @@ impl PostgresStore {
         let mut retries = Retries::new(Instant::now());
         loop {
             let left = retries.time_left(Instant::now());
-            let attempt = adjust_once(&self.pool, id, &adjustment, &request);
+            let committing = AtomicBool::new(false);
+            let attempt = adjust_once(pool, id, &adjustment, &request, &committing);
             let e = match tokio::time::timeout(left, attempt).await {
                 Ok(Ok(result)) => return result,
                 Ok(Err(e)) => e,
-                // An attempt still waiting at the deadline (for the key's
-                // row, or on a connection that lost its peer) may yet commit.
-                Err(_) => return Err(unconfirmed(&"no answer in time")),
+                // Given up at the deadline: an attempt that had sent its
+                // COMMIT may still commit; one still waiting before it
+                // (for the key's row) is rolled back with its transaction.
+                Err(_) => {
+                    return Err(
+                        if committing.load(Ordering::SeqCst) || retries.maybe_applied {
+                            unconfirmed(&"no answer in time")
+                        } else {
+                            backend(format!(
+                                "the adjustment was not applied: the key could not be \
+                                 changed within {} s (its row locked by another write)",
+                                ADJUST_RETRY_FOR.as_secs()
+                            ))
+                        },
+                    )
+                }
             };
             let wait = retries.after(&e, Instant::now())?;
             tracing::warn!(key = id, "an adjustment is sent again: {e}");
@@ -549,8 +538,11 @@ impl PostgresStore {
         }
     }
 
-    async fn sync_grants_uncached(&self, grants: &[Grant]) -> Result<GrantReport, StoreError> {
-        let mut tx = self.pool.begin().await?;
+    async fn sync_grants_uncached(
+        pool: &PgPool,
+        grants: &[Grant],
+    ) -> Result<GrantReport, StoreError> {
+        let mut tx = pool.begin().await?;
         // Gateways starting together take turns.
         sqlx::query("SELECT pg_advisory_xact_lock($1)")
             .bind(GRANTS_LOCK)
@@ -632,6 +624,22 @@ impl PostgresStore {
         .map(|r| key_from_row(&r))
         .transpose()
     }
+}
+
+/// Ends every lease of this instance and gives their credits back (in a
+/// task of its own: a caller that stops waiting does not stop it).
+async fn end_leases(link: &Arc<Link>) {
+    let ended = link.leases.end_all();
+    if ended.is_empty() {
+        return;
+    }
+    let link = link.clone();
+    let _ = tokio::spawn(async move {
+        for (id, left) in ended {
+            release_abandoned(&link, id, Credits::from_millis(left)).await;
+        }
+    })
+    .await;
 }
 
 /// Records that `instance` is alive, creating its row if it is not there
@@ -957,10 +965,7 @@ impl Retries {
 
 /// The error of an adjustment that may have been applied.
 fn unconfirmed(e: &dyn std::fmt::Display) -> StoreError {
-    backend(format!(
-        "the database did not confirm the adjustment ({e}); it may have been \
-         applied: look at the key's balance before making it again"
-    ))
+    StoreError::Unconfirmed(e.to_string())
 }
 
 /// One attempt at adjustment `request` (see
@@ -973,6 +978,7 @@ async fn adjust_once(
     id: KeyId,
     adjustment: &Adjustment,
     request: &str,
+    committing: &AtomicBool,
 ) -> Result<Result<Credits, StoreError>, sqlx::Error> {
     let mut tx = pool.begin().await?;
     let current: Option<i64> =
@@ -1011,6 +1017,7 @@ async fn adjust_once(
         Some(request),
     )
     .await?;
+    committing.store(true, Ordering::SeqCst);
     tx.commit().await?;
     Ok(Ok(Credits::from_millis(balance)))
 }
@@ -1654,23 +1661,29 @@ impl Store for PostgresStore {
     }
 
     async fn create_key(&self, new: NewKey) -> Result<KeyRecord, StoreError> {
-        self.write(self.create_key_uncached(new)).await
+        self.write(|pool| async move { Self::create_key_uncached(&pool, new).await })
+            .await
     }
 
     async fn update_key(&self, id: KeyId, patch: KeyPatch) -> Result<KeyRecord, StoreError> {
-        self.write(self.update_key_uncached(id, patch)).await
+        self.write(|pool| async move { Self::update_key_uncached(&pool, id, patch).await })
+            .await
     }
 
     async fn revoke_key(&self, id: KeyId, at: Millis) -> Result<KeyRecord, StoreError> {
-        self.write(self.revoke_key_uncached(id, at)).await
+        self.write(|pool| async move { Self::revoke_key_uncached(&pool, id, at).await })
+            .await
     }
 
     async fn adjust(&self, id: KeyId, adjustment: Adjustment) -> Result<Credits, StoreError> {
-        self.write(self.adjust_uncached(id, adjustment)).await
+        self.write(|pool| async move { Self::adjust_uncached(&pool, id, adjustment).await })
+            .await
     }
 
     async fn sync_grants(&self, grants: &[Grant]) -> Result<GrantReport, StoreError> {
-        self.write(self.sync_grants_uncached(grants)).await
+        let grants = grants.to_vec();
+        self.write(|pool| async move { Self::sync_grants_uncached(&pool, &grants).await })
+            .await
     }
 
     async fn reserve(&self, id: KeyId, amount: Credits) -> Result<Credits, StoreError> {
@@ -1883,17 +1896,11 @@ mod tests {
         let mut retries = Retries::new(start);
         assert!(retries.after(&broken(), start).is_ok());
         let told = retries.after(&sqlx::Error::PoolTimedOut, late);
-        assert!(
-            matches!(&told, Err(StoreError::Backend(m)) if m.contains("may have been applied")),
-            "{told:?}"
-        );
+        assert!(matches!(&told, Err(StoreError::Unconfirmed(_))), "{told:?}");
         // Never sent at all: nothing can have been applied.
         let mut retries = Retries::new(start);
         let told = retries.after(&sqlx::Error::PoolTimedOut, late);
-        assert!(
-            matches!(&told, Err(StoreError::Backend(m)) if !m.contains("may have been applied")),
-            "{told:?}"
-        );
+        assert!(matches!(&told, Err(StoreError::Backend(_))), "{told:?}");
     }
 
     #[test]
