@@ -306,6 +306,13 @@ async fn run(opts: Opts) -> ExitCode {
                     format!("journal:{}", dir.path().join("floor-journal").display()),
                 ),
                 (
+                    "hyper-floor-journaled-writer",
+                    format!(
+                        "journaled-sqlite:{}",
+                        dir.path().join("floor-journaled-writer").display()
+                    ),
+                ),
+                (
                     "hyper-floor-journal-sqlite",
                     format!(
                         "journal+sqlite:{}",
@@ -1063,6 +1070,7 @@ fn write_report(results: &Results, cx: &Context) -> String {
         ("hyper-floor-journal", "hyper-floor"),
         ("hyper-floor-journal-sqlite", "nginx"),
         ("hyper-floor-journal-sqlite", "hyper-floor"),
+        ("hyper-floor-journaled-writer", "hyper-floor"),
         (DEFAULT, "hyper-floor-ledger"),
         ("nginx", "direct"),
     ] {

@@ -187,8 +187,16 @@ impl Ledger {
         if let Some(path) = path.strip_prefix("journal:") {
             return Ok(Ledger::Journal(journal(path)?));
         }
+        if let Some(path) = path.strip_prefix("journaled-sqlite:") {
+            let journal = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)?;
+            let queue = open_sqlite(&format!("{path}.db"), keys, Some(Pace::Journaled(journal)))?;
+            return Ok(Ledger::Sqlite(queue));
+        }
         if let Some(path) = path.strip_prefix("journal+sqlite:") {
-            let queue = open_sqlite(&format!("{path}.db"), keys, Some(APPLY_EVERY))?;
+            let queue = open_sqlite(&format!("{path}.db"), keys, Some(Pace::Every(APPLY_EVERY)))?;
             return Ok(Ledger::JournalThenSqlite(journal(path)?, queue));
         }
         Ok(Ledger::Sqlite(open_sqlite(path, keys, None)?))
@@ -217,12 +225,23 @@ impl Ledger {
     }
 }
 
-/// The SQLite ledger and its writer thread; with `pace`, the writer waits
-/// that long after each batch, so that batches nobody waits for grow.
+/// How the SQLite ledger's writer takes its batches (by default: each as
+/// soon as it can, committed before the charges in it are answered).
+enum Pace {
+    /// Waits this long after each batch, so that batches nobody waits for
+    /// grow.
+    Every(std::time::Duration),
+    /// Appends each batch to this journal with one `write` and answers its
+    /// charges; commits what the journal holds to SQLite every
+    /// [`APPLY_EVERY`].
+    Journaled(std::fs::File),
+}
+
+/// The SQLite ledger and its writer thread.
 fn open_sqlite(
     path: &str,
     keys: impl Iterator<Item = i64>,
-    pace: Option<std::time::Duration>,
+    pace: Option<Pace>,
 ) -> Result<mpsc::Sender<(i64, oneshot::Sender<bool>)>, BoxError> {
     let conn = rusqlite::Connection::open(path)?;
     conn.pragma_update(None, "journal_mode", "WAL")?;
@@ -274,8 +293,15 @@ fn write(
     mut conn: rusqlite::Connection,
     queued: mpsc::Receiver<(i64, oneshot::Sender<bool>)>,
     checkpoint: mpsc::SyncSender<()>,
-    pace: Option<std::time::Duration>,
+    pace: Option<Pace>,
 ) {
+    let pace = match pace {
+        Some(Pace::Journaled(journal)) => {
+            return write_journaled(conn, queued, checkpoint, journal)
+        }
+        Some(Pace::Every(pace)) => Some(pace),
+        None => None,
+    };
     let mut commits = 0u64;
     while let Ok(first) = queued.recv() {
         let mut batch = vec![first];
@@ -290,6 +316,51 @@ fn write(
         }
         if let Some(pace) = pace {
             std::thread::sleep(pace);
+        }
+    }
+}
+
+/// The writer of [`Pace::Journaled`]: each batch appended to `journal` and
+/// answered; SQLite committed every [`APPLY_EVERY`] with all of them.
+fn write_journaled(
+    mut conn: rusqlite::Connection,
+    queued: mpsc::Receiver<(i64, oneshot::Sender<bool>)>,
+    checkpoint: mpsc::SyncSender<()>,
+    mut journal: std::fs::File,
+) {
+    use std::io::Write as _;
+    let mut pending: Vec<(i64, oneshot::Sender<bool>)> = Vec::new();
+    let mut committed_at = std::time::Instant::now();
+    let mut commits = 0u64;
+    let mut lines = String::new();
+    loop {
+        let first = match queued.recv_timeout(APPLY_EVERY) {
+            Ok(first) => Some(first),
+            Err(mpsc::RecvTimeoutError::Timeout) => None,
+            Err(mpsc::RecvTimeoutError::Disconnected) => return,
+        };
+        let mut batch: Vec<_> = first.into_iter().collect();
+        batch.extend(queued.try_iter());
+        if !batch.is_empty() {
+            lines.clear();
+            for (id, _) in &batch {
+                lines.push_str(&format!("{id} 1000\n"));
+            }
+            let written = journal.write_all(lines.as_bytes()).is_ok();
+            for (id, answer) in batch {
+                let _ = answer.send(written);
+                let (placeholder, _) = oneshot::channel();
+                pending.push((id, placeholder));
+            }
+        }
+        if !pending.is_empty() && committed_at.elapsed() >= APPLY_EVERY {
+            let _ = apply(&mut conn, &pending);
+            pending.clear();
+            committed_at = std::time::Instant::now();
+            commits += 1;
+            if commits.is_multiple_of(CHECKPOINT_EVERY) {
+                let _ = checkpoint.try_send(());
+            }
         }
     }
 }
