@@ -2480,6 +2480,24 @@ async fn postgres_sessions_left_idle_in_a_transaction_are_ended_by_the_server() 
     drop_schema(&base, &schema).await;
 }
 
+/// A gateway with key "k" of 10 credits, whose adjustment of +1 waits for
+/// the key's row (held by the connection returned) and whose caller has
+/// stopped waiting for it.
+async fn an_adjustment_left_waiting(
+    options: &PgConnectOptions,
+) -> (PostgresStore, KeyId, PgConnection) {
+    let gateway = PostgresStore::connect_with(options.clone()).await.unwrap();
+    let k = gateway.create_key(new_key("k", cr("10"))).await.unwrap().id;
+    let blocker = lock_key_row(options, k).await;
+    let waited = tokio::time::timeout(
+        std::time::Duration::from_millis(200),
+        gateway.adjust(k, add("1")),
+    )
+    .await;
+    assert!(waited.is_err(), "the adjustment did not wait");
+    (gateway, k, blocker)
+}
+
 /// A write whose caller stops waiting for it (an admin client that hung
 /// up) may still be applied: it is carried out to the end, and the key
 /// cache emptied after it, so that lookups do not go on answering the key
@@ -2490,23 +2508,16 @@ async fn postgres_a_write_its_caller_stops_waiting_for_is_applied_and_seen() {
         return;
     };
     {
-        let gateway = PostgresStore::connect_with(options.clone()).await.unwrap();
-        let k = gateway.create_key(new_key("k", cr("10"))).await.unwrap().id;
-        // The key's row held elsewhere, so that the adjustment waits.
-        let mut blocker = lock_key_row(&options, k).await;
-        let waited = tokio::time::timeout(
-            std::time::Duration::from_millis(300),
-            gateway.adjust(k, add("1")),
-        )
-        .await;
-        assert!(waited.is_err(), "the adjustment did not wait");
-        // A lookup now fills the cache with the key as it is (10).
+        let (gateway, k, mut blocker) = an_adjustment_left_waiting(&options).await;
+        // A lookup now fills the cache with the key as it is (10), for a
+        // second from when it started.
+        let filled = std::time::Instant::now();
         let before = gateway.key_by_hash(&hash("k")).await.unwrap().unwrap();
         assert_eq!(before.balance, cr("10"));
         sqlx::query("COMMIT").execute(&mut blocker).await.unwrap();
         let _ = blocker.close().await;
-        // Well within the cache's second, lookups see the adjustment.
-        let deadline = std::time::Instant::now() + std::time::Duration::from_millis(500);
+        // Within that second, lookups see the adjustment.
+        let deadline = filled + std::time::Duration::from_millis(900);
         loop {
             let seen = gateway.key_by_hash(&hash("k")).await.unwrap().unwrap();
             if seen.balance == cr("11") {
@@ -2520,6 +2531,36 @@ async fn postgres_a_write_its_caller_stops_waiting_for_is_applied_and_seen() {
         }
         let shared: SharedStore = Arc::new(gateway);
         assert_eq!(balance(&shared, k).await, cr("11"));
+    }
+    drop_schema(&base, &schema).await;
+}
+
+/// A gateway shutting down waits for a write its caller no longer waits
+/// for (a request cut at shutdown), so that it is neither lost nor left
+/// unknown.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_closing_waits_for_writes_still_under_way() {
+    let Some((base, options, schema)) = pg_schema().await else {
+        return;
+    };
+    {
+        let (gateway, k, mut blocker) = an_adjustment_left_waiting(&options).await;
+        let release = tokio::spawn(async move {
+            tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+            sqlx::query("COMMIT").execute(&mut blocker).await.unwrap();
+            let _ = blocker.close().await;
+        });
+        gateway.close().await;
+        // Closed only once the write is done: it is applied.
+        let mut observer = PgConnection::connect_with(&options).await.unwrap();
+        let balance: i64 = sqlx::query_scalar("SELECT balance FROM api_keys WHERE id = $1")
+            .bind(k)
+            .fetch_one(&mut observer)
+            .await
+            .unwrap();
+        assert_eq!(balance, 11_000);
+        release.await.unwrap();
+        let _ = observer.close().await;
     }
     drop_schema(&base, &schema).await;
 }

@@ -182,6 +182,8 @@ pub struct PostgresStore {
     /// Queue of the settlement task (see [`settlement_task`]).
     settlements: mpsc::UnboundedSender<Settlement>,
     keys: Arc<KeyCache>,
+    /// Writes to keys under way ([`PostgresStore::write`]).
+    writes: crate::tally::Tally,
 }
 
 /// What the statements that change this instance's shares of reservations
@@ -248,6 +250,37 @@ impl KeyCache {
         let mut state = self.state();
         state.generation = state.generation.wrapping_add(1);
         state.entries.clear();
+    }
+}
+
+/// What a write to keys makes stale ([`PostgresStore::write`]): ended by
+/// [`Stale::end`], or when dropped (the write panicked).
+struct Stale {
+    keys: Arc<KeyCache>,
+    link: Arc<Link>,
+    ended: bool,
+}
+
+impl Stale {
+    async fn end(mut self) {
+        self.ended = true;
+        self.keys.invalidate();
+        end_leases(&self.link).await;
+    }
+}
+
+impl Drop for Stale {
+    fn drop(&mut self) {
+        if self.ended {
+            return;
+        }
+        self.keys.invalidate();
+        let ended = self.link.leases.end_all();
+        if !ended.is_empty() {
+            if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+                runtime.spawn(release_ended(self.link.clone(), ended));
+            }
+        }
     }
 }
 
@@ -363,6 +396,7 @@ impl PostgresStore {
             heartbeat,
             settlements,
             keys: Arc::default(),
+            writes: crate::tally::Tally::default(),
         })
     }
 
@@ -393,19 +427,25 @@ impl PostgresStore {
     /// and the leases (see "Key lookups" in the module doc). In a task of
     /// its own, carried out to the end whether or not its caller waits for
     /// it (an admin client that hangs up): a write that reached the server
-    /// is applied anyway, and what it makes stale must be ended after it.
+    /// is applied anyway, and what it makes stale must be ended after it,
+    /// even should it panic. Counted in `writes`, which [`Store::close`]
+    /// waits for.
     async fn write<T, F>(&self, write: impl FnOnce(PgPool) -> F) -> Result<T, StoreError>
     where
         T: Send + 'static,
         F: std::future::Future<Output = Result<T, StoreError>> + Send + 'static,
     {
         let written = write(self.pool.clone());
-        let keys = self.keys.clone();
-        let link = self.link.clone();
+        let stale = Stale {
+            keys: self.keys.clone(),
+            link: self.link.clone(),
+            ended: false,
+        };
+        let counted = self.writes.enter();
         let task = tokio::spawn(async move {
+            let _counted = counted;
             let result = written.await;
-            keys.invalidate();
-            end_leases(&link).await;
+            stale.end().await;
             result
         });
         match task.await {
@@ -516,16 +556,17 @@ impl PostgresStore {
                 Ok(Ok(result)) => return result,
                 Ok(Err(e)) => e,
                 // Given up at the deadline: an attempt that had sent its
-                // COMMIT may still commit; one still waiting before it
-                // (for the key's row) is rolled back with its transaction.
+                // COMMIT may still commit; one still waiting before it (for
+                // the key's row, a connection) is rolled back with its
+                // transaction.
                 Err(_) => {
                     return Err(
                         if committing.load(Ordering::SeqCst) || retries.maybe_applied {
                             unconfirmed(&"no answer in time")
                         } else {
                             backend(format!(
-                                "the adjustment was not applied: the key could not be \
-                                 changed within {} s (its row locked by another write)",
+                                "the adjustment was not applied: no answer before its \
+                                 commit within {} s",
                                 ADJUST_RETRY_FOR.as_secs()
                             ))
                         },
@@ -633,13 +674,14 @@ async fn end_leases(link: &Arc<Link>) {
     if ended.is_empty() {
         return;
     }
-    let link = link.clone();
-    let _ = tokio::spawn(async move {
-        for (id, left) in ended {
-            release_abandoned(&link, id, Credits::from_millis(left)).await;
-        }
-    })
-    .await;
+    let _ = tokio::spawn(release_ended(link.clone(), ended)).await;
+}
+
+/// Gives back what the ended leases held.
+async fn release_ended(link: Arc<Link>, ended: Vec<(KeyId, i64)>) {
+    for (id, left) in ended {
+        release_abandoned(&link, id, Credits::from_millis(left)).await;
+    }
 }
 
 /// Records that `instance` is alive, creating its row if it is not there
@@ -1847,6 +1889,21 @@ impl Store for PostgresStore {
     }
 
     async fn close(&self) {
+        // A write whose caller has gone (a client that hung up, a request
+        // cut at shutdown) is still under way: it is waited for, up to its
+        // own time limit, so that it is neither lost nor left unknown.
+        let within = ADJUST_RETRY_FOR + Duration::from_secs(5);
+        if !self
+            .writes
+            .wait_idle(within, Duration::from_millis(20))
+            .await
+        {
+            tracing::error!(
+                writes = self.writes.count(),
+                "writes to keys were still under way at shutdown: they may or may not \
+                 have been applied; look at the keys' balances"
+            );
+        }
         self.end_leases().await;
     }
 }
