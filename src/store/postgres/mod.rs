@@ -275,12 +275,7 @@ impl Drop for Stale {
             return;
         }
         self.keys.invalidate();
-        let ended = self.link.leases.end_all();
-        if !ended.is_empty() {
-            if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-                runtime.spawn(release_ended(self.link.clone(), ended));
-            }
-        }
+        let _ = release_leases(&self.link);
     }
 }
 
@@ -412,15 +407,6 @@ impl PostgresStore {
         heartbeat(&self.link).await.map_err(|e| match e {
             HeartbeatFailure::Missed(e) | HeartbeatFailure::Reconciliation(e) => e,
         })
-    }
-
-    /// Gives back what every lease holds (after a write to keys, and when
-    /// the store is closed). In a task of its own: a caller that stops
-    /// waiting (an admin client that hung up) must not leave the rest of
-    /// the leases reserved, out of every lease and every reconciliation,
-    /// for as long as this instance lives.
-    async fn end_leases(&self) {
-        end_leases(&self.link).await;
     }
 
     /// Runs a write to keys, then ends what it makes stale: the key cache
@@ -559,19 +545,7 @@ impl PostgresStore {
                 // COMMIT may still commit; one still waiting before it (for
                 // the key's row, a connection) is rolled back with its
                 // transaction.
-                Err(_) => {
-                    return Err(
-                        if committing.load(Ordering::SeqCst) || retries.maybe_applied {
-                            unconfirmed(&"no answer in time")
-                        } else {
-                            backend(format!(
-                                "the adjustment was not applied: no answer before its \
-                                 commit within {} s",
-                                ADJUST_RETRY_FOR.as_secs()
-                            ))
-                        },
-                    )
-                }
+                Err(_) => return Err(retries.gave_up(committing.load(Ordering::SeqCst))),
             };
             let wait = retries.after(&e, Instant::now())?;
             tracing::warn!(key = id, "an adjustment is sent again: {e}");
@@ -667,21 +641,30 @@ impl PostgresStore {
     }
 }
 
-/// Ends every lease of this instance and gives their credits back (in a
-/// task of its own: a caller that stops waiting does not stop it).
+/// Gives back what every lease holds (after a write to keys, and when the
+/// store is closed), and waits for it.
 async fn end_leases(link: &Arc<Link>) {
-    let ended = link.leases.end_all();
-    if ended.is_empty() {
-        return;
+    if let Some(releasing) = release_leases(link) {
+        let _ = releasing.await;
     }
-    let _ = tokio::spawn(release_ended(link.clone(), ended)).await;
 }
 
-/// Gives back what the ended leases held.
-async fn release_ended(link: Arc<Link>, ended: Vec<(KeyId, i64)>) {
-    for (id, left) in ended {
-        release_abandoned(&link, id, Credits::from_millis(left)).await;
+/// Ends every lease of this instance; the task that gives their credits
+/// back, if any. A task of its own: a caller that stops waiting must not
+/// leave the rest of the leases reserved, out of every lease and every
+/// reconciliation, for as long as this instance lives.
+fn release_leases(link: &Arc<Link>) -> Option<JoinHandle<()>> {
+    let runtime = tokio::runtime::Handle::try_current().ok()?;
+    let ended = link.leases.end_all();
+    if ended.is_empty() {
+        return None;
     }
+    let link = link.clone();
+    Some(runtime.spawn(async move {
+        for (id, left) in ended {
+            release_abandoned(&link, id, Credits::from_millis(left)).await;
+        }
+    }))
 }
 
 /// Records that `instance` is alive, creating its row if it is not there
@@ -986,6 +969,19 @@ impl Retries {
 
     fn time_left(&self, now: Instant) -> Duration {
         self.deadline.saturating_duration_since(now)
+    }
+
+    /// The error when the deadline cut an attempt short, which had sent
+    /// its COMMIT or not (`committing`).
+    fn gave_up(&self, committing: bool) -> StoreError {
+        if committing || self.maybe_applied {
+            unconfirmed(&"no answer in time")
+        } else {
+            backend(format!(
+                "the adjustment was not applied: no answer before its commit within {} s",
+                ADJUST_RETRY_FOR.as_secs()
+            ))
+        }
     }
 
     /// After an attempt failed with `e` at `now`: how long to wait before
@@ -1904,7 +1900,7 @@ impl Store for PostgresStore {
                  have been applied; look at the keys' balances"
             );
         }
-        self.end_leases().await;
+        end_leases(&self.link).await;
     }
 }
 
