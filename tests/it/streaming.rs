@@ -9,6 +9,12 @@ use futures_util::StreamExt;
 use serde_json::{json, Value};
 use std::time::Duration;
 
+/// A generation, streamed (Ollama's default), with the test key.
+fn generate(app: &TestApp) -> reqwest::RequestBuilder {
+    app.keyed("/api/generate")
+        .json(&json!({"model": "mistral", "prompt": "hi"}))
+}
+
 /// Reads until at least one complete line is buffered; returns it.
 async fn next_line(
     body: &mut (impl futures_util::Stream<Item = reqwest::Result<Bytes>> + Unpin),
@@ -91,12 +97,7 @@ async fn an_error_ollama_reports_in_the_stream_passes_through() {
         stream_error_after: Some(2),
         ..Behavior::default()
     });
-    let response = app
-        .keyed("/api/generate")
-        .json(&json!({"model": "mistral", "prompt": "hi"}))
-        .send()
-        .await
-        .unwrap();
+    let response = generate(&app).send().await.unwrap();
     assert_eq!(response.status(), 200);
     let text = response.text().await.unwrap();
     let lines: Vec<Value> = text
@@ -116,12 +117,7 @@ async fn an_idle_stream_is_ended_with_an_error_line() {
         chunk_delay: Duration::from_secs(3),
         ..Behavior::default()
     });
-    let response = app
-        .keyed("/api/generate")
-        .json(&json!({"model": "mistral", "prompt": "hi"}))
-        .send()
-        .await
-        .unwrap();
+    let response = generate(&app).send().await.unwrap();
     let text = response.text().await.unwrap();
     let last: Value = serde_json::from_str(text.lines().last().unwrap()).unwrap();
     assert!(
@@ -141,12 +137,7 @@ async fn shutdown_lets_streams_finish_then_cuts_what_remains() {
         chunk_delay: Duration::from_millis(20),
         ..Behavior::default()
     });
-    let response = app
-        .keyed("/api/generate")
-        .json(&json!({"model": "mistral", "prompt": "hi"}))
-        .send()
-        .await
-        .unwrap();
+    let response = generate(&app).send().await.unwrap();
     app.begin_shutdown();
     tokio::time::sleep(Duration::from_millis(200)).await;
     // New requests are refused while draining, /health too; on /v1 in
@@ -191,12 +182,7 @@ async fn shutdown_cuts_a_connection_whose_client_stopped_reading() {
         .var("SHUTDOWN_GRACE_SECS", "1")
         .start()
         .await;
-    let response = app
-        .keyed("/api/generate")
-        .json(&json!({"model": "mistral", "prompt": "hi"}))
-        .send()
-        .await
-        .unwrap();
+    let response = generate(&app).send().await.unwrap();
     assert_eq!(response.status(), 200);
     // The client reads nothing.
     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -228,12 +214,7 @@ async fn a_native_stream_without_its_done_line_gets_an_error_line() {
     let relayed = |ndjson: String| async move {
         let upstream = raw_upstream("application/x-ndjson", ndjson).await;
         let app = spawn().var("OLLAMA_URL", &upstream).start().await;
-        let response = app
-            .keyed("/api/generate")
-            .json(&json!({"model": "mistral", "prompt": "hi"}))
-            .send()
-            .await
-            .unwrap();
+        let response = generate(&app).send().await.unwrap();
         (response.text().await.unwrap(), app)
     };
     for tail in [
@@ -343,9 +324,7 @@ async fn an_overlong_line_ends_the_stream_with_an_error_line() {
     let upstream =
         raw_upstream_ending("application/x-ndjson", format!("{chunk}\n{endless}"), false).await;
     let app = spawn().var("OLLAMA_URL", &upstream).start().await;
-    let response = app
-        .keyed("/api/generate")
-        .json(&json!({"model": "mistral", "prompt": "hi"}))
+    let response = generate(&app)
         .timeout(Duration::from_secs(20))
         .send()
         .await
@@ -375,9 +354,7 @@ async fn an_overlong_line_ends_the_stream_with_an_error_line() {
     )
     .await;
     let app = spawn().var("OLLAMA_URL", &upstream).start().await;
-    let text = app
-        .keyed("/api/generate")
-        .json(&json!({"model": "mistral", "prompt": "hi"}))
+    let text = generate(&app)
         .timeout(Duration::from_secs(20))
         .send()
         .await
