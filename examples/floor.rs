@@ -177,27 +177,21 @@ enum Ledger {
 
 impl Ledger {
     fn open(path: &str, keys: impl Iterator<Item = i64>) -> Result<Ledger, BoxError> {
-        let journal = |path: &str| -> Result<_, BoxError> {
-            let file = std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(path)?;
-            Ok(Arc::new(std::sync::Mutex::new(file)))
-        };
+        let shared = |file| Arc::new(std::sync::Mutex::new(file));
         if let Some(path) = path.strip_prefix("journal:") {
-            return Ok(Ledger::Journal(journal(path)?));
+            return Ok(Ledger::Journal(shared(open_journal(path)?)));
         }
         if let Some(path) = path.strip_prefix("journaled-sqlite:") {
-            let journal = std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(path)?;
-            let queue = open_sqlite(&format!("{path}.db"), keys, Some(Pace::Journaled(journal)))?;
+            let pace = Pace::Journaled(open_journal(path)?);
+            let queue = open_sqlite(&format!("{path}.db"), keys, Some(pace))?;
             return Ok(Ledger::Sqlite(queue));
         }
         if let Some(path) = path.strip_prefix("journal+sqlite:") {
             let queue = open_sqlite(&format!("{path}.db"), keys, Some(Pace::Every(APPLY_EVERY)))?;
-            return Ok(Ledger::JournalThenSqlite(journal(path)?, queue));
+            return Ok(Ledger::JournalThenSqlite(
+                shared(open_journal(path)?),
+                queue,
+            ));
         }
         Ok(Ledger::Sqlite(open_sqlite(path, keys, None)?))
     }
@@ -275,12 +269,25 @@ fn open_sqlite(
 /// How long the writer of `journal+sqlite` waits between batches.
 const APPLY_EVERY: std::time::Duration = std::time::Duration::from_millis(5);
 
+/// A journal file, appended to.
+fn open_journal(path: &str) -> std::io::Result<std::fs::File> {
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+}
+
+/// Milliseconds since the Unix epoch.
+fn now_millis() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
 /// One journal line for a charge of key `id`, with one `write`.
 fn append(file: &std::sync::Mutex<std::fs::File>, id: i64) -> Result<(), BoxError> {
     use std::io::Write as _;
-    let at = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis());
+    let at = now_millis();
     let line = format!("{id} {at} 1000\n");
     let mut file = file.lock().map_err(|_| "the journal is poisoned")?;
     file.write_all(line.as_bytes())?;
@@ -306,7 +313,7 @@ fn write(
     while let Ok(first) = queued.recv() {
         let mut batch = vec![first];
         batch.extend(queued.try_iter());
-        let committed = apply(&mut conn, &batch).is_ok();
+        let committed = apply(&mut conn, batch.iter().map(|(id, _)| *id)).is_ok();
         for (_, answer) in batch {
             let _ = answer.send(committed);
         }
@@ -329,7 +336,7 @@ fn write_journaled(
     mut journal: std::fs::File,
 ) {
     use std::io::Write as _;
-    let mut pending: Vec<(i64, oneshot::Sender<bool>)> = Vec::new();
+    let mut pending: Vec<i64> = Vec::new();
     let mut committed_at = std::time::Instant::now();
     let mut commits = 0u64;
     let mut lines = String::new();
@@ -349,13 +356,11 @@ fn write_journaled(
             let written = journal.write_all(lines.as_bytes()).is_ok();
             for (id, answer) in batch {
                 let _ = answer.send(written);
-                let (placeholder, _) = oneshot::channel();
-                pending.push((id, placeholder));
+                pending.push(id);
             }
         }
         if !pending.is_empty() && committed_at.elapsed() >= APPLY_EVERY {
-            let _ = apply(&mut conn, &pending);
-            pending.clear();
+            let _ = apply(&mut conn, pending.drain(..));
             committed_at = std::time::Instant::now();
             commits += 1;
             if commits.is_multiple_of(CHECKPOINT_EVERY) {
@@ -368,22 +373,21 @@ fn write_journaled(
 /// Commits between two checkpoints of the ledger's WAL (tollgate's figure).
 const CHECKPOINT_EVERY: u64 = 200;
 
+/// One credit of each of `ids`, with its ledger row, in one transaction.
 fn apply(
     conn: &mut rusqlite::Connection,
-    batch: &[(i64, oneshot::Sender<bool>)],
+    ids: impl IntoIterator<Item = i64>,
 ) -> rusqlite::Result<()> {
-    let at = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as i64);
+    let at = now_millis();
     let tx = conn.transaction()?;
     {
         let mut charge =
             tx.prepare_cached("UPDATE keys SET balance = balance - 1000 WHERE id = ?1")?;
         let mut row =
             tx.prepare_cached("INSERT INTO ledger (key_id, at, credits) VALUES (?1, ?2, 1000)")?;
-        for (id, _) in batch {
+        for id in ids {
             charge.execute([id])?;
-            row.execute([*id, at])?;
+            row.execute([id, at])?;
         }
     }
     tx.commit()
