@@ -128,14 +128,16 @@ pub async fn main() -> ExitCode {
     }
     let result = match command {
         Command::Serve => serve(config).await,
-        Command::Keys(cmd) => match store::open(&config.database_url).await {
+        Command::Keys(cmd) => match store::open_beside(&config.database_url).await {
             Ok(store) => keys_command(store, cmd).await,
             Err(e) => Err(e.to_string()),
         },
-        Command::Usage { key, limit, csv } => match store::open(&config.database_url).await {
-            Ok(store) => print_usage(store, key, limit, csv).await,
-            Err(e) => Err(e.to_string()),
-        },
+        Command::Usage { key, limit, csv } => {
+            match store::open_beside(&config.database_url).await {
+                Ok(store) => print_usage(store, key, limit, csv).await,
+                Err(e) => Err(e.to_string()),
+            }
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

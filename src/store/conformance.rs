@@ -8,7 +8,7 @@
 
 use super::memory::MemoryStore;
 use super::postgres::PostgresStore;
-use super::sqlite::{PanicAt, SqliteStore, CHECKPOINT_EVERY, LOOK_EVERY};
+use super::sqlite::{PanicAt, SqliteStore, CHECKPOINT_EVERY, LOOK_EVERY, LOOK_FOR_UNKNOWN};
 use super::*;
 use sqlx::postgres::PgConnectOptions;
 use sqlx::{Connection as _, PgConnection};
@@ -1337,43 +1337,40 @@ async fn sqlite_file(name: &str) -> (tempfile::TempDir, std::path::PathBuf, Shar
     (dir, path, store)
 }
 
-/// A batch that panics (a bug) leaves no reservation held and the store
-/// working: panicking before its commit, it charged nothing; after it, its
-/// charge stands and the cache reads it from the file. Then a write of
-/// another key works.
+/// Applying the journal panics (a bug): before its commit or after it.
+/// The settlement, answered from the journal, reaches the file exactly
+/// once all the same; nothing stays held, and the store goes on working.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sqlite_a_panicking_batch_leaves_nothing_held() {
-    for (at, left) in [(PanicAt::Settlement, "10"), (PanicAt::Commit, "9")] {
+async fn sqlite_a_panic_while_applying_the_journal_loses_nothing() {
+    for at in [PanicAt::Applying, PanicAt::Commit] {
         let dir = tempfile::tempdir().unwrap();
-        let sqlite = Arc::new(
-            SqliteStore::open(&dir.path().join("panic.db"))
-                .await
-                .unwrap(),
-        );
+        let path = dir.path().join("panic.db");
+        let sqlite = Arc::new(SqliteStore::open(&path).await.unwrap());
         let store: SharedStore = sqlite.clone();
         let k = store.create_key(new_key("k", cr("10"))).await.unwrap().id;
         let other = store.create_key(new_key("o", cr("10"))).await.unwrap().id;
         store.reserve(k, cr("4")).await.unwrap();
         sqlite.panic_in_next_batch(at);
-        // The panic reaches whoever carried out the batch: this task, or
-        // the writer thread (then the answer is an error).
-        let settling = spawn_settle(&store, usage(k, cr("1")), cr("4"));
-        match settling.await {
-            Err(e) => assert!(e.is_panic(), "{at:?}: {e}"),
-            Ok(answer) => assert!(answer.is_err(), "{at:?}: {answer:?}"),
-        }
-        // The writer's next turn finds the batch that panicked and cleans
-        // up: here a look for other processes' commits, no write at all.
-        tokio::time::sleep(LOOK_EVERY * 2).await;
-        store.key_by_hash(&hash("o")).await.unwrap();
-        assert_eq!(balance(&store, k).await, cr(left), "{at:?}");
         assert_eq!(
-            store.reserve(k, cr(left)).await.unwrap(),
+            store.settle(usage(k, cr("1")), cr("4")).await.unwrap(),
+            cr("9"),
+            "{at:?}"
+        );
+        // The writer thread applies it on its own (and panics), then again.
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        assert_eq!(store.usage_totals(k).await.unwrap().requests, 1, "{at:?}");
+        assert_eq!(balance(&store, k).await, cr("9"), "{at:?}");
+        assert_eq!(
+            store.reserve(k, cr("9")).await.unwrap(),
             Credits::ZERO,
             "{at:?}: credits still held"
         );
         assert_ledger_adds_up(&store, k).await;
         assert_eq!(store.adjust(other, add("1")).await.unwrap(), cr("11"));
+        drop((store, sqlite));
+        let reopened: SharedStore = Arc::new(SqliteStore::open(&path).await.unwrap());
+        assert_eq!(balance(&reopened, k).await, cr("9"), "{at:?}");
+        assert_ledger_adds_up(&reopened, k).await;
     }
 }
 
@@ -1385,14 +1382,12 @@ fn hold_write_lock(path: &std::path::Path) -> rusqlite::Connection {
     blocker
 }
 
-/// Settles `usage`, releasing `reserved`, on a task of its own.
-fn spawn_settle(
-    store: &SharedStore,
-    usage: UsageRecord,
-    reserved: Credits,
-) -> tokio::task::JoinHandle<Result<Credits, StoreError>> {
-    let store = store.clone();
-    tokio::spawn(async move { store.settle(usage, reserved).await })
+/// Settles `usage`, releasing `reserved`, and waits until the SQLite file
+/// has it (`close` applies the settlement journal), so that each settlement
+/// is a transaction of the writer's.
+async fn settle_into_the_file(store: &SharedStore, usage: UsageRecord, reserved: Credits) {
+    store.settle(usage, reserved).await.unwrap();
+    store.close().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1495,7 +1490,7 @@ async fn sqlite_a_version_1_file_is_migrated_with_its_ledger() {
     let version: i64 = conn
         .query_row("PRAGMA user_version", [], |r| r.get(0))
         .unwrap();
-    assert_eq!(version, 3);
+    assert_eq!(version, 4);
     let sql: String = conn
         .query_row(
             "SELECT group_concat(sql, ';') FROM sqlite_master WHERE name IN ('usage', 'adjustments')",
@@ -1522,7 +1517,7 @@ async fn sqlite_two_handles_on_one_file_compose() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("shared.db");
     let gateway: SharedStore = Arc::new(SqliteStore::open(&path).await.unwrap());
-    let cli: SharedStore = Arc::new(SqliteStore::open(&path).await.unwrap());
+    let cli: SharedStore = Arc::new(SqliteStore::open_beside(&path).await.unwrap());
     let id = gateway
         .create_key(new_key("k", cr("100")))
         .await
@@ -1543,9 +1538,12 @@ async fn sqlite_two_handles_on_one_file_compose() {
     for t in tasks {
         t.await.unwrap();
     }
-    // Each handle sees the other's commits once they are LOOK_EVERY old.
+    // Each handle sees the other's commits once they are LOOK_EVERY old;
+    // the gateway's settlements, once applied from its journal.
+    gateway.close().await;
     tokio::time::sleep(LOOK_EVERY + std::time::Duration::from_millis(1)).await;
     assert_eq!(balance(&cli, id).await, cr("95"));
+    assert_eq!(balance(&gateway, id).await, cr("95"));
     assert_ledger_adds_up(&gateway, id).await;
 }
 
@@ -1556,7 +1554,7 @@ async fn sqlite_sees_what_other_processes_commit() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("shared.db");
     let gateway: SharedStore = Arc::new(SqliteStore::open(&path).await.unwrap());
-    let cli: SharedStore = Arc::new(SqliteStore::open(&path).await.unwrap());
+    let cli: SharedStore = Arc::new(SqliteStore::open_beside(&path).await.unwrap());
     let id = gateway.create_key(new_key("k", cr("10"))).await.unwrap().id;
 
     // Seen by every lookup that starts LOOK_EVERY after the commit.
@@ -1568,20 +1566,29 @@ async fn sqlite_sees_what_other_processes_commit() {
     cli.revoke_key(id, 42).await.unwrap();
     settle_in().await;
     assert_eq!(gateway.key(id).await.unwrap().unwrap().revoked_at, Some(42));
+    // A new key is looked for sooner: a script creates one and uses it at
+    // once, right after the gateway looked (the `key` call above).
     let other = cli.create_key(new_key("other", cr("1"))).await.unwrap().id;
-    settle_in().await;
+    tokio::time::sleep(LOOK_FOR_UNKNOWN + std::time::Duration::from_millis(1)).await;
     let found = gateway.key_by_hash(&hash("other")).await.unwrap();
     assert_eq!(found.map(|k| k.id), Some(other));
     assert_eq!(
         gateway.reserve(other, cr("1")).await.unwrap(),
         Credits::ZERO
     );
-    // And the other way round.
+    // And the other way round, once the gateway has applied its journal.
     gateway
         .settle(usage(other, cr("0.5")), cr("1"))
         .await
         .unwrap();
+    gateway.close().await;
+    settle_in().await;
     assert_eq!(balance(&cli, other).await, cr("0.5"));
+    // The CLI's store makes no settlements: the gateway's journal is its.
+    assert!(matches!(
+        cli.settle(usage(other, cr("0.1")), Credits::ZERO).await,
+        Err(StoreError::Backend(_))
+    ));
 
     // A plain connection, and no lookup in between: the writer notices the
     // commit by itself (within 50 ms when idle), so that `reserve`, which
@@ -1608,10 +1615,10 @@ async fn sqlite_checkpoints_the_wal_while_serving() {
         .unwrap()
         .id;
     let before = std::fs::metadata(&path).unwrap().len();
-    // One batch each: sequential settlements.
+    // One batch each.
     for _ in 0..2 * CHECKPOINT_EVERY + 10 {
         store.reserve(id, cr("1")).await.unwrap();
-        store.settle(usage(id, cr("1")), cr("1")).await.unwrap();
+        settle_into_the_file(&store, usage(id, cr("1")), cr("1")).await;
     }
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
     while std::fs::metadata(&path).unwrap().len() <= before {
@@ -1624,7 +1631,8 @@ async fn sqlite_checkpoints_the_wal_while_serving() {
 }
 
 /// Settles `each` charges of 1 from each of 32 tasks at once on a new key
-/// of the SQLite file `name` (which keeps the writer busy without a pause:
+/// of the SQLite file `name`, each waiting until the file has it (which
+/// keeps the writer busy without a pause:
 /// well over a hundred checkpoints' worth of batches), with `reader`
 /// running on its own thread on the file meanwhile if given (it is told to
 /// stop by the flag). Returns the largest size the WAL file had.
@@ -1663,7 +1671,7 @@ async fn largest_wal_while_settling(
         tasks.push(tokio::spawn(async move {
             for _ in 0..each {
                 store.reserve(id, cr("1")).await.unwrap();
-                store.settle(usage(id, cr("1")), cr("1")).await.unwrap();
+                settle_into_the_file(&store, usage(id, cr("1")), cr("1")).await;
             }
         }));
     }
@@ -1759,7 +1767,7 @@ async fn sqlite_a_reader_that_never_lets_go_is_waited_for_seldom() {
             tasks.push(tokio::spawn(async move {
                 for _ in 0..250 {
                     store.reserve(id, cr("1")).await.unwrap();
-                    store.settle(usage(id, cr("1")), cr("1")).await.unwrap();
+                    settle_into_the_file(&store, usage(id, cr("1")), cr("1")).await;
                 }
             }));
         }
@@ -1875,30 +1883,33 @@ async fn postgres_key_lookups_see_writes_in_time() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sqlite_reserves_while_the_writer_is_stuck() {
-    // With a settlement stuck behind another connection's write lock,
-    // reservations go on (they run no SQL); a lookup that must look for
-    // other processes' commits waits for that connection's transaction and
-    // then sees what it committed.
+async fn sqlite_settles_while_another_connection_holds_the_lock() {
+    // While another connection holds the write lock, settlements are
+    // answered at once (the journal needs no lock), reservations go on
+    // (they run no SQL), and so do lookups that look for other processes'
+    // commits; the writer waits to apply the journal, and the lookups see
+    // what that connection committed once it has.
     let (_dir, path, store) = sqlite_file("stuck.db").await;
     let a = store.create_key(new_key("a", cr("10"))).await.unwrap().id;
     let b = store.create_key(new_key("b", cr("10"))).await.unwrap().id;
     assert_eq!(store.reserve(a, cr("1")).await.unwrap(), cr("9"));
 
     let blocker = hold_write_lock(&path);
-    let settling = spawn_settle(&store, usage(a, cr("1")), cr("1"));
+    assert_eq!(
+        store.settle(usage(a, cr("1")), cr("1")).await.unwrap(),
+        cr("9")
+    );
     for id in [a, b] {
         store.reserve(id, cr("2")).await.unwrap();
     }
-    // Past LOOK_EVERY since the last look: this lookup must look.
-    tokio::time::sleep(LOOK_EVERY + std::time::Duration::from_millis(1)).await;
-    let looking = {
-        let store = store.clone();
-        tokio::spawn(async move { store.key_by_hash(&hash("b")).await })
+    // Past LOOK_EVERY since the last look: this lookup looks, which needs
+    // no lock.
+    let look = || async {
+        tokio::time::sleep(LOOK_EVERY + std::time::Duration::from_millis(1)).await;
+        let key = store.key_by_hash(&hash("b")).await.unwrap().unwrap();
+        (key.id, key.balance)
     };
-    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    assert!(!settling.is_finished(), "the settlement waits for the lock");
-    assert!(!looking.is_finished(), "the look waits for the lock");
+    assert_eq!(look().await, (b, cr("10")));
     blocker
         .execute(
             "UPDATE api_keys SET balance = balance + 5000 WHERE id = ?1",
@@ -1906,149 +1917,134 @@ async fn sqlite_reserves_while_the_writer_is_stuck() {
         )
         .unwrap();
     blocker.execute_batch("COMMIT").unwrap();
-    assert_eq!(settling.await.unwrap().unwrap(), cr("9"));
-    let looked = looking.await.unwrap().unwrap().unwrap();
-    assert_eq!((looked.id, looked.balance), (b, cr("15")));
+    assert_eq!(look().await, (b, cr("15")));
+    assert_eq!(store.usage_totals(a).await.unwrap().requests, 1);
     assert_eq!(store.reserve(a, cr("7")).await.unwrap(), Credits::ZERO);
     assert_eq!(store.reserve(b, cr("13")).await.unwrap(), Credits::ZERO);
+    assert_ledger_adds_up(&store, a).await;
 }
 
 #[tokio::test(flavor = "current_thread")]
 async fn sqlite_a_locked_file_never_blocks_the_requests_thread() {
-    // A settlement may be carried out on the task that asks for it; when
+    // A write may be carried out on the task that asks for it; when
     // another connection holds the write lock, it waits on the writer
     // thread, never on the runtime's thread. On this runtime's one
-    // thread, a settlement that waited there would keep the test from
+    // thread, a write that waited there would keep the test from
     // releasing the lock until `busy_timeout` gave up, and would fail.
     let (_dir, path, store) = sqlite_file("locked.db").await;
     let a = store.create_key(new_key("a", cr("10"))).await.unwrap().id;
-    store.reserve(a, cr("2")).await.unwrap();
     // Unlocked: answered on this thread, nothing else involved.
-    assert_eq!(
-        store.settle(usage(a, cr("1")), cr("1")).await.unwrap(),
-        cr("9")
-    );
+    assert_eq!(store.adjust(a, add("1")).await.unwrap(), cr("11"));
 
     let blocker = hold_write_lock(&path);
-    let settling = spawn_settle(&store, usage(a, cr("1")), cr("1"));
-    // The settlement starts, finds the lock taken, and is handed over;
-    // meanwhile this thread goes on: reservations, timers.
+    let adjusting = {
+        let store = store.clone();
+        tokio::spawn(async move { store.adjust(a, add("1")).await })
+    };
+    // The adjustment starts, finds the lock taken, and is handed over;
+    // meanwhile this thread goes on: reservations, settlements, timers.
     tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    assert!(!settling.is_finished(), "the settlement waits for the lock");
-    assert_eq!(store.reserve(a, cr("1")).await.unwrap(), cr("7"));
-    blocker.execute_batch("ROLLBACK").unwrap();
-    assert_eq!(settling.await.unwrap().unwrap(), cr("8"));
-    // And the writer is back on the requests' tasks.
-    assert_eq!(
-        store.settle(usage(a, cr("1")), cr("1")).await.unwrap(),
-        cr("7")
+    assert!(
+        !adjusting.is_finished(),
+        "the adjustment waits for the lock"
     );
+    assert_eq!(store.reserve(a, cr("2")).await.unwrap(), cr("9"));
+    assert_eq!(
+        store.settle(usage(a, cr("1")), cr("2")).await.unwrap(),
+        cr("10")
+    );
+    blocker.execute_batch("ROLLBACK").unwrap();
+    adjusting.await.unwrap().unwrap();
+    assert_eq!(balance(&store, a).await, cr("11"));
+    // And the writer is back on the requests' tasks.
+    assert_eq!(store.adjust(a, add("1")).await.unwrap(), cr("12"));
     assert_ledger_adds_up(&store, a).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sqlite_a_settlement_that_fails_gives_its_reservation_back() {
-    // Another connection keeps the write lock longer than the writer waits
-    // for it (5 s, twice): the settlements fail, charge nothing, and give
-    // their reservations back; a lookup that lands in the same batch as the
-    // second one is still answered (a look needs no lock).
-    let (_dir, path, store) = sqlite_file("failing.db").await;
+    // A settlement the journal cannot take (a full disk), or one that no
+    // balance can take, fails, charges nothing, and gives its reservation
+    // back.
+    let dir = tempfile::tempdir().unwrap();
+    let sqlite = Arc::new(
+        SqliteStore::open(&dir.path().join("failing.db"))
+            .await
+            .unwrap(),
+    );
+    let store: SharedStore = sqlite.clone();
     let a = store.create_key(new_key("a", cr("10"))).await.unwrap().id;
     store.reserve(a, cr("4")).await.unwrap();
-    assert_eq!(store.reserve(a, cr("6")).await.unwrap(), Credits::ZERO);
-
-    let blocker = hold_write_lock(&path);
-    let settle = |reserved: &str| spawn_settle(&store, usage(a, cr("1")), cr(reserved));
-    // The writer takes the first and waits for the lock with it; the
-    // second and the lookup queue up for its next batch.
-    let first = settle("4");
-    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    let second = settle("6");
-    let looking = {
-        let store = store.clone();
-        tokio::spawn(async move { store.key_by_hash(&hash("a")).await })
-    };
-    for settling in [first, second] {
-        assert!(matches!(
-            settling.await.unwrap(),
-            Err(StoreError::Backend(_))
-        ));
-    }
-    let looked = looking.await.unwrap().unwrap().unwrap();
-    assert_eq!((looked.id, looked.balance), (a, cr("10")));
-    blocker.execute_batch("ROLLBACK").unwrap();
-    // Nothing charged, nothing held: the whole balance can be reserved.
+    sqlite.fail_journal_appends(true);
+    assert!(matches!(
+        store.settle(usage(a, cr("1")), cr("4")).await,
+        Err(StoreError::Backend(_))
+    ));
+    sqlite.fail_journal_appends(false);
     assert_eq!(store.reserve(a, cr("10")).await.unwrap(), Credits::ZERO);
-    assert_eq!(store.usage_totals(a).await.unwrap().requests, 0);
+    assert_eq!(
+        store.settle(usage(a, cr("10.5")), cr("10")).await.unwrap(),
+        cr("-0.5")
+    );
+    store.reserve(a, Credits::ZERO).await.unwrap_err();
+    assert!(matches!(
+        store
+            .settle(usage(a, Credits::from_millis(i64::MAX)), Credits::ZERO)
+            .await,
+        Err(StoreError::Backend(_))
+    ));
+    assert_eq!(balance(&store, a).await, cr("-0.5"));
+    assert_eq!(store.usage_totals(a).await.unwrap().requests, 1);
     assert_ledger_adds_up(&store, a).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sqlite_one_batch_answers_each_settlement_the_balance_it_left() {
-    // Settlements queued behind a stuck writer land in one batch (one
-    // transaction): every settlement must still be answered the balance it
-    // left, in queue order, across an adjustment of the same key in between.
-    let (_dir, path, store) = sqlite_file("batch.db").await;
+async fn sqlite_a_journal_the_file_cannot_take_for_a_while_loses_nothing() {
+    // Another connection keeps the write lock longer than the writer waits
+    // for it (5 s): settlements are answered all the same, each with the
+    // balance it left; reads of the ledger fail meanwhile rather than
+    // answer without them; once the lock is free, every settlement reaches
+    // the file exactly once.
+    let (_dir, path, store) = sqlite_file("waiting.db").await;
     let a = store.create_key(new_key("a", cr("100"))).await.unwrap().id;
     let b = store.create_key(new_key("b", cr("100"))).await.unwrap().id;
 
     let blocker = hold_write_lock(&path);
-    // The writer takes this one and waits for the lock with it.
-    let first = spawn_settle(&store, usage(a, cr("1")), Credits::ZERO);
-    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    // These queue up, in this order, for the next batch.
-    let mut queued = Vec::new();
+    let (mut balance_a, mut balance_b) = (cr("100"), cr("100"));
     for i in 0..12i64 {
-        let store = store.clone();
-        let (key, credits) = if i % 3 == 2 {
-            (b, Credits::from_millis(500 + i))
+        let (key, left) = if i % 3 == 2 {
+            (b, &mut balance_b)
         } else {
-            (a, Credits::from_millis(1000 + i))
+            (a, &mut balance_a)
         };
-        let task = if i == 6 {
-            tokio::spawn(async move { store.adjust(a, add("10")).await })
-        } else {
-            tokio::spawn(async move { store.settle(usage(key, credits), Credits::ZERO).await })
-        };
-        queued.push((i, key, credits, task));
-        // Each is in the queue before the next is sent.
-        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        let credits = Credits::from_millis(500 + i);
+        *left -= credits;
+        let answer = store.settle(usage(key, credits), Credits::ZERO).await;
+        assert_eq!(answer.unwrap(), *left, "settlement {i}");
     }
+    assert!(matches!(
+        store.usage_totals(a).await,
+        Err(StoreError::Backend(_))
+    ));
     blocker.execute_batch("ROLLBACK").unwrap();
-    assert_eq!(first.await.unwrap().unwrap(), cr("99"));
-
-    let (mut balance_a, mut balance_b) = (cr("99"), cr("100"));
-    for (i, key, credits, task) in queued {
-        let answer = task.await.unwrap().unwrap();
-        let expected = if i == 6 {
-            balance_a += cr("10");
-            balance_a
-        } else if key == a {
-            balance_a -= credits;
-            balance_a
-        } else {
-            balance_b -= credits;
-            balance_b
-        };
-        assert_eq!(answer, expected, "answer to queued command {i}");
-    }
+    balance_a += cr("10");
+    assert_eq!(store.adjust(a, add("10")).await.unwrap(), balance_a);
+    assert_eq!(store.usage_totals(a).await.unwrap().requests, 8);
+    assert_eq!(store.usage_totals(b).await.unwrap().requests, 4);
     assert_eq!(balance(&store, a).await, balance_a);
     assert_eq!(balance(&store, b).await, balance_b);
     assert_ledger_adds_up(&store, a).await;
     assert_ledger_adds_up(&store, b).await;
+    drop(store);
+    let reopened: SharedStore = Arc::new(SqliteStore::open(&path).await.unwrap());
+    assert_eq!(balance(&reopened, a).await, balance_a);
+    assert_eq!(balance(&reopened, b).await, balance_b);
 }
 
-/// A batch whose transaction SQLite ends in the middle (a statement fails
-/// with an I/O error: SQLite rolls the whole transaction back) runs nothing
-/// outside it. Carried out again in a transaction of its own, every
-/// command is applied exactly once; should that transaction be lost too,
-/// every command fails and nothing of the batch is written. The ledgers
-/// add up either way.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sqlite_a_batch_that_loses_its_transaction_applies_nothing_twice() {
     // Commands carried out (0-based, both passes) that lose the transaction:
-    // the adjustment (the third), with two charges of `a` owed; then, in
-    // the second pass, its second command.
+    // the third; then, in the second pass, its second command.
     for lost_at in [&[2][..], &[2, 4]] {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("lost.db");
@@ -2061,41 +2057,41 @@ async fn sqlite_a_batch_that_loses_its_transaction_applies_nothing_twice() {
 
         let blocker = hold_write_lock(&path);
         // The writer takes this one and waits for the lock with it.
-        let first = spawn_settle(&store, usage(a, cr("1")), Credits::ZERO);
+        let first = {
+            let store = store.clone();
+            tokio::spawn(async move { store.adjust(a, add("1")).await })
+        };
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
         // These queue up, in this order, for the next batch.
         let mut queued = Vec::new();
         for i in 0..5 {
             let store = store.clone();
-            queued.push(match i {
-                2 => tokio::spawn(async move { store.adjust(b, add("5")).await }),
-                4 => tokio::spawn(
-                    async move { store.settle(usage(b, cr("1")), Credits::ZERO).await },
-                ),
-                _ => tokio::spawn(
-                    async move { store.settle(usage(a, cr("1")), Credits::ZERO).await },
-                ),
-            });
+            let (key, credits) = match i {
+                2 => (b, "5"),
+                4 => (b, "1"),
+                _ => (a, "1"),
+            };
+            queued.push(tokio::spawn(async move {
+                store.adjust(key, add(credits)).await
+            }));
             tokio::time::sleep(std::time::Duration::from_millis(5)).await;
         }
         blocker.execute_batch("ROLLBACK").unwrap();
-        assert_eq!(first.await.unwrap().unwrap(), cr("99"));
+        assert_eq!(first.await.unwrap().unwrap(), cr("101"));
         let answers: Vec<Option<Credits>> = futures_util::future::join_all(queued)
             .await
             .into_iter()
             .map(|answer| answer.unwrap().ok())
             .collect();
-        let (expected, a_left, b_left, a_requests, b_requests) = if lost_at.len() == 1 {
-            let applied = [cr("98"), cr("97"), cr("105"), cr("96"), cr("104")];
-            (applied.map(Some), cr("96"), cr("104"), 4, 1)
+        let (expected, a_left, b_left) = if lost_at.len() == 1 {
+            let applied = [cr("102"), cr("103"), cr("105"), cr("104"), cr("106")];
+            (applied.map(Some), cr("104"), cr("106"))
         } else {
-            ([None; 5], cr("99"), cr("100"), 1, 0)
+            ([None; 5], cr("101"), cr("100"))
         };
         assert_eq!(answers, expected, "{lost_at:?}");
         assert_eq!(balance(&store, a).await, a_left, "{lost_at:?}");
         assert_eq!(balance(&store, b).await, b_left, "{lost_at:?}");
-        assert_eq!(store.usage_totals(a).await.unwrap().requests, a_requests);
-        assert_eq!(store.usage_totals(b).await.unwrap().requests, b_requests);
         assert_ledger_adds_up(&store, a).await;
         assert_ledger_adds_up(&store, b).await;
         // The store goes on working.
@@ -2103,12 +2099,12 @@ async fn sqlite_a_batch_that_loses_its_transaction_applies_nothing_twice() {
     }
 }
 
-/// Settlements queued while another process (the CLI) holds the write
-/// lock, then commits a change of the same key and a new key: the batch
-/// that follows starts from what that process committed, for the balances
-/// it answers and for the file.
+/// Settlements waiting in the journal while another process (the CLI)
+/// holds the write lock, then commits a change of the same key and a new
+/// key: the cache reads the key again from the file less what the journal
+/// still holds, and the file gets both.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sqlite_a_batch_starts_from_what_another_process_committed() {
+async fn sqlite_the_journal_and_another_process_commits_add_up() {
     let (_dir, path, store) = sqlite_file("behind.db").await;
     let a = store.create_key(new_key("a", cr("100"))).await.unwrap().id;
 
@@ -2127,32 +2123,84 @@ async fn sqlite_a_batch_starts_from_what_another_process_committed() {
         )
         .unwrap();
     let e: KeyId = blocker.last_insert_rowid();
-    let mut queued = Vec::new();
-    for (key, credits) in [(a, "1"), (e, "0.5"), (a, "2"), (e, "0.25")] {
-        queued.push((
-            key,
-            cr(credits),
-            spawn_settle(&store, usage(key, cr(credits)), Credits::ZERO),
-        ));
-        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    // Answered from what the gateway knows: the other process has not
+    // committed yet.
+    for (credits, left) in [("1", "99"), ("2", "97")] {
+        let answer = store.settle(usage(a, cr(credits)), Credits::ZERO).await;
+        assert_eq!(answer.unwrap(), cr(left));
     }
+    // The writer waits for the lock with them.
+    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     blocker.execute_batch("COMMIT").unwrap();
-
-    let (mut balance_a, mut balance_e) = (cr("107"), cr("3"));
-    for (key, credits, task) in queued {
-        let left = if key == a {
-            &mut balance_a
-        } else {
-            &mut balance_e
-        };
-        *left -= credits;
-        assert_eq!(task.await.unwrap().unwrap(), *left, "key {key}");
-    }
+    // A key the gateway has not seen yet is looked for.
+    assert_eq!(
+        store
+            .settle(usage(e, cr("0.75")), Credits::ZERO)
+            .await
+            .unwrap(),
+        cr("2.25")
+    );
+    assert_eq!(store.reserve(a, cr("104")).await.unwrap(), Credits::ZERO);
     assert_eq!(balance(&store, a).await, cr("104"));
-    assert_eq!(balance(&store, e).await, cr("2.25"));
+    assert_eq!(store.usage_totals(a).await.unwrap().requests, 2);
+    assert_eq!(store.usage_totals(e).await.unwrap().requests, 1);
+    drop(store);
     let reopened: SharedStore = Arc::new(SqliteStore::open(&path).await.unwrap());
     assert_eq!(balance(&reopened, a).await, cr("104"));
     assert_eq!(balance(&reopened, e).await, cr("2.25"));
+}
+
+/// A settlement made while the gateway is quiet reaches the file at once
+/// (the CLI, a backup, see it), not at the writer's next idle look.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_a_quiet_gateway_applies_a_settlement_at_once() {
+    let (_dir, path, store) = sqlite_file("quiet.db").await;
+    let a = store.create_key(new_key("a", cr("10"))).await.unwrap().id;
+    let conn = rusqlite::Connection::open(&path).unwrap();
+    let rows = || -> i64 {
+        conn.query_row("SELECT COUNT(*) FROM usage", [], |r| r.get(0))
+            .unwrap()
+    };
+    // Spaced out more than the writer's idle wait (50 ms): each finds it
+    // idle.
+    for n in 1..=5 {
+        tokio::time::sleep(std::time::Duration::from_millis(60)).await;
+        store
+            .settle(usage(a, cr("1")), Credits::ZERO)
+            .await
+            .unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_millis(20);
+        while rows() < n {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "settlement {n} not in the file within 20 ms"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+        }
+    }
+}
+
+/// One gateway per SQLite file: a second one is refused at start, after
+/// waiting a while for the first to let go of the settlement journal;
+/// the CLI opens the file beside it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_a_second_gateway_on_one_file_is_refused() {
+    let (_dir, path, store) = sqlite_file("one.db").await;
+    let a = store.create_key(new_key("a", cr("10"))).await.unwrap().id;
+    let second = SqliteStore::open(&path).await;
+    let Err(StoreError::Backend(refused)) = second else {
+        panic!("a second gateway opened the file");
+    };
+    assert!(
+        refused.contains("a gateway is serving that file"),
+        "{refused}"
+    );
+    let cli: SharedStore = Arc::new(SqliteStore::open_beside(&path).await.unwrap());
+    assert_eq!(balance(&cli, a).await, cr("10"));
+    // Once the first is gone, the next one starts.
+    drop(store);
+    let next: SharedStore = Arc::new(SqliteStore::open(&path).await.unwrap());
+    assert_eq!(balance(&next, a).await, cr("10"));
 }
 
 /// `api_keys.reserved` of key `id`, in thousandths.

@@ -359,11 +359,21 @@ pub trait Store: Send + Sync + 'static {
 
 pub type SharedStore = Arc<dyn Store>;
 
-/// Opens the store that `url` names, applying migrations.
+/// Opens the store that `url` names for a gateway, applying migrations.
 pub async fn open(url: &DatabaseUrl) -> Result<SharedStore, StoreError> {
     Ok(match url {
-        DatabaseUrl::Memory => Arc::new(memory::MemoryStore::default()),
         DatabaseUrl::Sqlite(path) => Arc::new(sqlite::SqliteStore::open(path).await?),
+        _ => open_beside(url).await?,
+    })
+}
+
+/// Opens the store that `url` names beside the gateways that may be serving
+/// it (the CLI): the same, but a SQLite file is not taken from its gateway
+/// (see [`sqlite::SqliteStore::open_beside`]).
+pub async fn open_beside(url: &DatabaseUrl) -> Result<SharedStore, StoreError> {
+    Ok(match url {
+        DatabaseUrl::Memory => Arc::new(memory::MemoryStore::default()),
+        DatabaseUrl::Sqlite(path) => Arc::new(sqlite::SqliteStore::open_beside(path).await?),
         DatabaseUrl::Postgres(url) => Arc::new(postgres::PostgresStore::connect(url).await?),
     })
 }

@@ -2,33 +2,48 @@
 //!
 //! # Durability
 //!
-//! The file is opened in WAL mode with `synchronous=NORMAL`. A transaction
-//! that has committed survives `kill -9` of the process (the WAL is written
-//! before the commit returns, and the operating system keeps it); a power
-//! loss or an operating-system crash may lose the last transactions
-//! committed before it (they are made durable at the next WAL checkpoint).
-//! Every write is committed before its caller is answered, so a settlement
-//! that was answered is on disk.
+//! A settlement is made durable by the settlement journal ([`journal`]):
+//! one line appended to `<file>-settlements` with one `write`, on the
+//! settling request's own thread, before its caller is answered. Once the
+//! `write` has returned, the settlement survives `kill -9` of the process;
+//! the writer applies the journal to the file later (every
+//! [`APPLY_EVERY`] while it holds settlements, in one transaction nobody
+//! waits for), and whoever opens the file next applies what a crash left
+//! in it, each line once (the file records the number of the last line
+//! applied, in the transaction that applies it). Every other write is
+//! committed before its caller is answered. The file is opened in WAL mode
+//! with `synchronous=NORMAL`: a committed transaction survives `kill -9`;
+//! neither the WAL nor the journal is `fsync`ed at each write, so a power
+//! loss or an operating-system crash may lose what was written last
+//! before it (what the operating system had not written back yet; the
+//! WAL is made durable at each checkpoint).
+//!
+//! Reads of what settlements write (the ledger, usage totals, key
+//! listings) first have the writer apply the journal, so that they see
+//! every settlement answered before them.
 //!
 //! # One gateway per file
 //!
-//! All writes go through one writer: a connection behind a queue
-//! ([`WriteQueue`]). Whoever carries out the queue takes everything queued,
-//! applies it in ONE transaction (group commit), commits, answers every
-//! command, and goes on while more is queued; tasks that queue meanwhile
-//! just wait for their answer. Who that is depends on the load. A task that
-//! queues a write when the writer has been idle for [`INLINE_AFTER_IDLE`],
-//! while messages arrive at a moderate rate (their average gap at least
+//! A gateway holds a lock on the journal (`<file>-settlements.lock`) for
+//! as long as its store is open: a second gateway on the same file is
+//! refused at start. The CLI opens the file beside it
+//! ([`SqliteStore::open_beside`]): it applies the journal first only when
+//! no gateway holds it, and never keeps it.
+//!
+//! All other writes go through one writer: a connection behind a queue
+//! ([`WriteQueue`]). Whoever carries out the queue applies the journal
+//! first (an adjustment that sets a balance sets it after the settlements
+//! answered before it), then takes everything queued, applies it in ONE
+//! transaction (group commit), commits, answers every command, and goes on
+//! while more is queued; tasks that queue meanwhile just wait for their
+//! answer. Who that is depends on the load. A task that queues a write
+//! when the writer has been idle for [`INLINE_AFTER_IDLE`], while messages
+//! arrive at a moderate rate (their average gap at least
 //! [`INLINE_BELOW_GAP`]), carries it out itself, at once and on its own
-//! thread: at such a rate a settlement costs no hand-off to another thread
-//! and back (inside `block_in_place`, so that the worker's other tasks go
-//! on elsewhere should the file system stall the commit's write).
-//! Otherwise the turn goes to the writer thread, and the settlements that
-//! arrive while it wakes, and while it commits, share its next
-//! transaction. It takes a batch as soon as it runs: waiting for more to
-//! arrive (as PostgreSQL's `commit_delay`) made larger batches but held
-//! every waiting request for the delay, and cost a sixth of the throughput
-//! at saturation (see "What was tried" in BENCHMARKS.md).
+//! thread (inside `block_in_place`, so that the worker's other tasks go on
+//! elsewhere should the file system stall the commit's write). Otherwise
+//! the turn goes to the writer thread, and the writes that arrive while it
+//! wakes, and while it commits, share its next transaction.
 //! A request's task carries out at most [`INLINE_BATCHES`] batches before
 //! it hands the rest to the writer thread, and never waits for a lock: when
 //! another connection (the CLI) holds the write lock, the batch goes to the
@@ -36,10 +51,10 @@
 //! task, 5 s on the writer thread). A batch runs without savepoints; should
 //! one of its commands fail, the batch is rolled back and carried out again
 //! with each command in its own savepoint, so that one failing command does
-//! not undo the others. While a batch runs without savepoints, the
-//! settlements of one key write its row once: their charges are summed
-//! and subtracted before any other command and before the commit (each
-//! still writes its own ledger row).
+//! not undo the others. Settlements the journal holds while another
+//! connection keeps the write lock are answered all the same, and applied
+//! once it is free; should applying them fail, they are applied again with
+//! the next batch.
 //!
 //! The keys (with their balances) and the open reservations are kept in
 //! process memory: the request path (`key_by_hash`, `key` and `reserve`)
@@ -50,21 +65,22 @@
 //! it in shared mode just long enough to find an entry. A reservation locks
 //! only its key's entry.
 //!
-//! Only the writer changes the entries. It commits a batch with no lock of
-//! the cache held, and then applies the batch's changes, each under its
-//! key's lock: a settlement sets the key's new balance and releases its
-//! reservation at once. So a reservation sees, for its key, either the
-//! state before a settlement (old balance, reservation held) or after it
-//! (new balance, reservation released), never a mix; between the commit
-//! and the update it sees the state before, which counts the settlement's
-//! reservation as spent, so it is not admitted more than before the
-//! settlement. Admin writes (top-ups, adjustments, revocations, new keys)
-//! reach the entries the same way, after their commit and before their
-//! caller is answered. Hence one gateway serves a given SQLite file: a
-//! second gateway on the same file would not see the first one's
-//! reservations (use PostgreSQL for several). A restart starts with no
-//! reservations, so [`Store::release_stale_reservations`] has nothing to
-//! do.
+//! A settlement changes its key's entry itself, under the key's lock:
+//! it appends its journal line, sets the key's new balance and releases
+//! its reservation, all at once. So a reservation sees, for its key,
+//! either the state before a settlement (old balance, reservation held)
+//! or after it (new balance, reservation released), never a mix. An
+//! entry's balance is the file's less the credits of its settlements that
+//! the journal holds and the file does not have yet (`unapplied`, which
+//! the writer lowers once it has committed them): whenever the writer
+//! reads a key from the file again, or commits an admin write to it, the
+//! entry takes the file's balance less that. Admin writes (top-ups,
+//! adjustments, revocations, new keys) reach the entries after their
+//! commit and before their caller is answered. Hence one gateway serves a
+//! given SQLite file: a second gateway on the same file would not see the
+//! first one's reservations, nor its journal (use PostgreSQL for
+//! several). A restart starts with no reservations, so
+//! [`Store::release_stale_reservations`] has nothing to do.
 //!
 //! Other processes (the `tollgate keys ...` CLI) may open the same file at
 //! the same time: balance changes are relative (`balance = balance - ?`),
@@ -72,17 +88,20 @@
 //! Their commits reach the cache as follows. The writer's connection's
 //! `PRAGMA data_version` changes exactly when another connection commits;
 //! the writer reads it at the start of each batch (inside its write
-//! transaction, where no other connection can commit), when asked, and
-//! every 50 ms when idle, and reads every key again when
-//! it changed. After each look it notes when the look began. `key_by_hash`
-//! and `key` ask for a look (queued like a write, and answered after it)
-//! unless a look that began less than [`LOOK_EVERY`] (2 ms) ago has
-//! finished. So a change committed by another process is seen by every
-//! authenticated request that starts 2 ms or more after the commit (and
-//! `reserve`, which follows authentication, uses the balance seen then);
-//! under load, the batches' own looks keep requests from asking at all. A
-//! commit that no request looks for (`reserve` alone) is caught within
-//! 50 ms.
+//! transaction, where no other connection can commit), when asked, every
+//! [`APPLY_EVERY`] while settlements wait in the journal and every 50 ms
+//! otherwise, and reads every key again when it changed. After each look
+//! it notes when the look began. `key_by_hash` and `key` ask for a look
+//! (queued like a write, and answered after it) unless a look that began
+//! less than [`LOOK_EVERY`] (10 ms) ago has finished. So a change
+//! committed by another process is seen by every authenticated request
+//! that starts 10 ms or more after the commit (and `reserve`, which
+//! follows authentication, uses the balance seen then); under load, the
+//! writer's own looks keep requests from asking at all. A request with a
+//! key the cache does not have asks for a look unless one began less than
+//! [`LOOK_FOR_UNKNOWN`] (1 ms) ago, so that a key created by another
+//! process works 1 ms after its commit. A commit that no request looks for
+//! (`reserve` alone) is caught within 50 ms.
 //!
 //! Reads other than those (listings, usage, totals) use a small pool of
 //! read connections on the blocking thread pool; WAL readers never block
@@ -110,7 +129,10 @@
 //! SQL files in `migrations/sqlite/NNNN_name.sql`, embedded in the binary and
 //! applied in order at open; the schema version is `PRAGMA user_version`.
 
+mod journal;
+
 use super::*;
+use journal::{Entry, Journal};
 use rusqlite::{params, Connection, OpenFlags, OptionalExtension, Row};
 use std::collections::HashMap;
 use std::panic::AssertUnwindSafe;
@@ -134,6 +156,10 @@ const MIGRATIONS: &[(&str, &str)] = &[
     (
         "0003_usage_totals_on_keys",
         include_str!("../../migrations/sqlite/0003_usage_totals_on_keys.sql"),
+    ),
+    (
+        "0004_settlement_journal",
+        include_str!("../../migrations/sqlite/0004_settlement_journal.sql"),
     ),
 ];
 
@@ -167,10 +193,26 @@ const RESTART_AT_FRAMES: i64 = 4096;
 /// How long the writer waits for readers to move off the WAL.
 const RESTART_WAIT: Duration = Duration::from_millis(200);
 
+/// How long a gateway opening the file waits for another process (the
+/// CLI, applying what a crash left in the journal) to let go of its
+/// settlement journal before it gives up.
+const JOURNAL_WAIT: Duration = Duration::from_secs(5);
+
+/// While settlements wait in the journal, the writer thread wakes this
+/// often to apply them and to look for other processes' commits (half of
+/// [`LOOK_EVERY`]: under load, requests never have to ask for a look).
+/// It applies them before any other write, and before a read that needs
+/// them, too. Measured at saturation: waking every millisecond instead
+/// cost ~4 µs of CPU per request, a tenth of the throughput.
+const APPLY_EVERY: Duration = Duration::from_millis(5);
+
 pub struct SqliteStore {
     writer: Arc<WriteQueue>,
     readers: Arc<Readers>,
     cache: Arc<Cache>,
+    /// `None` for a store opened beside a gateway ([`SqliteStore::open_beside`]),
+    /// which makes no settlements.
+    journal: Option<Arc<Journal>>,
 }
 
 /// The keys as committed, each with its open reservations (see the module
@@ -184,10 +226,16 @@ struct Cache {
 }
 
 /// A request asks the writer to look for other processes' commits unless a
-/// look that began less than this long ago has finished: a request looks
-/// at commits that are at least this old, and under load the batches' own
-/// looks keep requests from asking at all.
-pub(crate) const LOOK_EVERY: Duration = Duration::from_millis(2);
+/// look that began less than this long ago has finished: a request sees
+/// commits that are at least this old, and under load the writer's own
+/// looks (every [`APPLY_EVERY`]) keep requests from asking at all.
+pub(crate) const LOOK_EVERY: Duration = Duration::from_millis(10);
+
+/// A request with a key the gateway does not know asks for a look unless
+/// one began less than this long ago: a key created by another process
+/// (the CLI) is known to requests that start this long after its commit.
+/// Unknown keys cost a look at most this often, however many arrive.
+pub(crate) const LOOK_FOR_UNKNOWN: Duration = Duration::from_millis(1);
 
 /// The map from keys to their entries. Only the writer changes it
 /// (new keys); the request path takes it in shared mode to find an entry.
@@ -201,9 +249,24 @@ struct Keys {
 type KeyEntry = Mutex<KeyState>;
 
 struct KeyState {
+    /// As the file has it, but for the balance, which counts the
+    /// settlements in the journal too.
     record: KeyRecord,
     /// Its open reservations.
     reserved: Credits,
+    /// The credits of its settlements in the journal that the file does
+    /// not have yet, in thousandths.
+    unapplied: i64,
+}
+
+impl KeyState {
+    /// Takes the key as the file has it, less what the journal holds.
+    fn set(&mut self, mut record: KeyRecord) {
+        // As `Cache::less_unapplied`, under the lock already held.
+        record.balance =
+            Credits::from_millis(record.balance.millis().saturating_sub(self.unapplied));
+        self.record = record;
+    }
 }
 
 fn data_version(conn: &Connection) -> rusqlite::Result<i64> {
@@ -229,17 +292,11 @@ impl Cache {
             .max(1)
     }
 
-    /// Gives back a reservation that no settlement will release.
-    fn release(&self, id: KeyId, amount: Credits) {
-        if let Some(entry) = self.entry(id) {
-            lock(&entry).reserved -= amount;
-        }
-    }
-
-    /// Whether a request must ask for a look (see [`LOOK_EVERY`]).
-    fn due_for_a_look(&self) -> bool {
+    /// Whether a request that wants to see commits at least `age` old must
+    /// ask for a look (see [`LOOK_EVERY`]).
+    fn due_for_a_look(&self, age: Duration) -> bool {
         let last = self.looked.load(Ordering::Acquire);
-        last == 0 || self.now().saturating_sub(last) >= LOOK_EVERY.as_micros() as u64
+        last == 0 || self.now().saturating_sub(last) >= age.as_micros() as u64
     }
 
     fn entry(&self, id: KeyId) -> Option<Arc<KeyEntry>> {
@@ -274,7 +331,7 @@ impl Cache {
     /// Adds or replaces a key. The writer only.
     fn insert(&self, hash: Option<String>, record: KeyRecord) {
         if let Some(entry) = self.entry(record.id) {
-            lock(&entry).record = record;
+            lock(&entry).set(record);
             return;
         }
         let Some(hash) = hash else {
@@ -287,6 +344,7 @@ impl Cache {
         let entry = Arc::new(Mutex::new(KeyState {
             record,
             reserved: Credits::ZERO,
+            unapplied: 0,
         }));
         keys.by_hash.insert(hash, entry.clone());
         keys.by_id.insert(id, entry);
@@ -304,44 +362,115 @@ impl Cache {
             }
             Change::Balance(id, balance) => match self.entry(id) {
                 Some(entry) => {
-                    lock(&entry).record.balance = balance;
-                    true
-                }
-                None => false,
-            },
-            Change::Settled(id, balance, hold) => match self.entry(id) {
-                Some(entry) => {
-                    // Both at once, under the key's lock: a reservation
-                    // sees the settlement whole or not at all.
                     let mut state = lock(&entry);
-                    state.record.balance = balance;
-                    if let Some(released) = hold.close() {
-                        state.reserved -= released;
-                    }
+                    let record = KeyRecord {
+                        balance,
+                        ..state.record.clone()
+                    };
+                    state.set(record);
                     true
                 }
                 None => false,
             },
         }
     }
+
+    /// Charges a settlement that is in the journal: the balance, less
+    /// `usage.credits`, and the reservation given back, both at once
+    /// under the key's lock (a reservation sees the settlement whole or
+    /// not at all). The reservation is given back even when the
+    /// settlement fails. Returns the new balance, and whether the journal
+    /// held no other settlement to apply.
+    fn settle(
+        &self,
+        entry: &KeyEntry,
+        journal: &Journal,
+        usage: UsageRecord,
+        reserved: Credits,
+    ) -> Result<(Credits, bool), StoreError> {
+        let mut state = lock(entry);
+        state.reserved -= reserved;
+        let credits = usage.credits.millis();
+        // A charge beyond i64 (absurd token counts) is refused.
+        let after = state
+            .record
+            .balance
+            .millis()
+            .checked_sub(credits)
+            .ok_or_else(|| backend("a charge that no balance can take"))?;
+        let first = journal.append(usage)?;
+        state.record.balance = Credits::from_millis(after);
+        state.unapplied += credits;
+        Ok((state.record.balance, first))
+    }
+
+    /// Key `id`'s balance `in_file`, less its settlements that the file
+    /// does not have yet.
+    fn less_unapplied(&self, id: KeyId, in_file: Credits) -> Credits {
+        let unapplied = self.entry(id).map_or(0, |entry| lock(&entry).unapplied);
+        Credits::from_millis(in_file.millis().saturating_sub(unapplied))
+    }
+
+    /// Notes that a settlement of `credits` of key `id` in the journal is
+    /// in the file now. The writer only.
+    fn applied(&self, id: KeyId, credits: Credits) {
+        if let Some(entry) = self.entry(id) {
+            lock(&entry).unapplied -= credits.millis();
+        }
+    }
 }
 
 impl SqliteStore {
-    /// Opens (creating it if missing) the SQLite file at `path` and brings
-    /// its schema up to date.
+    /// Opens (creating it if missing) the SQLite file at `path` for a
+    /// gateway, brings its schema up to date, and applies what its
+    /// settlement journal holds. Fails when another process keeps the
+    /// journal (another gateway) for longer than [`JOURNAL_WAIT`].
     pub async fn open(path: &Path) -> Result<SqliteStore, StoreError> {
+        SqliteStore::open_with(path, true).await
+    }
+
+    /// Opens the SQLite file at `path` beside a gateway that may be serving
+    /// it (the CLI): when none is, applies what the settlement journal
+    /// holds first; makes no settlements.
+    pub async fn open_beside(path: &Path) -> Result<SqliteStore, StoreError> {
+        SqliteStore::open_with(path, false).await
+    }
+
+    async fn open_with(path: &Path, gateway: bool) -> Result<SqliteStore, StoreError> {
         let path = path.to_path_buf();
         let writer_path = path.clone();
         let writer = tokio::task::spawn_blocking(move || -> Result<Writer, StoreError> {
-            let conn = open_writer(&writer_path)?;
+            let mut conn = open_writer(&writer_path)?;
+            let wait = if gateway {
+                JOURNAL_WAIT
+            } else {
+                Duration::ZERO
+            };
+            let journal = match Journal::open(&writer_path, wait)? {
+                Some((journal, found)) => {
+                    replay(&mut conn, &journal, &found)?;
+                    gateway.then(|| Arc::new(journal))
+                }
+                None if gateway => {
+                    return Err(backend(format!(
+                        "another process keeps the settlement journal of {}: a gateway is \
+                         serving that file already (one gateway per SQLite file; use \
+                         PostgreSQL for several)",
+                        writer_path.display()
+                    )))
+                }
+                None => None,
+            };
             let checkpointed = Arc::new(AtomicBool::new(false));
             let data_version = data_version(&conn)?;
             let cache = Arc::new(Cache::open(&conn)?);
             Ok(Writer {
                 conn,
                 cache,
+                journal,
+                applying: Vec::new(),
+                applied_at: Instant::now(),
                 changes: Vec::new(),
-                stale: Vec::new(),
                 data_version,
                 reload: false,
                 uncheckpointed: 0,
@@ -352,8 +481,6 @@ impl SqliteStore {
                 checkpointed,
                 waits: true,
                 in_batch: false,
-                defer: false,
-                owed: Vec::new(),
                 #[cfg(test)]
                 panic_at: None,
                 #[cfg(test)]
@@ -365,6 +492,7 @@ impl SqliteStore {
         .await
         .map_err(|e| backend(format!("opening the sqlite store failed: {e}")))??;
         let cache = writer.cache.clone();
+        let journal = writer.journal.clone();
         let (wake, handed_over) = mpsc::channel();
         let writer = Arc::new(WriteQueue {
             pending: Mutex::new(Pending::default()),
@@ -372,6 +500,7 @@ impl SqliteStore {
             idle_since: AtomicU64::new(0),
             cache: cache.clone(),
             wake: Mutex::new(wake),
+            journal: journal.clone(),
         });
         spawn_writer_thread(Arc::downgrade(&writer), handed_over)?;
 
@@ -384,6 +513,7 @@ impl SqliteStore {
             writer,
             readers,
             cache,
+            journal,
         })
     }
 
@@ -424,20 +554,39 @@ impl SqliteStore {
     }
 
     /// Brings the cache up to date with commits of other processes at
-    /// least [`LOOK_EVERY`] old: the writer reads the keys again if there
-    /// were any (it alone changes the cache, so its changes stay in order).
-    async fn fresh(&self) -> Result<(), StoreError> {
-        if !self.cache.due_for_a_look() {
+    /// least `age` old: the writer reads the keys again if there were any
+    /// (it alone changes the cache, so its changes stay in order).
+    async fn fresh(&self, age: Duration) -> Result<(), StoreError> {
+        if !self.cache.due_for_a_look(age) {
             return Ok(());
         }
         self.ask(Message::CatchUp).await
     }
 
-    /// Runs a read on the blocking thread pool.
+    /// Makes sure the file has every settlement in the journal (before a
+    /// read of balances or of the ledger).
+    async fn applied(&self) -> Result<(), StoreError> {
+        match &self.journal {
+            Some(journal) if journal.unapplied() => self.ask(Message::Apply).await,
+            _ => Ok(()),
+        }
+    }
+
+    /// Makes the journal fail to take settlements (tests).
+    #[cfg(test)]
+    pub(crate) fn fail_journal_appends(&self, fail: bool) {
+        if let Some(journal) = &self.journal {
+            journal.fail_appends.store(fail, Ordering::Release);
+        }
+    }
+
+    /// Runs a read on the blocking thread pool, once the file has every
+    /// settlement in the journal.
     async fn read<T: Send + 'static>(
         &self,
         f: impl FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
     ) -> Result<T, StoreError> {
+        self.applied().await?;
         let _permit = self
             .readers
             .permits
@@ -658,50 +807,6 @@ enum Command {
     RevokeKey(KeyId, Millis, Reply<KeyRecord>),
     Adjust(KeyId, Adjustment, Reply<Credits>),
     SyncGrants(Vec<Grant>, Reply<GrantReport>),
-    Settle(Box<UsageRecord>, Arc<Hold>, Reply<Credits>),
-}
-
-/// A settlement's reservation, given back in the cache exactly once: by
-/// the settlement's commit ([`Cache::apply`]), by [`Writer::answer`] when
-/// the settlement failed, or, should neither happen (its batch panicked),
-/// when the last handle on it is dropped (the command's, or its change's,
-/// which the writer drops at its next batch).
-struct Hold {
-    cache: Arc<Cache>,
-    id: KeyId,
-    amount: Credits,
-    open: AtomicBool,
-}
-
-impl Hold {
-    fn new(cache: Arc<Cache>, id: KeyId, amount: Credits) -> Arc<Hold> {
-        Arc::new(Hold {
-            cache,
-            id,
-            amount,
-            open: AtomicBool::new(true),
-        })
-    }
-
-    /// The amount to give back, the first time only.
-    fn close(&self) -> Option<Credits> {
-        self.open
-            .swap(false, Ordering::AcqRel)
-            .then_some(self.amount)
-    }
-
-    /// Gives the reservation back, unless that was done already.
-    fn give_back(&self) {
-        if let Some(amount) = self.close() {
-            self.cache.release(self.id, amount);
-        }
-    }
-}
-
-impl Drop for Hold {
-    fn drop(&mut self) {
-        self.give_back();
-    }
 }
 
 /// What a command carried out returns.
@@ -712,14 +817,6 @@ enum Outcome {
 }
 
 impl Command {
-    /// For a settlement: the reservation it is to release.
-    fn hold(&self) -> Option<&Hold> {
-        match self {
-            Command::Settle(_, hold, _) => Some(hold),
-            _ => None,
-        }
-    }
-
     /// Answers the command with `result`, or with `error` when its
     /// transaction did not commit.
     fn answer(self, result: Result<Outcome, StoreError>, error: Option<&str>) {
@@ -736,12 +833,10 @@ impl Command {
                 Outcome::Key(k) => Ok(k),
                 _ => Err(mismatch()),
             }))),
-            Command::Adjust(_, _, tx) | Command::Settle(_, _, tx) => {
-                drop(tx.send(result.and_then(|o| match o {
-                    Outcome::Credits(c) => Ok(c),
-                    _ => Err(mismatch()),
-                })))
-            }
+            Command::Adjust(_, _, tx) => drop(tx.send(result.and_then(|o| match o {
+                Outcome::Credits(c) => Ok(c),
+                _ => Err(mismatch()),
+            }))),
             Command::SyncGrants(_, tx) => drop(tx.send(result.and_then(|o| match o {
                 Outcome::Grants(g) => Ok(g),
                 _ => Err(mismatch()),
@@ -755,16 +850,16 @@ enum Message {
     Write(Command),
     /// Look for other processes' commits and read the keys again if any.
     CatchUp(Reply<()>),
+    /// Apply the settlements in the journal to the file.
+    Apply(Reply<()>),
 }
 
 /// A change to the cache, applied when its transaction commits.
 enum Change {
     /// A key created (with its hash) or changed.
     Key(Option<String>, KeyRecord),
-    /// A key's new balance.
+    /// A key's new balance in the file.
     Balance(KeyId, Credits),
-    /// A settlement: the key's new balance, and the reservation released.
-    Settled(KeyId, Credits, Arc<Hold>),
 }
 
 /// How often the writer looks for commits of other processes when nothing
@@ -806,6 +901,9 @@ struct WriteQueue {
     cache: Arc<Cache>,
     /// Hands a turn to the writer thread.
     wake: Mutex<mpsc::Sender<()>>,
+    /// The settlement journal (the writer's), to tell when it must be
+    /// applied.
+    journal: Option<Arc<Journal>>,
 }
 
 #[derive(Default)]
@@ -969,6 +1067,16 @@ impl WriteQueue {
         }
     }
 
+    /// Has the writer thread take a turn (a look, and the journal applied
+    /// when due) unless a turn is under way, without carrying it out here.
+    fn wake_writer_thread(self: &Arc<Self>) {
+        // Nobody waits for this answer.
+        let (tx, _) = oneshot::channel();
+        if self.queue(Message::CatchUp(tx)) != Next::Queued {
+            self.hand_over();
+        }
+    }
+
     /// Hands the turn to the writer thread (the queue stays busy).
     fn hand_over(self: &Arc<Self>) {
         if lock(&self.wake).send(()).is_err() {
@@ -1004,25 +1112,34 @@ fn spawn_writer_thread(
 ) -> Result<(), StoreError> {
     std::thread::Builder::new()
         .name("tollgate-sqlite-writer".into())
-        .spawn(move || loop {
-            let turn = handed_over.recv_timeout(REFRESH_EVERY);
-            let Some(queue) = queue.upgrade() else {
-                return;
-            };
-            // A panic ends the turn (see `Turn`), never this thread: the
-            // messages of the batch that panicked are answered with an
-            // error (their senders are dropped), the rest go on.
-            let carry_out = || queue.carry_out(Place::MayWait);
-            match turn {
-                Ok(()) => drop(std::panic::catch_unwind(AssertUnwindSafe(carry_out))),
-                Err(mpsc::RecvTimeoutError::Timeout) => {
-                    // Nobody waits for this answer.
-                    let (tx, _) = oneshot::channel();
-                    if queue.queue(Message::CatchUp(tx)) != Next::Queued {
-                        drop(std::panic::catch_unwind(AssertUnwindSafe(carry_out)));
+        .spawn(move || {
+            let mut wait = REFRESH_EVERY;
+            loop {
+                let turn = handed_over.recv_timeout(wait);
+                let Some(queue) = queue.upgrade() else {
+                    return;
+                };
+                let unapplied = queue.journal.as_ref().is_some_and(|j| j.unapplied());
+                wait = if unapplied {
+                    APPLY_EVERY
+                } else {
+                    REFRESH_EVERY
+                };
+                // A panic ends the turn (see `Turn`), never this thread: the
+                // messages of the batch that panicked are answered with an
+                // error (their senders are dropped), the rest go on.
+                let carry_out = || queue.carry_out(Place::MayWait);
+                match turn {
+                    Ok(()) => drop(std::panic::catch_unwind(AssertUnwindSafe(carry_out))),
+                    Err(mpsc::RecvTimeoutError::Timeout) => {
+                        // Nobody waits for this answer.
+                        let (tx, _) = oneshot::channel();
+                        if queue.queue(Message::CatchUp(tx)) != Next::Queued {
+                            drop(std::panic::catch_unwind(AssertUnwindSafe(carry_out)));
+                        }
                     }
+                    Err(mpsc::RecvTimeoutError::Disconnected) => return,
                 }
-                Err(mpsc::RecvTimeoutError::Disconnected) => return,
             }
         })
         .map_err(|e| backend(format!("cannot start the sqlite writer thread: {e}")))?;
@@ -1032,12 +1149,16 @@ fn spawn_writer_thread(
 struct Writer {
     conn: Connection,
     cache: Arc<Cache>,
+    /// The settlement journal, which this writer applies to the file
+    /// (`None` beside a gateway).
+    journal: Option<Arc<Journal>>,
+    /// Settlements taken from the journal and not yet applied (kept
+    /// should their transaction fail: they are applied again).
+    applying: Vec<Entry>,
+    /// When the journal was last applied (or tried).
+    applied_at: Instant,
     /// The changes of the current batch, applied to the cache at its commit.
     changes: Vec<Change>,
-    /// The changes of a batch that panicked, dropped (giving their
-    /// settlements' reservations back) once the cache has read the
-    /// balances again.
-    stale: Vec<Change>,
     /// This connection's `PRAGMA data_version`, which changes only when
     /// another connection commits.
     data_version: i64,
@@ -1064,13 +1185,6 @@ struct Writer {
     /// A batch is being carried out; still set when the next one starts,
     /// it means that one panicked.
     in_batch: bool,
-    /// Settlements may leave their charge owed: set while a batch runs
-    /// without savepoints (see [`Writer::owe`]).
-    defer: bool,
-    /// The charges of this batch's settlements not yet written to their
-    /// keys' rows, by key: written once per key, before any other command
-    /// and before the commit.
-    owed: Vec<(KeyId, Charged)>,
     /// Where the next batch panics (tests of what a panic leaves).
     #[cfg(test)]
     panic_at: Option<PanicAt>,
@@ -1088,9 +1202,9 @@ struct Writer {
 #[cfg(test)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum PanicAt {
-    /// Carrying out a settlement, before the commit.
-    Settlement,
-    /// After the commit, before the cache takes the batch's changes.
+    /// Applying the journal's settlements, before the commit.
+    Applying,
+    /// After that commit, before the cache notes it.
     Commit,
 }
 
@@ -1249,26 +1363,38 @@ impl Writer {
     /// [`Busy`], `messages` untouched, when another connection holds the
     /// lock that the batch needs to start.
     fn carry_out(&mut self, messages: &mut Vec<Message>, may_wait: bool) -> Result<(), Busy> {
-        // The last batch panicked. Its changes never reach the cache
-        // (dropping them gives their settlements' reservations back), and
-        // the cache is read again from the file, in case it had committed.
-        if std::mem::take(&mut self.in_batch) {
-            self.owed.clear();
+        // The last batch panicked. Its changes never reach the cache, which
+        // is read again from the file, in case it had committed; the
+        // settlements it was applying are applied again (those it had
+        // committed are skipped by number).
+        let panicked = std::mem::take(&mut self.in_batch);
+        if panicked {
+            self.changes.clear();
             self.reload = true;
-            // Kept until the balances are read again: a reservation that
-            // found the batch's reservations given back and its charges
-            // not yet in the cache would be admitted against credits
-            // already spent.
-            self.stale.append(&mut self.changes);
         }
         if !self.conn.is_autocommit() {
             // A transaction left open by a failed commit and rollback, or
             // by a panic in the middle of a batch.
             let _ = self.exec("ROLLBACK");
         }
-        if !self.stale.is_empty() {
-            let _ = self.reload_if_needed();
+        if panicked {
+            // Before the cache reads the balances again, which counts what
+            // the journal holds as not in the file.
+            self.note_committed();
         }
+        // The journal first: an adjustment that sets a balance sets it
+        // after the settlements made before it.
+        let needed = messages
+            .iter()
+            .any(|m| matches!(m, Message::Write(_) | Message::Apply(_)));
+        let applied = if needed || self.applied_at.elapsed() >= APPLY_EVERY {
+            match self.apply_journal(may_wait) {
+                Err(e) if e.busy && !may_wait => return Err(Busy),
+                applied => applied.map_err(|e| e.message),
+            }
+        } else {
+            Ok(())
+        };
         let writes = messages.iter().any(|m| matches!(m, Message::Write(_)));
         self.wait_for_locks(may_wait);
         let started = if writes {
@@ -1290,12 +1416,13 @@ impl Writer {
             match message {
                 Message::Write(cmd) => batch.push(cmd),
                 Message::CatchUp(tx) => waiting.push(tx),
+                Message::Apply(tx) => drop(tx.send(applied.clone().map_err(backend))),
             }
         }
         let caught_up = match started {
             Err(e) => {
                 for cmd in batch {
-                    self.answer(cmd, Err(backend(e.message.clone())), None);
+                    cmd.answer(Err(backend(e.message.clone())), None);
                 }
                 if writes && !waiting.is_empty() {
                     // The write transaction did not start; a look needs no
@@ -1311,8 +1438,14 @@ impl Writer {
                 self.in_batch = true;
                 let error = self.run_batch(&batch, &mut results);
                 self.in_batch = false;
-                for (cmd, result) in batch.into_iter().zip(results) {
-                    self.answer(cmd, result, error.as_deref());
+                for (cmd, mut result) in batch.into_iter().zip(results) {
+                    if let (Command::Adjust(id, ..), Ok(Outcome::Credits(balance))) =
+                        (&cmd, &mut result)
+                    {
+                        // The balance as requests see it.
+                        *balance = self.cache.less_unapplied(*id, *balance);
+                    }
+                    cmd.answer(result, error.as_deref());
                 }
                 if self.reload {
                     Err("cannot read the keys again".to_string())
@@ -1332,17 +1465,88 @@ impl Writer {
         Ok(())
     }
 
-    /// Answers `cmd` (see [`Command::answer`]). A settlement that failed
-    /// charged nothing, and gives its reservation back, so that the key
-    /// is not held for a request that will not be settled again.
-    fn answer(&self, cmd: Command, result: Result<Outcome, StoreError>, error: Option<&str>) {
-        let failed = result.is_err() || error.is_some();
-        if let (true, Some(hold)) = (failed, cmd.hold()) {
-            // Before the answer: a caller that reserves again at once
-            // finds the credits free.
-            hold.give_back();
+    /// Applies the settlements in the journal to the file, in a
+    /// transaction of their own, and notes in the cache that the file has
+    /// them. Those of a transaction that fails stay in
+    /// [`Writer::applying`], to be applied with the next batch. Unless
+    /// `may_wait`, fails (busy) when another connection holds the lock.
+    fn apply_journal(&mut self, may_wait: bool) -> Result<(), NotStarted> {
+        let Some(journal) = self.journal.clone() else {
+            return Ok(());
+        };
+        self.applied_at = Instant::now();
+        journal.take(&mut self.applying);
+        if self.applying.is_empty() {
+            return Ok(());
         }
-        cmd.answer(result, error);
+        self.wait_for_locks(may_wait);
+        let started = self.begin();
+        self.wait_for_locks(true);
+        started?;
+        self.in_batch = true;
+        #[cfg(test)]
+        if self.panic_at == Some(PanicAt::Applying) {
+            self.panic_at = None;
+            panic!("applying the journal panics (test)");
+        }
+        let committed = apply_entries(&self.conn, &self.applying).and_then(|_| self.exec("COMMIT"));
+        #[cfg(test)]
+        if committed.is_ok() && self.panic_at == Some(PanicAt::Commit) {
+            self.panic_at = None;
+            panic!("applying the journal panics after its commit (test)");
+        }
+        self.in_batch = false;
+        self.uncheckpointed += 1;
+        if let Err(e) = committed {
+            if !self.conn.is_autocommit() {
+                let _ = self.exec("ROLLBACK");
+            }
+            tracing::warn!(
+                error = %e,
+                settlements = self.applying.len(),
+                "sqlite: cannot apply the settlement journal to the file yet; trying again"
+            );
+            return Err(NotStarted {
+                busy: false,
+                message: format!("cannot apply the settlement journal: {e}"),
+            });
+        }
+        let applied = std::mem::take(&mut self.applying);
+        self.note_applied(&journal, applied);
+        if let Err(e) = journal.start_over_if_long() {
+            tracing::warn!(error = %e, "sqlite: cannot start the settlement journal over");
+        }
+        Ok(())
+    }
+
+    /// Notes that the file has these settlements of the journal.
+    fn note_applied(&self, journal: &Journal, entries: Vec<Entry>) {
+        journal.applied(entries.len());
+        for entry in entries {
+            self.cache.applied(entry.usage.key_id, entry.usage.credits);
+        }
+    }
+
+    /// After a panic in [`Writer::apply_journal`]: notes the settlements
+    /// being applied that the file has (their transaction had committed);
+    /// the rest are applied again.
+    fn note_committed(&mut self) {
+        let Some(journal) = self.journal.clone() else {
+            return;
+        };
+        let applied = self
+            .conn
+            .prepare_cached("SELECT applied FROM settlement_journal WHERE id = 1")
+            .and_then(|mut stmt| stmt.query_row([], |r| r.get::<_, i64>(0)));
+        let Ok(applied) = applied else {
+            return;
+        };
+        let applied = u64::try_from(applied).unwrap_or(0);
+        let (committed, rest) = std::mem::take(&mut self.applying)
+            .into_iter()
+            .partition(|entry| entry.seq <= applied);
+        self.applying = rest;
+        self.note_applied(&journal, committed);
     }
 
     /// Makes the connection wait for other connections' locks, or not.
@@ -1357,7 +1561,6 @@ impl Writer {
         if self.reload {
             self.cache.load(&self.conn)?;
             self.reload = false;
-            self.stale.clear();
         }
         Ok(())
     }
@@ -1402,7 +1605,6 @@ impl Writer {
     ) -> Option<String> {
         results.clear();
         self.changes.clear();
-        self.owed.clear();
         #[cfg(test)]
         if self
             .lose_transaction_at
@@ -1414,9 +1616,8 @@ impl Writer {
         // Optimistically without savepoints; when a command fails, the
         // whole batch is rolled back and carried out again, each command in
         // its own savepoint so that its failure undoes only its own changes.
-        // Nothing runs after a failure, not even the charges owed: SQLite
-        // may have ended the transaction (see `lost`).
-        self.defer = true;
+        // Nothing runs after a failure: SQLite may have ended the
+        // transaction (see `lost`).
         let mut failed = false;
         for cmd in batch {
             let result = self.execute(cmd);
@@ -1426,11 +1627,9 @@ impl Writer {
                 break;
             }
         }
-        self.defer = false;
-        if failed || self.pay_owed().is_err() {
+        if failed {
             results.clear();
             self.changes.clear();
-            self.owed.clear();
             if !self.conn.is_autocommit() {
                 let _ = self.exec("ROLLBACK");
             }
@@ -1494,7 +1693,6 @@ impl Writer {
         results.clear();
         results.extend((0..commands).map(|_| Err(backend(message))));
         self.changes.clear();
-        self.owed.clear();
         // The file is as the batch found it, and so is the cache: read
         // again only if a failed savepoint left it unsure (the looks
         // waiting on this round would otherwise fail).
@@ -1531,10 +1729,6 @@ impl Writer {
                 return Err(backend("disk I/O error (test)"));
             }
         }
-        if !matches!(cmd, Command::Settle(..)) {
-            // Whatever it does to a key comes after the charges before it.
-            self.pay_owed()?;
-        }
         let conn = &self.conn;
         match cmd {
             Command::CreateKey(new, _) => {
@@ -1564,80 +1758,7 @@ impl Writer {
                 self.reload = true;
                 Ok(Outcome::Grants(report))
             }
-            Command::Settle(usage, hold, _) => {
-                #[cfg(test)]
-                if self.panic_at == Some(PanicAt::Settlement) {
-                    self.panic_at = None;
-                    panic!("a settlement panics (test)");
-                }
-                let before = self.balance_in_batch(usage.key_id);
-                let balance = match self.owe(usage, before) {
-                    Some(after) => {
-                        record_usage(&self.conn, usage)?;
-                        after
-                    }
-                    None => {
-                        self.pay_owed()?;
-                        settle(&self.conn, usage, before)?
-                    }
-                };
-                self.changes
-                    .push(Change::Settled(usage.key_id, balance, hold.clone()));
-                Ok(Outcome::Credits(balance))
-            }
         }
-    }
-
-    /// Key `id`'s balance in the open transaction, as this batch has left
-    /// it so far, when the writer can tell without asking SQLite: the
-    /// cache holds every committed balance once [`Writer::begin`] has
-    /// caught up (no other connection can commit until the batch does),
-    /// and the batch's own changes say what it changed since. `None` while
-    /// the cache may be behind (`reload`), and for a key it does not hold.
-    fn balance_in_batch(&self, id: KeyId) -> Option<Credits> {
-        if self.reload {
-            return None;
-        }
-        let changed = self.changes.iter().rev().find_map(|change| match change {
-            Change::Settled(key, balance, _) | Change::Balance(key, balance) if *key == id => {
-                Some(*balance)
-            }
-            Change::Key(_, record) if record.id == id => Some(record.balance),
-            _ => None,
-        });
-        changed.or_else(|| {
-            self.cache
-                .entry(id)
-                .map(|entry| lock(&entry).record.balance)
-        })
-    }
-
-    /// Notes a settlement's charge as owed by its key instead of writing it
-    /// to the key's row now, when the batch runs without savepoints and the
-    /// key's balance before it is known (see [`Writer::balance_in_batch`]);
-    /// returns the balance after it. A busy key's settlements in one batch
-    /// then cost one `UPDATE` of its row together instead of one each. The
-    /// ledger rows are written one by one, as before.
-    fn owe(&mut self, usage: &UsageRecord, before: Option<Credits>) -> Option<Credits> {
-        if !self.defer {
-            return None;
-        }
-        let charged = Charged::of(usage);
-        // A charge beyond i64 is refused by the RETURNING form (`settle`).
-        let after = before?.millis().checked_sub(charged.credits)?;
-        match self.owed.iter_mut().find(|(id, _)| *id == usage.key_id) {
-            Some((_, owed)) => *owed = owed.plus(&charged)?,
-            None => self.owed.push((usage.key_id, charged)),
-        }
-        Some(Credits::from_millis(after))
-    }
-
-    /// Writes what is owed to the keys' rows.
-    fn pay_owed(&mut self) -> Result<(), StoreError> {
-        for (id, owed) in std::mem::take(&mut self.owed) {
-            charge(&self.conn, id, &owed)?;
-        }
-        Ok(())
     }
 
     /// Carries out `cmd` in a savepoint, so that its failure undoes only
@@ -1821,35 +1942,62 @@ macro_rules! charge_sql {
     };
 }
 
-/// Charges `usage` to its key and records it; returns the key's new
-/// balance. `before` is the key's balance in the open transaction when
-/// the writer knows it (see [`Writer::balance_in_batch`]): the `UPDATE` then
-/// needs no `RETURNING`, which costs SQLite an ephemeral table and nearly
-/// as many instructions as the rest of a settlement (measured with
-/// callgrind: ~40k instructions per settlement with it, ~22k without).
-fn settle(
-    conn: &Connection,
-    usage: &UsageRecord,
-    before: Option<Credits>,
-) -> Result<Credits, StoreError> {
-    let (id, charged) = (usage.key_id, Charged::of(usage));
-    // A charge beyond i64 (absurd token counts) would turn SQLite's
-    // `balance - ?2` into a REAL: the RETURNING form refuses it, as before.
-    let known_after = before.and_then(|b| b.millis().checked_sub(charged.credits));
-    let balance = match known_after {
-        Some(after) => {
-            charge(conn, id, &charged)?;
-            Credits::from_millis(after)
-        }
-        None => Credits::from_millis(
-            conn.prepare_cached(concat!(charge_sql!(), " RETURNING balance"))?
-                .query_row(charged.params(id), |r| r.get(0))
-                .optional()?
-                .ok_or(StoreError::NoSuchKey(id))?,
-        ),
-    };
-    record_usage(conn, usage)?;
-    Ok(balance)
+/// Applies the journal's settlements `entries` that the file does not have
+/// yet (numbered after its `settlement_journal.applied`) in the open
+/// transaction: their ledger rows, and their charges written once per key.
+/// Notes the last one applied; returns that number (the file's when none
+/// was new).
+fn apply_entries(conn: &Connection, entries: &[Entry]) -> Result<u64, StoreError> {
+    let applied: i64 = conn
+        .prepare_cached("SELECT applied FROM settlement_journal WHERE id = 1")?
+        .query_row([], |r| r.get(0))?;
+    let applied = u64::try_from(applied).unwrap_or(0);
+    let new: Vec<&UsageRecord> = entries
+        .iter()
+        .filter(|e| e.seq > applied)
+        .map(|e| &e.usage)
+        .collect();
+    record_usages(conn, &new)?;
+    let mut last = applied;
+    let mut owed: HashMap<KeyId, Charged> = HashMap::new();
+    for entry in entries.iter().filter(|e| e.seq > applied) {
+        let usage = &entry.usage;
+        let charged = Charged::of(usage);
+        let sum = owed.entry(usage.key_id).or_default();
+        *sum = match sum.plus(&charged) {
+            Some(total) => total,
+            // Credits beyond i64 together: each written on its own.
+            None => {
+                charge(conn, usage.key_id, sum)?;
+                charged
+            }
+        };
+        last = last.max(entry.seq);
+    }
+    for (id, charged) in &owed {
+        charge(conn, *id, charged)?;
+    }
+    if last != applied {
+        conn.prepare_cached("UPDATE settlement_journal SET applied = ?1 WHERE id = 1")?
+            .execute([i64_of(last)])?;
+    }
+    Ok(last)
+}
+
+/// Applies the settlements that the journal held at open (a gateway
+/// stopped before it had applied them all), then empties it.
+fn replay(conn: &mut Connection, journal: &Journal, found: &[Entry]) -> Result<(), StoreError> {
+    let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+    let last = apply_entries(&tx, found)?;
+    tx.commit()?;
+    if !found.is_empty() {
+        tracing::info!(
+            settlements = found.len(),
+            "sqlite: the settlement journal held settlements; those the file did not have are \
+             applied"
+        );
+    }
+    journal.applied_up_to(last)
 }
 
 /// What settlements write to their key's row: the credits charged, and the
@@ -1907,23 +2055,57 @@ fn charge(conn: &Connection, id: KeyId, charged: &Charged) -> Result<(), StoreEr
     Ok(())
 }
 
-/// Writes a settlement's ledger row.
-fn record_usage(conn: &Connection, usage: &UsageRecord) -> Result<(), StoreError> {
-    conn.prepare_cached(
+/// Ledger rows written by one `INSERT` together (a statement per row costs
+/// SQLite most of the work again for each).
+const ROWS_PER_INSERT: usize = 32;
+
+/// The `INSERT` of `rows` ledger rows.
+fn insert_usage_sql(rows: usize) -> String {
+    let mut sql = String::from(
         "INSERT INTO usage (time, key_id, endpoint, model, status, prompt_tokens, \
-         completion_tokens, credits, duration_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
-    )?
-    .execute(params![
-        usage.time,
-        usage.key_id,
-        usage.endpoint,
-        usage.model,
-        usage.status,
-        i64_of(usage.prompt_tokens),
-        i64_of(usage.completion_tokens),
-        usage.credits.millis(),
-        i64_of(usage.duration_ms),
-    ])?;
+         completion_tokens, credits, duration_ms) VALUES ",
+    );
+    for row in 0..rows {
+        if row > 0 {
+            sql.push(',');
+        }
+        sql.push_str("(?,?,?,?,?,?,?,?,?)");
+    }
+    sql
+}
+
+/// Writes settlements' ledger rows, in order.
+fn record_usages(conn: &Connection, usages: &[&UsageRecord]) -> Result<(), StoreError> {
+    static MANY: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    static ONE: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    for chunk in usages.chunks(ROWS_PER_INSERT) {
+        let sql = if chunk.len() == ROWS_PER_INSERT {
+            MANY.get_or_init(|| insert_usage_sql(ROWS_PER_INSERT))
+        } else {
+            ONE.get_or_init(|| insert_usage_sql(1))
+        };
+        let mut stmt = conn.prepare_cached(sql)?;
+        let rows_per_statement = if chunk.len() == ROWS_PER_INSERT {
+            chunk.len()
+        } else {
+            1
+        };
+        for rows in chunk.chunks(rows_per_statement) {
+            for (row, usage) in rows.iter().enumerate() {
+                let at = row * 9;
+                stmt.raw_bind_parameter(at + 1, usage.time)?;
+                stmt.raw_bind_parameter(at + 2, usage.key_id)?;
+                stmt.raw_bind_parameter(at + 3, &usage.endpoint)?;
+                stmt.raw_bind_parameter(at + 4, &usage.model)?;
+                stmt.raw_bind_parameter(at + 5, usage.status)?;
+                stmt.raw_bind_parameter(at + 6, i64_of(usage.prompt_tokens))?;
+                stmt.raw_bind_parameter(at + 7, i64_of(usage.completion_tokens))?;
+                stmt.raw_bind_parameter(at + 8, usage.credits.millis())?;
+                stmt.raw_bind_parameter(at + 9, i64_of(usage.duration_ms))?;
+            }
+            stmt.raw_execute()?;
+        }
+    }
     Ok(())
 }
 
@@ -1932,15 +2114,22 @@ fn record_usage(conn: &Connection, usage: &UsageRecord) -> Result<(), StoreError
 #[async_trait]
 impl Store for SqliteStore {
     async fn key_by_hash(&self, hash: &KeyHash) -> Result<Option<KeyRecord>, StoreError> {
-        self.fresh().await?;
-        Ok(self
-            .cache
-            .entry_by_hash(&hash.0)
-            .map(|entry| lock(&entry).record.clone()))
+        self.fresh(LOOK_EVERY).await?;
+        let found = || {
+            self.cache
+                .entry_by_hash(&hash.0)
+                .map(|entry| lock(&entry).record.clone())
+        };
+        if let Some(key) = found() {
+            return Ok(Some(key));
+        }
+        // A key the CLI has just created is used at once (a script).
+        self.fresh(LOOK_FOR_UNKNOWN).await?;
+        Ok(found())
     }
 
     async fn key(&self, id: KeyId) -> Result<Option<KeyRecord>, StoreError> {
-        self.fresh().await?;
+        self.fresh(LOOK_EVERY).await?;
         Ok(self
             .cache
             .entry(id)
@@ -1996,9 +2185,26 @@ impl Store for SqliteStore {
     }
 
     async fn settle(&self, usage: UsageRecord, reserved: Credits) -> Result<Credits, StoreError> {
-        let hold = Hold::new(self.cache.clone(), usage.key_id, reserved);
-        self.write(|tx| Command::Settle(Box::new(usage), hold, tx))
-            .await
+        let journal = self
+            .journal
+            .as_ref()
+            .ok_or_else(|| backend("a store opened beside a gateway makes no settlements"))?;
+        let id = usage.key_id;
+        let entry = match self.cache.entry(id) {
+            Some(entry) => entry,
+            None => {
+                // Created by another process since the last look.
+                self.ask(Message::CatchUp).await?;
+                self.cache.entry(id).ok_or(StoreError::NoSuchKey(id))?
+            }
+        };
+        let (balance, first) = self.cache.settle(&entry, journal, usage, reserved)?;
+        if first {
+            // The writer thread may be idle for a while: it applies this
+            // one now (under load it is awake every APPLY_EVERY anyway).
+            self.writer.wake_writer_thread();
+        }
+        Ok(balance)
     }
 
     async fn usage(
@@ -2092,6 +2298,18 @@ impl Store for SqliteStore {
         // process: a fresh gateway has none, and one gateway serves a file.
         Ok(())
     }
+
+    async fn close(&self) {
+        // Not needed for durability (the journal is): leaves the file whole
+        // and the journal empty for whoever opens them next.
+        let emptied = match (self.applied().await, &self.journal) {
+            (Ok(()), Some(journal)) => journal.empty_if_applied(),
+            (result, _) => result,
+        };
+        if let Err(e) = emptied {
+            tracing::warn!(error = %e, "sqlite: the settlement journal is not all applied");
+        }
+    }
 }
 
 #[cfg(test)]
@@ -2113,52 +2331,145 @@ mod tests {
     }
 
     #[test]
-    fn a_settlement_charges_the_file_with_or_without_the_balance_known() {
+    fn journal_entries_are_applied_once_each() {
         let dir = tempfile::tempdir().unwrap();
-        let conn = open_writer(&dir.path().join("settle.db")).unwrap();
+        let conn = open_writer(&dir.path().join("apply.db")).unwrap();
         conn.execute(
             "INSERT INTO api_keys (id, key_hash, name, role, balance, created_at) \
-             VALUES (7, 'h', 'k', 'user', 10000, 0)",
+             VALUES (7, 'h', 'k', 'user', 10000, 0), (8, 'i', 'l', 'user', 0, 0)",
             [],
         )
         .unwrap();
-        let in_file = || -> i64 {
-            conn.query_row("SELECT balance FROM api_keys WHERE id = 7", [], |r| {
-                r.get(0)
-            })
+        let one = |sql: &str| -> i64 { conn.query_row(sql, [], |r| r.get(0)).unwrap() };
+        let entry = |seq, key_id, millis| Entry {
+            seq,
+            usage: charge(key_id, millis),
+        };
+        let entries = [entry(1, 7, 1500), entry(2, 8, 250), entry(3, 7, 250)];
+        assert_eq!(apply_entries(&conn, &entries).unwrap(), 3);
+        assert_eq!(one("SELECT balance FROM api_keys WHERE id = 7"), 8250);
+        assert_eq!(one("SELECT balance FROM api_keys WHERE id = 8"), -250);
+        assert_eq!(one("SELECT used_requests FROM api_keys WHERE id = 7"), 2);
+        assert_eq!(
+            one("SELECT used_completion_tokens FROM api_keys WHERE id = 7"),
+            4
+        );
+        assert_eq!(one("SELECT COUNT(*) FROM usage"), 3);
+        // Read again with a new one: only the new one is applied.
+        let more = [entry(2, 8, 250), entry(3, 7, 250), entry(4, 7, 1)];
+        assert_eq!(apply_entries(&conn, &more).unwrap(), 4);
+        assert_eq!(one("SELECT balance FROM api_keys WHERE id = 7"), 8249);
+        assert_eq!(one("SELECT COUNT(*) FROM usage"), 4);
+        assert_eq!(one("SELECT applied FROM settlement_journal"), 4);
+        // Nothing new: nothing written, the file's number answered.
+        assert_eq!(apply_entries(&conn, &entries).unwrap(), 4);
+        assert_eq!(one("SELECT COUNT(*) FROM usage"), 4);
+        // A key the file does not have: an error, nothing recorded.
+        conn.execute_batch("BEGIN").unwrap();
+        assert!(apply_entries(&conn, &[entry(5, 9, 1)]).is_err());
+        conn.execute_batch("ROLLBACK").unwrap();
+        assert_eq!(one("SELECT COUNT(*) FROM usage"), 4);
+        assert_eq!(one("SELECT applied FROM settlement_journal"), 4);
+        // Many at once (whole `INSERT`s of several rows, and the rest one
+        // by one): every row, in order, each with its own values.
+        let many: Vec<Entry> = (5..5 + 2 * ROWS_PER_INSERT as u64 + 3)
+            .map(|seq| entry(seq, 7 + (seq % 2) as i64, seq as i64))
+            .collect();
+        assert_eq!(apply_entries(&conn, &many).unwrap(), 4 + many.len() as u64);
+        let rows: Vec<(i64, i64)> = conn
+            .prepare("SELECT key_id, credits FROM usage WHERE id > 4 ORDER BY id")
+            .unwrap()
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        let expected: Vec<(i64, i64)> = many
+            .iter()
+            .map(|e| (e.usage.key_id, e.usage.credits.millis()))
+            .collect();
+        assert_eq!(rows, expected);
+        let spent: i64 = many.iter().map(|e| e.usage.credits.millis()).sum();
+        assert_eq!(one("SELECT SUM(balance) FROM api_keys"), 8249 - 250 - spent);
+    }
+
+    /// Settlements a gateway journaled and never applied (it was killed)
+    /// reach the file when it is opened next, once: by the next gateway, or
+    /// by the CLI when no gateway is running; a journal left holding lines
+    /// the file has (a crash after their commit) applies nothing twice.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn what_the_journal_holds_is_applied_at_open_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("replay.db");
+        let id = {
+            let store = SqliteStore::open(&path).await.unwrap();
+            let grant = Grant {
+                hash: KeyHash("h".into()),
+                name: "k".into(),
+                role: Role::User,
+                credits: Credits::whole(10),
+            };
+            store.create_key(grant.new_key()).await.unwrap().id
+        };
+        // As a gateway journals: numbered after the file's last applied.
+        let journaled = |charges: &[i64]| {
+            let (journal, _) = Journal::open(&path, JOURNAL_WAIT).unwrap().unwrap();
+            let applied: i64 = Connection::open(&path)
+                .unwrap()
+                .query_row("SELECT applied FROM settlement_journal", [], |r| r.get(0))
+                .unwrap();
+            journal.applied_up_to(applied as u64).unwrap();
+            for millis in charges {
+                journal.append(charge(id, *millis)).unwrap();
+            }
+        };
+        let in_file = || {
+            let conn = Connection::open(&path).unwrap();
+            conn.query_row(
+                "SELECT balance, used_requests, (SELECT COUNT(*) FROM usage) FROM api_keys",
+                [],
+                |r| {
+                    Ok((
+                        r.get::<_, i64>(0)?,
+                        r.get::<_, i64>(1)?,
+                        r.get::<_, i64>(2)?,
+                    ))
+                },
+            )
             .unwrap()
         };
-        // Not known: the new balance is read back from the file.
-        let left = settle(&conn, &charge(7, 1500), None).unwrap();
-        assert_eq!((left, in_file()), (Credits::from_millis(8500), 8500));
-        // Known: the same charge in the file, the answer computed from it.
-        let left = settle(&conn, &charge(7, 250), Some(left)).unwrap();
-        assert_eq!((left, in_file()), (Credits::from_millis(8250), 8250));
-        let rows: i64 = conn
-            .query_row("SELECT COUNT(*) FROM usage WHERE key_id = 7", [], |r| {
-                r.get(0)
-            })
+        let journal_len = || std::fs::metadata(journal::path_of(&path)).unwrap().len();
+        journaled(&[1500, 250]);
+        assert!(journal_len() > 0);
+        // The CLI, with no gateway running.
+        let cli = SqliteStore::open_beside(&path).await.unwrap();
+        assert_eq!(in_file(), (8250, 2, 2));
+        assert_eq!(journal_len(), 0);
+        // It let go of the journal: a gateway starts beside it at once.
+        let gateway = SqliteStore::open(&path).await.unwrap();
+        let key = gateway.key(id).await.unwrap().unwrap();
+        assert_eq!(key.balance, Credits::from_millis(8250));
+        drop((cli, gateway));
+        assert_eq!(in_file(), (8250, 2, 2));
+        // The next gateway applies what is new.
+        journaled(&[1]);
+        drop(SqliteStore::open(&path).await.unwrap());
+        assert_eq!(in_file(), (8249, 3, 3));
+        // Lines the file has already (numbers 1 to 3): skipped.
+        let conn = Connection::open(&path).unwrap();
+        conn.execute("UPDATE settlement_journal SET applied = 0", [])
             .unwrap();
-        assert_eq!(rows, 2);
-        // A charge the balance cannot take (beyond i64): refused as the
-        // RETURNING form refuses it, the balance left an integer.
-        conn.execute_batch("BEGIN; UPDATE api_keys SET balance = -10 WHERE id = 7")
+        journaled(&[1500, 250, 1]);
+        conn.execute("UPDATE settlement_journal SET applied = 3", [])
             .unwrap();
-        let refused = settle(&conn, &charge(7, i64::MAX), Some(Credits::from_millis(-10)));
-        conn.execute_batch("ROLLBACK").unwrap();
-        assert!(refused.is_err(), "{refused:?}");
-        assert_eq!(in_file(), 8250);
-        // A key that is not in the file, either way: nothing recorded.
-        for before in [None, Some(Credits::from_millis(5))] {
-            assert!(matches!(
-                settle(&conn, &charge(8, 1), before),
-                Err(StoreError::NoSuchKey(8))
-            ));
-        }
-        let rows: i64 = conn
-            .query_row("SELECT COUNT(*) FROM usage", [], |r| r.get(0))
-            .unwrap();
-        assert_eq!(rows, 2);
+        drop(SqliteStore::open(&path).await.unwrap());
+        assert_eq!(in_file(), (8249, 3, 3));
+        // A gateway that stops cleanly leaves the journal empty.
+        let gateway = SqliteStore::open(&path).await.unwrap();
+        gateway.settle(charge(id, 9), Credits::ZERO).await.unwrap();
+        assert!(journal_len() > 0);
+        gateway.close().await;
+        assert_eq!(journal_len(), 0);
+        assert_eq!(in_file(), (8240, 4, 4));
     }
 
     #[test]

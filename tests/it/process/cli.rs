@@ -24,6 +24,13 @@ fn created(out: &Output) -> (Value, String) {
     (view, secret)
 }
 
+/// Waits until a change the CLI committed is seen by every request a
+/// gateway on the same SQLite file takes (10 ms after the commit; README,
+/// *Storage*).
+async fn seen_by_the_gateway() {
+    tokio::time::sleep(Duration::from_millis(11)).await;
+}
+
 fn json_lines(text: &str) -> Vec<Value> {
     text.lines()
         .filter(|l| !l.trim().is_empty())
@@ -101,6 +108,7 @@ async fn keys_commands_work_on_a_running_gateways_store() {
     let id_arg = id.to_string();
     let out = launch.run(&["keys", "topup", &id_arg, "5"]).await.ok();
     assert!(out.stdout.contains("104"), "{}", out.stdout);
+    seen_by_the_gateway().await;
     assert_eq!(millis(&gw.me(&alice).await.1["credits"]), 104_000);
 
     let out = launch
@@ -108,6 +116,7 @@ async fn keys_commands_work_on_a_running_gateways_store() {
         .await
         .ok();
     assert!(out.stdout.contains('7'), "{}", out.stdout);
+    seen_by_the_gateway().await;
     assert_eq!(millis(&gw.me(&alice).await.1["credits"]), 7_000);
 
     let out = launch.run(&["keys", "topup", &id_arg, "0.125"]).await.ok();
@@ -146,6 +155,7 @@ async fn keys_commands_work_on_a_running_gateways_store() {
 
     // Revoked while the gateway runs: 401 from then on.
     let out = launch.run(&["keys", "revoke", &id_arg]).await.ok();
+    seen_by_the_gateway().await;
     let revoked = json_lines(&out.stdout);
     assert!(!revoked[0]["revoked_at"].is_null(), "{}", out.stdout);
     assert_eq!(gw.me(&alice).await.0, 401, "a revoked key still works");

@@ -410,7 +410,9 @@ impl Ledger {
 
     pub async fn read(url: &tollgate::config::DatabaseUrl, secret: &str) -> Ledger {
         use tollgate::store::PageRequest;
-        let store = tollgate::store::open(url).await.expect("open the store");
+        let store = tollgate::store::open_beside(url)
+            .await
+            .expect("open the store");
         let key = store
             .key_by_hash(&tollgate::auth::keys::hash(secret))
             .await

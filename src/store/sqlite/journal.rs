@@ -1,0 +1,486 @@
+//! The settlement journal: where a settlement of the `sqlite` store becomes
+//! durable before its caller is answered.
+//!
+//! A settlement is one line appended to a plain file next to the database
+//! (`<database>-settlements`) with one `write`, on the settling request's
+//! own thread; once that `write` has returned, the line is in the
+//! operating system's hands and survives `kill -9` of the process. The
+//! store's writer applies the lines to the database later, in large
+//! transactions that nobody waits for (see the `sqlite` module), and
+//! records in the same transaction the number of the last line applied
+//! (`settlement_journal.applied`), so that a line is applied exactly once
+//! however often the journal is read again.
+//!
+//! # Lines
+//!
+//! `<number> <JSON of the settlement> <CRC-32C of what precedes, 8 hex>\n`.
+//! Numbers increase by one from line to line (they go on from the
+//! database's `applied` after a restart). A line whose checksum does not
+//! match, or the last bytes of a file that a crash cut short, are skipped
+//! when the journal is read (with a warning): only a power loss or a
+//! damaged disk can leave such a line, and none of them was ever applied.
+//!
+//! # Starting over
+//!
+//! Once the file holds [`START_OVER_AT`] bytes, the writer, right after
+//! a transaction that applied every line it had taken, writes the lines
+//! not yet taken to a new file (`<journal>.next`) and renames it over the
+//! journal: at every moment the journal on disk holds every line not yet
+//! applied (and, before the rename, applied ones, which are skipped by
+//! number).
+//!
+//! # One process
+//!
+//! The journal is used by one process at a time: the gateway holds an
+//! exclusive lock on `<database>-settlements.lock` as long as its store is
+//! open. A second gateway on the same file is refused at start; the CLI
+//! reads the journal (and applies what it holds) only when no gateway
+//! holds the lock, and lets it go at once.
+
+use super::{backend, lock, StoreError, UsageRecord};
+use crate::credits::Credits;
+use serde::{Deserialize, Serialize};
+use std::fs::{File, OpenOptions, TryLockError};
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+/// The journal starts over (see the module doc) once it is this long.
+pub(crate) const START_OVER_AT: u64 = 8 << 20;
+
+/// The checksum of a line: CRC-32C (Castagnoli), as ext4 and iSCSI use.
+const CRC: crc::Crc<u32> = crc::Crc::<u32>::new(&crc::CRC_32_ISCSI);
+
+/// A settlement in the journal, with its number.
+#[derive(Clone, Debug, PartialEq)]
+pub(super) struct Entry {
+    pub seq: u64,
+    pub usage: UsageRecord,
+}
+
+/// A settlement as a line holds it.
+#[derive(Serialize, Deserialize)]
+struct Line<S> {
+    key: i64,
+    time: i64,
+    endpoint: S,
+    model: Option<S>,
+    status: u16,
+    prompt: u64,
+    completion: u64,
+    credits: i64,
+    duration: u64,
+}
+
+/// The settlement journal of one database file (see the module doc).
+pub(super) struct Journal {
+    path: PathBuf,
+    state: Mutex<State>,
+    /// Entries appended and not yet applied to the database.
+    unapplied: AtomicUsize,
+    /// Holds the lock (`<database>-settlements.lock`) while open.
+    _lock: File,
+    /// Appends fail (tests of a journal that cannot be written).
+    #[cfg(test)]
+    pub(super) fail_appends: std::sync::atomic::AtomicBool,
+}
+
+struct State {
+    /// Opened for appending.
+    file: File,
+    /// The file's length.
+    size: u64,
+    /// The number of the next entry.
+    next: u64,
+    /// Entries appended and not yet taken by the writer, oldest first.
+    pending: Vec<Entry>,
+}
+
+/// The journal of the database at `db`.
+pub(super) fn path_of(db: &Path) -> PathBuf {
+    with_suffix(db, "-settlements")
+}
+
+fn with_suffix(path: &Path, suffix: &str) -> PathBuf {
+    let mut name = path.as_os_str().to_owned();
+    name.push(suffix);
+    PathBuf::from(name)
+}
+
+fn failed(what: &str, path: &Path, e: impl std::fmt::Display) -> StoreError {
+    backend(format!("cannot {what} {}: {e}", path.display()))
+}
+
+impl Journal {
+    /// Takes the journal of the database at `db`, waiting up to `wait` for
+    /// another process to let go of it, and reads the entries it holds.
+    /// `None` when another process still holds it.
+    pub fn open(db: &Path, wait: Duration) -> Result<Option<(Journal, Vec<Entry>)>, StoreError> {
+        let lock_path = with_suffix(&path_of(db), ".lock");
+        let lock_file = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .map_err(|e| failed("open", &lock_path, e))?;
+        let deadline = Instant::now() + wait;
+        loop {
+            match lock_file.try_lock() {
+                Ok(()) => break,
+                Err(TryLockError::WouldBlock) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                Err(TryLockError::WouldBlock) => return Ok(None),
+                Err(TryLockError::Error(e)) => return Err(failed("lock", &lock_path, e)),
+            }
+        }
+        let path = path_of(db);
+        let found = read(&path)?;
+        let file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .map_err(|e| failed("open", &path, e))?;
+        let size = file.metadata().map_err(|e| failed("read", &path, e))?.len();
+        let journal = Journal {
+            path,
+            state: Mutex::new(State {
+                file,
+                size,
+                next: 1,
+                pending: Vec::new(),
+            }),
+            unapplied: AtomicUsize::new(0),
+            _lock: lock_file,
+            #[cfg(test)]
+            fail_appends: std::sync::atomic::AtomicBool::new(false),
+        };
+        Ok(Some((journal, found)))
+    }
+
+    /// Empties the journal once every entry it held is applied, the last
+    /// one (or the database's last) numbered `last`.
+    pub fn applied_up_to(&self, last: u64) -> Result<(), StoreError> {
+        let mut state = lock(&self.state);
+        state
+            .file
+            .set_len(0)
+            .map_err(|e| failed("empty", &self.path, e))?;
+        state.size = 0;
+        state.next = last + 1;
+        Ok(())
+    }
+
+    /// Empties the journal when the database has every entry (at a
+    /// gateway's stop: nothing is left for the next start to read).
+    pub fn empty_if_applied(&self) -> Result<(), StoreError> {
+        let mut state = lock(&self.state);
+        if self.unapplied() || state.size == 0 {
+            return Ok(());
+        }
+        state
+            .file
+            .set_len(0)
+            .map_err(|e| failed("empty", &self.path, e))?;
+        state.size = 0;
+        Ok(())
+    }
+
+    /// Appends a settlement: once this returns, it survives the process.
+    /// Returns whether it is the only one not applied yet (the writer may
+    /// be waiting for nothing).
+    pub fn append(&self, usage: UsageRecord) -> Result<bool, StoreError> {
+        #[cfg(test)]
+        if self.fail_appends.load(Ordering::Acquire) {
+            return Err(backend("cannot write the settlement journal (test)"));
+        }
+        let body = body_of(&usage)?;
+        let mut state = lock(&self.state);
+        let seq = state.next;
+        let line = encode(seq, &body);
+        let size = state.size;
+        if let Err(e) = state.file.write_all(&line) {
+            // A line cut short would run into the next one: cut it off.
+            let _ = state.file.set_len(size);
+            return Err(failed("write", &self.path, e));
+        }
+        state.size += line.len() as u64;
+        state.next += 1;
+        state.pending.push(Entry { seq, usage });
+        Ok(self.unapplied.fetch_add(1, Ordering::AcqRel) == 0)
+    }
+
+    /// Moves the entries appended since the last call into `into`.
+    pub fn take(&self, into: &mut Vec<Entry>) {
+        into.append(&mut lock(&self.state).pending);
+    }
+
+    /// Notes that `n` entries taken are applied to the database.
+    pub fn applied(&self, n: usize) {
+        self.unapplied.fetch_sub(n, Ordering::AcqRel);
+    }
+
+    /// Whether some entries are not applied to the database yet.
+    pub fn unapplied(&self) -> bool {
+        self.unapplied.load(Ordering::Acquire) > 0
+    }
+
+    /// Starts the journal over when it is long (see the module doc). Only
+    /// when every entry taken is applied.
+    pub fn start_over_if_long(&self) -> Result<(), StoreError> {
+        let mut state = lock(&self.state);
+        if state.size < START_OVER_AT {
+            return Ok(());
+        }
+        let next = with_suffix(&self.path, ".next");
+        let mut lines = Vec::new();
+        for entry in &state.pending {
+            lines.extend(encode(entry.seq, &body_of(&entry.usage)?));
+        }
+        let mut file = OpenOptions::new()
+            .create(true)
+            .write(true)
+            .truncate(true)
+            .open(&next)
+            .map_err(|e| failed("create", &next, e))?;
+        file.write_all(&lines)
+            .map_err(|e| failed("write", &next, e))?;
+        std::fs::rename(&next, &self.path).map_err(|e| failed("rename", &next, e))?;
+        // Appends go on at the end of the new file.
+        state.file = OpenOptions::new()
+            .append(true)
+            .open(&self.path)
+            .map_err(|e| failed("open", &self.path, e))?;
+        state.size = lines.len() as u64;
+        Ok(())
+    }
+}
+
+/// The JSON of a settlement, as its line holds it.
+fn body_of(usage: &UsageRecord) -> Result<Vec<u8>, StoreError> {
+    serde_json::to_vec(&line_of(usage))
+        .map_err(|e| backend(format!("cannot encode a settlement: {e}")))
+}
+
+fn line_of(usage: &UsageRecord) -> Line<&str> {
+    Line {
+        key: usage.key_id,
+        time: usage.time,
+        endpoint: &usage.endpoint,
+        model: usage.model.as_deref(),
+        status: usage.status,
+        prompt: usage.prompt_tokens,
+        completion: usage.completion_tokens,
+        credits: usage.credits.millis(),
+        duration: usage.duration_ms,
+    }
+}
+
+/// One line: the number, the settlement's JSON and their checksum.
+fn encode(seq: u64, body: &[u8]) -> Vec<u8> {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut line = Vec::with_capacity(body.len() + 32);
+    line.extend_from_slice(seq.to_string().as_bytes());
+    line.push(b' ');
+    line.extend_from_slice(body);
+    let crc = CRC.checksum(&line);
+    line.push(b' ');
+    line.extend(
+        (0..8)
+            .rev()
+            .map(|nibble| HEX[(crc >> (nibble * 4)) as usize & 0xf]),
+    );
+    line.push(b'\n');
+    line
+}
+
+/// The entry of one line (without its `\n`), if it is whole.
+fn decode(line: &str) -> Option<Entry> {
+    let (content, crc) = line.rsplit_once(' ')?;
+    if u32::from_str_radix(crc, 16).ok()? != CRC.checksum(content.as_bytes()) || crc.len() != 8 {
+        return None;
+    }
+    let (seq, body) = content.split_once(' ')?;
+    let line: Line<String> = serde_json::from_str(body).ok()?;
+    Some(Entry {
+        seq: seq.parse().ok()?,
+        usage: UsageRecord {
+            time: line.time,
+            key_id: line.key,
+            endpoint: line.endpoint,
+            model: line.model,
+            status: line.status,
+            prompt_tokens: line.prompt,
+            completion_tokens: line.completion,
+            credits: Credits::from_millis(line.credits),
+            duration_ms: line.duration,
+        },
+    })
+}
+
+/// The entries of the journal at `path` (none when there is no file),
+/// skipping lines that are not whole (see the module doc).
+fn read(path: &Path) -> Result<Vec<Entry>, StoreError> {
+    let bytes = match std::fs::read(path) {
+        Ok(bytes) => bytes,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(failed("read", path, e)),
+    };
+    let mut entries = Vec::new();
+    let mut lines = bytes.split(|b| *b == b'\n').peekable();
+    while let Some(line) = lines.next() {
+        let last = lines.peek().is_none();
+        if last && line.is_empty() {
+            break;
+        }
+        match std::str::from_utf8(line).ok().and_then(decode) {
+            // A line cut short by a crash is the last one, without its
+            // newline; any other is damaged.
+            Some(entry) if !last => entries.push(entry),
+            _ => tracing::warn!(
+                journal = %path.display(),
+                bytes = line.len(),
+                "skipping a settlement journal line that is not whole"
+            ),
+        }
+    }
+    Ok(entries)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn usage(key_id: i64, model: Option<&str>) -> UsageRecord {
+        UsageRecord {
+            time: 1_700_000_000_000,
+            key_id,
+            endpoint: "/api/chat".into(),
+            model: model.map(Into::into),
+            status: 200,
+            prompt_tokens: u64::MAX,
+            completion_tokens: 7,
+            credits: Credits::from_millis(-3),
+            duration_ms: 12,
+        }
+    }
+
+    #[test]
+    fn a_line_reads_back_as_written_and_not_when_damaged() {
+        let written = Entry {
+            seq: 42,
+            usage: usage(7, Some("qwen \"3\"\n\ttab ü")),
+        };
+        let line = String::from_utf8(encode(42, &body_of(&written.usage).unwrap())).unwrap();
+        assert!(
+            line.ends_with('\n') && line.matches('\n').count() == 1,
+            "{line}"
+        );
+        let line = line.trim_end_matches('\n');
+        assert_eq!(decode(line), Some(written.clone()));
+        let no_model = Entry {
+            seq: 1,
+            usage: usage(8, None),
+        };
+        let other = String::from_utf8(encode(1, &body_of(&no_model.usage).unwrap())).unwrap();
+        assert_eq!(decode(other.trim_end()), Some(no_model));
+        // Any byte changed, or the line cut anywhere: not an entry.
+        for at in 0..line.len() {
+            let mut damaged = line.as_bytes().to_vec();
+            damaged[at] ^= 0x01;
+            let damaged = String::from_utf8_lossy(&damaged).into_owned();
+            assert_eq!(decode(&damaged), None, "byte {at} changed: {damaged}");
+            if let Some(cut) = line.get(..at) {
+                assert_eq!(decode(cut), None, "cut at {at}");
+            }
+        }
+    }
+
+    #[test]
+    fn reading_skips_a_line_cut_short_and_damaged_ones() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("t.db");
+        let (journal, found) = Journal::open(&db, Duration::ZERO).unwrap().unwrap();
+        assert!(found.is_empty());
+        for key in 1..=4 {
+            journal.append(usage(key, None)).unwrap();
+        }
+        assert!(journal.unapplied());
+        let mut taken = Vec::new();
+        journal.take(&mut taken);
+        assert_eq!(
+            taken.iter().map(|e| e.seq).collect::<Vec<_>>(),
+            [1, 2, 3, 4]
+        );
+        drop(journal);
+        // The third line damaged, and the fourth cut short by a crash.
+        let path = path_of(&db);
+        let text = std::fs::read_to_string(&path).unwrap();
+        let mut lines: Vec<String> = text.lines().map(String::from).collect();
+        lines[2] = lines[2].replacen("\"key\":3", "\"key\":9", 1);
+        let cut = lines[3].len() - 3;
+        lines[3].truncate(cut);
+        std::fs::write(
+            &path,
+            format!("{}\n{}\n{}\n{}", lines[0], lines[1], lines[2], lines[3]),
+        )
+        .unwrap();
+        let (journal, found) = Journal::open(&db, Duration::ZERO).unwrap().unwrap();
+        assert_eq!(found, taken[..2].to_vec());
+        // Emptied once applied; numbers go on after the last applied.
+        journal.applied_up_to(9).unwrap();
+        journal.append(usage(5, None)).unwrap();
+        drop(journal);
+        let (_journal, found) = Journal::open(&db, Duration::ZERO).unwrap().unwrap();
+        assert_eq!(found.iter().map(|e| e.seq).collect::<Vec<_>>(), [10]);
+    }
+
+    #[test]
+    fn one_process_at_a_time() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("t.db");
+        let held = Journal::open(&db, Duration::ZERO).unwrap();
+        assert!(held.is_some());
+        let waited = Instant::now();
+        assert!(Journal::open(&db, Duration::from_millis(100))
+            .unwrap()
+            .is_none());
+        assert!(waited.elapsed() >= Duration::from_millis(100));
+        drop(held);
+        assert!(Journal::open(&db, Duration::ZERO).unwrap().is_some());
+    }
+
+    #[test]
+    fn starting_over_keeps_the_entries_not_taken() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("t.db");
+        let (journal, _) = Journal::open(&db, Duration::ZERO).unwrap().unwrap();
+        // Short: nothing happens.
+        journal.append(usage(1, None)).unwrap();
+        journal.start_over_if_long().unwrap();
+        let path = path_of(&db);
+        let short = std::fs::metadata(&path).unwrap().len();
+        assert!(short > 0);
+        // Long, with the first entries taken (applied) and two not.
+        let mut taken = Vec::new();
+        while std::fs::metadata(&path).unwrap().len() < START_OVER_AT {
+            journal.append(usage(1, Some(&"m".repeat(1000)))).unwrap();
+        }
+        journal.take(&mut taken);
+        journal.append(usage(2, None)).unwrap();
+        journal.append(usage(3, None)).unwrap();
+        let last = taken.last().unwrap().seq;
+        journal.start_over_if_long().unwrap();
+        assert!(std::fs::metadata(&path).unwrap().len() < 2 * short + 10);
+        // Appends go on in the new file.
+        journal.append(usage(4, None)).unwrap();
+        drop(journal);
+        let (_journal, found) = Journal::open(&db, Duration::ZERO).unwrap().unwrap();
+        let seqs: Vec<u64> = found.iter().map(|e| e.seq).collect();
+        assert_eq!(seqs, [last + 1, last + 2, last + 3]);
+        let keys: Vec<i64> = found.iter().map(|e| e.usage.key_id).collect();
+        assert_eq!(keys, [2, 3, 4]);
+    }
+}
