@@ -1909,7 +1909,9 @@ async fn sqlite_settles_while_another_connection_holds_the_lock() {
         let key = store.key_by_hash(&hash("b")).await.unwrap().unwrap();
         (key.id, key.balance)
     };
-    assert_eq!(look().await, (b, cr("10")));
+    // Not held up by the writer, which cannot apply the settlement yet.
+    let looked = tokio::time::timeout(std::time::Duration::from_secs(2), look()).await;
+    assert_eq!(looked.expect("the look waited for the lock"), (b, cr("10")));
     blocker
         .execute(
             "UPDATE api_keys SET balance = balance + 5000 WHERE id = ?1",
@@ -2003,8 +2005,8 @@ async fn sqlite_a_journal_the_file_cannot_take_for_a_while_loses_nothing() {
     // Another connection keeps the write lock longer than the writer waits
     // for it (5 s): settlements are answered all the same, each with the
     // balance it left; reads of the ledger fail meanwhile rather than
-    // answer without them; once the lock is free, every settlement reaches
-    // the file exactly once.
+    // answer without them, and so do writes; once the lock is free, every
+    // settlement reaches the file exactly once.
     let (_dir, path, store) = sqlite_file("waiting.db").await;
     let a = store.create_key(new_key("a", cr("100"))).await.unwrap().id;
     let b = store.create_key(new_key("b", cr("100"))).await.unwrap().id;
@@ -2022,8 +2024,18 @@ async fn sqlite_a_journal_the_file_cannot_take_for_a_while_loses_nothing() {
         let answer = store.settle(usage(key, credits), Credits::ZERO).await;
         assert_eq!(answer.unwrap(), *left, "settlement {i}");
     }
+    // Together: an adjustment made meanwhile fails too rather than land
+    // before the settlements answered before it.
+    let adjusting = {
+        let store = store.clone();
+        tokio::spawn(async move { store.adjust(a, set("1")).await })
+    };
     assert!(matches!(
         store.usage_totals(a).await,
+        Err(StoreError::Backend(_))
+    ));
+    assert!(matches!(
+        adjusting.await.unwrap(),
         Err(StoreError::Backend(_))
     ));
     blocker.execute_batch("ROLLBACK").unwrap();

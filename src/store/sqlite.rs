@@ -392,15 +392,15 @@ impl Cache {
         state.reserved -= reserved;
         let credits = usage.credits.millis();
         // A charge beyond i64 (absurd token counts) is refused.
-        let after = state
-            .record
-            .balance
-            .millis()
-            .checked_sub(credits)
-            .ok_or_else(|| backend("a charge that no balance can take"))?;
+        let refused = || backend("a charge that no balance can take");
+        let after = state.record.balance.millis().checked_sub(credits);
+        let unapplied = state.unapplied.checked_add(credits);
+        let (Some(after), Some(unapplied)) = (after, unapplied) else {
+            return Err(refused());
+        };
         let first = journal.append(usage)?;
         state.record.balance = Credits::from_millis(after);
-        state.unapplied += credits;
+        state.unapplied = unapplied;
         Ok((state.record.balance, first))
     }
 
@@ -1119,12 +1119,6 @@ fn spawn_writer_thread(
                 let Some(queue) = queue.upgrade() else {
                     return;
                 };
-                let unapplied = queue.journal.as_ref().is_some_and(|j| j.unapplied());
-                wait = if unapplied {
-                    APPLY_EVERY
-                } else {
-                    REFRESH_EVERY
-                };
                 // A panic ends the turn (see `Turn`), never this thread: the
                 // messages of the batch that panicked are answered with an
                 // error (their senders are dropped), the rest go on.
@@ -1140,6 +1134,14 @@ fn spawn_writer_thread(
                     }
                     Err(mpsc::RecvTimeoutError::Disconnected) => return,
                 }
+                // After the turn: a settlement that came while it ran, too
+                // late for it and finding the queue busy, woke nobody.
+                let unapplied = queue.journal.as_ref().is_some_and(|j| j.unapplied());
+                wait = if unapplied {
+                    APPLY_EVERY
+                } else {
+                    REFRESH_EVERY
+                };
             }
         })
         .map_err(|e| backend(format!("cannot start the sqlite writer thread: {e}")))?;
@@ -1384,17 +1386,35 @@ impl Writer {
         }
         // The journal first: an adjustment that sets a balance sets it
         // after the settlements made before it.
+        // Only a write or a read that needs the journal applied waits for
+        // another connection's lock to apply it; otherwise (a look, the
+        // writer's own round) it is tried again at the next turn, and the
+        // look goes on.
         let needed = messages
             .iter()
             .any(|m| matches!(m, Message::Write(_) | Message::Apply(_)));
         let applied = if needed || self.applied_at.elapsed() >= APPLY_EVERY {
-            match self.apply_journal(may_wait) {
+            match self.apply_journal(may_wait && needed) {
+                Err(e) if e.busy && !needed => Ok(()),
                 Err(e) if e.busy && !may_wait => return Err(Busy),
                 applied => applied.map_err(|e| e.message),
             }
         } else {
             Ok(())
         };
+        if let (Err(e), false) = (&applied, self.applying.is_empty()) {
+            // No write before the settlements answered before it (a set
+            // would count them after it).
+            let (writes, rest): (Vec<_>, Vec<_>) = messages
+                .drain(..)
+                .partition(|m| matches!(m, Message::Write(_)));
+            messages.extend(rest);
+            for message in writes {
+                if let Message::Write(cmd) = message {
+                    cmd.answer(Err(backend(e.clone())), None);
+                }
+            }
+        }
         let writes = messages.iter().any(|m| matches!(m, Message::Write(_)));
         self.wait_for_locks(may_wait);
         let started = if writes {

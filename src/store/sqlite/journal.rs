@@ -96,6 +96,9 @@ struct State {
     next: u64,
     /// Entries appended and not yet taken by the writer, oldest first.
     pending: Vec<Entry>,
+    /// Why the file can take no more lines (a line cut short that could
+    /// not be cut off: the next would run into it).
+    broken: Option<String>,
 }
 
 /// The journal of the database at `db`.
@@ -107,6 +110,19 @@ fn with_suffix(path: &Path, suffix: &str) -> PathBuf {
     let mut name = path.as_os_str().to_owned();
     name.push(suffix);
     PathBuf::from(name)
+}
+
+/// Gives `file` the owner of the database `db`, as SQLite does its WAL:
+/// a CLI run as root beside a gateway run as a service user must not leave
+/// it files it cannot open. Best effort (only root may change an owner).
+fn same_owner(db: &Path, file: &Path) {
+    use std::os::unix::fs::MetadataExt;
+    let (Ok(db), Ok(ours)) = (std::fs::metadata(db), std::fs::metadata(file)) else {
+        return;
+    };
+    if (db.uid(), db.gid()) != (ours.uid(), ours.gid()) {
+        let _ = std::os::unix::fs::chown(file, Some(db.uid()), Some(db.gid()));
+    }
 }
 
 fn failed(what: &str, path: &Path, e: impl std::fmt::Display) -> StoreError {
@@ -125,6 +141,7 @@ impl Journal {
             .write(true)
             .open(&lock_path)
             .map_err(|e| failed("open", &lock_path, e))?;
+        same_owner(db, &lock_path);
         let deadline = Instant::now() + wait;
         loop {
             match lock_file.try_lock() {
@@ -143,6 +160,7 @@ impl Journal {
             .append(true)
             .open(&path)
             .map_err(|e| failed("open", &path, e))?;
+        same_owner(db, &path);
         let size = file.metadata().map_err(|e| failed("read", &path, e))?.len();
         let journal = Journal {
             path,
@@ -151,6 +169,7 @@ impl Journal {
                 size,
                 next: 1,
                 pending: Vec::new(),
+                broken: None,
             }),
             unapplied: AtomicUsize::new(0),
             _lock: lock_file,
@@ -198,12 +217,21 @@ impl Journal {
         }
         let body = body_of(&usage)?;
         let mut state = lock(&self.state);
+        if let Some(broken) = &state.broken {
+            return Err(backend(broken.clone()));
+        }
         let seq = state.next;
         let line = encode(seq, &body);
         let size = state.size;
         if let Err(e) = state.file.write_all(&line) {
             // A line cut short would run into the next one: cut it off.
-            let _ = state.file.set_len(size);
+            if let Err(cut) = state.file.set_len(size) {
+                state.broken = Some(format!(
+                    "the settlement journal {} holds a line cut short ({e}) that cannot be \
+                     cut off ({cut}); restart the gateway",
+                    self.path.display()
+                ));
+            }
             return Err(failed("write", &self.path, e));
         }
         state.size += line.len() as u64;
@@ -239,20 +267,24 @@ impl Journal {
         for entry in &state.pending {
             lines.extend(encode(entry.seq, &body_of(&entry.usage)?));
         }
+        // Left by a start-over that failed half-way, if any.
+        match std::fs::remove_file(&next) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                return Err(failed("remove", &next, e))
+            }
+            _ => {}
+        }
+        // Appends go on at the end of this file once it is the journal: no
+        // file is opened after the rename.
         let mut file = OpenOptions::new()
-            .create(true)
-            .write(true)
-            .truncate(true)
+            .create_new(true)
+            .append(true)
             .open(&next)
             .map_err(|e| failed("create", &next, e))?;
         file.write_all(&lines)
             .map_err(|e| failed("write", &next, e))?;
         std::fs::rename(&next, &self.path).map_err(|e| failed("rename", &next, e))?;
-        // Appends go on at the end of the new file.
-        state.file = OpenOptions::new()
-            .append(true)
-            .open(&self.path)
-            .map_err(|e| failed("open", &self.path, e))?;
+        state.file = file;
         state.size = lines.len() as u64;
         Ok(())
     }
