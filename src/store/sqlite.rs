@@ -3,9 +3,9 @@
 //! # Durability
 //!
 //! A settlement is made durable by the settlement journal ([`journal`]):
-//! one line appended to `<file>-settlements` with one `write`, on the
-//! settling request's own thread, before its caller is answered. Once the
-//! `write` has returned, the settlement survives `kill -9` of the process;
+//! one line copied into `<file>-settlements`, which is mapped into memory,
+//! on the settling request's own thread, before its caller is answered.
+//! Once the copy is done, the settlement survives `kill -9` of the process;
 //! the writer applies the journal to the file later (every
 //! [`APPLY_EVERY`] while it holds settlements, in one transaction nobody
 //! waits for), and whoever opens the file next applies what a crash left
@@ -2457,7 +2457,8 @@ mod tests {
             )
             .unwrap()
         };
-        let journal_len = || std::fs::metadata(journal::path_of(&path)).unwrap().len();
+        let journal_len =
+            || journal::lines_in(&std::fs::read(journal::path_of(&path)).unwrap()).len();
         journaled(&[1500, 250]);
         assert!(journal_len() > 0);
         // The CLI, with no gateway running.

@@ -1,11 +1,16 @@
 //! The settlement journal: where a settlement of the `sqlite` store becomes
 //! durable before its caller is answered.
 //!
-//! A settlement is one line appended to a plain file next to the database
-//! (`<database>-settlements`) with one `write`, on the settling request's
-//! own thread; once that `write` has returned, the line is in the
-//! operating system's hands and survives `kill -9` of the process. The
-//! store's writer applies the lines to the database later, in large
+//! A settlement is one line appended to a file next to the database
+//! (`<database>-settlements`), on the settling request's own thread. The
+//! file is mapped into memory (shared): appending is a copy into the
+//! operating system's page cache, without a system call, and once the copy
+//! is done the line survives `kill -9` of the process (the operating system
+//! writes the pages back to the disk in its own time, as it does the
+//! WAL's). The file's blocks are reserved in advance (`posix_fallocate`,
+//! [`CAPACITY`] at a time), so that a full disk is an error when they are
+//! reserved, never a fault at a copy; the rest of the file holds zeros,
+//! where reading stops. The store's writer applies the lines to the database later, in large
 //! transactions that nobody waits for (see the `sqlite` module), and
 //! records in the same transaction the number of the last line applied
 //! (`settlement_journal.applied`), so that a line is applied exactly once
@@ -16,18 +21,19 @@
 //! `<number> <JSON of the settlement> <CRC-32C of what precedes, 8 hex>\n`.
 //! Numbers increase by one from line to line (they go on from the
 //! database's `applied` after a restart). A line whose checksum does not
-//! match, or the last bytes of a file that a crash cut short, are skipped
-//! when the journal is read (with a warning): only a power loss or a
-//! damaged disk can leave such a line, and none of them was ever applied.
+//! match, or the last bytes of a line whose copy a crash cut short, are
+//! skipped when the journal is read (with a warning): such a line was
+//! never answered, nor applied.
 //!
 //! # Starting over
 //!
-//! Once the file holds [`START_OVER_AT`] bytes, the writer, right after
-//! a transaction that applied every line it had taken, writes the lines
-//! not yet taken to a new file (`<journal>.next`) and renames it over the
-//! journal: at every moment the journal on disk holds every line not yet
-//! applied (and, before the rename, applied ones, which are skipped by
-//! number).
+//! Once the file holds [`START_OVER_AT`] bytes of lines, the writer,
+//! right after a transaction that applied every line it had taken, writes
+//! the lines not yet taken to a new file (`<journal>.next`, reserved and
+//! mapped beforehand) and renames it over the journal: at every moment the
+//! journal on disk holds every line not yet applied (and, before the
+//! rename, applied ones, which are skipped by number). Should the writer
+//! fall behind, the file grows by [`CAPACITY`] at a time.
 //!
 //! # One process
 //!
@@ -39,16 +45,20 @@
 
 use super::{backend, lock, StoreError, UsageRecord};
 use crate::credits::Credits;
+use memmap2::MmapMut;
 use serde::{Deserialize, Serialize};
 use std::fs::{File, OpenOptions, TryLockError};
-use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-/// The journal starts over (see the module doc) once it is this long.
-pub(crate) const START_OVER_AT: u64 = 8 << 20;
+/// The journal starts over (see the module doc) once it holds this many
+/// bytes of lines.
+pub(crate) const START_OVER_AT: usize = 8 << 20;
+
+/// The journal's file is reserved this much at a time.
+pub(crate) const CAPACITY: usize = 2 * START_OVER_AT;
 
 /// The checksum of a line: CRC-32C (Castagnoli), as ext4 and iSCSI use.
 const CRC: crc::Crc<u32> = crc::Crc::<u32>::new(&crc::CRC_32_ISCSI);
@@ -76,6 +86,8 @@ struct Line<S> {
 
 /// The settlement journal of one database file (see the module doc).
 pub(super) struct Journal {
+    /// The database's file.
+    db: PathBuf,
     path: PathBuf,
     state: Mutex<State>,
     /// Entries appended and not yet applied to the database.
@@ -88,17 +100,77 @@ pub(super) struct Journal {
 }
 
 struct State {
-    /// Opened for appending.
-    file: File,
-    /// The file's length.
-    size: u64,
+    /// The file, once it is open for appending ([`Journal::applied_up_to`]).
+    mapped: Option<Mapped>,
+    /// The bytes of lines in it.
+    size: usize,
     /// The number of the next entry.
     next: u64,
     /// Entries appended and not yet taken by the writer, oldest first.
     pending: Vec<Entry>,
-    /// Why the file can take no more lines (a line cut short that could
-    /// not be cut off: the next would run into it).
-    broken: Option<String>,
+}
+
+/// A journal file mapped into memory, its blocks reserved.
+struct Mapped {
+    file: File,
+    map: MmapMut,
+}
+
+impl Mapped {
+    /// Maps `file` (at `path`), made at least `capacity` bytes long first.
+    fn new(file: File, path: &Path, capacity: usize) -> Result<Mapped, StoreError> {
+        reserve(&file, capacity).map_err(|e| failed("reserve space for", path, e))?;
+        Ok(Mapped {
+            map: map(&file, path)?,
+            file,
+        })
+    }
+
+    /// Makes room for at least `len` bytes.
+    fn grow(&mut self, path: &Path, len: usize) -> Result<(), StoreError> {
+        let capacity = len.div_ceil(CAPACITY) * CAPACITY;
+        reserve(&self.file, capacity).map_err(|e| failed("reserve space for", path, e))?;
+        self.map = map(&self.file, path)?;
+        Ok(())
+    }
+}
+
+/// Maps the whole of `file`, shared: what is copied into the map is in the
+/// file.
+fn map(file: &File, path: &Path) -> Result<MmapMut, StoreError> {
+    // SAFETY: the mapping is undefined behaviour only if the file shrinks
+    // or is changed by someone else while it is mapped. The file is this
+    // process's alone: the lock file keeps other gateways off it, the CLI
+    // reads it only when no gateway holds that lock, and this module only
+    // ever extends a mapped file (a file is emptied before it is mapped,
+    // and replaced by a rename, never cut back).
+    unsafe { MmapMut::map_mut(file) }.map_err(|e| failed("map", path, e))
+}
+
+/// Makes `file` at least `len` bytes long, its blocks allocated (the
+/// bytes past its end are zeros).
+fn reserve(file: &File, len: usize) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let len = libc::off_t::try_from(len)
+        .map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))?;
+    // SAFETY: a system call on the descriptor that `file` owns, with no
+    // pointer passed.
+    match unsafe { libc::posix_fallocate(file.as_raw_fd(), 0, len) } {
+        0 => Ok(()),
+        e => Err(std::io::Error::from_raw_os_error(e)),
+    }
+}
+
+/// Opens (creating it if missing) a journal file for mapping.
+fn open_file(path: &Path, new: bool) -> Result<File, StoreError> {
+    let mut options = OpenOptions::new();
+    options.read(true).write(true);
+    if new {
+        options.create_new(true);
+    } else {
+        options.create(true).truncate(false);
+    }
+    options.open(path).map_err(|e| failed("open", path, e))
 }
 
 /// The journal of the database at `db`.
@@ -155,21 +227,14 @@ impl Journal {
         }
         let path = path_of(db);
         let found = read(&path)?;
-        let file = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&path)
-            .map_err(|e| failed("open", &path, e))?;
-        same_owner(db, &path);
-        let size = file.metadata().map_err(|e| failed("read", &path, e))?.len();
         let journal = Journal {
+            db: db.to_path_buf(),
             path,
             state: Mutex::new(State {
-                file,
-                size,
+                mapped: None,
+                size: 0,
                 next: 1,
                 pending: Vec::new(),
-                broken: None,
             }),
             unapplied: AtomicUsize::new(0),
             _lock: lock_file,
@@ -180,13 +245,16 @@ impl Journal {
     }
 
     /// Empties the journal once every entry it held is applied, the last
-    /// one (or the database's last) numbered `last`.
+    /// one (or the database's last) numbered `last`, and opens it for
+    /// appending.
     pub fn applied_up_to(&self, last: u64) -> Result<(), StoreError> {
         let mut state = lock(&self.state);
-        state
-            .file
-            .set_len(0)
+        drop(state.mapped.take());
+        let file = open_file(&self.path, false)?;
+        same_owner(&self.db, &self.path);
+        file.set_len(0)
             .map_err(|e| failed("empty", &self.path, e))?;
+        state.mapped = Some(Mapped::new(file, &self.path, CAPACITY)?);
         state.size = 0;
         state.next = last + 1;
         Ok(())
@@ -196,13 +264,13 @@ impl Journal {
     /// gateway's stop: nothing is left for the next start to read).
     pub fn empty_if_applied(&self) -> Result<(), StoreError> {
         let mut state = lock(&self.state);
-        if self.unapplied() || state.size == 0 {
+        let size = state.size;
+        if self.unapplied() || size == 0 {
             return Ok(());
         }
-        state
-            .file
-            .set_len(0)
-            .map_err(|e| failed("empty", &self.path, e))?;
+        if let Some(mapped) = state.mapped.as_mut() {
+            mapped.map[..size].fill(0);
+        }
         state.size = 0;
         Ok(())
     }
@@ -216,25 +284,19 @@ impl Journal {
             return Err(backend("cannot write the settlement journal (test)"));
         }
         let body = body_of(&usage)?;
-        let mut state = lock(&self.state);
-        if let Some(broken) = &state.broken {
-            return Err(backend(broken.clone()));
-        }
+        let mut guard = lock(&self.state);
+        let state = &mut *guard;
+        let Some(mapped) = state.mapped.as_mut() else {
+            return Err(backend("the settlement journal is not open for appending"));
+        };
         let seq = state.next;
         let line = encode(seq, &body);
-        let size = state.size;
-        if let Err(e) = state.file.write_all(&line) {
-            // A line cut short would run into the next one: cut it off.
-            if let Err(cut) = state.file.set_len(size) {
-                state.broken = Some(format!(
-                    "the settlement journal {} holds a line cut short ({e}) that cannot be \
-                     cut off ({cut}); restart the gateway",
-                    self.path.display()
-                ));
-            }
-            return Err(failed("write", &self.path, e));
+        let end = state.size + line.len();
+        if end > mapped.map.len() {
+            mapped.grow(&self.path, end)?;
         }
-        state.size += line.len() as u64;
+        mapped.map[state.size..end].copy_from_slice(&line);
+        state.size = end;
         state.next += 1;
         state.pending.push(Entry { seq, usage });
         Ok(self.unapplied.fetch_add(1, Ordering::AcqRel) == 0)
@@ -258,34 +320,36 @@ impl Journal {
     /// Starts the journal over when it is long (see the module doc). Only
     /// when every entry taken is applied.
     pub fn start_over_if_long(&self) -> Result<(), StoreError> {
-        let mut state = lock(&self.state);
-        if state.size < START_OVER_AT {
+        if lock(&self.state).size < START_OVER_AT {
             return Ok(());
         }
+        // Reserved and mapped before appends are held up.
         let next = with_suffix(&self.path, ".next");
-        let mut lines = Vec::new();
-        for entry in &state.pending {
-            lines.extend(encode(entry.seq, &body_of(&entry.usage)?));
-        }
-        // Left by a start-over that failed half-way, if any.
         match std::fs::remove_file(&next) {
+            // Left by a start-over that failed half-way.
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
                 return Err(failed("remove", &next, e))
             }
             _ => {}
         }
-        // Appends go on at the end of this file once it is the journal: no
-        // file is opened after the rename.
-        let mut file = OpenOptions::new()
-            .create_new(true)
-            .append(true)
-            .open(&next)
-            .map_err(|e| failed("create", &next, e))?;
-        file.write_all(&lines)
-            .map_err(|e| failed("write", &next, e))?;
+        let mut mapped = Mapped::new(open_file(&next, true)?, &next, CAPACITY)?;
+        same_owner(&self.db, &next);
+        let mut state = lock(&self.state);
+        let mut lines = Vec::new();
+        for entry in &state.pending {
+            lines.extend(encode(entry.seq, &body_of(&entry.usage)?));
+        }
+        if lines.len() > mapped.map.len() {
+            mapped.grow(&next, lines.len())?;
+        }
+        mapped.map[..lines.len()].copy_from_slice(&lines);
         std::fs::rename(&next, &self.path).map_err(|e| failed("rename", &next, e))?;
-        state.file = file;
-        state.size = lines.len() as u64;
+        // Appends go on in the new file; the old one, unlinked, is unmapped
+        // once they can.
+        let old = state.mapped.replace(mapped);
+        state.size = lines.len();
+        drop(state);
+        drop(old);
         Ok(())
     }
 }
@@ -352,6 +416,13 @@ fn decode(line: &str) -> Option<Entry> {
     })
 }
 
+/// The lines of a journal file: up to its first zero byte (the reserved
+/// rest of the file).
+pub(super) fn lines_in(bytes: &[u8]) -> &[u8] {
+    let end = memchr::memchr(0, bytes).unwrap_or(bytes.len());
+    &bytes[..end]
+}
+
 /// The entries of the journal at `path` (none when there is no file),
 /// skipping lines that are not whole (see the module doc).
 fn read(path: &Path) -> Result<Vec<Entry>, StoreError> {
@@ -361,7 +432,7 @@ fn read(path: &Path) -> Result<Vec<Entry>, StoreError> {
         Err(e) => return Err(failed("read", path, e)),
     };
     let mut entries = Vec::new();
-    let mut lines = bytes.split(|b| *b == b'\n').peekable();
+    let mut lines = lines_in(&bytes).split(|b| *b == b'\n').peekable();
     while let Some(line) = lines.next() {
         let last = lines.peek().is_none();
         if last && line.is_empty() {
@@ -430,11 +501,24 @@ mod tests {
         }
     }
 
+    /// The bytes of lines in the journal of `db`.
+    fn used(db: &Path) -> usize {
+        lines_in(&std::fs::read(path_of(db)).unwrap()).len()
+    }
+
+    /// The journal of `db`, opened for appending as a gateway does.
+    fn opened(db: &Path) -> (Journal, Vec<Entry>) {
+        let (journal, found) = Journal::open(db, Duration::ZERO).unwrap().unwrap();
+        let last = found.iter().map(|e| e.seq).max().unwrap_or(0);
+        journal.applied_up_to(last).unwrap();
+        (journal, found)
+    }
+
     #[test]
     fn reading_skips_a_line_cut_short_and_damaged_ones() {
         let dir = tempfile::tempdir().unwrap();
         let db = dir.path().join("t.db");
-        let (journal, found) = Journal::open(&db, Duration::ZERO).unwrap().unwrap();
+        let (journal, found) = opened(&db);
         assert!(found.is_empty());
         for key in 1..=4 {
             journal.append(usage(key, None)).unwrap();
@@ -447,22 +531,25 @@ mod tests {
             [1, 2, 3, 4]
         );
         drop(journal);
-        // The third line damaged, and the fourth cut short by a crash.
+        // The file holds the lines, then zeros (its reserved rest).
         let path = path_of(&db);
-        let text = std::fs::read_to_string(&path).unwrap();
+        let bytes = std::fs::read(&path).unwrap();
+        assert_eq!(bytes.len(), CAPACITY);
+        // The third line damaged, and the fourth cut short by a crash in
+        // the middle of its copy.
+        let text = String::from_utf8(lines_in(&bytes).to_vec()).unwrap();
         let mut lines: Vec<String> = text.lines().map(String::from).collect();
         lines[2] = lines[2].replacen("\"key\":3", "\"key\":9", 1);
         let cut = lines[3].len() - 3;
         lines[3].truncate(cut);
-        std::fs::write(
-            &path,
-            format!("{}\n{}\n{}\n{}", lines[0], lines[1], lines[2], lines[3]),
-        )
-        .unwrap();
+        let mut damaged = format!("{}\n{}\n{}\n{}", lines[0], lines[1], lines[2], lines[3]);
+        damaged.push_str(&"\0".repeat(100));
+        std::fs::write(&path, damaged).unwrap();
         let (journal, found) = Journal::open(&db, Duration::ZERO).unwrap().unwrap();
         assert_eq!(found, taken[..2].to_vec());
         // Emptied once applied; numbers go on after the last applied.
         journal.applied_up_to(9).unwrap();
+        assert_eq!(used(&db), 0);
         journal.append(usage(5, None)).unwrap();
         drop(journal);
         let (_journal, found) = Journal::open(&db, Duration::ZERO).unwrap().unwrap();
@@ -485,34 +572,65 @@ mod tests {
     }
 
     #[test]
-    fn starting_over_keeps_the_entries_not_taken() {
+    fn a_journal_not_yet_emptied_takes_no_settlement() {
+        let dir = tempfile::tempdir().unwrap();
+        let (journal, _) = Journal::open(&dir.path().join("t.db"), Duration::ZERO)
+            .unwrap()
+            .unwrap();
+        assert!(journal.append(usage(1, None)).is_err());
+        assert!(!journal.unapplied());
+    }
+
+    #[test]
+    fn a_journal_grows_when_the_writer_falls_behind_and_starts_over() {
         let dir = tempfile::tempdir().unwrap();
         let db = dir.path().join("t.db");
-        let (journal, _) = Journal::open(&db, Duration::ZERO).unwrap().unwrap();
+        let (journal, _) = opened(&db);
         // Short: nothing happens.
         journal.append(usage(1, None)).unwrap();
         journal.start_over_if_long().unwrap();
-        let path = path_of(&db);
-        let short = std::fs::metadata(&path).unwrap().len();
+        let short = used(&db);
         assert!(short > 0);
-        // Long, with the first entries taken (applied) and two not.
-        let mut taken = Vec::new();
-        while std::fs::metadata(&path).unwrap().len() < START_OVER_AT {
-            journal.append(usage(1, Some(&"m".repeat(1000)))).unwrap();
+        // Past the reserved length, nothing taken by the writer: the file
+        // grows, every line kept.
+        let long_model = "m".repeat(1000);
+        while used(&db) <= CAPACITY {
+            for _ in 0..1000 {
+                journal.append(usage(1, Some(&long_model))).unwrap();
+            }
         }
+        assert_eq!(
+            std::fs::metadata(path_of(&db)).unwrap().len() as usize,
+            2 * CAPACITY
+        );
+        // The entries taken (applied), two not: starting over keeps those.
+        let mut taken = Vec::new();
         journal.take(&mut taken);
         journal.append(usage(2, None)).unwrap();
         journal.append(usage(3, None)).unwrap();
         let last = taken.last().unwrap().seq;
         journal.start_over_if_long().unwrap();
-        assert!(std::fs::metadata(&path).unwrap().len() < 2 * short + 10);
-        // Appends go on in the new file.
+        assert!(used(&db) < 2 * short + 10);
+        assert_eq!(
+            std::fs::metadata(path_of(&db)).unwrap().len() as usize,
+            CAPACITY
+        );
+        // Appends go on in the new file; a clean stop empties it.
         journal.append(usage(4, None)).unwrap();
         drop(journal);
-        let (_journal, found) = Journal::open(&db, Duration::ZERO).unwrap().unwrap();
+        let (journal, found) = Journal::open(&db, Duration::ZERO).unwrap().unwrap();
         let seqs: Vec<u64> = found.iter().map(|e| e.seq).collect();
         assert_eq!(seqs, [last + 1, last + 2, last + 3]);
         let keys: Vec<i64> = found.iter().map(|e| e.usage.key_id).collect();
         assert_eq!(keys, [2, 3, 4]);
+        journal.applied_up_to(last + 3).unwrap();
+        journal.append(usage(5, None)).unwrap();
+        assert!(journal.empty_if_applied().is_ok());
+        assert!(used(&db) > 0, "emptied with an entry not applied");
+        let mut taken = Vec::new();
+        journal.take(&mut taken);
+        journal.applied(taken.len());
+        journal.empty_if_applied().unwrap();
+        assert_eq!(used(&db), 0);
     }
 }
