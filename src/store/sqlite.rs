@@ -447,9 +447,14 @@ impl SqliteStore {
                 Duration::ZERO
             };
             let journal = match Journal::open(&writer_path, wait)? {
+                Some((journal, found)) if gateway => {
+                    replay(&mut conn, &journal, &found)?;
+                    journal.open_for_appending()?;
+                    Some(Arc::new(journal))
+                }
                 Some((journal, found)) => {
                     replay(&mut conn, &journal, &found)?;
-                    gateway.then(|| Arc::new(journal))
+                    None
                 }
                 None if gateway => {
                     return Err(backend(format!(
@@ -2322,12 +2327,12 @@ impl Store for SqliteStore {
     async fn close(&self) {
         // Not needed for durability (the journal is): leaves the file whole
         // and the journal empty for whoever opens them next.
-        let emptied = match (self.applied().await, &self.journal) {
+        match (self.applied().await, &self.journal) {
             (Ok(()), Some(journal)) => journal.empty_if_applied(),
-            (result, _) => result,
-        };
-        if let Err(e) = emptied {
-            tracing::warn!(error = %e, "sqlite: the settlement journal is not all applied");
+            (Ok(()), None) => {}
+            (Err(e), _) => {
+                tracing::warn!(error = %e, "sqlite: the settlement journal is not all applied")
+            }
         }
     }
 }
@@ -2438,6 +2443,7 @@ mod tests {
                 .query_row("SELECT applied FROM settlement_journal", [], |r| r.get(0))
                 .unwrap();
             journal.applied_up_to(applied as u64).unwrap();
+            journal.open_for_appending().unwrap();
             for millis in charges {
                 journal.append(charge(id, *millis)).unwrap();
             }

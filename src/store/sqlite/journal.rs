@@ -8,9 +8,12 @@
 //! is done the line survives `kill -9` of the process (the operating system
 //! writes the pages back to the disk in its own time, as it does the
 //! WAL's). The file's blocks are reserved in advance (`posix_fallocate`,
-//! [`CAPACITY`] at a time), so that a full disk is an error when they are
-//! reserved, never a fault at a copy; the rest of the file holds zeros,
-//! where reading stops. The store's writer applies the lines to the database later, in large
+//! [`CAPACITY`] at a time), so that on file systems that allocate in place
+//! (ext4, XFS, tmpfs) a full disk is an error when they are reserved,
+//! never a fault at a copy; on copy-on-write ones (btrfs, ZFS), which
+//! allocate at each write, a full disk can still stop the process at a
+//! copy (it is then as after `kill -9`). The rest of the file holds zeros.
+//! The store's writer applies the lines to the database later, in large
 //! transactions that nobody waits for (see the `sqlite` module), and
 //! records in the same transaction the number of the last line applied
 //! (`settlement_journal.applied`), so that a line is applied exactly once
@@ -20,10 +23,12 @@
 //!
 //! `<number> <JSON of the settlement> <CRC-32C of what precedes, 8 hex>\n`.
 //! Numbers increase by one from line to line (they go on from the
-//! database's `applied` after a restart). A line whose checksum does not
-//! match, or the last bytes of a line whose copy a crash cut short, are
-//! skipped when the journal is read (with a warning): such a line was
-//! never answered, nor applied.
+//! database's `applied` after a restart). Zero bytes between lines are
+//! skipped (a page that a power loss kept in an older state). A line whose
+//! checksum does not match, or the last bytes of a line whose copy a crash
+//! cut short, are skipped when the journal is read (with a warning): only
+//! a crash in the middle of a copy (the line was not answered), a power
+//! loss or a damaged disk can leave such a line.
 //!
 //! # Starting over
 //!
@@ -54,8 +59,10 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 /// The journal starts over (see the module doc) once it holds this many
-/// bytes of lines.
-pub(crate) const START_OVER_AT: usize = 8 << 20;
+/// bytes of lines: its pages that hold lines count in the process's
+/// resident memory (RSS) while it is mapped. At saturation, a few times a
+/// second.
+pub(crate) const START_OVER_AT: usize = 1 << 20;
 
 /// The journal's file is reserved this much at a time.
 pub(crate) const CAPACITY: usize = 2 * START_OVER_AT;
@@ -147,18 +154,43 @@ fn map(file: &File, path: &Path) -> Result<MmapMut, StoreError> {
     unsafe { MmapMut::map_mut(file) }.map_err(|e| failed("map", path, e))
 }
 
-/// Makes `file` at least `len` bytes long, its blocks allocated (the
-/// bytes past its end are zeros).
+/// Makes `file` at least `len` bytes long, its blocks allocated where the
+/// system can (the bytes past its end are zeros).
+#[cfg(any(target_os = "linux", target_os = "android", target_os = "freebsd"))]
 fn reserve(file: &File, len: usize) -> std::io::Result<()> {
     use std::os::fd::AsRawFd;
-    let len = libc::off_t::try_from(len)
+    let len_off = libc::off_t::try_from(len)
         .map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))?;
-    // SAFETY: a system call on the descriptor that `file` owns, with no
-    // pointer passed.
-    match unsafe { libc::posix_fallocate(file.as_raw_fd(), 0, len) } {
-        0 => Ok(()),
-        e => Err(std::io::Error::from_raw_os_error(e)),
+    loop {
+        // SAFETY: a system call on the descriptor that `file` owns, with
+        // no pointer passed.
+        match unsafe { libc::posix_fallocate(file.as_raw_fd(), 0, len_off) } {
+            0 => return Ok(()),
+            libc::EINTR => continue,
+            // A file system that cannot allocate ahead (musl does not
+            // emulate it): the file is made long enough, its blocks
+            // allocated as pages are first written.
+            libc::EOPNOTSUPP | libc::ENOSYS => return extend(file, len),
+            e => return Err(std::io::Error::from_raw_os_error(e)),
+        }
     }
+}
+
+/// Makes `file` at least `len` bytes long (the bytes past its end are
+/// zeros), where the system cannot allocate its blocks ahead.
+#[cfg(not(any(target_os = "linux", target_os = "android", target_os = "freebsd")))]
+fn reserve(file: &File, len: usize) -> std::io::Result<()> {
+    extend(file, len)
+}
+
+/// Makes `file` at least `len` bytes long, never shorter.
+fn extend(file: &File, len: usize) -> std::io::Result<()> {
+    let len =
+        u64::try_from(len).map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))?;
+    if file.metadata()?.len() < len {
+        file.set_len(len)?;
+    }
+    Ok(())
 }
 
 /// Opens (creating it if missing) a journal file for mapping.
@@ -245,8 +277,7 @@ impl Journal {
     }
 
     /// Empties the journal once every entry it held is applied, the last
-    /// one (or the database's last) numbered `last`, and opens it for
-    /// appending.
+    /// one (or the database's last) numbered `last`.
     pub fn applied_up_to(&self, last: u64) -> Result<(), StoreError> {
         let mut state = lock(&self.state);
         drop(state.mapped.take());
@@ -254,25 +285,32 @@ impl Journal {
         same_owner(&self.db, &self.path);
         file.set_len(0)
             .map_err(|e| failed("empty", &self.path, e))?;
-        state.mapped = Some(Mapped::new(file, &self.path, CAPACITY)?);
         state.size = 0;
         state.next = last + 1;
         Ok(())
     }
 
+    /// Opens the (emptied) journal for appending: reserves its space and
+    /// maps it. A gateway only; the CLI applies a journal and lets go.
+    pub fn open_for_appending(&self) -> Result<(), StoreError> {
+        let mut state = lock(&self.state);
+        let file = open_file(&self.path, false)?;
+        state.mapped = Some(Mapped::new(file, &self.path, CAPACITY)?);
+        Ok(())
+    }
+
     /// Empties the journal when the database has every entry (at a
     /// gateway's stop: nothing is left for the next start to read).
-    pub fn empty_if_applied(&self) -> Result<(), StoreError> {
+    pub fn empty_if_applied(&self) {
         let mut state = lock(&self.state);
         let size = state.size;
         if self.unapplied() || size == 0 {
-            return Ok(());
+            return;
         }
         if let Some(mapped) = state.mapped.as_mut() {
             mapped.map[..size].fill(0);
         }
         state.size = 0;
-        Ok(())
     }
 
     /// Appends a settlement: once this returns, it survives the process.
@@ -416,38 +454,75 @@ fn decode(line: &str) -> Option<Entry> {
     })
 }
 
-/// The lines of a journal file: up to its first zero byte (the reserved
-/// rest of the file).
+/// The lines of a journal file: up to its last byte that is not zero (the
+/// reserved rest of the file is zeros).
+#[cfg(test)]
 pub(super) fn lines_in(bytes: &[u8]) -> &[u8] {
-    let end = memchr::memchr(0, bytes).unwrap_or(bytes.len());
+    let end = bytes
+        .iter()
+        .rposition(|b| *b != 0)
+        .map_or(0, |last| last + 1);
     &bytes[..end]
 }
 
+/// A line longer than this is damaged (a settlement's line is a few hundred
+/// bytes, its model name included): reading does not hold on to it.
+const LONGEST_LINE: usize = 64 << 10;
+
 /// The entries of the journal at `path` (none when there is no file),
-/// skipping lines that are not whole (see the module doc).
+/// skipping zeros between lines and lines that are not whole (see the
+/// module doc). Read a block at a time: the file is mostly zeros.
 fn read(path: &Path) -> Result<Vec<Entry>, StoreError> {
-    let bytes = match std::fs::read(path) {
-        Ok(bytes) => bytes,
+    use std::io::Read as _;
+    let mut file = match File::open(path) {
+        Ok(file) => file,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-        Err(e) => return Err(failed("read", path, e)),
+        Err(e) => return Err(failed("open", path, e)),
+    };
+    let skipped = |bytes: usize| {
+        tracing::warn!(
+            journal = %path.display(),
+            bytes,
+            "skipping a settlement journal line that is not whole"
+        )
     };
     let mut entries = Vec::new();
-    let mut lines = lines_in(&bytes).split(|b| *b == b'\n').peekable();
-    while let Some(line) = lines.next() {
-        let last = lines.peek().is_none();
-        if last && line.is_empty() {
-            break;
+    let mut block = vec![0; 64 << 10];
+    // The line being read; `too_long` once it is past LONGEST_LINE.
+    let (mut line, mut too_long) = (Vec::new(), 0usize);
+    loop {
+        let n = match file.read(&mut block) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(failed("read", path, e)),
+        };
+        for &byte in &block[..n] {
+            match byte {
+                // Zeros before a line: the reserved rest of the file, or a
+                // page a power loss kept older.
+                0 if line.is_empty() && too_long == 0 => {}
+                b'\n' => {
+                    match std::str::from_utf8(&line).ok().and_then(decode) {
+                        Some(entry) if too_long == 0 => entries.push(entry),
+                        _ => skipped(line.len() + too_long),
+                    }
+                    line.clear();
+                    too_long = 0;
+                }
+                _ if line.len() < LONGEST_LINE => line.push(byte),
+                _ => too_long += 1,
+            }
         }
-        match std::str::from_utf8(line).ok().and_then(decode) {
-            // A line cut short by a crash is the last one, without its
-            // newline; any other is damaged.
-            Some(entry) if !last => entries.push(entry),
-            _ => tracing::warn!(
-                journal = %path.display(),
-                bytes = line.len(),
-                "skipping a settlement journal line that is not whole"
-            ),
-        }
+    }
+    // A line cut short by a crash is the last one, without its newline
+    // (and maybe with zeros after it).
+    let cut = line
+        .iter()
+        .rposition(|b| *b != 0)
+        .map_or(0, |last| last + 1);
+    if cut + too_long > 0 {
+        skipped(cut + too_long);
     }
     Ok(entries)
 }
@@ -511,6 +586,7 @@ mod tests {
         let (journal, found) = Journal::open(db, Duration::ZERO).unwrap().unwrap();
         let last = found.iter().map(|e| e.seq).max().unwrap_or(0);
         journal.applied_up_to(last).unwrap();
+        journal.open_for_appending().unwrap();
         (journal, found)
     }
 
@@ -547,13 +623,35 @@ mod tests {
         std::fs::write(&path, damaged).unwrap();
         let (journal, found) = Journal::open(&db, Duration::ZERO).unwrap().unwrap();
         assert_eq!(found, taken[..2].to_vec());
-        // Emptied once applied; numbers go on after the last applied.
+        // Emptied once applied (not reserved: the CLI does that much);
+        // numbers go on after the last applied.
         journal.applied_up_to(9).unwrap();
-        assert_eq!(used(&db), 0);
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), 0);
+        journal.open_for_appending().unwrap();
         journal.append(usage(5, None)).unwrap();
         drop(journal);
         let (_journal, found) = Journal::open(&db, Duration::ZERO).unwrap().unwrap();
         assert_eq!(found.iter().map(|e| e.seq).collect::<Vec<_>>(), [10]);
+    }
+
+    #[test]
+    fn zeros_between_lines_are_skipped_and_a_line_with_a_gap_is_not_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("t.db");
+        let line = |seq, key| encode(seq, &body_of(&usage(key, None)).unwrap());
+        // A page kept older by a power loss: zeros, then whole lines; and
+        // a line whose copy stored its start and its end but not its
+        // middle.
+        let mut gapped = line(2, 2);
+        gapped[10..20].fill(0);
+        let mut bytes = line(1, 1);
+        bytes.extend([0; 300]);
+        bytes.extend(gapped);
+        bytes.extend(line(3, 3));
+        bytes.extend([0; 300]);
+        std::fs::write(path_of(&db), bytes).unwrap();
+        let (_journal, found) = Journal::open(&db, Duration::ZERO).unwrap().unwrap();
+        assert_eq!(found.iter().map(|e| e.seq).collect::<Vec<_>>(), [1, 3]);
     }
 
     #[test]
@@ -595,7 +693,7 @@ mod tests {
         // grows, every line kept.
         let long_model = "m".repeat(1000);
         while used(&db) <= CAPACITY {
-            for _ in 0..1000 {
+            for _ in 0..100 {
                 journal.append(usage(1, Some(&long_model))).unwrap();
             }
         }
@@ -603,6 +701,10 @@ mod tests {
             std::fs::metadata(path_of(&db)).unwrap().len() as usize,
             2 * CAPACITY
         );
+        // Every line there, across the first reservation's end.
+        let seqs: Vec<u64> = read(&path_of(&db)).unwrap().iter().map(|e| e.seq).collect();
+        assert_eq!(seqs, (1..=seqs.len() as u64).collect::<Vec<_>>());
+        assert!(used(&db) > CAPACITY);
         // The entries taken (applied), two not: starting over keeps those.
         let mut taken = Vec::new();
         journal.take(&mut taken);
@@ -624,13 +726,14 @@ mod tests {
         let keys: Vec<i64> = found.iter().map(|e| e.usage.key_id).collect();
         assert_eq!(keys, [2, 3, 4]);
         journal.applied_up_to(last + 3).unwrap();
+        journal.open_for_appending().unwrap();
         journal.append(usage(5, None)).unwrap();
-        assert!(journal.empty_if_applied().is_ok());
+        journal.empty_if_applied();
         assert!(used(&db) > 0, "emptied with an entry not applied");
         let mut taken = Vec::new();
         journal.take(&mut taken);
         journal.applied(taken.len());
-        journal.empty_if_applied().unwrap();
+        journal.empty_if_applied();
         assert_eq!(used(&db), 0);
     }
 }
