@@ -471,7 +471,7 @@ const LONGEST_LINE: usize = 64 << 10;
 
 /// The entries of the journal at `path` (none when there is no file),
 /// skipping zeros between lines and lines that are not whole (see the
-/// module doc). Read a block at a time: the file is mostly zeros.
+/// module doc). Read 8 KiB at a time: the file is mostly zeros.
 fn read(path: &Path) -> Result<Vec<Entry>, StoreError> {
     use std::io::Read as _;
     let mut file = match File::open(path) {
@@ -487,7 +487,7 @@ fn read(path: &Path) -> Result<Vec<Entry>, StoreError> {
         )
     };
     let mut entries = Vec::new();
-    let mut block = vec![0; 64 << 10];
+    let mut block = vec![0; 8 << 10];
     // The line being read; `too_long` once it is past LONGEST_LINE.
     let (mut line, mut too_long) = (Vec::new(), 0usize);
     loop {
