@@ -506,6 +506,8 @@ impl SqliteStore {
             cache: cache.clone(),
             wake: Mutex::new(wake),
             journal: journal.clone(),
+            #[cfg(test)]
+            handed_over: AtomicU64::new(0),
         });
         spawn_writer_thread(Arc::downgrade(&writer), handed_over)?;
 
@@ -575,6 +577,12 @@ impl SqliteStore {
             Some(journal) if journal.unapplied() => self.ask(Message::Apply).await,
             _ => Ok(()),
         }
+    }
+
+    /// How many turns were handed to the writer thread (tests).
+    #[cfg(test)]
+    pub(crate) fn turns_handed_over(&self) -> u64 {
+        self.writer.handed_over.load(Ordering::Relaxed)
     }
 
     /// Makes the journal fail to take settlements (tests).
@@ -909,6 +917,9 @@ struct WriteQueue {
     /// The settlement journal (the writer's), to tell when it must be
     /// applied.
     journal: Option<Arc<Journal>>,
+    /// Turns handed to the writer thread (tests).
+    #[cfg(test)]
+    handed_over: AtomicU64,
 }
 
 #[derive(Default)]
@@ -1129,7 +1140,11 @@ fn spawn_writer_thread(
                 // error (their senders are dropped), the rest go on.
                 let carry_out = || queue.carry_out(Place::MayWait);
                 match turn {
-                    Ok(()) => drop(std::panic::catch_unwind(AssertUnwindSafe(carry_out))),
+                    Ok(()) => {
+                        #[cfg(test)]
+                        queue.handed_over.fetch_add(1, Ordering::Relaxed);
+                        drop(std::panic::catch_unwind(AssertUnwindSafe(carry_out)))
+                    }
                     Err(mpsc::RecvTimeoutError::Timeout) => {
                         // Nobody waits for this answer.
                         let (tx, _) = oneshot::channel();
