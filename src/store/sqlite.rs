@@ -883,15 +883,15 @@ const REFRESH_EVERY: Duration = Duration::from_millis(50);
 /// queued after that goes on on the writer thread.
 const INLINE_BATCHES: usize = 4;
 
-/// A write is carried out on the task that queued it only when the writer
-/// has been idle this long, and messages have been arriving at most at the
-/// rate [`INLINE_BELOW_GAP`] sets. Under load, writes go to the writer
-/// thread, so that a batch gathers the settlements that arrive while that
-/// thread wakes (fewer, larger transactions: measured, carrying out every
-/// write on its own task cost ~25% more CPU per request at saturation, and
-/// an idle threshold alone, which a busy host's scheduling pauses meet at
-/// any rate, ~15% of the throughput at saturation); at a moderate rate, a
-/// settlement costs no hand-off to another thread.
+/// A write (or a look) is carried out on the task that queued it only when
+/// the writer has been idle this long, and messages have been arriving at
+/// most at the rate [`INLINE_BELOW_GAP`] sets. Under load, they go to the
+/// writer thread, so that a batch gathers what arrives while that thread
+/// wakes (measured when settlements were still queued here, before the
+/// journal: carrying out every write on its own task cost ~25% more CPU
+/// per request at saturation, and an idle threshold alone, which a busy
+/// host's scheduling pauses meet at any rate, ~15% of the throughput); at
+/// a moderate rate, a write or a look costs no hand-off to another thread.
 const INLINE_AFTER_IDLE: Duration = Duration::from_micros(200);
 
 /// Writes are carried out on the task that queues them only while the
