@@ -260,11 +260,15 @@ struct KeyState {
 }
 
 impl KeyState {
+    /// The key's balance `in_file`, less its settlements that the file
+    /// does not have yet.
+    fn less_unapplied(&self, in_file: Credits) -> Credits {
+        Credits::from_millis(in_file.millis().saturating_sub(self.unapplied))
+    }
+
     /// Takes the key as the file has it, less what the journal holds.
     fn set(&mut self, mut record: KeyRecord) {
-        // As `Cache::less_unapplied`, under the lock already held.
-        record.balance =
-            Credits::from_millis(record.balance.millis().saturating_sub(self.unapplied));
+        record.balance = self.less_unapplied(record.balance);
         self.record = record;
     }
 }
@@ -363,11 +367,7 @@ impl Cache {
             Change::Balance(id, balance) => match self.entry(id) {
                 Some(entry) => {
                     let mut state = lock(&entry);
-                    let record = KeyRecord {
-                        balance,
-                        ..state.record.clone()
-                    };
-                    state.set(record);
+                    state.record.balance = state.less_unapplied(balance);
                     true
                 }
                 None => false,
@@ -392,11 +392,10 @@ impl Cache {
         state.reserved -= reserved;
         let credits = usage.credits.millis();
         // A charge beyond i64 (absurd token counts) is refused.
-        let refused = || backend("a charge that no balance can take");
         let after = state.record.balance.millis().checked_sub(credits);
         let unapplied = state.unapplied.checked_add(credits);
         let (Some(after), Some(unapplied)) = (after, unapplied) else {
-            return Err(refused());
+            return Err(backend("a charge that no balance can take"));
         };
         let first = journal.append(usage)?;
         state.record.balance = Credits::from_millis(after);
@@ -407,8 +406,8 @@ impl Cache {
     /// Key `id`'s balance `in_file`, less its settlements that the file
     /// does not have yet.
     fn less_unapplied(&self, id: KeyId, in_file: Credits) -> Credits {
-        let unapplied = self.entry(id).map_or(0, |entry| lock(&entry).unapplied);
-        Credits::from_millis(in_file.millis().saturating_sub(unapplied))
+        self.entry(id)
+            .map_or(in_file, |entry| lock(&entry).less_unapplied(in_file))
     }
 
     /// Notes that a settlement of `credits` of key `id` in the journal is
@@ -447,14 +446,12 @@ impl SqliteStore {
                 Duration::ZERO
             };
             let journal = match Journal::open(&writer_path, wait)? {
-                Some((journal, found)) if gateway => {
-                    replay(&mut conn, &journal, &found)?;
-                    journal.open_for_appending()?;
-                    Some(Arc::new(journal))
-                }
                 Some((journal, found)) => {
                     replay(&mut conn, &journal, &found)?;
-                    None
+                    if gateway {
+                        journal.open_for_appending()?;
+                    }
+                    gateway.then(|| Arc::new(journal))
                 }
                 None if gateway => {
                     return Err(backend(format!(
@@ -1083,12 +1080,17 @@ impl WriteQueue {
         }
     }
 
+    /// Queues a look that nobody waits for (the turn it starts applies the
+    /// journal when due too).
+    fn queue_look(&self) -> Next {
+        let (tx, _) = oneshot::channel();
+        self.queue(Message::CatchUp(tx))
+    }
+
     /// Has the writer thread take a turn (a look, and the journal applied
     /// when due) unless a turn is under way, without carrying it out here.
     fn wake_writer_thread(self: &Arc<Self>) {
-        // Nobody waits for this answer.
-        let (tx, _) = oneshot::channel();
-        if self.queue(Message::CatchUp(tx)) != Next::Queued {
+        if self.queue_look() != Next::Queued {
             self.hand_over();
         }
     }
@@ -1146,9 +1148,7 @@ fn spawn_writer_thread(
                         drop(std::panic::catch_unwind(AssertUnwindSafe(carry_out)))
                     }
                     Err(mpsc::RecvTimeoutError::Timeout) => {
-                        // Nobody waits for this answer.
-                        let (tx, _) = oneshot::channel();
-                        if queue.queue(Message::CatchUp(tx)) != Next::Queued {
+                        if queue.queue_look() != Next::Queued {
                             drop(std::panic::catch_unwind(AssertUnwindSafe(carry_out)));
                         }
                     }
@@ -1422,20 +1422,13 @@ impl Writer {
         } else {
             Ok(())
         };
-        if let (Err(e), false) = (&applied, self.applying.is_empty()) {
-            // No write before the settlements answered before it (a set
-            // would count them after it).
-            let (writes, rest): (Vec<_>, Vec<_>) = messages
-                .drain(..)
-                .partition(|m| matches!(m, Message::Write(_)));
-            messages.extend(rest);
-            for message in writes {
-                if let Message::Write(cmd) = message {
-                    cmd.answer(Err(backend(e.clone())), None);
-                }
-            }
-        }
-        let writes = messages.iter().any(|m| matches!(m, Message::Write(_)));
+        // No write before the settlements answered before it (a set would
+        // count them after it): while they cannot be applied, writes fail.
+        let refused = match &applied {
+            Err(e) if !self.applying.is_empty() => Some(e.clone()),
+            _ => None,
+        };
+        let writes = refused.is_none() && messages.iter().any(|m| matches!(m, Message::Write(_)));
         self.wait_for_locks(may_wait);
         let started = if writes {
             self.begin()
@@ -1454,7 +1447,10 @@ impl Writer {
         let mut waiting = Vec::new();
         for message in messages.drain(..) {
             match message {
-                Message::Write(cmd) => batch.push(cmd),
+                Message::Write(cmd) => match &refused {
+                    Some(e) => cmd.answer(Err(backend(e.clone())), None),
+                    None => batch.push(cmd),
+                },
                 Message::CatchUp(tx) => waiting.push(tx),
                 Message::Apply(tx) => drop(tx.send(applied.clone().map_err(backend))),
             }
@@ -1574,14 +1570,9 @@ impl Writer {
         let Some(journal) = self.journal.clone() else {
             return;
         };
-        let applied = self
-            .conn
-            .prepare_cached("SELECT applied FROM settlement_journal WHERE id = 1")
-            .and_then(|mut stmt| stmt.query_row([], |r| r.get::<_, i64>(0)));
-        let Ok(applied) = applied else {
+        let Ok(applied) = applied_in(&self.conn) else {
             return;
         };
-        let applied = u64::try_from(applied).unwrap_or(0);
         let (committed, rest) = std::mem::take(&mut self.applying)
             .into_iter()
             .partition(|entry| entry.seq <= applied);
@@ -1988,20 +1979,13 @@ macro_rules! charge_sql {
 /// Notes the last one applied; returns that number (the file's when none
 /// was new).
 fn apply_entries(conn: &Connection, entries: &[Entry]) -> Result<u64, StoreError> {
-    let applied: i64 = conn
-        .prepare_cached("SELECT applied FROM settlement_journal WHERE id = 1")?
-        .query_row([], |r| r.get(0))?;
-    let applied = u64::try_from(applied).unwrap_or(0);
-    let new: Vec<&UsageRecord> = entries
-        .iter()
-        .filter(|e| e.seq > applied)
-        .map(|e| &e.usage)
-        .collect();
-    record_usages(conn, &new)?;
-    let mut last = applied;
+    let applied = applied_in(conn)?;
+    let new: Vec<&Entry> = entries.iter().filter(|e| e.seq > applied).collect();
+    let usages: Vec<&UsageRecord> = new.iter().map(|e| &e.usage).collect();
+    record_usages(conn, &usages)?;
+    let last = new.iter().map(|e| e.seq).max().unwrap_or(applied);
     let mut owed: HashMap<KeyId, Charged> = HashMap::new();
-    for entry in entries.iter().filter(|e| e.seq > applied) {
-        let usage = &entry.usage;
+    for usage in usages {
         let charged = Charged::of(usage);
         let sum = owed.entry(usage.key_id).or_default();
         *sum = match sum.plus(&charged) {
@@ -2012,7 +1996,6 @@ fn apply_entries(conn: &Connection, entries: &[Entry]) -> Result<u64, StoreError
                 charged
             }
         };
-        last = last.max(entry.seq);
     }
     for (id, charged) in &owed {
         charge(conn, *id, charged)?;
@@ -2022,6 +2005,14 @@ fn apply_entries(conn: &Connection, entries: &[Entry]) -> Result<u64, StoreError
             .execute([i64_of(last)])?;
     }
     Ok(last)
+}
+
+/// The number of the last journal entry the file has.
+fn applied_in(conn: &Connection) -> rusqlite::Result<u64> {
+    let applied: i64 = conn
+        .prepare_cached("SELECT applied FROM settlement_journal WHERE id = 1")?
+        .query_row([], |r| r.get(0))?;
+    Ok(u64::try_from(applied).unwrap_or(0))
 }
 
 /// Applies the settlements that the journal held at open (a gateway
@@ -2114,37 +2105,42 @@ fn insert_usage_sql(rows: usize) -> String {
     sql
 }
 
-/// Writes settlements' ledger rows, in order.
+/// Writes settlements' ledger rows, in order: [`ROWS_PER_INSERT`] at a
+/// time, the rest one by one.
 fn record_usages(conn: &Connection, usages: &[&UsageRecord]) -> Result<(), StoreError> {
     static MANY: std::sync::OnceLock<String> = std::sync::OnceLock::new();
     static ONE: std::sync::OnceLock<String> = std::sync::OnceLock::new();
-    for chunk in usages.chunks(ROWS_PER_INSERT) {
-        let sql = if chunk.len() == ROWS_PER_INSERT {
-            MANY.get_or_init(|| insert_usage_sql(ROWS_PER_INSERT))
-        } else {
-            ONE.get_or_init(|| insert_usage_sql(1))
-        };
-        let mut stmt = conn.prepare_cached(sql)?;
-        let rows_per_statement = if chunk.len() == ROWS_PER_INSERT {
-            chunk.len()
-        } else {
-            1
-        };
-        for rows in chunk.chunks(rows_per_statement) {
-            for (row, usage) in rows.iter().enumerate() {
-                let at = row * 9;
-                stmt.raw_bind_parameter(at + 1, usage.time)?;
-                stmt.raw_bind_parameter(at + 2, usage.key_id)?;
-                stmt.raw_bind_parameter(at + 3, &usage.endpoint)?;
-                stmt.raw_bind_parameter(at + 4, &usage.model)?;
-                stmt.raw_bind_parameter(at + 5, usage.status)?;
-                stmt.raw_bind_parameter(at + 6, i64_of(usage.prompt_tokens))?;
-                stmt.raw_bind_parameter(at + 7, i64_of(usage.completion_tokens))?;
-                stmt.raw_bind_parameter(at + 8, usage.credits.millis())?;
-                stmt.raw_bind_parameter(at + 9, i64_of(usage.duration_ms))?;
-            }
-            stmt.raw_execute()?;
+    let (whole, rest) = usages.split_at(usages.len() - usages.len() % ROWS_PER_INSERT);
+    let many = MANY.get_or_init(|| insert_usage_sql(ROWS_PER_INSERT));
+    insert_usages(conn, many, whole.chunks(ROWS_PER_INSERT))?;
+    insert_usages(
+        conn,
+        ONE.get_or_init(|| insert_usage_sql(1)),
+        rest.chunks(1),
+    )
+}
+
+/// Runs `sql` (an [`insert_usage_sql`]) once for each group of rows.
+fn insert_usages<'a>(
+    conn: &Connection,
+    sql: &str,
+    groups: impl Iterator<Item = &'a [&'a UsageRecord]>,
+) -> Result<(), StoreError> {
+    let mut stmt = conn.prepare_cached(sql)?;
+    for rows in groups {
+        for (row, usage) in rows.iter().enumerate() {
+            let at = row * 9;
+            stmt.raw_bind_parameter(at + 1, usage.time)?;
+            stmt.raw_bind_parameter(at + 2, usage.key_id)?;
+            stmt.raw_bind_parameter(at + 3, &usage.endpoint)?;
+            stmt.raw_bind_parameter(at + 4, &usage.model)?;
+            stmt.raw_bind_parameter(at + 5, usage.status)?;
+            stmt.raw_bind_parameter(at + 6, i64_of(usage.prompt_tokens))?;
+            stmt.raw_bind_parameter(at + 7, i64_of(usage.completion_tokens))?;
+            stmt.raw_bind_parameter(at + 8, usage.credits.millis())?;
+            stmt.raw_bind_parameter(at + 9, i64_of(usage.duration_ms))?;
         }
+        stmt.raw_execute()?;
     }
     Ok(())
 }

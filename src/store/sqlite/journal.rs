@@ -107,7 +107,7 @@ pub(super) struct Journal {
 }
 
 struct State {
-    /// The file, once it is open for appending ([`Journal::applied_up_to`]).
+    /// The file, once it is open for appending ([`Journal::open_for_appending`]).
     mapped: Option<Mapped>,
     /// The bytes of lines in it.
     size: usize,
