@@ -1,7 +1,7 @@
 //! The command line (SPEC §5, issue 3 item 10): key management and usage
 //! working directly on the store, alongside a running gateway.
 
-use super::{millis, sqlite_url, Launch, Ledger, Output};
+use super::{free_port, millis, sqlite_url, Launch, Ledger, Output};
 use crate::support::fake_ollama::FakeOllama;
 use serde_json::{json, Value};
 use std::time::Duration;
@@ -320,6 +320,38 @@ async fn help_and_bad_arguments() {
     // Nothing above created a key.
     let out = launch.run(&["keys", "list"]).await.ok();
     assert!(out.stdout.trim().is_empty(), "{}", out.stdout);
+}
+
+/// One gateway per SQLite file: a second `tollgate` started on the file
+/// of a running one is refused (it would not see the first one's
+/// reservations, nor its settlement journal) and says why; the first goes
+/// on serving, and the CLI still works beside it.
+#[tokio::test]
+async fn a_second_gateway_on_one_sqlite_file_is_refused() {
+    let fake = FakeOllama::start().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let launch = Launch::new(dir.path())
+        .var("DATABASE_URL", &sqlite_url(&dir.path().join("one.db")))
+        .var("OLLAMA_URL", &fake.url())
+        .var("ADMIN_KEY", ADMIN)
+        .var("API_KEYS", "k1=5");
+    let gw = launch.start().await;
+    let second = launch
+        .clone()
+        .var("LISTEN_ADDR", &format!("127.0.0.1:{}", free_port()))
+        .run_within(&["serve"], Duration::from_secs(30))
+        .await;
+    assert!(!second.success(), "a second gateway started");
+    assert!(
+        second
+            .stderr
+            .contains("a gateway is serving that file already"),
+        "{}",
+        second.stderr
+    );
+    assert_eq!(gw.generate("k1", "hi").await, 200);
+    let out = launch.run(&["keys", "list"]).await.ok();
+    assert!(out.stdout.contains("\"name\""), "{}", out.stdout);
 }
 
 /// The memory store lives only inside a gateway's process: a key the CLI
