@@ -1358,6 +1358,7 @@ async fn sqlite_a_panic_while_applying_the_journal_loses_nothing() {
         );
         // The writer thread applies it on its own (and panics), then again.
         tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        assert!(!sqlite.panic_to_come(), "{at:?}: the writer did not panic");
         assert_eq!(store.usage_totals(k).await.unwrap().requests, 1, "{at:?}");
         assert_eq!(balance(&store, k).await, cr("9"), "{at:?}");
         assert_eq!(

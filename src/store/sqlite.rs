@@ -537,6 +537,13 @@ impl SqliteStore {
         lock(&self.writer.writer).panic_at = Some(at);
     }
 
+    /// Whether the panic asked for by [`Self::panic_in_next_batch`] is
+    /// still to come.
+    #[cfg(test)]
+    pub(crate) fn panic_to_come(&self) -> bool {
+        lock(&self.writer.writer).panic_at.is_some()
+    }
+
     /// How many times the writer has waited for readers to start the WAL
     /// over (`RESTART` checkpoints).
     #[cfg(test)]

@@ -52,7 +52,7 @@ use super::{backend, lock, StoreError, UsageRecord};
 use crate::credits::Credits;
 use memmap2::MmapMut;
 use serde::{Deserialize, Serialize};
-use std::fs::{File, OpenOptions, TryLockError};
+use std::fs::{File, Metadata, OpenOptions, TryLockError};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
@@ -193,16 +193,80 @@ fn extend(file: &File, len: usize) -> std::io::Result<()> {
     Ok(())
 }
 
-/// Opens (creating it if missing) a journal file for mapping.
-fn open_file(path: &Path, new: bool) -> Result<File, StoreError> {
-    let mut options = OpenOptions::new();
-    options.read(true).write(true);
-    if new {
-        options.create_new(true);
-    } else {
-        options.create(true).truncate(false);
+/// How [`open_file`] opens a journal file.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Opening {
+    /// Created; it must not be there yet.
+    New,
+    /// Opened for reading and writing, created when missing.
+    Any,
+    /// Opened when it is there, never created (`None` when missing).
+    Existing,
+    /// The lock file: created when missing, else opened for reading only
+    /// (a lock needs no more: a CLI user who may read the database but
+    /// not write the gateway's files can still see whether it runs).
+    Lock,
+}
+
+/// Opens a journal file (the journal, its `.next`, its lock) of the
+/// database whose metadata is `db`, never through a symbolic link and
+/// never anything but a regular file. One this process creates gets the
+/// database's permissions (whatever the umask) and, where the process may
+/// (root), its owner, as SQLite does its WAL: a CLI run as root, or by
+/// another member of the database's group, beside a gateway run as a
+/// service user leaves no file the gateway cannot open.
+fn open_file(db: &Metadata, path: &Path, how: Opening) -> Result<Option<File>, StoreError> {
+    use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
+    let mode = db.mode() & 0o666;
+    let options = |write: bool| {
+        let mut options = OpenOptions::new();
+        options
+            .read(true)
+            .write(write)
+            .custom_flags(libc::O_NOFOLLOW)
+            .mode(mode);
+        options
+    };
+    // Created here (exclusively: a symbolic link in its place is "there
+    // already"), or else opened as it is.
+    let (file, created) = match options(true)
+        .create_new(how != Opening::Existing)
+        .open(path)
+    {
+        Ok(file) => (file, how != Opening::Existing),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && how != Opening::New => {
+            let file = options(how != Opening::Lock)
+                .open(path)
+                .map_err(|e| failed("open", path, e))?;
+            (file, false)
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound && how == Opening::Existing => {
+            return Ok(None)
+        }
+        Err(e) => return Err(failed("open", path, e)),
+    };
+    let found = file.metadata().map_err(|e| failed("open", path, e))?;
+    if !found.file_type().is_file() {
+        return Err(failed("open", path, "not a regular file"));
     }
-    options.open(path).map_err(|e| failed("open", path, e))
+    if created {
+        // Best effort: the file works as created.
+        let _ = file.set_permissions(std::fs::Permissions::from_mode(mode));
+        if (found.uid(), found.gid()) != (db.uid(), db.gid()) {
+            let _ = std::os::unix::fs::fchown(&file, Some(db.uid()), Some(db.gid()));
+        }
+    }
+    Ok(Some(file))
+}
+
+/// [`open_file`] for a file that it creates when missing.
+fn open_or_create(db: &Metadata, path: &Path, how: Opening) -> Result<File, StoreError> {
+    open_file(db, path, how)?.ok_or_else(|| failed("open", path, "not found"))
+}
+
+/// The metadata of the database at `db`, which journal files copy.
+fn metadata_of(db: &Path) -> Result<Metadata, StoreError> {
+    std::fs::metadata(db).map_err(|e| failed("read the metadata of", db, e))
 }
 
 /// The journal of the database at `db`.
@@ -216,19 +280,6 @@ fn with_suffix(path: &Path, suffix: &str) -> PathBuf {
     PathBuf::from(name)
 }
 
-/// Gives `file` the owner of the database `db`, as SQLite does its WAL:
-/// a CLI run as root beside a gateway run as a service user must not leave
-/// it files it cannot open. Best effort (only root may change an owner).
-fn same_owner(db: &Path, file: &Path) {
-    use std::os::unix::fs::MetadataExt;
-    let (Ok(db), Ok(ours)) = (std::fs::metadata(db), std::fs::metadata(file)) else {
-        return;
-    };
-    if (db.uid(), db.gid()) != (ours.uid(), ours.gid()) {
-        let _ = std::os::unix::fs::chown(file, Some(db.uid()), Some(db.gid()));
-    }
-}
-
 fn failed(what: &str, path: &Path, e: impl std::fmt::Display) -> StoreError {
     backend(format!("cannot {what} {}: {e}", path.display()))
 }
@@ -237,15 +288,15 @@ impl Journal {
     /// Takes the journal of the database at `db`, waiting up to `wait` for
     /// another process to let go of it, and reads the entries it holds.
     /// `None` when another process still holds it.
+    ///
+    /// The journal is named after the database's canonical path, as SQLite
+    /// names the WAL: two gateways that reach one file by two names (a
+    /// symbolic link) take the same lock, the second is refused.
     pub fn open(db: &Path, wait: Duration) -> Result<Option<(Journal, Vec<Entry>)>, StoreError> {
-        let lock_path = with_suffix(&path_of(db), ".lock");
-        let lock_file = OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&lock_path)
-            .map_err(|e| failed("open", &lock_path, e))?;
-        same_owner(db, &lock_path);
+        let db = std::fs::canonicalize(db).map_err(|e| failed("find", db, e))?;
+        let db_metadata = metadata_of(&db)?;
+        let lock_path = with_suffix(&path_of(&db), ".lock");
+        let lock_file = open_or_create(&db_metadata, &lock_path, Opening::Lock)?;
         let deadline = Instant::now() + wait;
         loop {
             match lock_file.try_lock() {
@@ -257,10 +308,10 @@ impl Journal {
                 Err(TryLockError::Error(e)) => return Err(failed("lock", &lock_path, e)),
             }
         }
-        let path = path_of(db);
+        let path = path_of(&db);
         let found = read(&path)?;
         let journal = Journal {
-            db: db.to_path_buf(),
+            db,
             path,
             state: Mutex::new(State {
                 mapped: None,
@@ -281,10 +332,11 @@ impl Journal {
     pub fn applied_up_to(&self, last: u64) -> Result<(), StoreError> {
         let mut state = lock(&self.state);
         drop(state.mapped.take());
-        let file = open_file(&self.path, false)?;
-        same_owner(&self.db, &self.path);
-        file.set_len(0)
-            .map_err(|e| failed("empty", &self.path, e))?;
+        // None there: nothing to empty (the CLI creates none).
+        if let Some(file) = open_file(&metadata_of(&self.db)?, &self.path, Opening::Existing)? {
+            file.set_len(0)
+                .map_err(|e| failed("empty", &self.path, e))?;
+        }
         state.size = 0;
         state.next = last + 1;
         Ok(())
@@ -294,7 +346,7 @@ impl Journal {
     /// maps it. A gateway only; the CLI applies a journal and lets go.
     pub fn open_for_appending(&self) -> Result<(), StoreError> {
         let mut state = lock(&self.state);
-        let file = open_file(&self.path, false)?;
+        let file = open_or_create(&metadata_of(&self.db)?, &self.path, Opening::Any)?;
         state.mapped = Some(Mapped::new(file, &self.path, CAPACITY)?);
         Ok(())
     }
@@ -370,8 +422,8 @@ impl Journal {
             }
             _ => {}
         }
-        let mut mapped = Mapped::new(open_file(&next, true)?, &next, CAPACITY)?;
-        same_owner(&self.db, &next);
+        let file = open_or_create(&metadata_of(&self.db)?, &next, Opening::New)?;
+        let mut mapped = Mapped::new(file, &next, CAPACITY)?;
         let mut state = lock(&self.state);
         let mut lines = Vec::new();
         for entry in &state.pending {
@@ -474,7 +526,12 @@ const LONGEST_LINE: usize = 64 << 10;
 /// module doc). Read 8 KiB at a time: the file is mostly zeros.
 fn read(path: &Path) -> Result<Vec<Entry>, StoreError> {
     use std::io::Read as _;
-    let mut file = match File::open(path) {
+    use std::os::unix::fs::OpenOptionsExt;
+    let opened = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path);
+    let mut file = match opened {
         Ok(file) => file,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
         Err(e) => return Err(failed("open", path, e)),
@@ -511,7 +568,8 @@ fn read(path: &Path) -> Result<Vec<Entry>, StoreError> {
                     too_long = 0;
                 }
                 _ if line.len() < LONGEST_LINE => line.push(byte),
-                _ => too_long += 1,
+                // Not counted: the zeros after a line cut short.
+                _ => too_long += usize::from(byte != 0),
             }
         }
     }
@@ -576,6 +634,14 @@ mod tests {
         }
     }
 
+    /// A new (empty) database file in `dir`: a journal is opened beside
+    /// one that is there.
+    fn new_db(dir: &tempfile::TempDir) -> PathBuf {
+        let db = dir.path().join("t.db");
+        std::fs::write(&db, b"").unwrap();
+        db
+    }
+
     /// The bytes of lines in the journal of `db`.
     fn used(db: &Path) -> usize {
         lines_in(&std::fs::read(path_of(db)).unwrap()).len()
@@ -593,7 +659,7 @@ mod tests {
     #[test]
     fn reading_skips_a_line_cut_short_and_damaged_ones() {
         let dir = tempfile::tempdir().unwrap();
-        let db = dir.path().join("t.db");
+        let db = new_db(&dir);
         let (journal, found) = opened(&db);
         assert!(found.is_empty());
         for key in 1..=4 {
@@ -637,7 +703,7 @@ mod tests {
     #[test]
     fn zeros_between_lines_are_skipped_and_a_line_with_a_gap_is_not_whole() {
         let dir = tempfile::tempdir().unwrap();
-        let db = dir.path().join("t.db");
+        let db = new_db(&dir);
         let line = |seq, key| encode(seq, &body_of(&usage(key, None)).unwrap());
         // A page kept older by a power loss: zeros, then whole lines; and
         // a line whose copy stored its start and its end but not its
@@ -657,7 +723,7 @@ mod tests {
     #[test]
     fn one_process_at_a_time() {
         let dir = tempfile::tempdir().unwrap();
-        let db = dir.path().join("t.db");
+        let db = new_db(&dir);
         let held = Journal::open(&db, Duration::ZERO).unwrap();
         assert!(held.is_some());
         let waited = Instant::now();
@@ -672,7 +738,7 @@ mod tests {
     #[test]
     fn a_journal_not_yet_emptied_takes_no_settlement() {
         let dir = tempfile::tempdir().unwrap();
-        let (journal, _) = Journal::open(&dir.path().join("t.db"), Duration::ZERO)
+        let (journal, _) = Journal::open(&new_db(&dir), Duration::ZERO)
             .unwrap()
             .unwrap();
         assert!(journal.append(usage(1, None)).is_err());
@@ -682,7 +748,7 @@ mod tests {
     #[test]
     fn a_journal_grows_when_the_writer_falls_behind_and_starts_over() {
         let dir = tempfile::tempdir().unwrap();
-        let db = dir.path().join("t.db");
+        let db = new_db(&dir);
         let (journal, _) = opened(&db);
         // Short: nothing happens.
         journal.append(usage(1, None)).unwrap();
@@ -704,7 +770,6 @@ mod tests {
         // Every line there, across the first reservation's end.
         let seqs: Vec<u64> = read(&path_of(&db)).unwrap().iter().map(|e| e.seq).collect();
         assert_eq!(seqs, (1..=seqs.len() as u64).collect::<Vec<_>>());
-        assert!(used(&db) > CAPACITY);
         // The entries taken (applied), two not: starting over keeps those.
         let mut taken = Vec::new();
         journal.take(&mut taken);
@@ -735,5 +800,106 @@ mod tests {
         journal.applied(taken.len());
         journal.empty_if_applied();
         assert_eq!(used(&db), 0);
+    }
+
+    #[test]
+    fn journal_files_are_never_opened_through_a_link() {
+        use std::os::unix::fs::symlink;
+        let dir = tempfile::tempdir().unwrap();
+        let db = new_db(&dir);
+        let victim = dir.path().join("victim");
+        std::fs::write(&victim, b"kept as it is").unwrap();
+        let journal = path_of(&db);
+        for link in [with_suffix(&journal, ".lock"), journal.clone()] {
+            symlink(&victim, &link).unwrap();
+            let refused = Journal::open(&db, Duration::ZERO);
+            assert!(refused.is_err(), "{}", link.display());
+            std::fs::remove_file(&link).unwrap();
+        }
+        // A link to a file not there yet: not created through it.
+        let absent = dir.path().join("absent");
+        for link in [with_suffix(&journal, ".lock"), journal.clone()] {
+            let _ = std::fs::remove_file(&link);
+            symlink(&absent, &link).unwrap();
+            assert!(Journal::open(&db, Duration::ZERO).is_err());
+            assert!(!absent.exists(), "{}", link.display());
+            std::fs::remove_file(&link).unwrap();
+        }
+        assert_eq!(std::fs::read(&victim).unwrap(), b"kept as it is");
+    }
+
+    #[test]
+    fn journal_files_take_the_permissions_and_owner_of_the_database() {
+        use std::os::unix::fs::{MetadataExt, PermissionsExt};
+        let dir = tempfile::tempdir().unwrap();
+        let db = new_db(&dir);
+        // Group-writable, as a database shared with a group is: more than
+        // the usual umask lets a new file have.
+        std::fs::set_permissions(&db, std::fs::Permissions::from_mode(0o660)).unwrap();
+        // Only root may give a file away.
+        let root = unsafe { libc::geteuid() } == 0;
+        if root {
+            std::os::unix::fs::chown(&db, Some(4321), Some(4321)).unwrap();
+        }
+        let (journal, _) = opened(&db);
+        let long_model = "m".repeat(1000);
+        while used(&db) < START_OVER_AT {
+            journal.append(usage(1, Some(&long_model))).unwrap();
+        }
+        let mut taken = Vec::new();
+        journal.take(&mut taken);
+        journal.applied(taken.len());
+        // Started over: the journal is a new file, made as `.next`.
+        let before = std::fs::metadata(path_of(&db)).unwrap().ino();
+        journal.start_over_if_long().unwrap();
+        assert_ne!(std::fs::metadata(path_of(&db)).unwrap().ino(), before);
+        for file in [path_of(&db), with_suffix(&path_of(&db), ".lock")] {
+            let made = std::fs::metadata(&file).unwrap();
+            assert_eq!(made.mode() & 0o777, 0o660, "{}", file.display());
+            if root {
+                assert_eq!((made.uid(), made.gid()), (4321, 4321), "{}", file.display());
+            }
+        }
+    }
+
+    #[test]
+    fn a_lock_file_that_is_there_is_only_read_and_still_locks() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let db = new_db(&dir);
+        let lock_path = with_suffix(&path_of(&db), ".lock");
+        std::fs::write(&lock_path, b"").unwrap();
+        std::fs::set_permissions(&lock_path, std::fs::Permissions::from_mode(0o444)).unwrap();
+        let held = Journal::open(&db, Duration::ZERO).unwrap();
+        assert!(held.is_some());
+        assert!(Journal::open(&db, Duration::ZERO).unwrap().is_none());
+    }
+
+    #[test]
+    fn applying_a_journal_that_is_not_there_creates_none() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = new_db(&dir);
+        let (journal, found) = Journal::open(&db, Duration::ZERO).unwrap().unwrap();
+        assert!(found.is_empty());
+        // What the CLI does: applied, never opened for appending.
+        journal.applied_up_to(0).unwrap();
+        assert!(!path_of(&db).exists());
+    }
+
+    #[test]
+    fn two_names_of_one_database_share_its_journal() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = new_db(&dir);
+        let alias = dir.path().join("current.db");
+        std::os::unix::fs::symlink(&db, &alias).unwrap();
+        let held = Journal::open(&db, Duration::ZERO).unwrap();
+        assert!(held.is_some());
+        assert!(Journal::open(&alias, Duration::ZERO).unwrap().is_none());
+        drop(held);
+        let (journal, _) = opened(&alias);
+        journal.append(usage(1, None)).unwrap();
+        drop(journal);
+        assert!(used(&db) > 0);
+        assert!(!path_of(&alias).exists());
     }
 }
