@@ -61,9 +61,6 @@ impl FromRequestParts<AppState> for Caller {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
-        if let Some(caller) = parts.extensions.get::<Caller>() {
-            return Ok(caller.clone());
-        }
         let client = parts
             .extensions
             .get::<ConnectInfo<SocketAddr>>()
@@ -126,13 +123,11 @@ async fn lookup(state: &AppState, hash: &KeyHash) -> Result<Option<KeyRecord>, A
     Ok(record.filter(|k| k.is_active(now_millis())))
 }
 
-fn remember(parts: &mut Parts, key: KeyRecord) -> Caller {
+fn remember(parts: &Parts, key: KeyRecord) -> Caller {
     if let Some(log) = parts.extensions.get::<Arc<RequestLog>>() {
         log.set_key(key.id);
     }
-    let caller = Caller { key };
-    parts.extensions.insert(caller.clone());
-    caller
+    Caller { key }
 }
 
 /// A caller with the admin role.

@@ -79,20 +79,25 @@ pub async fn read_limited(
     idle: Option<Duration>,
 ) -> Result<Bytes, ApiError> {
     let mut body = Limited::new(body, limit);
-    let gap = tokio::time::sleep(idle.unwrap_or(Duration::MAX));
-    tokio::pin!(gap);
     // One chunk (the usual case) is kept as it came; more are joined.
     let mut first: Option<Bytes> = None;
     let mut joined = BytesMut::new();
     loop {
-        let frame = tokio::select! {
-            frame = body.frame() => frame,
-            () = &mut gap => {
-                return Err(ApiError::RequestTimeout(format!(
-                    "the request body sent nothing for {} s",
-                    idle.unwrap_or(Duration::MAX).as_secs()
-                )));
-            }
+        // The gap is timed afresh for each frame; a frame that is there
+        // already (a small body arrives with its head) is taken without
+        // arming a timer.
+        let next = body.frame();
+        let frame = match idle {
+            None => next.await,
+            Some(idle) => match tokio::time::timeout(idle, next).await {
+                Ok(frame) => frame,
+                Err(_) => {
+                    return Err(ApiError::RequestTimeout(format!(
+                        "the request body sent nothing for {} s",
+                        idle.as_secs()
+                    )));
+                }
+            },
         };
         let data = match frame {
             None => break,
@@ -109,9 +114,6 @@ pub async fn read_limited(
                 )));
             }
         };
-        if let Some(idle) = idle {
-            gap.as_mut().reset(tokio::time::Instant::now() + idle);
-        }
         match first.take() {
             None if joined.is_empty() => first = Some(data),
             None => joined.extend_from_slice(&data),
