@@ -60,7 +60,12 @@ pub struct Connection {
     /// once, since a finished driver still holds a request queued after
     /// the close (sent too late to be noticed), which hyper hands back,
     /// unsent, only when the driver is dropped.
-    driver: Option<http1::Connection<TokioIo<TcpStream>, Body>>,
+    ///
+    /// Boxed: hyper's connection state is ~700 bytes, and a `Connection`
+    /// moves on every request (out of the idle queue, through the
+    /// exchange's future, into the reply's body), as does every future
+    /// that holds one; a box moves as a pointer.
+    driver: Option<Box<http1::Connection<TokioIo<TcpStream>, Body>>>,
 }
 
 impl Connection {
@@ -75,14 +80,14 @@ impl Connection {
             .map_err(std::io::Error::other)?;
         Ok(Connection {
             sender,
-            driver: Some(driver),
+            driver: Some(Box::new(driver)),
         })
     }
 
     /// Does the connection's pending I/O, registering `cx` for more.
     fn drive(&mut self, cx: &mut Context<'_>) {
         if let Some(driver) = self.driver.as_mut() {
-            if Pin::new(driver).poll(cx).is_ready() {
+            if Pin::new(&mut **driver).poll(cx).is_ready() {
                 self.driver = None;
             }
         }

@@ -52,7 +52,10 @@ pub async fn passthrough(
     }
     let entered = enter(&state, &caller)?;
     let body = read_body(&state, body).await?;
-    forward(&state, &caller, endpoint, request, entered, body).await
+    // Boxed: a future is copied whole wherever it moves (into this one's
+    // state, then with this one into the router's box), and forwarding's
+    // is most of this handler's size.
+    Box::pin(forward(&state, &caller, endpoint, request, entered, body)).await
 }
 
 /// `GET /` and `HEAD /`: Ollama's "Ollama is running", no key needed (tools
