@@ -131,6 +131,11 @@ pub async fn read_limited(
 
 /// Forwards a request whose body is streamed through unread (admin keys on
 /// admin-only paths: model management, blob uploads of any size).
+///
+/// Handlers await this and [`forward`] boxed (`Box::pin`): a future is
+/// copied whole wherever it moves (awaited, into its caller's state; with
+/// the handler's, into the router's box), and forwarding's is several KB,
+/// most of a handler's size.
 pub async fn forward_streamed(
     state: &AppState,
     caller: &Caller,

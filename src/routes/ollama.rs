@@ -48,13 +48,10 @@ pub async fn passthrough(
             )));
         }
         // Model management and blob uploads: streamed through, any size.
-        return forward_streamed(&state, &caller, request, body).await;
+        return Box::pin(forward_streamed(&state, &caller, request, body)).await;
     }
     let entered = enter(&state, &caller)?;
     let body = read_body(&state, body).await?;
-    // Boxed: a future is copied whole wherever it moves (into this one's
-    // state, then with this one into the router's box), and forwarding's
-    // is most of this handler's size.
     Box::pin(forward(&state, &caller, endpoint, request, entered, body)).await
 }
 

@@ -114,5 +114,13 @@ async fn relay_simple(
         log,
     };
     let endpoint = classify(&Method::POST, upstream_path);
-    forward(state, caller, endpoint, request, entered, body.into()).await
+    Box::pin(forward(
+        state,
+        caller,
+        endpoint,
+        request,
+        entered,
+        body.into(),
+    ))
+    .await
 }
