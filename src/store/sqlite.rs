@@ -2026,7 +2026,17 @@ fn applied_in(conn: &Connection) -> rusqlite::Result<u64> {
 /// stopped before it had applied them all), then empties it.
 fn replay(conn: &mut Connection, journal: &Journal, found: &[Entry]) -> Result<(), StoreError> {
     let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-    let last = apply_entries(&tx, found)?;
+    // Only a journal that belongs to another file (one left beside a
+    // database restored from a copy) or a file edited by hand can hold a
+    // settlement the file cannot take: say what to do.
+    let last = apply_entries(&tx, found).map_err(|e| {
+        backend(format!(
+            "the settlement journal {} holds settlements this database cannot take ({e}); \
+             if the database was restored from a copy, the journal belongs to the file it \
+             replaced: stop every tollgate on it and move the journal away",
+            journal.path().display()
+        ))
+    })?;
     tx.commit()?;
     if !found.is_empty() {
         tracing::info!(
@@ -2358,6 +2368,31 @@ impl Store for SqliteStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn a_journal_the_file_cannot_take_is_refused_with_what_to_do() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("restored.db");
+        drop(SqliteStore::open(&path).await.unwrap());
+        // A settlement of a key this file does not have: the journal of
+        // another file.
+        {
+            let (journal, _) = Journal::open(&path, JOURNAL_WAIT).unwrap().unwrap();
+            journal.applied_up_to(0).unwrap();
+            journal.open_for_appending().unwrap();
+            journal.append(charge(4242, 1000)).unwrap();
+        }
+        for opened in [
+            SqliteStore::open(&path).await.map(drop),
+            SqliteStore::open_beside(&path).await.map(drop),
+        ] {
+            let message = opened.unwrap_err().to_string();
+            assert!(
+                message.contains("settlement journal") && message.contains("move the journal away"),
+                "{message}"
+            );
+        }
+    }
 
     fn charge(key_id: KeyId, millis: i64) -> UsageRecord {
         UsageRecord {

@@ -402,6 +402,11 @@ impl Journal {
         self.unapplied.fetch_sub(n, Ordering::AcqRel);
     }
 
+    /// The journal file's path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
     /// Whether some entries are not applied to the database yet.
     pub fn unapplied(&self) -> bool {
         self.unapplied.load(Ordering::Acquire) > 0
