@@ -2026,17 +2026,10 @@ fn applied_in(conn: &Connection) -> rusqlite::Result<u64> {
 /// stopped before it had applied them all), then empties it.
 fn replay(conn: &mut Connection, journal: &Journal, found: &[Entry]) -> Result<(), StoreError> {
     let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-    // Only a journal that belongs to another file (one left beside a
-    // database restored from a copy) or a file edited by hand can hold a
-    // settlement the file cannot take: say what to do.
-    let last = apply_entries(&tx, found).map_err(|e| {
-        backend(format!(
-            "the settlement journal {} holds settlements this database cannot take ({e}); \
-             if the database was restored from a copy, the journal belongs to the file it \
-             replaced: stop every tollgate on it and move the journal away",
-            journal.path().display()
-        ))
-    })?;
+    if let Some(id) = unknown_key(&tx, found)? {
+        return Err(foreign_journal(id, journal.path()));
+    }
+    let last = apply_entries(&tx, found)?;
     tx.commit()?;
     if !found.is_empty() {
         tracing::info!(
@@ -2046,6 +2039,33 @@ fn replay(conn: &mut Connection, journal: &Journal, found: &[Entry]) -> Result<(
         );
     }
     journal.applied_up_to(last)
+}
+
+/// The first key that a settlement not yet applied charges and the file
+/// does not have. Only a journal that belongs to another file (one left
+/// beside a database restored from a copy) or a file edited by hand holds
+/// one.
+fn unknown_key(conn: &Connection, entries: &[Entry]) -> Result<Option<KeyId>, StoreError> {
+    let applied = applied_in(conn)?;
+    let mut known = conn.prepare_cached("SELECT 1 FROM api_keys WHERE id = ?1")?;
+    for entry in entries.iter().filter(|e| e.seq > applied) {
+        if !known.exists([entry.usage.key_id])? {
+            return Ok(Some(entry.usage.key_id));
+        }
+    }
+    Ok(None)
+}
+
+/// The journal at `journal` charges key `id`, which the file lacks: says
+/// what to do. (Any other failure to apply it, a full disk, an I/O error,
+/// is passed on as it is: the journal is kept for the next open.)
+fn foreign_journal(id: KeyId, journal: &Path) -> StoreError {
+    backend(format!(
+        "the settlement journal {} charges key {id}, which this database does not have; \
+         if the database was restored from a copy, the journal belongs to the file it \
+         replaced: stop every tollgate on it and move the journal away",
+        journal.display()
+    ))
 }
 
 /// What settlements write to their key's row: the credits charged, and the

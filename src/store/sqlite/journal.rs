@@ -202,19 +202,27 @@ enum Opening {
     Any,
     /// Opened when it is there, never created (`None` when missing).
     Existing,
-    /// The lock file: created when missing, else opened for reading only
-    /// (a lock needs no more: a CLI user who may read the database but
-    /// not write the gateway's files can still see whether it runs).
+    /// The lock file: created when missing, else opened for writing or,
+    /// where the process may not write it, for reading only (a lock needs
+    /// no more: a CLI user who may read the database but not write the
+    /// gateway's files can still see whether it runs).
     Lock,
 }
 
+/// Flags of every open of a journal file: never through a symbolic link,
+/// and never blocking (a FIFO put in its place would hold the open for
+/// ever; for a regular file the flag changes nothing).
+const OPEN_FLAGS: i32 = libc::O_NOFOLLOW | libc::O_NONBLOCK;
+
 /// Opens a journal file (the journal, its `.next`, its lock) of the
-/// database whose metadata is `db`, never through a symbolic link and
-/// never anything but a regular file. One this process creates gets the
-/// database's permissions (whatever the umask) and, where the process may
-/// (root), its owner, as SQLite does its WAL: a CLI run as root, or by
-/// another member of the database's group, beside a gateway run as a
-/// service user leaves no file the gateway cannot open.
+/// database whose metadata is `db`, never through a symbolic link and only
+/// a regular file with no other name (see [`check_opened`]). One this
+/// process creates gets the database's permissions (whatever the umask)
+/// and its owner and group where the process may (root may give both; a
+/// member of the database's group may give the group), as SQLite does its
+/// WAL: a CLI run as root, or by another member of the database's group,
+/// beside a gateway run as a service user leaves no file the gateway
+/// cannot open.
 fn open_file(db: &Metadata, path: &Path, how: Opening) -> Result<Option<File>, StoreError> {
     use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
     let mode = db.mode() & 0o666;
@@ -223,45 +231,88 @@ fn open_file(db: &Metadata, path: &Path, how: Opening) -> Result<Option<File>, S
         options
             .read(true)
             .write(write)
-            .custom_flags(libc::O_NOFOLLOW)
+            .custom_flags(OPEN_FLAGS)
             .mode(mode);
         options
     };
     // Created here (exclusively: a symbolic link in its place is "there
-    // already"), or else opened as it is.
+    // already"), or else opened as it is: a lock for writing where the
+    // process may (some network file systems lock only what is open for
+    // writing), else for reading (a lock needs no more).
     let (file, created) = match options(true)
         .create_new(how != Opening::Existing)
         .open(path)
     {
         Ok(file) => (file, how != Opening::Existing),
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && how != Opening::New => {
-            let file = options(how != Opening::Lock)
-                .open(path)
-                .map_err(|e| failed("open", path, e))?;
-            (file, false)
+            let opened = match options(true).open(path) {
+                Err(e) if how == Opening::Lock && e.raw_os_error() == Some(libc::EACCES) => {
+                    options(false).open(path)
+                }
+                opened => opened,
+            };
+            (opened.map_err(|e| failed("open", path, e))?, false)
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound && how == Opening::Existing => {
             return Ok(None)
         }
         Err(e) => return Err(failed("open", path, e)),
     };
-    let found = file.metadata().map_err(|e| failed("open", path, e))?;
-    if !found.file_type().is_file() {
-        return Err(failed("open", path, "not a regular file"));
-    }
+    let found = check_opened(&file, path)?;
     if created {
         // Best effort: the file works as created.
         let _ = file.set_permissions(std::fs::Permissions::from_mode(mode));
-        if (found.uid(), found.gid()) != (db.uid(), db.gid()) {
-            let _ = std::os::unix::fs::fchown(&file, Some(db.uid()), Some(db.gid()));
+        if (found.uid(), found.gid()) != (db.uid(), db.gid())
+            && std::os::unix::fs::fchown(&file, Some(db.uid()), Some(db.gid())).is_err()
+        {
+            // Not root: the group alone, which its members may give.
+            let _ = std::os::unix::fs::fchown(&file, None, Some(db.gid()));
         }
     }
     Ok(Some(file))
 }
 
+/// Refuses an opened journal file that is not a regular file, or that has
+/// another name too (a hard link: whoever made it could have a CLI run as
+/// root empty a file they do not own).
+fn check_opened(file: &File, path: &Path) -> Result<Metadata, StoreError> {
+    use std::os::unix::fs::MetadataExt;
+    let found = file.metadata().map_err(|e| failed("open", path, e))?;
+    if !found.file_type().is_file() {
+        return Err(failed("open", path, "not a regular file"));
+    }
+    if found.nlink() > 1 {
+        return Err(failed("open", path, "it has other names (hard links)"));
+    }
+    Ok(found)
+}
+
 /// [`open_file`] for a file that it creates when missing.
 fn open_or_create(db: &Metadata, path: &Path, how: Opening) -> Result<File, StoreError> {
     open_file(db, path, how)?.ok_or_else(|| failed("open", path, "not found"))
+}
+
+/// Refuses to go on when `named`, the journal's name after the database
+/// path as given, is another file than `journal` (the name after its real
+/// path, which tollgate uses) and holds settlements: a tollgate before
+/// 8f617bd named the journal after the path as given, and one that stopped
+/// with settlements not yet applied left them there.
+fn refuse_journal_under_other_name(named: &Path, journal: &Path) -> Result<(), StoreError> {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(other) = std::fs::symlink_metadata(named) else {
+        return Ok(());
+    };
+    let same = std::fs::symlink_metadata(journal)
+        .is_ok_and(|ours| (ours.dev(), ours.ino()) == (other.dev(), other.ino()));
+    if same || !other.file_type().is_file() || read(named)?.is_empty() {
+        return Ok(());
+    }
+    Err(backend(format!(
+        "{} holds settlements not yet applied, under a name of the database that is not its \
+         real path: with no tollgate running, move it to {}",
+        named.display(),
+        journal.display()
+    )))
 }
 
 /// The metadata of the database at `db`, which journal files copy.
@@ -293,7 +344,9 @@ impl Journal {
     /// names the WAL: two gateways that reach one file by two names (a
     /// symbolic link) take the same lock, the second is refused.
     pub fn open(db: &Path, wait: Duration) -> Result<Option<(Journal, Vec<Entry>)>, StoreError> {
-        let db = std::fs::canonicalize(db).map_err(|e| failed("find", db, e))?;
+        let given = db;
+        let db = std::fs::canonicalize(given).map_err(|e| failed("find", given, e))?;
+        refuse_journal_under_other_name(&path_of(given), &path_of(&db))?;
         let db_metadata = metadata_of(&db)?;
         let lock_path = with_suffix(&path_of(&db), ".lock");
         let lock_file = open_or_create(&db_metadata, &lock_path, Opening::Lock)?;
@@ -534,13 +587,14 @@ fn read(path: &Path) -> Result<Vec<Entry>, StoreError> {
     use std::os::unix::fs::OpenOptionsExt;
     let opened = OpenOptions::new()
         .read(true)
-        .custom_flags(libc::O_NOFOLLOW)
+        .custom_flags(OPEN_FLAGS)
         .open(path);
     let mut file = match opened {
         Ok(file) => file,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
         Err(e) => return Err(failed("open", path, e)),
     };
+    check_opened(&file, path)?;
     let skipped = |bytes: usize| {
         tracing::warn!(
             journal = %path.display(),
@@ -645,6 +699,15 @@ mod tests {
         let db = dir.path().join("t.db");
         std::fs::write(&db, b"").unwrap();
         db
+    }
+
+    /// A new database file in `dir` and another name of it (a symbolic
+    /// link).
+    fn db_and_alias(dir: &tempfile::TempDir) -> (PathBuf, PathBuf) {
+        let db = new_db(dir);
+        let alias = dir.path().join("current.db");
+        std::os::unix::fs::symlink(&db, &alias).unwrap();
+        (db, alias)
     }
 
     /// The bytes of lines in the journal of `db`.
@@ -841,6 +904,10 @@ mod tests {
         // Group-writable, as a database shared with a group is: more than
         // the usual umask lets a new file have.
         std::fs::set_permissions(&db, std::fs::Permissions::from_mode(0o660)).unwrap();
+        // A umask that would take the group's bits away: the files get
+        // them all the same. (Only this test creates files with a mode
+        // that depends on it; others' SQLite files are at most 0600.)
+        let umask = unsafe { libc::umask(0o077) };
         // Only root may give a file away.
         let root = unsafe { libc::geteuid() } == 0;
         if root {
@@ -857,6 +924,7 @@ mod tests {
         // Started over: the journal is a new file, made as `.next`.
         let before = std::fs::metadata(path_of(&db)).unwrap().ino();
         journal.start_over_if_long().unwrap();
+        unsafe { libc::umask(umask) };
         assert_ne!(std::fs::metadata(path_of(&db)).unwrap().ino(), before);
         for file in [path_of(&db), with_suffix(&path_of(&db), ".lock")] {
             let made = std::fs::metadata(&file).unwrap();
@@ -867,8 +935,10 @@ mod tests {
         }
     }
 
+    /// (Opened for reading only where the process may not write it: not
+    /// to be seen as root, who may write it whatever its mode.)
     #[test]
-    fn a_lock_file_that_is_there_is_only_read_and_still_locks() {
+    fn a_lock_file_that_is_there_still_locks() {
         use std::os::unix::fs::PermissionsExt;
         let dir = tempfile::tempdir().unwrap();
         let db = new_db(&dir);
@@ -894,9 +964,7 @@ mod tests {
     #[test]
     fn two_names_of_one_database_share_its_journal() {
         let dir = tempfile::tempdir().unwrap();
-        let db = new_db(&dir);
-        let alias = dir.path().join("current.db");
-        std::os::unix::fs::symlink(&db, &alias).unwrap();
+        let (db, alias) = db_and_alias(&dir);
         let held = Journal::open(&db, Duration::ZERO).unwrap();
         assert!(held.is_some());
         assert!(Journal::open(&alias, Duration::ZERO).unwrap().is_none());
@@ -906,5 +974,61 @@ mod tests {
         drop(journal);
         assert!(used(&db) > 0);
         assert!(!path_of(&alias).exists());
+    }
+
+    #[test]
+    fn a_fifo_or_a_hard_link_in_place_of_a_journal_file_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = new_db(&dir);
+        let journal = path_of(&db);
+        let other = dir.path().join("someone-elses");
+        std::fs::write(&other, b"kept as it is").unwrap();
+        for name in [with_suffix(&journal, ".lock"), journal.clone()] {
+            // A FIFO: refused at once, not waited on for a writer.
+            let c_name = std::ffi::CString::new(name.as_os_str().as_encoded_bytes()).unwrap();
+            assert_eq!(unsafe { libc::mkfifo(c_name.as_ptr(), 0o600) }, 0);
+            let (tx, rx) = std::sync::mpsc::channel();
+            let opening = db.clone();
+            std::thread::spawn(move || {
+                let _ = tx.send(Journal::open(&opening, Duration::ZERO).is_err());
+            });
+            let refused = rx.recv_timeout(Duration::from_secs(10));
+            assert_eq!(refused, Ok(true), "{}", name.display());
+            std::fs::remove_file(&name).unwrap();
+            // Another name of someone else's file.
+            std::fs::hard_link(&other, &name).unwrap();
+            assert!(
+                Journal::open(&db, Duration::ZERO).is_err(),
+                "{}",
+                name.display()
+            );
+            std::fs::remove_file(&name).unwrap();
+            let _ = std::fs::remove_file(with_suffix(&journal, ".lock"));
+        }
+        assert_eq!(std::fs::read(&other).unwrap(), b"kept as it is");
+    }
+
+    #[test]
+    fn a_journal_left_under_another_name_of_the_database_is_not_passed_over() {
+        let dir = tempfile::tempdir().unwrap();
+        let (db, alias) = db_and_alias(&dir);
+        // What a tollgate that named the journal after the path as given
+        // left: empty, nothing to say; with settlements, refused.
+        std::fs::write(path_of(&alias), b"").unwrap();
+        assert!(Journal::open(&alias, Duration::ZERO).unwrap().is_some());
+        std::fs::write(
+            path_of(&alias),
+            encode(1, &body_of(&usage(1, None)).unwrap()),
+        )
+        .unwrap();
+        let refused = Journal::open(&alias, Duration::ZERO)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(refused.contains("move it to"), "{refused}");
+        // Moved as told: its settlements are read.
+        std::fs::rename(path_of(&alias), path_of(&db)).unwrap();
+        let (_journal, found) = Journal::open(&alias, Duration::ZERO).unwrap().unwrap();
+        assert_eq!(found.len(), 1);
     }
 }
