@@ -68,7 +68,11 @@ pub(crate) const START_OVER_AT: usize = 1 << 20;
 pub(crate) const CAPACITY: usize = 2 * START_OVER_AT;
 
 /// The checksum of a line: CRC-32C (Castagnoli), as ext4 and iSCSI use.
-const CRC: crc::Crc<u32> = crc::Crc::<u32>::new(&crc::CRC_32_ISCSI);
+/// Computed sixteen bytes at a time (slicing-by-16, a 16 KiB table built at
+/// compile time): a line of ~150 bytes costs ~4× less than byte by byte,
+/// on the thread that serves the request; the checksum is the same.
+static CRC: crc::Crc<u32, crc::Table<16>> =
+    crc::Crc::<u32, crc::Table<16>>::new(&crc::CRC_32_ISCSI);
 
 /// A settlement in the journal, with its number.
 #[derive(Clone, Debug, PartialEq)]
@@ -660,6 +664,13 @@ mod tests {
             credits: Credits::from_millis(-3),
             duration_ms: 12,
         }
+    }
+
+    #[test]
+    fn the_checksum_is_crc32c() {
+        // The check value of CRC-32C: journals written byte by byte read
+        // back under the table-driven computation, and the other way.
+        assert_eq!(CRC.checksum(b"123456789"), 0xe306_9283);
     }
 
     #[test]
