@@ -24,6 +24,18 @@ fn created(out: &Output) -> (Value, String) {
     (view, secret)
 }
 
+/// A new temporary directory (removed when dropped) and a launch of
+/// `tollgate` on the SQLite file `name` in it, in front of `fake`, with
+/// the admin key.
+fn on_a_new_sqlite_file(name: &str, fake: &FakeOllama) -> (tempfile::TempDir, Launch) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let launch = Launch::new(dir.path())
+        .var("DATABASE_URL", &sqlite_url(&dir.path().join(name)))
+        .var("OLLAMA_URL", &fake.url())
+        .var("ADMIN_KEY", ADMIN);
+    (dir, launch)
+}
+
 /// Waits until a change the CLI committed is seen by every request a
 /// gateway on the same SQLite file takes (10 ms after the commit; README,
 /// *Storage*).
@@ -43,12 +55,8 @@ fn json_lines(text: &str) -> Vec<Value> {
 #[tokio::test]
 async fn keys_commands_work_on_a_running_gateways_store() {
     let fake = FakeOllama::start().await;
-    let dir = tempfile::tempdir().expect("tempdir");
+    let (dir, launch) = on_a_new_sqlite_file("cli.db", &fake);
     let db = dir.path().join("cli.db");
-    let launch = Launch::new(dir.path())
-        .var("DATABASE_URL", &sqlite_url(&db))
-        .var("OLLAMA_URL", &fake.url())
-        .var("ADMIN_KEY", ADMIN);
 
     let out = launch
         .run(&[
@@ -194,11 +202,7 @@ async fn keys_commands_work_on_a_running_gateways_store() {
 #[tokio::test]
 async fn an_expired_key_gets_401() {
     let fake = FakeOllama::start().await;
-    let dir = tempfile::tempdir().expect("tempdir");
-    let launch = Launch::new(dir.path())
-        .var("DATABASE_URL", &sqlite_url(&dir.path().join("expiry.db")))
-        .var("OLLAMA_URL", &fake.url())
-        .var("ADMIN_KEY", ADMIN);
+    let (_dir, launch) = on_a_new_sqlite_file("expiry.db", &fake);
     let gw = launch.start().await;
 
     let expiry = time::OffsetDateTime::now_utc() + time::Duration::seconds(3);
@@ -329,12 +333,8 @@ async fn help_and_bad_arguments() {
 #[tokio::test]
 async fn a_second_gateway_on_one_sqlite_file_is_refused() {
     let fake = FakeOllama::start().await;
-    let dir = tempfile::tempdir().expect("tempdir");
-    let launch = Launch::new(dir.path())
-        .var("DATABASE_URL", &sqlite_url(&dir.path().join("one.db")))
-        .var("OLLAMA_URL", &fake.url())
-        .var("ADMIN_KEY", ADMIN)
-        .var("API_KEYS", "k1=5");
+    let (_dir, launch) = on_a_new_sqlite_file("one.db", &fake);
+    let launch = launch.var("API_KEYS", "k1=5");
     let gw = launch.start().await;
     let second = launch
         .clone()
