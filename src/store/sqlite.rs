@@ -1986,8 +1986,7 @@ macro_rules! charge_sql {
 /// Notes the last one applied; returns that number (the file's when none
 /// was new).
 fn apply_entries(conn: &Connection, entries: &[Entry]) -> Result<u64, StoreError> {
-    let applied = applied_in(conn)?;
-    let new: Vec<&Entry> = entries.iter().filter(|e| e.seq > applied).collect();
+    let (applied, new) = not_in_file(conn, entries)?;
     let usages: Vec<&UsageRecord> = new.iter().map(|e| &e.usage).collect();
     record_usages(conn, &usages)?;
     let last = new.iter().map(|e| e.seq).max().unwrap_or(applied);
@@ -2012,6 +2011,19 @@ fn apply_entries(conn: &Connection, entries: &[Entry]) -> Result<u64, StoreError
             .execute([i64_of(last)])?;
     }
     Ok(last)
+}
+
+/// The number of the last journal entry the file has, and those of
+/// `entries` that come after it (the file does not have them yet).
+fn not_in_file<'a>(
+    conn: &Connection,
+    entries: &'a [Entry],
+) -> rusqlite::Result<(u64, Vec<&'a Entry>)> {
+    let applied = applied_in(conn)?;
+    Ok((
+        applied,
+        entries.iter().filter(|e| e.seq > applied).collect(),
+    ))
 }
 
 /// The number of the last journal entry the file has.
@@ -2046,9 +2058,9 @@ fn replay(conn: &mut Connection, journal: &Journal, found: &[Entry]) -> Result<(
 /// beside a database restored from a copy) or a file edited by hand holds
 /// one.
 fn unknown_key(conn: &Connection, entries: &[Entry]) -> Result<Option<KeyId>, StoreError> {
-    let applied = applied_in(conn)?;
+    let (_, new) = not_in_file(conn, entries)?;
     let mut known = conn.prepare_cached("SELECT 1 FROM api_keys WHERE id = ?1")?;
-    for entry in entries.iter().filter(|e| e.seq > applied) {
+    for entry in new {
         if !known.exists([entry.usage.key_id])? {
             return Ok(Some(entry.usage.key_id));
         }
