@@ -15,7 +15,8 @@
 //!   `tollgate-memory`, `tollgate-sqlite`, `tollgate-postgres`; and
 //!   `hyper-floor-ledger`, `hyper-floor-journal` and
 //!   `hyper-floor-journal-sqlite`, the floor with the least durable ledger
-//!   in SQLite, in a plain file, or in both, run only when named here);
+//!   in SQLite, in a plain file, or in both, and `hyper-floor-axum`, the
+//!   floor behind an axum router, run only when named here);
 //! - `--scenarios a,b`: only these scenarios (`rss`, `saturation`, `fixed`,
 //!   `stream`, `paced`);
 //! - `--out FILE`: also write the report (markdown) to FILE;
@@ -319,6 +320,8 @@ async fn run(opts: Opts) -> ExitCode {
                         dir.path().join("floor-journal-sqlite").display()
                     ),
                 ),
+                // Not a ledger: the floor behind an axum router.
+                ("hyper-floor-axum", "axum".to_string()),
             ];
             for (name, ledger) in ledgers {
                 if opts
@@ -1071,6 +1074,9 @@ fn write_report(results: &Results, cx: &Context) -> String {
         ("hyper-floor-journal-sqlite", "nginx"),
         ("hyper-floor-journal-sqlite", "hyper-floor"),
         ("hyper-floor-journaled-writer", "hyper-floor"),
+        ("hyper-floor-axum", "nginx"),
+        ("hyper-floor-axum", "hyper-floor"),
+        ("tollgate-memory", "hyper-floor-axum"),
         (DEFAULT, "hyper-floor-ledger"),
         ("nginx", "direct"),
     ] {

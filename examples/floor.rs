@@ -3,7 +3,7 @@
 //! mimalloc) can do per request, measured next to nginx and tollgate.
 //!
 //! ```text
-//! floor LISTEN_ADDR UPSTREAM_ADDR KEY[,KEY...] [LEDGER_FILE | journal:FILE | journal+sqlite:FILE]
+//! floor LISTEN_ADDR UPSTREAM_ADDR KEY[,KEY...] [LEDGER_FILE | journal:FILE | journal+sqlite:FILE | axum]
 //! ```
 //!
 //! It does what the benchmark's nginx does and nothing more: checks the
@@ -33,6 +33,15 @@
 //! writer thread afterwards, every 5 ms, in batches that no request waits
 //! for.
 //!
+//! With `axum` instead of a ledger (target `hyper-floor-axum`), the same
+//! forwarding goes through the framework tollgate's contract names: an
+//! axum `Router` with a catch-all route per surface (`/api/{*path}`,
+//! `/v1/{*path}`), the key checked by a `FromRequestParts` extractor, and
+//! the handler taking the state, the method, the URI, the headers and the
+//! body as tollgate's `passthrough` does. What it costs over the plain
+//! floor is what the router and its extractors cost, before any of
+//! tollgate's own work.
+//!
 //! It is not part of tollgate and serves nothing but the benchmark
 //! (`examples/bench`, target `hyper-floor`). Nothing is sent anywhere but
 //! to the given addresses, which the benchmark keeps on 127.0.0.1.
@@ -54,7 +63,9 @@ use tokio::sync::{oneshot, Mutex};
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-type Upstream = Arc<Mutex<Option<client::SendRequest<Incoming>>>>;
+/// A client connection's own upstream connection, lent to one request at
+/// a time.
+type Upstream<B> = Arc<Mutex<Option<client::SendRequest<B>>>>;
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 #[tokio::main]
@@ -65,7 +76,7 @@ async fn main() -> ExitCode {
         [listen, upstream, keys, ledger] => (listen, upstream, keys, Some(ledger)),
         _ => {
             eprintln!(
-                "usage: floor LISTEN_ADDR UPSTREAM_ADDR KEY[,KEY...] [LEDGER_FILE | journal:FILE | journal+sqlite:FILE]"
+                "usage: floor LISTEN_ADDR UPSTREAM_ADDR KEY[,KEY...] [LEDGER_FILE | journal:FILE | journal+sqlite:FILE | axum]"
             );
             return ExitCode::from(2);
         }
@@ -80,6 +91,8 @@ async fn main() -> ExitCode {
             .map(|(k, id)| (k.as_bytes().to_vec(), id))
             .collect(),
     );
+    let through_axum = ledger.is_some_and(|mode| mode == "axum");
+    let ledger = ledger.filter(|_| !through_axum);
     let ledger = match ledger.map(|path| Ledger::open(path, keys.values().copied())) {
         None => None,
         Some(Ok(ledger)) => Some(ledger),
@@ -95,14 +108,19 @@ async fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    let router = through_axum.then(|| routed::router(keys.clone(), upstream));
     loop {
         let Ok((socket, _)) = listener.accept().await else {
             continue;
         };
         let _ = socket.set_nodelay(true);
+        if let Some(router) = &router {
+            tokio::spawn(routed::serve(socket, router.clone()));
+            continue;
+        }
         let keys = keys.clone();
         let ledger = ledger.clone();
-        let conn: Upstream = Arc::new(Mutex::new(None));
+        let conn: Upstream<Incoming> = Arc::new(Mutex::new(None));
         tokio::spawn(async move {
             let service = hyper::service::service_fn(move |request| {
                 forward(
@@ -120,12 +138,110 @@ async fn main() -> ExitCode {
     }
 }
 
+/// The floor behind an axum `Router` (`axum` mode, see the module
+/// documentation).
+mod routed {
+    use super::{exchange, refused, Upstream};
+    use axum::body::Body;
+    use axum::extract::{FromRequestParts, State};
+    use axum::http::request::Parts;
+    use axum::http::{HeaderMap, Method, Request, Response, StatusCode, Uri};
+    use axum::routing::any;
+    use axum::{Extension, Router};
+    use hyper::body::Incoming;
+    use hyper_util::rt::TokioIo;
+    use std::collections::HashMap;
+    use std::net::SocketAddr;
+    use std::sync::Arc;
+    use tokio::net::TcpStream;
+    use tokio::sync::Mutex;
+    use tower::ServiceExt;
+
+    #[derive(Clone)]
+    pub struct Floor {
+        keys: Arc<HashMap<Vec<u8>, i64>>,
+        upstream: SocketAddr,
+    }
+
+    /// The caller's key, checked as tollgate's auth extractor checks it
+    /// (here against a fixed set) and taken out of the headers.
+    struct Key(#[allow(dead_code)] i64);
+
+    impl FromRequestParts<Floor> for Key {
+        type Rejection = Response<Body>;
+
+        async fn from_request_parts(
+            parts: &mut Parts,
+            state: &Floor,
+        ) -> Result<Key, Response<Body>> {
+            parts
+                .headers
+                .remove("x-api-key")
+                .and_then(|key| state.keys.get(key.as_bytes()).copied())
+                .map(Key)
+                .ok_or_else(refused)
+        }
+    }
+
+    pub fn router(keys: Arc<HashMap<Vec<u8>, i64>>, upstream: SocketAddr) -> Router {
+        Router::new()
+            .route("/", any(root))
+            .route("/api/{*path}", any(passthrough))
+            .route("/v1/{*path}", any(passthrough))
+            .with_state(Floor { keys, upstream })
+    }
+
+    /// One client connection: its requests go through `router`, each with
+    /// the connection's own upstream connection in its extensions.
+    pub async fn serve(socket: TcpStream, router: Router) {
+        let conn: Upstream<Body> = Arc::new(Mutex::new(None));
+        let service = hyper::service::service_fn(move |request: Request<Incoming>| {
+            let mut request = request.map(Body::new);
+            request.extensions_mut().insert(conn.clone());
+            Box::pin(router.clone().oneshot(request))
+        });
+        let _ = hyper::server::conn::http1::Builder::new()
+            .serve_connection(TokioIo::new(socket), service)
+            .await;
+    }
+
+    /// What tollgate's `passthrough` takes, forwarded as the floor does.
+    async fn passthrough(
+        State(state): State<Floor>,
+        _key: Key,
+        Extension(conn): Extension<Upstream<Body>>,
+        method: Method,
+        uri: Uri,
+        headers: HeaderMap,
+        body: Body,
+    ) -> Result<Response<Body>, StatusCode> {
+        let mut request = Request::new(body);
+        *request.method_mut() = method;
+        *request.uri_mut() = uri;
+        *request.headers_mut() = headers;
+        exchange(&conn, state.upstream, request)
+            .await
+            .map_err(|_| StatusCode::BAD_GATEWAY)
+    }
+
+    /// `/`, Ollama's probe: no key needed, as in tollgate.
+    async fn root(
+        State(state): State<Floor>,
+        Extension(conn): Extension<Upstream<Body>>,
+        request: Request<Body>,
+    ) -> Result<Response<Body>, StatusCode> {
+        exchange(&conn, state.upstream, request)
+            .await
+            .map_err(|_| StatusCode::BAD_GATEWAY)
+    }
+}
+
 /// One request: the key check, then the exchange with the upstream.
 async fn forward(
     mut request: Request<Incoming>,
     keys: Arc<HashMap<Vec<u8>, i64>>,
     ledger: Option<Ledger>,
-    conn: Upstream,
+    conn: Upstream<Incoming>,
     upstream: SocketAddr,
 ) -> Result<Response<Body>, BoxError> {
     let known = request
@@ -133,10 +249,27 @@ async fn forward(
         .remove("x-api-key")
         .and_then(|key| keys.get(key.as_bytes()).copied());
     let Some(key_id) = known else {
-        let mut refused = Response::new(Body::from(r#"{"error":"invalid API key"}"#));
-        *refused.status_mut() = StatusCode::UNAUTHORIZED;
-        return Ok(refused);
+        return Ok(refused());
     };
+    let reply = exchange(&conn, upstream, request).await?;
+    if let Some(ledger) = ledger {
+        ledger.charge(key_id).await?;
+    }
+    Ok(reply)
+}
+
+/// Sends `request` on the client connection's own upstream connection
+/// (opened on first use, or again when the upstream closed it).
+async fn exchange<B>(
+    conn: &Upstream<B>,
+    upstream: SocketAddr,
+    request: Request<B>,
+) -> Result<Response<Body>, BoxError>
+where
+    B: hyper::body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<BoxError>,
+{
     // One request at a time per client connection: the lock is never
     // contended, it only lends the connection to this request.
     let mut slot = conn.lock().await;
@@ -147,11 +280,14 @@ async fn forward(
     sender.ready().await?;
     let reply = sender.send_request(request).await?;
     *slot = Some(sender);
-    drop(slot);
-    if let Some(ledger) = ledger {
-        ledger.charge(key_id).await?;
-    }
     Ok(reply.map(Body::new))
+}
+
+/// The answer to a request without a known key.
+fn refused() -> Response<Body> {
+    let mut refused = Response::new(Body::from(r#"{"error":"invalid API key"}"#));
+    *refused.status_mut() = StatusCode::UNAUTHORIZED;
+    refused
 }
 
 /// The least durable ledger (see the module documentation).
@@ -395,10 +531,15 @@ fn apply(
 
 /// A new HTTP/1 connection to the upstream, driven by a task of its own.
 /// A failure ends the client's connection (hyper closes it on an error).
-async fn connect(upstream: SocketAddr) -> Result<client::SendRequest<Incoming>, BoxError> {
+async fn connect<B>(upstream: SocketAddr) -> Result<client::SendRequest<B>, BoxError>
+where
+    B: hyper::body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<BoxError>,
+{
     let stream = TcpStream::connect(upstream).await?;
     let _ = stream.set_nodelay(true);
-    let (sender, connection) = client::handshake(TokioIo::new(stream)).await?;
+    let (sender, connection) = client::handshake::<_, B>(TokioIo::new(stream)).await?;
     tokio::spawn(connection);
     Ok(sender)
 }
