@@ -3,11 +3,11 @@
 //! store, like the admin API does over HTTP.
 
 use crate::admin::export::{self, Format};
-use crate::admin::keys::{self, KeySpec, KeyView};
+use crate::admin::keys::{self, KeyError, KeySpec, KeyView};
 use crate::app::{App, Hooks};
 use crate::config::{Config, DatabaseUrl};
 use crate::credits::Credits;
-use crate::store::{self, BalanceChange, KeyId, PageRequest, Role, SharedStore};
+use crate::store::{self, BalanceChange, KeyId, PageRequest, Role, SharedStore, StoreError};
 use clap::{Parser, Subcommand};
 use std::net::SocketAddr;
 use std::path::Path;
@@ -49,7 +49,7 @@ enum Command {
 }
 
 #[derive(Subcommand)]
-enum KeysCommand {
+pub(crate) enum KeysCommand {
     /// Create a key and print its secret (shown this once).
     Create {
         /// A name for the key (who holds it).
@@ -108,6 +108,51 @@ fn parse_expiry(s: &str) -> Result<i64, String> {
     keys::parse_time(s).ok_or_else(|| format!("{s:?} is not an RFC 3339 time"))
 }
 
+/// Why a command failed, told to scripts by the exit code: 1 when nothing
+/// was changed, 3 when the database did not confirm a change that it may
+/// have applied (a top-up made again blindly could count twice). 2 is for
+/// a command line or configuration that cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum Failure {
+    #[error("{0}")]
+    Failed(String),
+    #[error(transparent)]
+    Unconfirmed(StoreError),
+}
+
+impl Failure {
+    pub(crate) fn exit_code(&self) -> u8 {
+        match self {
+            Failure::Failed(_) => 1,
+            Failure::Unconfirmed(_) => 3,
+        }
+    }
+}
+
+impl From<StoreError> for Failure {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::Unconfirmed(_) => Failure::Unconfirmed(e),
+            other => Failure::Failed(other.to_string()),
+        }
+    }
+}
+
+impl From<KeyError> for Failure {
+    fn from(e: KeyError) -> Self {
+        match e {
+            KeyError::Store(e) => Failure::from(e),
+            other => Failure::Failed(other.to_string()),
+        }
+    }
+}
+
+impl From<String> for Failure {
+    fn from(message: String) -> Self {
+        Failure::Failed(message)
+    }
+}
+
 pub async fn main() -> ExitCode {
     let cli = Cli::parse();
     let config = match Config::from_env() {
@@ -127,15 +172,15 @@ pub async fn main() -> ExitCode {
         return ExitCode::from(2);
     }
     let result = match command {
-        Command::Serve => serve(config).await,
+        Command::Serve => serve(config).await.map_err(Failure::from),
         Command::Keys(cmd) => match store::open_beside(&config.database_url).await {
             Ok(store) => keys_command(store, cmd).await,
-            Err(e) => Err(e.to_string()),
+            Err(e) => Err(Failure::Failed(e.to_string())),
         },
         Command::Usage { key, limit, csv } => {
             match store::open_beside(&config.database_url).await {
                 Ok(store) => print_usage(store, key, limit, csv).await,
-                Err(e) => Err(e.to_string()),
+                Err(e) => Err(Failure::Failed(e.to_string())),
             }
         }
     };
@@ -143,7 +188,7 @@ pub async fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("tollgate: {e}");
-            ExitCode::FAILURE
+            ExitCode::from(e.exit_code())
         }
     }
 }
@@ -236,7 +281,7 @@ async fn shutdown_signal() {
     }
 }
 
-async fn keys_command(store: SharedStore, cmd: KeysCommand) -> Result<(), String> {
+pub(crate) async fn keys_command(store: SharedStore, cmd: KeysCommand) -> Result<(), Failure> {
     let store = store.as_ref();
     let actor = "cli";
     match cmd {
@@ -258,15 +303,13 @@ async fn keys_command(store: SharedStore, cmd: KeysCommand) -> Result<(), String
                 max_concurrent,
                 expires_at: expires,
             };
-            let (record, secret) = keys::create(store, spec, actor)
-                .await
-                .map_err(|e| e.to_string())?;
+            let (record, secret) = keys::create(store, spec, actor).await?;
             println!("{}", json_line(&KeyView::from(&record))?);
             println!("key: {secret}");
             eprintln!("Keep this key now: it is not stored and cannot be shown again.");
         }
         KeysCommand::List => {
-            for key in store.keys().await.map_err(|e| e.to_string())? {
+            for key in store.keys().await? {
                 println!("{}", json_line(&KeyView::from(&key))?);
             }
         }
@@ -281,13 +324,11 @@ async fn keys_command(store: SharedStore, cmd: KeysCommand) -> Result<(), String
             } else {
                 BalanceChange::Add(credits)
             };
-            let balance = keys::change_credits(store, id, change, actor, reason)
-                .await
-                .map_err(|e| e.to_string())?;
+            let balance = keys::change_credits(store, id, change, actor, reason).await?;
             println!("key {id}: {balance} credits");
         }
         KeysCommand::Revoke { id } => {
-            let key = keys::revoke(store, id).await.map_err(|e| e.to_string())?;
+            let key = keys::revoke(store, id).await?;
             println!("{}", json_line(&KeyView::from(&key))?);
         }
     }
@@ -299,7 +340,7 @@ async fn print_usage(
     key: Option<KeyId>,
     limit: u32,
     csv: bool,
-) -> Result<(), String> {
+) -> Result<(), Failure> {
     let rows = store
         .usage(
             key,
@@ -308,8 +349,7 @@ async fn print_usage(
                 before: None,
             },
         )
-        .await
-        .map_err(|e| e.to_string())?;
+        .await?;
     let format = if csv { Format::Csv } else { Format::Ndjson };
     if csv {
         println!("{}", export::CSV_HEADER);

@@ -379,36 +379,76 @@ async fn postgres_an_adjustment_cut_off_before_the_server_is_sent_again() {
 /// nothing of the commit), and it was, once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_an_adjustment_left_unconfirmed_says_it_may_have_been_applied() {
-    let Some(Relayed {
-        cutter,
-        store,
-        base,
-        schema,
-        ..
-    }) = store_behind_a_cutter().await
-    else {
+    let Some((relayed, s, k)) = an_adjustment_answer_to_be_lost().await else {
         return;
     };
-    let s: SharedStore = store;
-    let k = s.create_key(new_key("k", cr("10"))).await.unwrap().id;
-    cutter.stay_down_after_cut();
-    cutter.arm(
-        Cut::AfterTheTransactionCommits,
-        b"FROM adjustments WHERE request_id = $1",
-    );
     let unconfirmed = s.adjust(k, add("5")).await;
-    assert_eq!(cutter.cuts(), 1, "the relay broke no connection");
+    assert_eq!(relayed.cutter.cuts(), 1, "the relay broke no connection");
     match unconfirmed {
         Err(e @ StoreError::Unconfirmed(_)) => {
             assert!(e.to_string().contains("may have been applied"), "{e}")
         }
         other => panic!("expected an unknown outcome, got {other:?}"),
     }
-    cutter.up();
+    relayed.cutter.up();
     assert_eq!(super::balance(&s, k).await, cr("15"));
     assert_eq!(s.adjustments(k).await.unwrap().len(), 2);
-    drop(s);
-    drop_schema(&base, &schema).await;
+    relayed.drop_with(s).await;
+}
+
+/// The CLI tells a script the same by its exit code: 3 for a top-up that
+/// may have been applied, 1 for a command that changed nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_a_cli_top_up_left_unconfirmed_exits_with_its_own_code() {
+    use crate::cli::{keys_command, KeysCommand};
+    let Some((relayed, s, k)) = an_adjustment_answer_to_be_lost().await else {
+        return;
+    };
+    let top_up = KeysCommand::Topup {
+        id: k,
+        credits: cr("5"),
+        set: false,
+        reason: None,
+    };
+    let unconfirmed = keys_command(s.clone(), top_up).await;
+    assert_eq!(relayed.cutter.cuts(), 1, "the relay broke no connection");
+    let failure = unconfirmed.expect_err("the top-up was not confirmed");
+    assert_eq!(failure.exit_code(), 3, "{failure}");
+    assert!(
+        failure.to_string().contains("may have been applied"),
+        "{failure}"
+    );
+    relayed.cutter.up();
+    assert_eq!(super::balance(&s, k).await, cr("15"));
+    let refused = keys_command(s.clone(), KeysCommand::Revoke { id: k + 1000 })
+        .await
+        .expect_err("no such key");
+    assert_eq!(refused.exit_code(), 1, "{refused}");
+    relayed.drop_with(s).await;
+}
+
+/// A store behind a cutter, a key of 10 credits on it, and the cutter
+/// armed to break the connection for good once an adjustment's
+/// transaction has committed, so that its answer is lost.
+async fn an_adjustment_answer_to_be_lost() -> Option<(Relayed, SharedStore, KeyId)> {
+    let relayed = store_behind_a_cutter().await?;
+    let s: SharedStore = relayed.store.clone();
+    let k = s.create_key(new_key("k", cr("10"))).await.unwrap().id;
+    relayed.cutter.stay_down_after_cut();
+    relayed.cutter.arm(
+        Cut::AfterTheTransactionCommits,
+        b"FROM adjustments WHERE request_id = $1",
+    );
+    Some((relayed, s, k))
+}
+
+impl Relayed {
+    /// Closes the store (`s` is another handle on it) and drops the schema.
+    async fn drop_with(self, s: SharedStore) {
+        drop(s);
+        drop(self.store);
+        drop_schema(&self.base, &self.schema).await;
+    }
 }
 
 /// A gateway taken for dead comes back, and its first heartbeat makes its
