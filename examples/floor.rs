@@ -146,7 +146,7 @@ mod routed {
     use axum::extract::{FromRequestParts, State};
     use axum::http::request::Parts;
     use axum::http::{HeaderMap, Method, Request, Response, StatusCode, Uri};
-    use axum::routing::any;
+    use axum::routing::{any, get};
     use axum::{Extension, Router};
     use hyper::body::Incoming;
     use hyper_util::rt::TokioIo;
@@ -185,7 +185,7 @@ mod routed {
 
     pub fn router(keys: Arc<HashMap<Vec<u8>, i64>>, upstream: SocketAddr) -> Router {
         Router::new()
-            .route("/", any(root))
+            .route("/", get(root))
             .route("/api/{*path}", any(passthrough))
             .route("/v1/{*path}", any(passthrough))
             .with_state(Floor { keys, upstream })
@@ -224,12 +224,14 @@ mod routed {
             .map_err(|_| StatusCode::BAD_GATEWAY)
     }
 
-    /// `/`, Ollama's probe: no key needed, as in tollgate.
+    /// `GET /` and `HEAD /`, Ollama's probe: no key needed, as in
+    /// tollgate, and none passed on.
     async fn root(
         State(state): State<Floor>,
         Extension(conn): Extension<Upstream<Body>>,
-        request: Request<Body>,
+        mut request: Request<Body>,
     ) -> Result<Response<Body>, StatusCode> {
+        request.headers_mut().remove("x-api-key");
         exchange(&conn, state.upstream, request)
             .await
             .map_err(|_| StatusCode::BAD_GATEWAY)
