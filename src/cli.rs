@@ -4,7 +4,7 @@
 
 use crate::admin::export::{self, Format};
 use crate::admin::keys::{self, KeyError, KeySpec, KeyView};
-use crate::app::{App, Hooks};
+use crate::app::{App, Hooks, StartError};
 use crate::config::{Config, DatabaseUrl};
 use crate::credits::Credits;
 use crate::store::{self, BalanceChange, KeyId, PageRequest, Role, SharedStore, StoreError};
@@ -108,14 +108,17 @@ fn parse_expiry(s: &str) -> Result<i64, String> {
     keys::parse_time(s).ok_or_else(|| format!("{s:?} is not an RFC 3339 time"))
 }
 
-/// Why a command failed, told to scripts by the exit code: 1 when nothing
-/// was changed, 3 when the database did not confirm a change that it may
-/// have applied (a top-up made again blindly could count twice). 2 is for
-/// a command line or configuration that cannot be used.
+/// Why a command failed, told to scripts by the exit code: 1 when it
+/// failed (nothing was changed), 2 when the command line, a value in it or
+/// the configuration cannot be used (clap exits with 2 too), 3 when the
+/// database did not confirm a change that it may have applied (a top-up
+/// or a new key made again blindly could count twice).
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum Failure {
     #[error("{0}")]
     Failed(String),
+    #[error("{0}")]
+    Unusable(String),
     #[error(transparent)]
     Unconfirmed(StoreError),
 }
@@ -124,6 +127,7 @@ impl Failure {
     pub(crate) fn exit_code(&self) -> u8 {
         match self {
             Failure::Failed(_) => 1,
+            Failure::Unusable(_) => 2,
             Failure::Unconfirmed(_) => 3,
         }
     }
@@ -142,7 +146,18 @@ impl From<KeyError> for Failure {
     fn from(e: KeyError) -> Self {
         match e {
             KeyError::Store(e) => Failure::from(e),
-            other => Failure::Failed(other.to_string()),
+            // A value the command line gave that no key can have.
+            invalid => Failure::Unusable(invalid.to_string()),
+        }
+    }
+}
+
+impl From<StartError> for Failure {
+    fn from(e: StartError) -> Self {
+        match e {
+            StartError::Store(e) => Failure::from(e),
+            // OLLAMA_URL: tollgate's own address, or not a usable URL.
+            unusable => Failure::Unusable(unusable.to_string()),
         }
     }
 }
@@ -154,41 +169,35 @@ impl From<String> for Failure {
 }
 
 pub async fn main() -> ExitCode {
-    let cli = Cli::parse();
-    let config = match Config::from_env() {
-        Ok(config) => config,
-        Err(e) => {
-            eprintln!("tollgate: {e}");
-            return ExitCode::from(2);
-        }
-    };
-    crate::telemetry::init_logging(config.log_format, &config.log_filter);
-    let command = cli.command.unwrap_or(Command::Serve);
-    if !matches!(command, Command::Serve) && config.database_url == DatabaseUrl::Memory {
-        eprintln!(
-            "tollgate: DATABASE_URL=memory keeps nothing outside the gateway's process: \
-             the CLI works on a sqlite:// or postgres:// store"
-        );
-        return ExitCode::from(2);
-    }
-    let result = match command {
-        Command::Serve => serve(config).await.map_err(Failure::from),
-        Command::Keys(cmd) => match store::open_beside(&config.database_url).await {
-            Ok(store) => keys_command(store, cmd).await,
-            Err(e) => Err(Failure::Failed(e.to_string())),
-        },
-        Command::Usage { key, limit, csv } => {
-            match store::open_beside(&config.database_url).await {
-                Ok(store) => print_usage(store, key, limit, csv).await,
-                Err(e) => Err(Failure::Failed(e.to_string())),
-            }
-        }
-    };
-    match result {
+    match run(Cli::parse()).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("tollgate: {e}");
             ExitCode::from(e.exit_code())
+        }
+    }
+}
+
+async fn run(cli: Cli) -> Result<(), Failure> {
+    let config = Config::from_env().map_err(|e| Failure::Unusable(e.to_string()))?;
+    crate::telemetry::init_logging(config.log_format, &config.log_filter);
+    let command = cli.command.unwrap_or(Command::Serve);
+    if !matches!(command, Command::Serve) && config.database_url == DatabaseUrl::Memory {
+        return Err(Failure::Unusable(
+            "DATABASE_URL=memory keeps nothing outside the gateway's process: \
+             the CLI works on a sqlite:// or postgres:// store"
+                .into(),
+        ));
+    }
+    match command {
+        Command::Serve => serve(config).await,
+        Command::Keys(cmd) => {
+            let store = store::open_beside(&config.database_url).await?;
+            keys_command(store, cmd).await
+        }
+        Command::Usage { key, limit, csv } => {
+            let store = store::open_beside(&config.database_url).await?;
+            print_usage(store, key, limit, csv).await
         }
     }
 }
@@ -213,7 +222,7 @@ fn first_key_message(key: &str, addr: SocketAddr, tls_cert: Option<&Path>) -> St
     )
 }
 
-async fn serve(config: Config) -> Result<(), String> {
+async fn serve(config: Config) -> Result<(), Failure> {
     let addr = config.listen_addr;
     if !addr.ip().is_loopback() && config.tls_cert.is_none() {
         tracing::warn!(%addr, "listening beyond loopback without TLS: API keys travel in clear text");
@@ -221,9 +230,7 @@ async fn serve(config: Config) -> Result<(), String> {
     if !config.ollama_is_loopback() {
         tracing::warn!(url = %config.ollama_url, "OLLAMA_URL is not a loopback address: clients that reach Ollama directly go around the gate");
     }
-    let app = App::build(config, Hooks::default())
-        .await
-        .map_err(|e| e.to_string())?;
+    let app = App::build(config, Hooks::default()).await?;
     if let Some(key) = &app.first_key {
         println!(
             "{}",
@@ -233,7 +240,7 @@ async fn serve(config: Config) -> Result<(), String> {
     let upstream = app.state().upstream.clone();
     let tls = match (&app.state().config.tls_cert, &app.state().config.tls_key) {
         (Some(cert), Some(key)) => {
-            Some(crate::tls::acceptor(cert, key).map_err(|e| e.to_string())?)
+            Some(crate::tls::acceptor(cert, key).map_err(|e| Failure::Unusable(e.to_string()))?)
         }
         _ => None,
     };
@@ -254,7 +261,7 @@ async fn serve(config: Config) -> Result<(), String> {
         Some(tls) => app.serve_tls(listener, tls, shutdown_signal()).await,
         None => app.serve(listener, shutdown_signal()).await,
     };
-    served.map_err(|e| e.to_string())
+    served.map_err(|e| Failure::Failed(e.to_string()))
 }
 
 /// Resolves on SIGTERM or Ctrl-C.

@@ -103,7 +103,8 @@ impl From<StoreError> for ApiError {
                 tracing::error!(error = %msg, "a write the database did not confirm");
                 ApiError::Internal(
                     "storage failure: the database did not confirm the change, which may \
-                     have been applied; look at the key's balance before making it again"
+                     have been applied; look at the key (its balance, or the key list for a \
+                     new key) before making it again"
                         .into(),
                 )
             }

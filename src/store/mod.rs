@@ -294,7 +294,8 @@ pub enum StoreError {
     /// again in time).
     #[error(
         "the database did not confirm the change ({0}); it may have been applied: \
-         look at the key's balance before making it again"
+         look at the key (its balance, or the key list for a new key) \
+         before making it again"
     )]
     Unconfirmed(String),
 }

@@ -396,8 +396,8 @@ async fn postgres_an_adjustment_left_unconfirmed_says_it_may_have_been_applied()
     relayed.drop_with(s).await;
 }
 
-/// The CLI tells a script the same by its exit code: 3 for a top-up that
-/// may have been applied, 1 for a command that changed nothing.
+/// The CLI tells a script the same by its exit code: 3 for a top-up or a
+/// new key that may have been made, 1 for a command that changed nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_a_cli_top_up_left_unconfirmed_exits_with_its_own_code() {
     use crate::cli::{keys_command, KeysCommand};
@@ -420,6 +420,27 @@ async fn postgres_a_cli_top_up_left_unconfirmed_exits_with_its_own_code() {
     );
     relayed.cutter.up();
     assert_eq!(super::balance(&s, k).await, cr("15"));
+    // A key created as the connection breaks at its commit may exist.
+    relayed
+        .cutter
+        .arm(Cut::AfterTheTransactionCommits, b"INSERT INTO api_keys");
+    let create = KeysCommand::Create {
+        name: "made once".into(),
+        credits: cr("7"),
+        role: Role::User,
+        models: None,
+        rate_limit_rpm: None,
+        max_concurrent: None,
+        expires: None,
+    };
+    let failure = keys_command(s.clone(), create)
+        .await
+        .expect_err("the new key was not confirmed");
+    assert_eq!(relayed.cutter.cuts(), 2, "the relay broke no connection");
+    assert_eq!(failure.exit_code(), 3, "{failure}");
+    relayed.cutter.up();
+    let made = s.keys().await.unwrap();
+    assert_eq!(made.iter().filter(|k| k.name == "made once").count(), 1);
     let refused = keys_command(s.clone(), KeysCommand::Revoke { id: k + 1000 })
         .await
         .expect_err("no such key");

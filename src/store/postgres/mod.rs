@@ -468,12 +468,21 @@ impl PostgresStore {
         &self.link.instance
     }
 
+    /// A key whose commit went unanswered may exist: that is said
+    /// (`Unconfirmed`), so that nobody makes it again blindly, a second key
+    /// with credits of its own.
     async fn create_key_uncached(pool: &PgPool, new: NewKey) -> Result<KeyRecord, StoreError> {
         let mut tx = pool.begin().await?;
         let record = insert_key(&mut tx, &new)
             .await?
             .ok_or(StoreError::DuplicateKey)?;
-        tx.commit().await?;
+        tx.commit().await.map_err(|e| {
+            if shares::outcome_unknown(&e) {
+                unconfirmed(&e)
+            } else {
+                StoreError::from(e)
+            }
+        })?;
         Ok(record)
     }
 

@@ -310,10 +310,18 @@ async fn help_and_bad_arguments() {
         (&["keys", "frobnicate"], "frobnicate"),
         (&["usage", "--limit", "lots"], "lots"),
         (&["unknown-command"], "unknown-command"),
+        // Past the command line's parser, refused by the key's checks.
+        (
+            &["keys", "create", "--name", "x", "--rate-limit-rpm", "0"],
+            "rate_limit_rpm",
+        ),
+        (&["keys", "create", "--name", "x", "--models", ""], "model"),
     ];
     for (args, word) in bad {
         let out = launch.run(args).await;
         assert!(!out.success(), "{args:?} succeeded:\n{}", out.stdout);
+        // 2: the command line cannot be used (README, the CLI's exit codes).
+        assert_eq!(out.status.code(), Some(2), "{args:?}:\n{}", out.stderr);
         assert!(
             out.stderr.contains(word),
             "{args:?}: the message does not mention {word}:\n{}",
@@ -324,6 +332,9 @@ async fn help_and_bad_arguments() {
     // Nothing above created a key.
     let out = launch.run(&["keys", "list"]).await.ok();
     assert!(out.stdout.trim().is_empty(), "{}", out.stdout);
+    // A command that fails, having changed nothing: 1.
+    let out = launch.run(&["keys", "revoke", "999"]).await;
+    assert_eq!(out.status.code(), Some(1), "{}", out.stderr);
 }
 
 /// One gateway per SQLite file: a second `tollgate` started on the file
@@ -366,7 +377,7 @@ async fn the_cli_refuses_the_memory_store() {
         &["usage"],
     ] {
         let out = launch.run_within(args, Duration::from_secs(20)).await;
-        assert!(!out.success(), "{args:?}");
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
         assert!(out.stderr.contains("DATABASE_URL=memory"), "{}", out.stderr);
         assert!(!out.stdout.contains("tg_"), "{}", out.stdout);
     }

@@ -373,6 +373,11 @@ async fn bad_configuration_stops_start_up() {
         .spawn_at(addr);
     let out = gw.wait_exit(Duration::from_secs(20)).await;
     assert!(!out.success(), "a self-loop was accepted");
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "a configuration that cannot be used"
+    );
     assert!(out.stderr.contains("OLLAMA_URL"), "{}", out.stderr);
 }
 
