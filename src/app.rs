@@ -580,7 +580,7 @@ async fn sync_keys(
             hash: keys::hash(&key),
             name: "first key".into(),
             role: Role::User,
-            credits: Credits::whole(10),
+            credits: config.default_credits,
             models: None,
             rate_limit_rpm: None,
             max_concurrent: None,

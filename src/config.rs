@@ -113,6 +113,9 @@ pub struct Config {
     pub ollama_url: String,
     /// Keys granted from `API_KEY` / `API_KEYS`, with their initial credits.
     pub grants: Vec<(String, Credits)>,
+    /// `API_KEY_CREDITS`: the grant of `API_KEY`, and the credits of the
+    /// key created on a first start with no key anywhere.
+    pub default_credits: Credits,
     pub admin_key: Option<String>,
     pub database_url: DatabaseUrl,
     pub default_model: String,
@@ -161,17 +164,17 @@ impl Config {
         let get = |name: &str| lookup(name).filter(|v| !v.trim().is_empty());
         let vars = Vars { get: &get };
 
+        let default_credits = vars.parse_or("API_KEY_CREDITS", Credits::whole(10))?;
+        if default_credits < Credits::ZERO {
+            return Err(invalid(
+                "API_KEY_CREDITS",
+                &default_credits.to_string(),
+                "a grant cannot be negative".into(),
+            ));
+        }
         let mut grants = Vec::new();
         if let Some(key) = get("API_KEY") {
-            let credits = vars.parse_or("API_KEY_CREDITS", Credits::whole(10))?;
-            if credits < Credits::ZERO {
-                return Err(invalid(
-                    "API_KEY_CREDITS",
-                    &credits.to_string(),
-                    "a grant cannot be negative".into(),
-                ));
-            }
-            grants.push((key.trim().to_string(), credits));
+            grants.push((key.trim().to_string(), default_credits));
         }
         if let Some(list) = get("API_KEYS") {
             grants.extend(parse_key_list(&list)?);
@@ -197,6 +200,7 @@ impl Config {
             listen_addr: vars.parse_or("LISTEN_ADDR", SocketAddr::from(([127, 0, 0, 1], 8000)))?,
             ollama_url,
             grants,
+            default_credits,
             admin_key: get("ADMIN_KEY").map(|k| k.trim().to_string()),
             database_url: vars.parse_or(
                 "DATABASE_URL",

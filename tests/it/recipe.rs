@@ -131,3 +131,27 @@ async fn a_first_start_without_keys_creates_one_key_and_never_shows_it_again() {
     assert_eq!(again.first_key, None);
     assert_eq!(store.keys().await.unwrap().len(), 1);
 }
+
+/// SPEC §1: the first key gets the default credits, `API_KEY_CREDITS`
+/// when it is set.
+#[tokio::test]
+async fn the_first_key_gets_api_key_credits() {
+    use std::sync::Arc;
+    use tollgate::store::{memory::MemoryStore, SharedStore};
+    let store: SharedStore = Arc::new(MemoryStore::default());
+    let vars = std::collections::HashMap::from([
+        ("DATABASE_URL".to_string(), "memory".to_string()),
+        ("API_KEY_CREDITS".to_string(), "25.5".to_string()),
+    ]);
+    let config = tollgate::config::Config::from_map(&vars).unwrap();
+    let app = tollgate::app::App::with_store(config, store.clone(), Default::default())
+        .await
+        .unwrap();
+    let key = app.first_key.clone().expect("a key is created");
+    let stored = store
+        .key_by_hash(&tollgate::auth::keys::hash(&key))
+        .await
+        .unwrap()
+        .expect("stored by its hash");
+    assert_eq!(stored.balance, "25.5".parse().unwrap());
+}
