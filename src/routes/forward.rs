@@ -275,14 +275,20 @@ fn prepare(
 ) -> Result<Prepared, ApiError> {
     let embeds = path.contains("embed");
     let policed = !caller.is_admin();
-    // The token and context caps concern generations only: in another
-    // body (`/api/show` reads `options` into the Modelfile it shows) they
-    // would change what the request means.
-    let generates = endpoint.access == Access::Metered && !embeds;
-    let caps = if generates {
-        state.caps()
-    } else {
-        Caps::default()
+    // The token cap concerns generations; the context cap also the
+    // embeddings, which load their model with the `num_ctx` they ask for
+    // (SPEC §4a: no key may reload a model others use with a huge
+    // context). In another body (`/api/show` reads `options` into the
+    // Modelfile it shows) they would change what the request means.
+    let metered = endpoint.access == Access::Metered;
+    let generates = metered && !embeds;
+    let caps = match (generates, metered && embeds) {
+        (true, _) => state.caps(),
+        (false, true) => Caps {
+            max_num_ctx: state.caps().max_num_ctx,
+            ..Caps::default()
+        },
+        (false, false) => Caps::default(),
     };
     // Ollama reports usage on an OpenAI stream only when asked.
     let asks_usage = endpoint.dialect == Dialect::OpenAi && state.config.pricing.prices_tokens();

@@ -277,6 +277,38 @@ async fn caps_leave_other_bodies_alone() {
     }
 }
 
+/// SPEC §4a: an embedding loads its model with the context it asks for,
+/// so `MAX_NUM_CTX` caps it there too; the token cap, which means nothing
+/// to an embedding, leaves its options alone.
+#[tokio::test]
+async fn the_context_cap_applies_to_native_embeddings() {
+    let app = spawn()
+        .var("MAX_TOKENS_PER_REQUEST", "64")
+        .var("MAX_NUM_CTX", "2048")
+        .start()
+        .await;
+    for (path, text) in [("/api/embed", "input"), ("/api/embeddings", "prompt")] {
+        for num_ctx in [json!(131072), json!(1e6), json!(4096.5)] {
+            let body = json!({
+                "model": "nomic-embed-text",
+                text: "hello",
+                "options": {"num_ctx": num_ctx, "num_predict": 500},
+            });
+            let response = app.keyed(path).json(&body).send().await.unwrap();
+            assert_eq!(response.status(), 200, "{path} {body}");
+            let seen = app.forwarded().pop().unwrap().json();
+            assert_eq!(seen["options"]["num_ctx"], 2048, "{path} {body}");
+            assert_eq!(seen["options"]["num_predict"], 500, "{path} {body}");
+            assert_eq!(seen[text], "hello", "{path} {body}");
+        }
+        // Within the cap: forwarded as sent.
+        let body = r#"{"model":"nomic-embed-text","options":{"num_ctx":1024},"input":"x"}"#;
+        let response = app.keyed(path).body(body).send().await.unwrap();
+        assert_eq!(response.status(), 200, "{path}");
+        assert_eq!(app.forwarded().pop().unwrap().body, body.as_bytes());
+    }
+}
+
 #[tokio::test]
 async fn token_and_context_caps_are_applied() {
     let app = spawn()
