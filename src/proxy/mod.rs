@@ -16,7 +16,7 @@ use crate::error::ApiError;
 use crate::telemetry::RequestLog;
 use axum::body::Body;
 use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
-use axum::response::Response;
+use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use connection::ReplyBody;
 use futures_util::StreamExt;
@@ -98,12 +98,7 @@ pub async fn relay(
     let sent = Instant::now();
     let mut response = match upstream.send(out).await {
         Ok(response) => response,
-        Err(e) => {
-            let error = ApiError::from(e);
-            settlement.record_status(error.status().as_u16());
-            settle_quietly(&mut settlement).await;
-            return Err(error);
-        }
+        Err(e) => return refunded(&mut settlement, ApiError::from(e)).await,
     };
     if let Some(log) = &options.log {
         log.set_upstream_first_byte(sent.elapsed());
@@ -152,9 +147,7 @@ pub async fn relay(
                 "Ollama at {} broke off its reply: {message}",
                 upstream.base_url()
             ));
-            settlement.record_status(error.status().as_u16());
-            settle_quietly(&mut settlement).await;
-            return Err(error);
+            return refunded(&mut settlement, error).await;
         }
     };
     let mut body = body;
@@ -193,11 +186,26 @@ pub async fn relay(
     Ok(response)
 }
 
-/// Settles after a failure that is reported anyway; a store failure here
-/// is logged, not allowed to mask the original error.
-async fn settle_quietly(settlement: &mut Settlement) {
-    if let Err(e) = settlement.finish().await {
-        tracing::error!(error = %e, "settling a failed request failed");
+/// Answers `error` for a request that failed before any output reached
+/// its client, settled (refunded) first. A metered request's answer tells
+/// the balance after the refund, as Ollama's own errors do (SPEC §4:
+/// `X-Credits-Remaining` on every metered response). A store failure while
+/// settling is logged, not allowed to mask the original error.
+async fn refunded(settlement: &mut Settlement, error: ApiError) -> Result<Response, ApiError> {
+    settlement.record_status(error.status().as_u16());
+    let charged = settlement.is_charged();
+    match settlement.finish().await {
+        Ok(balance) => {
+            let mut response = error.into_response();
+            if let Some(balance) = balance.filter(|_| charged) {
+                set_credits_header(&mut response, balance);
+            }
+            Ok(response)
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "settling a failed request failed");
+            Err(error)
+        }
     }
 }
 

@@ -197,6 +197,8 @@ async fn ollama_down_is_502_naming_the_url_and_costs_nothing() {
         .send()
         .await
         .unwrap();
+    // A metered response: it tells the balance, after the refund.
+    assert_eq!(response.headers()["x-credits-remaining"], "10");
     let message = ollama_error(response, 502).await;
     assert!(message.contains(&url), "{message}");
     let rows = app.wait_ledger(KEY, 1).await;
@@ -221,6 +223,7 @@ async fn ollama_too_slow_is_504_and_costs_nothing() {
         .send()
         .await
         .unwrap();
+    assert_eq!(response.headers()["x-credits-remaining"], "10");
     let message = ollama_error(response, 504).await;
     assert!(message.contains("did not answer"), "{message}");
     assert_eq!(app.wait_ledger(KEY, 1).await[0].record.status, 504);
@@ -590,6 +593,8 @@ async fn an_ollama_that_never_accepts_hits_the_connect_limit() {
         .send()
         .await
         .unwrap();
+    // A metered response: it tells the balance, after the refund.
+    assert_eq!(response.headers()["x-credits-remaining"], "10");
     let message = ollama_error(response, 502).await;
     assert!(message.contains(&url), "{message}");
     assert_eq!(app.balance_of(KEY).await, Credits::whole(10));
