@@ -364,7 +364,14 @@ where
         let span = tracing::info_span!("request", request_id = %request_id);
         // `oneshot` calls the router when first polled, so a panic in the
         // call and one in the handler's future are both caught here.
-        let handled = AssertUnwindSafe(inner.oneshot(request)).catch_unwind();
+        let handled = AssertUnwindSafe(inner.oneshot(request))
+            .catch_unwind()
+            .instrument(span);
+        // Pinned here rather than in `select!`, so that it is dropped at the
+        // end of this block, after the log has the status the client gets:
+        // a settlement dropped with it records that status (a panic's 500,
+        // the shutdown's 503).
+        let mut handled = std::pin::pin!(handled);
         // At the shutdown deadline, a request that Ollama has not answered
         // yet (its body still arriving, or waiting for Ollama's head) is
         // ended: the handler's future is dropped, which drops its call to
@@ -381,7 +388,7 @@ where
         };
         let outcome = tokio::select! {
             biased;
-            handled = handled.instrument(span) => Some(handled),
+            handled = &mut handled => Some(handled),
             () = cut => None,
         };
         let response = match outcome {
@@ -392,6 +399,7 @@ where
                 ApiError::Unavailable("tollgate is shutting down; the request was cut".into()),
             ),
         };
+        log.set_status(response.status().as_u16());
         let (parts, body) = response.into_parts();
         let body = Body::new(TrackedBody {
             body,

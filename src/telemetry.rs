@@ -173,6 +173,13 @@ impl RequestLog {
         self.with(|f| f.status = Some(status));
     }
 
+    /// The status the client got, once known.
+    pub fn status(&self) -> Option<u16> {
+        let mut status = None;
+        self.with(|f| status = f.status);
+        status
+    }
+
     pub fn set_key(&self, key_id: KeyId) {
         self.with(|f| f.key_id = Some(key_id));
     }

@@ -195,14 +195,32 @@ impl Settlement {
     }
 }
 
+/// The status recorded for a request that ended before Ollama's answer
+/// gave it one and before tollgate answered it: its client went away
+/// (nginx's "client closed request").
+pub const CLIENT_CLOSED: u16 = 499;
+
 impl Drop for Settlement {
     fn drop(&mut self) {
-        let Some(open) = self.open.take() else {
+        let Some(mut open) = self.open.take() else {
             return;
         };
         // Dropped unsettled: the client went away, the handler failed or
-        // panicked. Settle with what is known, off this (possibly unwinding)
-        // stack.
+        // panicked, or shutdown cut the request. Before Ollama answered,
+        // the status is the one the client got: 500 for a panic, the
+        // answer tollgate gave (in the log: 503 at the shutdown cut), or,
+        // with neither, none, as the client went away.
+        if open.progress.status == 0 {
+            open.progress.status = if std::thread::panicking() {
+                500
+            } else {
+                open.log
+                    .as_deref()
+                    .and_then(RequestLog::status)
+                    .unwrap_or(CLIENT_CLOSED)
+            };
+        }
+        // Settle with what is known, off this (possibly unwinding) stack.
         match tokio::runtime::Handle::try_current() {
             Ok(handle) => {
                 let running = open.unsettled.enter();

@@ -516,6 +516,7 @@ async fn a_panic_inside_a_request_still_settles_its_reservation() {
     let rows = app.wait_ledger(KEY, 1).await;
     assert_eq!(rows.len(), 1, "the guard recorded the request");
     assert_eq!(rows[0].record.credits, Credits::ZERO);
+    assert_eq!(rows[0].record.status, 500, "the status the client got");
     // The reservation was released: the single credit is available again.
     assert_eq!(
         app.store
@@ -551,6 +552,29 @@ async fn a_client_that_hangs_up_is_settled_for_what_it_got() {
     assert_eq!(rows.len(), 1);
     assert_eq!(rows[0].record.credits, Credits::whole(1));
     assert!(rows[0].record.completion_tokens >= 1);
+}
+
+/// A client that goes away while Ollama has not answered yet: nothing
+/// reached it, nothing is charged, and the ledger row says the client
+/// closed the request (499, as nginx says it), not a status nobody sent.
+#[tokio::test]
+async fn a_client_that_hangs_up_before_ollama_answers_is_recorded_as_499() {
+    let app = TestApp::new().await;
+    app.fake.set(Behavior {
+        head_delay: Duration::from_secs(2),
+        ..Behavior::default()
+    });
+    let gave_up = app
+        .keyed("/api/generate")
+        .timeout(Duration::from_millis(300))
+        .json(&generate(false))
+        .send()
+        .await;
+    assert!(gave_up.is_err(), "the client gave up before the answer");
+    let rows = app.wait_ledger(KEY, 1).await;
+    assert_eq!(rows[0].record.status, 499);
+    assert_eq!(rows[0].record.credits, Credits::ZERO);
+    assert_eq!(app.balance_of(KEY).await, Credits::whole(10));
 }
 
 /// An Ollama whose listen queue is full never completes the TCP handshake:

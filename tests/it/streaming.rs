@@ -270,6 +270,7 @@ async fn shutdown_cuts_a_request_still_waiting_for_ollama() {
     server.await.unwrap().unwrap();
     let rows = app.wait_ledger(KEY, 1).await;
     assert_eq!(rows[0].record.credits, tollgate::credits::Credits::ZERO);
+    assert_eq!(rows[0].record.status, 503, "the status the client got");
 }
 
 /// A reply that is complete (its final unit came) while Ollama has not
