@@ -137,6 +137,9 @@ impl From<StoreError> for Failure {
     fn from(e: StoreError) -> Self {
         match e {
             StoreError::Unconfirmed(_) => Failure::Unconfirmed(e),
+            // A balance a top-up or set would take out of range: the value
+            // given cannot be used.
+            StoreError::BalanceOutOfRange => Failure::Unusable(e.to_string()),
             other => Failure::Failed(other.to_string()),
         }
     }
@@ -155,7 +158,8 @@ impl From<KeyError> for Failure {
 impl From<StartError> for Failure {
     fn from(e: StartError) -> Self {
         match e {
-            StartError::Store(e) => Failure::from(e),
+            StartError::Store(e @ StoreError::Unconfirmed(_)) => Failure::Unconfirmed(e),
+            store @ StartError::Store(_) => Failure::Failed(store.to_string()),
             // OLLAMA_URL: tollgate's own address, or not a usable URL.
             unusable => Failure::Unusable(unusable.to_string()),
         }

@@ -139,6 +139,11 @@ struct Fields {
     upstream_wait: Duration,
 }
 
+/// The status of a request that ended before it had one, neither Ollama's
+/// nor tollgate's answer: its client went away (nginx's "client closed
+/// request"). The ledger records it so too.
+pub const CLIENT_CLOSED: u16 = 499;
+
 /// What is known about one request, logged once when it is all over.
 pub struct RequestLog {
     pub request_id: String,
@@ -225,7 +230,7 @@ impl Drop for RequestLog {
                 .get_mut()
                 .unwrap_or_else(PoisonError::into_inner),
         );
-        let status = f.status.unwrap_or(0);
+        let status = f.status.unwrap_or(CLIENT_CLOSED);
         let (prompt_tokens, completion_tokens) = f.tokens.unwrap_or((0, 0));
         tracing::info!(
             request_id = %self.request_id,

@@ -17,7 +17,7 @@ use crate::config::Pricing;
 use crate::credits::Credits;
 use crate::store::{now_millis, KeyId, Millis, SharedStore, StoreError, UsageRecord};
 use crate::tally::Tally;
-use crate::telemetry::RequestLog;
+use crate::telemetry::{RequestLog, CLIENT_CLOSED};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -194,11 +194,6 @@ impl Settlement {
         }
     }
 }
-
-/// The status recorded for a request that ended before Ollama's answer
-/// gave it one and before tollgate answered it: its client went away
-/// (nginx's "client closed request").
-pub const CLIENT_CLOSED: u16 = 499;
 
 impl Drop for Settlement {
     fn drop(&mut self) {

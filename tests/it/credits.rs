@@ -1,7 +1,7 @@
 //! SPEC §4: atomic reservations, and settlement on every path.
 
 use crate::support::fake_ollama::Behavior;
-use crate::support::{blob_path, ollama_error, panicking_hook, spawn, TestApp, ADMIN, KEY};
+use crate::support::{blob_path, ollama_error, panicking_hook, spawn, Fetch, TestApp, ADMIN, KEY};
 use futures_util::StreamExt;
 use serde_json::{json, Value};
 use std::time::Duration;
@@ -575,6 +575,24 @@ async fn a_client_that_hangs_up_before_ollama_answers_is_recorded_as_499() {
     assert_eq!(rows[0].record.status, 499);
     assert_eq!(rows[0].record.credits, Credits::ZERO);
     assert_eq!(app.balance_of(KEY).await, Credits::whole(10));
+    // The log and the metrics say the same (the metrics are the process's,
+    // and no other test ends a request so).
+    let counted = || async {
+        let text = app.get("/metrics").fetch_text().await;
+        text.lines().any(|l| {
+            l.starts_with("tollgate_requests_total")
+                && l.contains(r#"route="/api/generate""#)
+                && l.contains(r#"status="499""#)
+        })
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while !counted().await {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no request counted with 499"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 /// An Ollama whose listen queue is full never completes the TCP handshake:

@@ -335,6 +335,18 @@ async fn help_and_bad_arguments() {
     // A command that fails, having changed nothing: 1.
     let out = launch.run(&["keys", "revoke", "999"]).await;
     assert_eq!(out.status.code(), Some(1), "{}", out.stderr);
+    // A top-up that would take the balance out of range: a value that
+    // cannot be used, 2.
+    let out = launch
+        .run(&["keys", "create", "--name", "full", "--credits", "10"])
+        .await
+        .ok();
+    let created: serde_json::Value =
+        serde_json::from_str(out.stdout.lines().next().unwrap_or_default()).expect("a JSON line");
+    let id = created["id"].to_string();
+    let out = launch.run(&["keys", "topup", &id, "1000000000000"]).await;
+    assert_eq!(out.status.code(), Some(2), "{}", out.stderr);
+    assert!(out.stderr.contains("within"), "{}", out.stderr);
 }
 
 /// One gateway per SQLite file: a second `tollgate` started on the file
