@@ -60,7 +60,11 @@ pub fn classify(method: &Method, path: &str) -> Endpoint {
         }
         "/api/show" if post => endpoint(Access::Free, false),
         "/api/version" if read => endpoint(Access::Free, false),
-        "/api/ps" if get => endpoint(Access::Free, false),
+        // The running models: a list of models, filtered as the others.
+        "/api/ps" if get => Endpoint {
+            lists_models: true,
+            ..endpoint(Access::Free, false)
+        },
         "/api/tags" if read => Endpoint {
             lists_models: true,
             ..endpoint(Access::Free, false)

@@ -169,6 +169,51 @@ async fn the_model_lists_show_only_the_keys_models() {
     assert_eq!(tags["models"].as_array().unwrap().len(), 3);
 }
 
+/// `/api/ps`, the models Ollama has loaded, is a list of models too: a
+/// limited key sees its own there, not which other models others use.
+#[tokio::test]
+async fn the_running_models_show_only_the_keys_models() {
+    let app = TestApp::new().await;
+    let key = limited_key(&app, json!(["mistral"])).await;
+    for model in ["mistral", "llama3.2"] {
+        let response = app
+            .post("/api/generate")
+            .header("x-api-key", ADMIN)
+            .json(&json!({"model": model, "prompt": "hi", "stream": false}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200, "{model}");
+    }
+    let names = |ps: Value| -> Vec<String> {
+        ps["models"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| m["name"].as_str().unwrap().to_string())
+            .collect()
+    };
+    let limited: Value = app
+        .get("/api/ps")
+        .header("x-api-key", &key)
+        .fetch_json()
+        .await;
+    assert_eq!(names(limited.clone()), vec!["mistral:latest"]);
+    // The rest of each entry as Ollama wrote it.
+    assert!(limited["models"][0]["size_vram"].is_u64(), "{limited}");
+    assert!(limited["models"][0]["expires_at"].is_string(), "{limited}");
+    let everyone: Value = app
+        .get("/api/ps")
+        .header("x-api-key", KEY)
+        .fetch_json()
+        .await;
+    assert_eq!(
+        names(everyone),
+        vec!["mistral:latest", "llama3.2:latest"],
+        "an unlimited key sees every loaded model"
+    );
+}
+
 #[tokio::test]
 async fn keep_alive_from_an_ordinary_key_never_reaches_ollama() {
     let app = TestApp::new().await;

@@ -118,7 +118,14 @@ def test_show():
 
 
 def test_ps():
-    assert client().ps().models == []
+    # A model is loaded once a request has used it; the SDK parses Ollama's
+    # entry (times, sizes, details) into its types.
+    client().generate(model="mistral", prompt="hi")
+    running = {m.model: m for m in client().ps().models}
+    loaded = running["mistral:latest"]
+    assert loaded.size_vram == loaded.size > 0
+    assert loaded.expires_at is not None and loaded.expires_at.year == 2025
+    assert loaded.details.family == "llama"
 
 
 def test_async_client_streams_chunk_by_chunk(control):

@@ -103,6 +103,8 @@ pub const EMBEDDING_DIM: usize = 8;
 
 /// `modified_at` of every listed model.
 const MODIFIED_AT: &str = "2025-06-01T12:00:00.123456789Z";
+/// When a loaded model is let go (`/api/ps`), as Go writes a time in UTC.
+const EXPIRES_AT: &str = "2025-06-01T12:05:00.123456789Z";
 /// Unix time of [`MODIFIED_AT`], the `created` of `/v1/models` entries.
 const MODIFIED_AT_UNIX: i64 = 1_748_779_200;
 
@@ -372,6 +374,9 @@ struct Shared {
     blobs: Mutex<HashSet<String>>,
     /// Source of the numbers in OpenAI ids.
     seq: AtomicUsize,
+    /// Installed models a request has used, as listed: what `/api/ps`
+    /// shows (this Ollama never unloads one).
+    loaded: Mutex<Vec<String>>,
 }
 
 impl Shared {
@@ -386,6 +391,7 @@ impl Shared {
             steps: Semaphore::new(0),
             blobs: Mutex::new(HashSet::new()),
             seq: AtomicUsize::new(0),
+            loaded: Mutex::new(Vec::new()),
         }
     }
 
@@ -648,7 +654,7 @@ async fn handle(State(shared): State<Arc<Shared>>, req: Request) -> Response {
         Route::Root => text(StatusCode::OK, "Ollama is running"),
         Route::Version => json_ok(&json!({ "version": OLLAMA_VERSION })),
         Route::Tags => tags(&shared),
-        Route::Ps => json_ok(&json!({ "models": [] })),
+        Route::Ps => ps(&shared),
         Route::Show => show(&shared, &body),
         Route::Pull => pull(&shared, &body),
         Route::Push => push(&shared, &body),
@@ -729,6 +735,7 @@ fn is_loopback_host(host: &str) -> bool {
 /// Count, hold, delay, then answer.
 async fn generation(shared: &Arc<Shared>, g: Gen, body: &Bytes) -> Response {
     shared.generations.send_modify(|n| *n += 1);
+    load(shared, body);
     if shared.behavior().hold {
         shared
             .hold
@@ -1556,6 +1563,44 @@ fn tags(shared: &Shared) -> Response {
                 "size": model_size(&name),
                 "digest": digest_hex(&name),
                 "details": model_details(&name),
+            })
+        })
+        .collect();
+    json_ok(&json!({ "models": models }))
+}
+
+/// Marks the installed model that a generation or embedding body names as
+/// loaded, as Ollama loads it to answer (whatever the request's fate).
+fn load(shared: &Shared, body: &Bytes) {
+    let named = serde_json::from_slice::<Value>(body)
+        .ok()
+        .and_then(|v| v.get("model")?.as_str().map(str::to_string));
+    let Some(model) = named else {
+        return;
+    };
+    let Some(name) = shared.behavior().find_model(&model).map(canonical_display) else {
+        return;
+    };
+    let mut loaded = lock(&shared.loaded);
+    if !loaded.contains(&name) {
+        loaded.push(name);
+    }
+}
+
+/// `/api/ps`: the loaded models, with the fields of Ollama's
+/// `ProcessModelResponse` (all in VRAM, kept for five minutes).
+fn ps(shared: &Shared) -> Response {
+    let models: Vec<Value> = lock(&shared.loaded)
+        .iter()
+        .map(|name| {
+            json!({
+                "name": name,
+                "model": name,
+                "size": model_size(name),
+                "digest": digest_hex(name),
+                "details": model_details(name),
+                "expires_at": EXPIRES_AT,
+                "size_vram": model_size(name),
             })
         })
         .collect();
