@@ -354,10 +354,12 @@ where
     // Errors answered here are outside the router's `/v1` layer.
     let openai = request.uri().path().starts_with("/v1/");
     let mut response = if state.draining.load(Ordering::SeqCst) {
-        own_error(
+        let response = own_error(
             openai,
             ApiError::Unavailable("tollgate is shutting down".into()),
-        )
+        );
+        log.set_status(response.status().as_u16());
+        response
     } else {
         let guard = state.in_flight.enter();
         request.extensions_mut().insert(log.clone());
@@ -408,7 +410,6 @@ where
         });
         Response::from_parts(parts, body)
     };
-    log.set_status(response.status().as_u16());
     if let Ok(value) = HeaderValue::from_str(&request_id) {
         response.headers_mut().insert("x-request-id", value);
     }
