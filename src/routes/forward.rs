@@ -282,13 +282,15 @@ fn prepare(
     // Modelfile it shows) they would change what the request means.
     let metered = endpoint.access == Access::Metered;
     let generates = metered && !embeds;
-    let caps = match (generates, metered && embeds) {
-        (true, _) => state.caps(),
-        (false, true) => Caps {
-            max_num_ctx: state.caps().max_num_ctx,
+    let caps = if generates {
+        state.caps()
+    } else if metered {
+        Caps {
+            max_num_ctx: state.config.max_num_ctx,
             ..Caps::default()
-        },
-        (false, false) => Caps::default(),
+        }
+    } else {
+        Caps::default()
     };
     // Ollama reports usage on an OpenAI stream only when asked.
     let asks_usage = endpoint.dialect == Dialect::OpenAi && state.config.pricing.prices_tokens();
