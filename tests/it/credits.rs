@@ -1,7 +1,9 @@
 //! SPEC §4: atomic reservations, and settlement on every path.
 
 use crate::support::fake_ollama::Behavior;
-use crate::support::{blob_path, ollama_error, panicking_hook, spawn, Fetch, TestApp, ADMIN, KEY};
+use crate::support::{
+    blob_path, ollama_error, panicking_hook, sample, spawn, Fetch, TestApp, ADMIN, KEY,
+};
 use futures_util::StreamExt;
 use serde_json::{json, Value};
 use std::time::Duration;
@@ -579,11 +581,8 @@ async fn a_client_that_hangs_up_before_ollama_answers_is_recorded_as_499() {
     // and no other test ends a request so).
     let counted = || async {
         let text = app.get("/metrics").fetch_text().await;
-        text.lines().any(|l| {
-            l.starts_with("tollgate_requests_total")
-                && l.contains(r#"route="/api/generate""#)
-                && l.contains(r#"status="499""#)
-        })
+        let labels = [("route", "/api/generate"), ("status", "499")];
+        sample(&text, "tollgate_requests_total", &labels) >= 1.0
     };
     let deadline = std::time::Instant::now() + Duration::from_secs(5);
     while !counted().await {

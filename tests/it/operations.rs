@@ -1,7 +1,7 @@
 //! SPEC §2, §3, §5: rate limits, request ids, metrics and CORS.
 
 use crate::support::fake_ollama::Behavior;
-use crate::support::{ollama_error, spawn, Fetch, TestApp, ADMIN, KEY};
+use crate::support::{ollama_error, sample, spawn, Fetch, TestApp, ADMIN, KEY};
 use reqwest::Method;
 use serde_json::{json, Value};
 use std::time::Duration;
@@ -166,19 +166,6 @@ async fn every_response_carries_a_request_id() {
     assert_eq!(wrong_method.headers()["allow"], "POST");
     let error: serde_json::Value = wrong_method.json().await.unwrap();
     assert!(error["error"].as_str().unwrap().contains("PUT"), "{error}");
-}
-
-/// Reads one sample of the Prometheus text (0 when absent).
-fn sample(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
-    text.lines()
-        .filter(|l| l.starts_with(name) && !l.starts_with('#'))
-        .filter(|l| {
-            labels
-                .iter()
-                .all(|(k, v)| l.contains(&format!("{k}=\"{v}\"")))
-        })
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
 }
 
 #[tokio::test]

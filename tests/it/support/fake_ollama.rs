@@ -1556,17 +1556,24 @@ fn tags(shared: &Shared) -> Response {
         .iter()
         .map(|m| {
             let name = canonical_display(m);
-            json!({
-                "name": name,
-                "model": name,
-                "modified_at": MODIFIED_AT,
-                "size": model_size(&name),
-                "digest": digest_hex(&name),
-                "details": model_details(&name),
-            })
+            let mut entry = listed_model(&name);
+            // Where Ollama's `ListModelResponse` has it, after `model`.
+            entry.shift_insert(2, "modified_at".into(), MODIFIED_AT.into());
+            Value::Object(entry)
         })
         .collect();
     json_ok(&json!({ "models": models }))
+}
+
+/// What `/api/tags` and `/api/ps` both say of a model.
+fn listed_model(name: &str) -> Map<String, Value> {
+    let mut entry = Map::new();
+    entry.insert("name".into(), name.into());
+    entry.insert("model".into(), name.into());
+    entry.insert("size".into(), model_size(name).into());
+    entry.insert("digest".into(), digest_hex(name).into());
+    entry.insert("details".into(), model_details(name));
+    entry
 }
 
 /// Marks the installed model that a generation or embedding body names as
@@ -1593,15 +1600,10 @@ fn ps(shared: &Shared) -> Response {
     let models: Vec<Value> = lock(&shared.loaded)
         .iter()
         .map(|name| {
-            json!({
-                "name": name,
-                "model": name,
-                "size": model_size(name),
-                "digest": digest_hex(name),
-                "details": model_details(name),
-                "expires_at": EXPIRES_AT,
-                "size_vram": model_size(name),
-            })
+            let mut entry = listed_model(name);
+            entry.insert("expires_at".into(), EXPIRES_AT.into());
+            entry.insert("size_vram".into(), model_size(name).into());
+            Value::Object(entry)
         })
         .collect();
     json_ok(&json!({ "models": models }))

@@ -238,6 +238,20 @@ pub async fn ollama_error(response: reqwest::Response, status: u16) -> String {
         .to_string()
 }
 
+/// The sum of the samples of `name` in a Prometheus text whose labels
+/// include `labels` (0 when there is none).
+pub fn sample(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    text.lines()
+        .filter(|l| l.starts_with(name) && !l.starts_with('#'))
+        .filter(|l| {
+            labels
+                .iter()
+                .all(|(k, v)| l.contains(&format!("{k}=\"{v}\"")))
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
 /// Sends a request and reads its body, for tests that only need the body.
 pub trait Fetch {
     fn fetch_json<T: serde::de::DeserializeOwned>(self) -> impl std::future::Future<Output = T>;
