@@ -58,12 +58,21 @@ def part_of(frames):
 
 
 def cpu_per_request(report):
-    """The proxy's CPU per request in the report's saturation table."""
+    """The proxy's CPU per request (or per stream) in the report: the first
+    table with a "proxy CPU µs/..." column that has a figure in it."""
+    column = None
     with open(report) as f:
-        text = f.read()
-    section = text.split("at saturation", 1)[-1]
-    row = re.search(r"^\| [\w-]+ \| [\d,]+[^|]*\|[^|]*\|[^|]*\| ([\d.]+)", section, re.M)
-    return float(row.group(1)) if row else None
+        for line in f:
+            cells = [c.strip() for c in line.strip().strip("|").split("|")]
+            if not line.startswith("|"):
+                column = None
+            elif any(c.startswith("proxy CPU µs/") for c in cells):
+                column = next(i for i, c in enumerate(cells) if c.startswith("proxy CPU µs/"))
+            elif column is not None and len(cells) > column:
+                figure = re.match(r"[\d.]+", cells[column])
+                if figure:
+                    return float(figure.group(0))
+    return None
 
 
 def main():
