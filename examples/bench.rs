@@ -817,9 +817,12 @@ fn describe_tollgate(binary: &Path) -> String {
                 .unwrap_or_default()
         })
         .unwrap_or_default();
+    // Named from the repository's root when it is the repository's own
+    // build, so that a report pasted into BENCHMARKS.md names no machine.
+    let shown = binary.strip_prefix(root).unwrap_or(binary);
     format!(
         "`{}` built {built} from commit {commit}{}",
-        binary.display(),
+        shown.display(),
         if changed > 0 {
             format!(" plus uncommitted changes to {changed} file(s) under src/, Cargo.toml, migrations/")
         } else {
