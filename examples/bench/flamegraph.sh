@@ -4,7 +4,8 @@
 #   bash examples/bench/flamegraph.sh [TARGET] [OUT.svg] [SCENARIO]
 #
 # TARGET is one of the benchmark's targets (default `tollgate-sqlite`,
-# the default store; `tollgate-memory`, `hyper-floor-axum`, `nginx`, ...),
+# the default store; `tollgate-memory`, `hyper-floor-axum`, `nginx`, ...;
+# not `direct`, which has no process of its own),
 # SCENARIO `saturation` (default: non-streamed chat, 32 connections) or
 # `stream`. It builds tollgate, the benchmark and the floor with frame
 # pointers into their own target directory (the release build is not
@@ -16,7 +17,7 @@
 # inferno is installed with cargo when missing.
 #
 # Besides OUT.svg (default `target/flamegraph-TARGET.svg`; a relative
-# path is taken from the repository's root) it writes OUT.md, the
+# path is taken from the repository's root, where the script runs) it writes OUT.md, the
 # benchmark's report of that round (requests/s and CPU per request), and
 # OUT.folded, one line per stack with its weight (nanoseconds of CPU;
 # kernel frames end in `_[k]`). At the end it prints what
@@ -31,6 +32,13 @@ set -euo pipefail
 target=${1:-tollgate-sqlite}
 out=${2:-target/flamegraph-$target.svg}
 scenario=${3:-saturation}
+case $scenario in
+saturation | stream) ;;
+*)
+    echo "flamegraph: SCENARIO is saturation or stream" >&2
+    exit 2
+    ;;
+esac
 
 cd "$(dirname "$0")/../.."
 mkdir -p "$(dirname "$out")"
@@ -49,7 +57,10 @@ RUSTFLAGS="-C force-frame-pointers=yes" CARGO_TARGET_DIR=$build \
     cargo build --release --locked --bin tollgate --examples
 
 work=$(mktemp -d)
-trap 'rm -rf "$work"' EXIT
+bench=
+# On any way out, the benchmark (which stops its targets on SIGTERM) too.
+trap '[ -n "$bench" ] && kill "$bench" 2>/dev/null; rm -rf "$work"' EXIT
+: >"$work/bench.log"
 "$build/release/examples/bench" --rounds 1 --scenarios "$scenario" --only "$target" \
     --tollgate "$PWD/$build/release/tollgate" --out "${out%.svg}.md" >/dev/null 2>"$work/bench.log" &
 bench=$!
@@ -72,12 +83,21 @@ fi
 # 0.3 s of warm-up, then the scenario's 1 s warm-up and 4 s measurement:
 # record 3 s from 1.8 s on.
 sleep 1.8
-perf record -F 2999 -g -p "$pid" -o "$work/perf.data" -- sleep 3 2>"$work/perf.log"
+# cpu-clock: the weights are nanoseconds on any host (the default event
+# is `cycles` where there is a hardware counter), and the kernel's
+# stacks are recorded whenever perf may see them.
+perf record -e cpu-clock -F 2999 -g -p "$pid" -o "$work/perf.data" -- sleep 3 \
+    2>"$work/perf.log" || {
+    cat "$work/perf.log" >&2
+    echo "flamegraph: perf could not record $target (pids $pid)" >&2
+    exit 1
+}
 wait "$bench" || {
     cat "$work/bench.log" >&2
     echo "flamegraph: the benchmark failed" >&2
     exit 1
 }
+bench=
 
 perf script -i "$work/perf.data" 2>/dev/null | inferno-collapse-perf --kernel >"${out%.svg}.folded"
 inferno-flamegraph --title "$target, $scenario ($(git rev-parse --short HEAD))" \
