@@ -1328,6 +1328,33 @@ async fn usage_totals_add_up(h: &Harness) {
 // ---------------------------------------------------------------------------
 // Store-specific behaviour
 
+/// The memory store keeps the most recent usage rows only, with ids that
+/// go on counting; balances and totals count every request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn memory_keeps_the_last_usage_rows_and_every_request_in_the_totals() {
+    let s: SharedStore = Arc::new(MemoryStore::keeping(3));
+    let k = s.create_key(new_key("k", cr("10"))).await.unwrap().id;
+    for _ in 0..5 {
+        s.settle(usage(k, cr("1")), Credits::ZERO).await.unwrap();
+    }
+    let ids: Vec<i64> = newest_usage(&s, k).await.iter().map(|e| e.id).collect();
+    assert_eq!(ids, [5, 4, 3]);
+    let older = s
+        .usage(
+            None,
+            PageRequest {
+                limit: 10,
+                before: Some(4),
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(older.iter().map(|e| e.id).collect::<Vec<_>>(), [3]);
+    assert_eq!(s.usage_totals(k).await.unwrap().requests, 5);
+    assert_eq!(s.usage_totals(k).await.unwrap().credits_spent, cr("5"));
+    assert_eq!(balance(&s, k).await, cr("5"));
+}
+
 /// A new SQLite file with a store open on it: the directory (removed when
 /// dropped), the file's path and the store.
 async fn sqlite_file(name: &str) -> (tempfile::TempDir, std::path::PathBuf, SharedStore) {

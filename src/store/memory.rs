@@ -4,15 +4,30 @@
 //!
 //! Each key has its own lock, so requests of different keys never wait for
 //! each other; the ledger is an append-only list behind its own lock.
+//!
+//! The list keeps the last [`USAGE_ROWS`] requests: a demo left running
+//! under load must not grow without end. Balances and each key's totals
+//! are kept apart from it and stay exact.
 
 use super::*;
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::{Mutex, PoisonError, RwLock};
 
-#[derive(Default)]
+/// How many usage rows (the most recent) the memory store keeps: some
+/// tens of MB at most.
+pub const USAGE_ROWS: usize = 100_000;
+
 pub struct MemoryStore {
     keys: RwLock<Keys>,
     ledger: Mutex<Ledger>,
+    /// At most this many usage rows are kept.
+    usage_rows: usize,
+}
+
+impl Default for MemoryStore {
+    fn default() -> MemoryStore {
+        MemoryStore::keeping(USAGE_ROWS)
+    }
 }
 
 #[derive(Default)]
@@ -31,11 +46,23 @@ struct KeyState {
 
 #[derive(Default)]
 struct Ledger {
-    usage: Vec<UsageEntry>,
+    /// The most recent usage rows, oldest first.
+    usage: VecDeque<UsageEntry>,
+    /// The id of the last usage row written.
+    last_usage_id: i64,
     adjustments: Vec<AdjustmentEntry>,
 }
 
 impl MemoryStore {
+    /// A store whose ledger keeps the last `usage_rows` requests.
+    pub fn keeping(usage_rows: usize) -> MemoryStore {
+        MemoryStore {
+            keys: RwLock::default(),
+            ledger: Mutex::default(),
+            usage_rows: usage_rows.max(1),
+        }
+    }
+
     fn state(&self, id: KeyId) -> Result<Arc<Mutex<KeyState>>, StoreError> {
         self.keys
             .read()
@@ -214,8 +241,12 @@ impl Store for MemoryStore {
         totals.credits_spent += usage.credits;
         let balance = state.record.balance;
         let mut ledger = lock(&self.ledger);
-        let id = ledger.usage.len() as i64 + 1;
-        ledger.usage.push(UsageEntry { id, record: usage });
+        ledger.last_usage_id += 1;
+        let id = ledger.last_usage_id;
+        if ledger.usage.len() >= self.usage_rows {
+            ledger.usage.pop_front();
+        }
+        ledger.usage.push_back(UsageEntry { id, record: usage });
         Ok(balance)
     }
 
